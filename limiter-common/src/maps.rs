@@ -1,0 +1,216 @@
+//! Map names, sizes and the `#[repr(C)]` values stored in them.
+//!
+//! Map names are the kernel object names (at most 15 bytes), so the daemon and the tests can find
+//! the pinned maps by name.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Pinned/object names of the maps.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const API_PORTS: &str = "API_PORTS";
+    pub const ORG_BY_ADDR: &str = "ORG_BY_ADDR";
+    pub const ORG_LIMITS: &str = "ORG_LIMITS";
+    pub const ORG_CONNS: &str = "ORG_CONNS";
+    pub const ORG_DAYS: &str = "ORG_DAYS";
+    pub const SOCK_STATE: &str = "SOCK_STATE";
+    pub const API_SOCKS: &str = "API_SOCKS";
+    pub const PUSH_SOCKS: &str = "PUSH_SOCKS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const FAULTS: &str = "FAULTS";
+}
+
+/// Program names (the Rust function names in limiter-ebpf).
+pub mod programs {
+    pub const SOCK_OPS: &str = "limiter_sock_ops";
+    pub const VERDICT: &str = "limiter_verdict";
+    pub const PUSH_MSG: &str = "limiter_push_msg";
+}
+
+/// Org slot 0 collects traffic whose org is unknown; real orgs start at 1.
+pub const UNMAPPED_ORG: u32 = 0;
+/// Default capacity of the org maps (slot 0 included). The daemon may raise it at load time.
+pub const MAX_ORGS: u32 = 65_536;
+/// Default capacity of the address → org trie.
+pub const MAX_CIDRS: u32 = 262_144;
+/// Tracked sockets (inbound API connections plus outbound push connections) at once.
+pub const MAX_SOCKETS: u32 = 262_144;
+pub const MAX_API_PORTS: u32 = 64;
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+pub const MAX_MEDIA_PREFIXES: usize = 8;
+/// Longest media prefix the kernel compares.
+pub const MEDIA_PREFIX_MAX: usize = 64;
+
+/// The single entry of the CONFIG array map. Written by the daemon, read by every program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct Config {
+    /// Added to `CLOCK_TAI` nanoseconds to get "limiter time": UTC shifted so days start at 0.
+    /// It folds in TAI−UTC, `limits.day_start` and a test-only clock shift.
+    pub clock_offset_ns: i64,
+    /// Length of a quota day (86 400 s; shorter only in tests).
+    pub day_len_ns: u64,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    pub media_prefix_count: u32,
+    pub media_prefix_len: [u8; MAX_MEDIA_PREFIXES],
+    pub media_prefixes: [[u8; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
+}
+
+/// The daemon has written a valid config; until then the programs pass everything uncounted.
+pub const CONFIG_F_READY: u32 = 1;
+
+impl Config {
+    pub const fn empty() -> Self {
+        Self {
+            clock_offset_ns: 0,
+            day_len_ns: crate::day::NS_PER_DAY,
+            flags: 0,
+            media_prefix_count: 0,
+            media_prefix_len: [0; MAX_MEDIA_PREFIXES],
+            media_prefixes: [[0; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
+        }
+    }
+
+    /// Adds a media prefix; false when the table is full or the prefix too long.
+    pub fn push_media_prefix(&mut self, prefix: &[u8]) -> bool {
+        let n = self.media_prefix_count as usize;
+        if n >= MAX_MEDIA_PREFIXES || prefix.is_empty() || prefix.len() > MEDIA_PREFIX_MAX {
+            return false;
+        }
+        self.media_prefixes[n][..prefix.len()].copy_from_slice(prefix);
+        self.media_prefix_len[n] = prefix.len() as u8;
+        self.media_prefix_count += 1;
+        true
+    }
+}
+
+/// Limits of one org, indexed by org id in ORG_LIMITS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct OrgLimits {
+    pub daily_requests: u64,
+    pub concurrent_connections: u32,
+    /// `ORG_F_*` bits (modes; used from the enforcement work on).
+    pub flags: u32,
+}
+
+/// Slot is in use by a configured org.
+pub const ORG_F_ACTIVE: u32 = 1;
+
+/// One quota day's counters. Every field is updated with atomic adds by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DayCounters {
+    /// The day number these counters belong to (see [`crate::day`]).
+    pub day: u64,
+    pub requests: u64,
+    pub rejected: u64,
+    pub exempt_media_gets: u64,
+    pub exempt_pushes: u64,
+    pub unparsed: u64,
+    pub peak_connections: u64,
+    pub concurrency_breaches: u64,
+    pub delayed_syns: u64,
+}
+
+impl DayCounters {
+    pub const fn for_day(day: u64) -> Self {
+        Self {
+            day,
+            requests: 0,
+            rejected: 0,
+            exempt_media_gets: 0,
+            exempt_pushes: 0,
+            unparsed: 0,
+            peak_connections: 0,
+            concurrency_breaches: 0,
+            delayed_syns: 0,
+        }
+    }
+}
+
+/// Index of an org's counters for `day` in ORG_DAYS.
+///
+/// Each org has two day slots (`day & 1`): the kernel writes today's while the daemon reads
+/// yesterday's totals and prepares tomorrow's, so a rollover needs no userspace write racing
+/// kernel increments. Open connections (not day-scoped) live apart in ORG_CONNS, which only the
+/// kernel writes.
+pub const fn day_index(org: u32, day: u64) -> u32 {
+    org * 2 + (day & 1) as u32
+}
+
+/// Per-socket state in SOCK_STATE, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockState {
+    pub org: u32,
+    /// `SOCK_F_*` bits that never change after insertion.
+    pub kind: u32,
+    /// 1 while the connection counts as open; swapped to 0 exactly once on close.
+    pub open: u32,
+    /// `PHASE_*`: what the next inbound chunk is expected to be.
+    pub phase: u32,
+}
+
+pub const SOCK_F_INBOUND: u32 = 1;
+pub const SOCK_F_PUSH: u32 = 2;
+
+/// Nothing received yet.
+pub const PHASE_NEW: u32 = 0;
+/// At least one HTTP request started: chunks that do not start a request are its body.
+pub const PHASE_HTTP: u32 = 1;
+/// The stream opened with bytes that are not HTTP/1.x (already counted as unparsed).
+pub const PHASE_OPAQUE: u32 = 2;
+
+/// Key of ORG_BY_ADDR (an LPM trie): IPv6 address, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
+pub type AddrKey = [u8; 16];
+
+/// Records in the EVENTS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    pub kind: u32,
+    pub org: u32,
+    pub value: u64,
+    pub day: u64,
+}
+
+/// A connection arrived while its org was at its concurrency limit; `value` = connections before it.
+pub const EVENT_CONCURRENCY_BREACH: u32 = 1;
+/// A kernel-side fault (`value` = `FAULT_*`).
+pub const EVENT_FAULT: u32 = 2;
+
+/// Indexes of the FAULTS array (u64 counters). A fault never blocks traffic.
+pub const FAULT_SOCK_STATE_FULL: u32 = 0;
+pub const FAULT_SOCKHASH_FULL: u32 = 1;
+pub const FAULT_EVENTS_FULL: u32 = 2;
+pub const FAULT_NO_SOCK_STATE: u32 = 3;
+pub const FAULT_BAD_ORG: u32 = 4;
+pub const FAULT_COUNT: u32 = 8;
+
+pub const FAULT_NAMES: [&str; 5] = [
+    "sock_state_full",
+    "sockhash_full",
+    "events_full",
+    "no_sock_state",
+    "bad_org",
+];
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for OrgLimits {}
+    unsafe impl aya::Pod for DayCounters {}
+    unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for Event {}
+}
+
+/// IPv4 address as the IPv4-mapped IPv6 key ORG_BY_ADDR uses.
+pub const fn v4_mapped(octets: [u8; 4]) -> AddrKey {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}

@@ -1,0 +1,518 @@
+//! limiter's kernel programs.
+//!
+//! - `limiter_sock_ops` (cgroup sock_ops): attributes inbound API connections to an org, counts them,
+//!   and puts them into API_SOCKS; marks outbound connections to an org's address as push sockets.
+//! - `limiter_verdict` (stream verdict on API_SOCKS): classifies and counts each inbound request
+//!   before the application reads it.
+//! - `limiter_push_msg` (sk_msg on PUSH_SOCKS): counts requests the host pushes out to an org.
+//!
+//! Every entry point is a thin wrapper that always lets traffic through: a limiter fault is counted
+//! in FAULTS, never turned into a blocked connection.
+#![no_std]
+#![no_main]
+// The bpfel target has no atomic CAS in its spec, so `core::sync::atomic` hides fetch_add; the
+// intrinsics compile to BPF atomics (with `-C target-cpu=v3`, see xtask).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd, atomic_xchg},
+};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        sk_action::SK_PASS,
+    },
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_skb_load_bytes,
+    },
+    macros::{map, sk_msg, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, RingBuf, SockHash, lpm_trie::Key},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
+};
+use limiter_common::{
+    AddrKey, CONFIG_F_READY, Config, DayCounters, EVENT_CONCURRENCY_BREACH,
+    EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE,
+    FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS,
+    OrgLimits, day_index, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, SOCK_F_INBOUND,
+    SockState, UNMAPPED_ORG, day,
+    http::{self, Class, PEEK_LEN},
+    v4_mapped,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_CLOSE: u32 = 7;
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static API_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_API_PORTS, 0);
+#[map]
+static ORG_BY_ADDR: LpmTrie<AddrKey, u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+#[map]
+static ORG_LIMITS: Array<OrgLimits> = Array::with_max_entries(MAX_ORGS, 0);
+#[map]
+static ORG_CONNS: Array<i64> = Array::with_max_entries(MAX_ORGS, 0);
+#[map]
+static ORG_DAYS: Array<DayCounters> = Array::with_max_entries(MAX_ORGS * 2, 0);
+#[map]
+static SOCK_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+#[map]
+static API_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+#[map]
+static PUSH_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+#[map]
+static FAULTS: Array<u64> = Array::with_max_entries(FAULT_COUNT, 0);
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn limiter_sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    1
+}
+
+#[stream_verdict]
+pub fn limiter_verdict(ctx: SkBuffContext) -> u32 {
+    try_verdict(&ctx);
+    SK_PASS
+}
+
+#[sk_msg]
+pub fn limiter_push_msg(ctx: SkMsgContext) -> u32 {
+    try_push_msg(&ctx);
+    SK_PASS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn config() -> Option<&'static Config> {
+    let c = CONFIG.get(0)?;
+    (c.flags & CONFIG_F_READY != 0).then_some(c)
+}
+
+/// Today's day number per the kernel clock and the daemon's offset.
+#[inline(always)]
+fn today(c: &Config) -> u64 {
+    // SAFETY: a helper without arguments.
+    let tai = unsafe { bpf_ktime_get_tai_ns() };
+    day::day_number(day::limiter_time(tai, c.clock_offset_ns), c.day_len_ns)
+}
+
+#[inline(always)]
+fn fault(kind: u32) {
+    if let Some(p) = FAULTS.get_ptr_mut(kind) {
+        add(p, 1);
+    }
+}
+
+#[inline(always)]
+fn emit(kind: u32, org: u32, value: u64, day: u64) {
+    let ev = Event { kind, org, value, day };
+    if EVENTS.output::<Event>(&ev, 0).is_err() {
+        fault(FAULT_EVENTS_FULL);
+    }
+}
+
+/// Atomic fetch-add on a map value field (every caller passes a pointer into a map value, which is
+/// valid and 8-byte aligned for the program's lifetime).
+#[inline(always)]
+fn add(p: *mut u64, v: u64) -> u64 {
+    // SAFETY: see above.
+    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(p, v) }
+}
+
+#[inline(always)]
+fn add_i64(p: *mut i64, v: i64) -> i64 {
+    // SAFETY: as in `add`.
+    unsafe { atomic_xadd::<i64, i64, { SeqCst }>(p, v) }
+}
+
+/// Compare-and-swap; true when `*p` was `old` and is now `new`.
+#[inline(always)]
+fn cas(p: *mut u64, old: u64, new: u64) -> Result<(), u64> {
+    // SAFETY: as in `add`.
+    let (now, ok) = unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new) };
+    if ok { Ok(()) } else { Err(now) }
+}
+
+#[inline(always)]
+fn load(p: *mut u64) -> u64 {
+    // SAFETY: as in `add`. A volatile read: BPF has no seq_cst load, and an aligned 8-byte load
+    // is single-copy atomic.
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// Raises `*p` to at least `v` (a bounded CAS loop: the verifier wants bounded loops).
+#[inline(always)]
+fn raise_to(p: *mut u64, v: u64) {
+    let mut cur = load(p);
+    let mut i = 0;
+    while i < 8 && cur < v {
+        match cas(p, cur, v) {
+            Ok(()) => return,
+            Err(now) => cur = now,
+        }
+        i += 1;
+    }
+}
+
+/// The org's counters for `day`, reset lazily when the slot still holds an older day.
+///
+/// The daemon normally prepares tomorrow's slot in advance, so the reset here only runs when the
+/// daemon was away at rollover. Returns None for a straggler from a day whose slot is reused.
+#[inline(always)]
+fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
+    let Some(slot) = ORG_DAYS.get_ptr_mut(day_index(org, day)) else {
+        fault(FAULT_BAD_ORG);
+        return None;
+    };
+    // SAFETY: `slot` is a valid map value.
+    let tag = unsafe { &raw mut (*slot).day };
+    let cur = load(tag);
+    if cur == day {
+        return Some(slot);
+    }
+    if cur > day {
+        return None;
+    }
+    if cas(tag, cur, day).is_ok() {
+        let conns = ORG_CONNS.get(org).copied().unwrap_or(0);
+        // SAFETY: as above; plain stores: the winner of the CAS owns the reset.
+        unsafe {
+            (*slot).requests = 0;
+            (*slot).rejected = 0;
+            (*slot).exempt_media_gets = 0;
+            (*slot).exempt_pushes = 0;
+            (*slot).unparsed = 0;
+            (*slot).peak_connections = if conns > 0 { conns as u64 } else { 0 };
+            (*slot).concurrency_breaches = 0;
+            (*slot).delayed_syns = 0;
+        }
+    }
+    Some(slot)
+}
+
+/// Which counter of today's slot a chunk or connection touches.
+#[derive(Clone, Copy)]
+enum Counter {
+    Requests,
+    ExemptMedia,
+    ExemptPush,
+    Unparsed,
+}
+
+#[inline(always)]
+fn count(org: u32, c: &Config, what: Counter) {
+    let Some(slot) = day_counters(org, today(c)) else {
+        return;
+    };
+    // SAFETY: `slot` points into a valid map value.
+    let field = unsafe {
+        match what {
+            Counter::Requests => &raw mut (*slot).requests,
+            Counter::ExemptMedia => &raw mut (*slot).exempt_media_gets,
+            Counter::ExemptPush => &raw mut (*slot).exempt_pushes,
+            Counter::Unparsed => &raw mut (*slot).unparsed,
+        }
+    };
+    add(field, 1);
+}
+
+/// The org owning an address (IPv4 as IPv4-mapped IPv6), or the unmapped slot.
+#[inline(always)]
+fn org_of(addr: AddrKey) -> u32 {
+    let key = Key::new(128, addr);
+    ORG_BY_ADDR.get(&key).copied().unwrap_or(UNMAPPED_ORG)
+}
+
+/// Reads the peer address of a context (`bpf_sock_ops`, `__sk_buff`, `sk_msg_md`) field by field
+/// with volatile loads: the verifier rejects context loads through a computed pointer, which
+/// copying the `remote_ip6` array produces.
+macro_rules! peer_addr {
+    ($ctx:expr) => {{
+        let ctx = $ctx;
+        // SAFETY: `ctx` is the program's context pointer; these are plain u32 fields.
+        unsafe {
+            use core::ptr::read_volatile as rv;
+            let family = rv(&raw const (*ctx).family);
+            let ip4 = rv(&raw const (*ctx).remote_ip4);
+            let ip6 = [
+                rv(&raw const (*ctx).remote_ip6[0]),
+                rv(&raw const (*ctx).remote_ip6[1]),
+                rv(&raw const (*ctx).remote_ip6[2]),
+                rv(&raw const (*ctx).remote_ip6[3]),
+            ];
+            addr_key(family, ip4, ip6)
+        }
+    }};
+}
+
+#[inline(always)]
+fn addr_key(family: u32, ip4: u32, ip6: [u32; 4]) -> Option<AddrKey> {
+    match family {
+        AF_INET => Some(v4_mapped(ip4.to_ne_bytes())),
+        AF_INET6 => {
+            let mut k = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                let b = ip6[i].to_ne_bytes();
+                k[i * 4] = b[0];
+                k[i * 4 + 1] = b[1];
+                k[i * 4 + 2] = b[2];
+                k[i * 4 + 3] = b[3];
+                i += 1;
+            }
+            Some(k)
+        }
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock_ops: connections
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn try_sock_ops(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_inbound(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_outbound(ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(ctx, ctx.arg(1)),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn cookie_of_ops(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: sock_ops may pass its context to bpf_get_socket_cookie.
+    unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) }
+}
+
+#[inline(always)]
+fn on_inbound(ctx: &SockOpsContext) {
+    let Some(c) = config() else { return };
+    let port = ctx.local_port() as u16;
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { API_PORTS.get(&port) }.is_none() {
+        return;
+    }
+    let Some(addr) = peer_addr!(ctx.ops) else {
+        return;
+    };
+    let org = org_of(addr);
+    let cookie = cookie_of_ops(ctx);
+    let state = SockState {
+        org,
+        kind: SOCK_F_INBOUND,
+        open: 1,
+        phase: PHASE_NEW,
+    };
+    if SOCK_STATE.insert(&cookie, &state, BPF_NOEXIST as u64).is_err() {
+        // Without state the connection cannot be un-counted exactly on close, so it is not counted;
+        // its requests are still counted (the verdict falls back to the address).
+        fault(FAULT_SOCK_STATE_FULL);
+    } else {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        connection_opened(org, c);
+    }
+    let mut key = cookie;
+    // SAFETY: `ctx.ops` is the kernel's bpf_sock_ops for this call.
+    if API_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_err()
+    {
+        fault(FAULT_SOCKHASH_FULL);
+    }
+}
+
+#[inline(always)]
+fn connection_opened(org: u32, c: &Config) {
+    let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
+        fault(FAULT_BAD_ORG);
+        return;
+    };
+    let before = add_i64(conns, 1);
+    let before = if before > 0 { before as u64 } else { 0 };
+    let d = today(c);
+    let Some(slot) = day_counters(org, d) else {
+        return;
+    };
+    // SAFETY: valid map value.
+    unsafe { raise_to(&raw mut (*slot).peak_connections, before + 1) };
+    let limit = ORG_LIMITS
+        .get(org)
+        .map(|l| l.concurrent_connections)
+        .unwrap_or(0);
+    if org != UNMAPPED_ORG && limit > 0 && before >= limit as u64 {
+        // SAFETY: valid map value.
+        add(unsafe { &raw mut (*slot).concurrency_breaches }, 1);
+        emit(EVENT_CONCURRENCY_BREACH, org, before, d);
+    }
+}
+
+#[inline(always)]
+fn on_outbound(ctx: &SockOpsContext) {
+    if config().is_none() {
+        return;
+    }
+    let Some(addr) = peer_addr!(ctx.ops) else {
+        return;
+    };
+    // Only connections to a customer's address are pushes; the rest are left alone.
+    if org_of(addr) == UNMAPPED_ORG {
+        return;
+    }
+    let mut key = cookie_of_ops(ctx);
+    // SAFETY: `ctx.ops` is the kernel's bpf_sock_ops for this call.
+    if PUSH_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_err()
+    {
+        fault(FAULT_SOCKHASH_FULL);
+    }
+}
+
+/// Un-counts an inbound connection exactly once, on its first move out of ESTABLISHED (whoever
+/// closes, however: FIN, RST or timeout), and frees its state when it reaches CLOSE.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
+    if new_state == TCP_ESTABLISHED {
+        return;
+    }
+    let cookie = cookie_of_ops(ctx);
+    let Some(st) = SOCK_STATE.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: valid map value; `open` is only ever swapped atomically.
+    let (was_open, org, kind) = unsafe {
+        let open = atomic_xchg::<u32, { SeqCst }>(&raw mut (*st).open, 0);
+        (open, (*st).org, (*st).kind)
+    };
+    if was_open == 1
+        && kind & SOCK_F_INBOUND != 0
+        && let Some(conns) = ORG_CONNS.get_ptr_mut(org)
+    {
+        add_i64(conns, -1);
+    }
+    if new_state == TCP_CLOSE {
+        let _ = SOCK_STATE.remove(&cookie);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// stream verdict: inbound requests
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn try_verdict(ctx: &SkBuffContext) {
+    let Some(c) = config() else { return };
+    let mut buf = [0u8; PEEK_LEN];
+    let len = ctx.len() as usize;
+    if len == 0 {
+        return;
+    }
+    let n = if len < PEEK_LEN { len } else { PEEK_LEN };
+    // SAFETY: `buf` holds PEEK_LEN bytes and 1 <= n <= PEEK_LEN (the verifier checks this too).
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            0,
+            buf.as_mut_ptr() as *mut c_void,
+            n as u32,
+        )
+    };
+    if ret != 0 {
+        return;
+    }
+    let Some(bytes) = buf.get(..n) else { return };
+    let class = http::classify(bytes, c);
+
+    // SAFETY: stream verdict programs may ask for their socket's cookie.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let (org, phase) = match SOCK_STATE.get_ptr_mut(&cookie) {
+        // SAFETY: valid map value; verdicts of one socket run one at a time.
+        Some(st) => unsafe {
+            let phase = (*st).phase;
+            (*st).phase = match class {
+                Class::NotRequest if phase == PHASE_NEW => PHASE_OPAQUE,
+                Class::NotRequest => phase,
+                _ => PHASE_HTTP,
+            };
+            ((*st).org, phase)
+        },
+        None => {
+            fault(FAULT_NO_SOCK_STATE);
+            let addr = peer_addr!(ctx.skb.skb);
+            (addr.map(org_of).unwrap_or(UNMAPPED_ORG), PHASE_HTTP)
+        }
+    };
+    match class {
+        Class::Counted => count(org, c, Counter::Requests),
+        Class::ExemptMedia => count(org, c, Counter::ExemptMedia),
+        // Bytes after a request started are its body; a stream that opens with non-HTTP bytes is
+        // counted once as unparsed.
+        Class::NotRequest if phase == PHASE_NEW => count(org, c, Counter::Unparsed),
+        Class::NotRequest => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sk_msg: outbound pushes
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes of an outbound message needed to recognise a request line.
+const PUSH_PEEK: usize = 16;
+
+#[inline(always)]
+fn try_push_msg(ctx: &SkMsgContext) {
+    let Some(c) = config() else { return };
+    let want = if ctx.size() < PUSH_PEEK as u32 {
+        ctx.size()
+    } else {
+        PUSH_PEEK as u32
+    };
+    if ctx.data() + want as usize > ctx.data_end() {
+        // SAFETY: pulls the first bytes of the message into the linear area.
+        unsafe { bpf_msg_pull_data(ctx.msg, 0, want, 0) };
+    }
+    let mut buf = [0u8; PUSH_PEEK];
+    let mut n = 0;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    while n < PUSH_PEEK {
+        if data + n + 1 > end {
+            break;
+        }
+        // SAFETY: bounds checked against data_end just above.
+        buf[n] = unsafe { *((data + n) as *const u8) };
+        n += 1;
+    }
+    let Some(bytes) = buf.get(..n) else { return };
+    if http::parse_request_line(bytes).is_none() {
+        return;
+    }
+    let addr = peer_addr!(ctx.msg);
+    let org = addr.map(org_of).unwrap_or(UNMAPPED_ORG);
+    if org != UNMAPPED_ORG {
+        count(org, c, Counter::ExemptPush);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,117 @@
+//! The quota-day clock, as the kernel sees it.
+//!
+//! The kernel buckets counts by `day_number(CLOCK_TAI + offset)`; the daemon computes the same
+//! offset here, from the real TAI−UTC difference (0 on hosts whose TAI offset was never set) and
+//! `limits.day_start`, so both sides always agree on what "today" is.
+
+use limiter_common::day::{self, NS_PER_DAY, NS_PER_SEC};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    tai_minus_utc_ns: i64,
+    day_start_secs: u32,
+    /// Test-only shift (`limiter debug advance-clock`), never set in production.
+    shift_ns: i64,
+    pub day_len_ns: u64,
+}
+
+fn read(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * NS_PER_SEC as i128 + ts.tv_nsec as i128
+}
+
+impl Clock {
+    pub fn new(day_start_secs: u32) -> Self {
+        let diff = read(libc::CLOCK_TAI) - read(libc::CLOCK_REALTIME);
+        // Whole seconds: the two reads are a few ns apart.
+        let secs = (diff as f64 / NS_PER_SEC as f64).round() as i64;
+        Clock {
+            tai_minus_utc_ns: secs * NS_PER_SEC as i64,
+            day_start_secs,
+            shift_ns: 0,
+            day_len_ns: NS_PER_DAY,
+        }
+    }
+
+    pub fn with_day_start(self, day_start_secs: u32) -> Self {
+        Clock {
+            day_start_secs,
+            ..self
+        }
+    }
+
+    pub fn shifted(self, by_ns: i64) -> Self {
+        Clock {
+            shift_ns: self.shift_ns + by_ns,
+            ..self
+        }
+    }
+
+    /// The value for `Config::clock_offset_ns`.
+    pub fn offset_ns(&self) -> i64 {
+        day::clock_offset_ns(self.tai_minus_utc_ns, self.day_start_secs, self.shift_ns)
+    }
+
+    /// Limiter time now (what the kernel computes).
+    pub fn now(&self) -> u64 {
+        let tai = read(libc::CLOCK_TAI);
+        day::limiter_time(tai.max(0) as u64, self.offset_ns())
+    }
+
+    pub fn today(&self) -> u64 {
+        day::day_number(self.now(), self.day_len_ns)
+    }
+
+    pub fn resets_in_seconds(&self) -> u64 {
+        day::seconds_until_next_day(self.now(), self.day_len_ns)
+    }
+
+    /// The calendar date (UTC date on which the quota day starts) of a day number.
+    pub fn date(&self, day: u64) -> String {
+        let first_ns = day as i128 * self.day_len_ns as i128 + self.day_start_secs as i128 * 1_000_000_000;
+        let days = first_ns.div_euclid(NS_PER_DAY as i128) as i64;
+        let (y, m, d) = day::civil_from_days(days);
+        format!("{y:04}-{m:02}-{d:02}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn today_matches_the_system_date() {
+        let c = Clock::new(0);
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let today = c.today();
+        // Allow a midnight crossing between the two reads.
+        assert!(today == secs / 86_400 || today + 1 == secs / 86_400);
+        let (y, m, d) = day::civil_from_days((secs / 86_400) as i64);
+        if today == secs / 86_400 {
+            assert_eq!(c.date(today), format!("{y:04}-{m:02}-{d:02}"));
+        }
+    }
+
+    #[test]
+    fn shifting_by_a_day_moves_today_by_one() {
+        let c = Clock::new(0);
+        let d = c.today();
+        let s = c.shifted(NS_PER_DAY as i64);
+        assert!(s.today() == d + 1 || s.today() == d + 2);
+    }
+
+    #[test]
+    fn day_start_dates_name_the_starting_utc_day() {
+        let c = Clock::new(6 * 3600);
+        // Day 20784 with a 06:00 start begins 2026-11-27 06:00 UTC.
+        assert_eq!(c.date(20_784), "2026-11-27");
+    }
+}

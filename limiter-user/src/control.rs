@@ -1,0 +1,198 @@
+//! The control socket between the CLI (`limiter report`, `reset`, ...) and the running daemon:
+//! one JSON request line, one JSON response line, over a Unix socket only root can open.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Usage of `day` ("YYYY-MM-DD"; default today), of one org or all.
+    Report {
+        org: Option<String>,
+        day: Option<String>,
+    },
+    /// Clear today's counters of one org, or of all when `org` is None.
+    Reset { org: Option<String> },
+    /// Re-read the config file.
+    Reload,
+    /// Test hook: move the daemon's clock (and so the kernel's day) forward.
+    AdvanceClock { secs: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            data,
+        }
+    }
+
+    pub fn err(msg: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error(
+        "cannot reach the limiter daemon at {path}: {source} (is `limiter run` running with this config?)"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the limiter daemon at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the limiter daemon sent a malformed answer: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Sends one request to the daemon and waits for its answer (CLI side, blocking).
+pub fn call(path: &Path, req: &Request) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    Ok(serde_json::from_str(&answer)?)
+}
+
+/// A request waiting for the daemon's main loop to answer it.
+pub struct Pending {
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Binds the control socket (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepts CLI connections and forwards each request to the main loop, so all map access stays
+/// on one task.
+pub async fn serve(listener: UnixListener, to_daemon: mpsc::Sender<Pending>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let to_daemon = to_daemon.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            let Ok(Some(line)) = lines.next_line().await else {
+                return;
+            };
+            let response = match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(request) => {
+                    let (reply, answer) = oneshot::channel();
+                    if to_daemon.send(Pending { request, reply }).await.is_err() {
+                        Response::err("the daemon is shutting down")
+                    } else {
+                        answer
+                            .await
+                            .unwrap_or_else(|_| Response::err("the daemon dropped the request"))
+                    }
+                }
+            };
+            let mut out = serde_json::to_vec(&response).unwrap_or_default();
+            out.push(b'\n');
+            let _ = write.write_all(&out).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_roundtrip_as_tagged_json() {
+        let r = Request::Reset {
+            org: Some("acme".into()),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"cmd":"reset","org":"acme"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let s = serde_json::to_string(&Request::AdvanceClock { secs: 86400 }).unwrap();
+        assert_eq!(s, r#"{"cmd":"advance-clock","secs":86400}"#);
+    }
+
+    #[tokio::test]
+    async fn a_request_reaches_the_main_loop_and_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let _ = p
+                    .reply
+                    .send(Response::ok(serde_json::json!({"echo": format!("{:?}", p.request)})));
+            }
+        });
+        let path2 = path.clone();
+        let resp = tokio::task::spawn_blocking(move || call(&path2, &Request::Reload))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(resp.ok);
+        assert_eq!(resp.data["echo"], "Reload");
+        let err = call(&dir.path().join("missing.sock"), &Request::Reload).unwrap_err();
+        assert!(err.to_string().contains("missing.sock"), "{err}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Writing the config into the kernel maps and reading the counters back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use aya::maps::{MapError, lpm_trie::Key};
+use limiter_common::{
+    AddrKey, CONFIG_F_READY, Config as KernelConfig, DayCounters, FAULT_COUNT, FAULT_NAMES,
+    ORG_F_ACTIVE, OrgLimits, UNMAPPED_ORG, day_index,
+};
+use thiserror::Error;
+
+use crate::{
+    clock::Clock,
+    config::Config,
+    loader::Kernel,
+    orgs::{OrgIds, lpm_key},
+};
+
+#[derive(Debug, Error)]
+pub enum CountersError {
+    #[error("writing {what}: {source}")]
+    Map {
+        what: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("media prefix {0:?} does not fit the kernel table")]
+    Prefix(String),
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> CountersError {
+    let what = what.into();
+    move |source| CountersError::Map { what, source }
+}
+
+/// What the daemon has written into the maps: the desired state of a config, and what a later
+/// config is diffed against.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    pub ports: BTreeSet<u16>,
+    /// (prefix length, key) → org id.
+    pub cidrs: HashMap<(u32, AddrKey), u32>,
+    pub limits: BTreeMap<u32, OrgLimits>,
+    pub kernel_config: Option<KernelConfig>,
+}
+
+impl Applied {
+    /// The map contents a config asks for.
+    pub fn desired(cfg: &Config, ids: &OrgIds, clock: &Clock) -> Result<Self, CountersError> {
+        let mut kc = KernelConfig::empty();
+        kc.clock_offset_ns = clock.offset_ns();
+        kc.day_len_ns = clock.day_len_ns;
+        kc.flags = CONFIG_F_READY;
+        for p in &cfg.api.media_get_prefixes {
+            if !kc.push_media_prefix(p.as_bytes()) {
+                return Err(CountersError::Prefix(p.clone()));
+            }
+        }
+        let mut out = Applied {
+            ports: cfg.api.ports.iter().copied().collect(),
+            kernel_config: Some(kc),
+            ..Applied::default()
+        };
+        for org in &cfg.orgs {
+            let Some(id) = ids.id(&org.name) else {
+                continue;
+            };
+            let l = cfg.limits_for(org);
+            out.limits.insert(
+                id,
+                OrgLimits {
+                    daily_requests: l.daily_requests,
+                    concurrent_connections: l.concurrent_connections,
+                    flags: ORG_F_ACTIVE,
+                },
+            );
+            for net in &org.cidrs {
+                out.cidrs.insert(lpm_key(net), id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Counts of what an apply changed, for the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub cidrs_written: usize,
+    pub cidrs_removed: usize,
+    pub limits_written: usize,
+}
+
+/// Brings the maps from `old` to `new`: additions and changes first, removals last, so no address
+/// is ever without its org in between. CONFIG (with the ready flag) is written last.
+pub fn apply(kernel: &mut Kernel, old: &Applied, new: &Applied) -> Result<ApplyStats, CountersError> {
+    let mut stats = ApplyStats::default();
+    for port in new.ports.difference(&old.ports) {
+        kernel
+            .ports
+            .insert(port, 1, 0)
+            .map_err(map_err(format!("API port {port}")))?;
+    }
+    for (id, limits) in &new.limits {
+        if old.limits.get(id) != Some(limits) {
+            kernel
+                .org_limits
+                .set(*id, limits, 0)
+                .map_err(map_err(format!("limits of org id {id}")))?;
+            stats.limits_written += 1;
+        }
+    }
+    for (&(len, addr), &id) in &new.cidrs {
+        if old.cidrs.get(&(len, addr)) != Some(&id) {
+            kernel
+                .org_by_addr
+                .insert(&Key::new(len, addr), id, 0)
+                .map_err(map_err(format!("address table entry for org id {id}")))?;
+            stats.cidrs_written += 1;
+        }
+    }
+    for &(len, addr) in old.cidrs.keys() {
+        if !new.cidrs.contains_key(&(len, addr)) {
+            match kernel.org_by_addr.remove(&Key::new(len, addr)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("address table removal")(e)),
+            }
+            stats.cidrs_removed += 1;
+        }
+    }
+    for id in old.limits.keys() {
+        if !new.limits.contains_key(id) {
+            kernel
+                .org_limits
+                .set(*id, OrgLimits::default(), 0)
+                .map_err(map_err(format!("limits of removed org id {id}")))?;
+        }
+    }
+    for port in old.ports.difference(&new.ports) {
+        match kernel.ports.remove(port) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(format!("API port {port}"))(e)),
+        }
+    }
+    if let Some(kc) = &new.kernel_config {
+        kernel
+            .config
+            .set(0, kc, 0)
+            .map_err(map_err("CONFIG"))?;
+    }
+    Ok(stats)
+}
+
+/// One org's counters for `day` and its open connections.
+pub fn usage(kernel: &Kernel, id: u32, day: u64) -> Result<(DayCounters, i64), CountersError> {
+    let slot = kernel
+        .org_days
+        .get(&day_index(id, day), 0)
+        .map_err(map_err(format!("reading counters of org id {id}")))?;
+    let conns = kernel
+        .org_conns
+        .get(&id, 0)
+        .map_err(map_err(format!("reading connections of org id {id}")))?;
+    let slot = if slot.day == day {
+        slot
+    } else {
+        DayCounters::for_day(day)
+    };
+    Ok((slot, conns.max(0)))
+}
+
+/// Makes sure org `id`'s slot for `day` is tagged with `day` (zeroed if it held another day).
+///
+/// Called for tomorrow right after a rollover and at startup, while the kernel does not touch that
+/// slot, so the kernel's lazy reset (which can race) is only a fallback for a daemon that was away.
+pub fn prepare_day(kernel: &mut Kernel, id: u32, day: u64) -> Result<(), CountersError> {
+    let idx = day_index(id, day);
+    let slot = kernel
+        .org_days
+        .get(&idx, 0)
+        .map_err(map_err(format!("reading counters of org id {id}")))?;
+    if slot.day != day {
+        kernel
+            .org_days
+            .set(idx, DayCounters::for_day(day), 0)
+            .map_err(map_err(format!("preparing day {day} of org id {id}")))?;
+    }
+    Ok(())
+}
+
+/// Prepares `day` for the unmapped slot and every org id in use.
+pub fn prepare_day_all(kernel: &mut Kernel, ids: &OrgIds, day: u64) -> Result<(), CountersError> {
+    prepare_day(kernel, UNMAPPED_ORG, day)?;
+    for (id, _) in ids.iter() {
+        prepare_day(kernel, id, day)?;
+    }
+    Ok(())
+}
+
+/// Clears org `id`'s counters of `day` (`limiter reset`). The peak restarts at the connections
+/// open now.
+pub fn reset_day(kernel: &mut Kernel, id: u32, day: u64) -> Result<DayCounters, CountersError> {
+    let (before, conns) = usage(kernel, id, day)?;
+    let mut fresh = DayCounters::for_day(day);
+    fresh.peak_connections = conns as u64;
+    kernel
+        .org_days
+        .set(day_index(id, day), fresh, 0)
+        .map_err(map_err(format!("resetting org id {id}")))?;
+    Ok(before)
+}
+
+/// Clears org `id`'s counters of both day slots, for an id handed to a new org.
+pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
+    for slot in 0..2 {
+        kernel
+            .org_days
+            .set(id * 2 + slot, DayCounters::default(), 0)
+            .map_err(map_err(format!("clearing org id {id}")))?;
+    }
+    Ok(())
+}
+
+/// The kernel's fault counters by name.
+pub fn faults(kernel: &Kernel) -> Vec<(&'static str, u64)> {
+    (0..FAULT_COUNT)
+        .filter_map(|i| {
+            let name = FAULT_NAMES.get(i as usize)?;
+            Some((*name, kernel.faults.get(&i, 0).unwrap_or(0)))
+        })
+        .collect()
+}

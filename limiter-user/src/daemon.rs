@@ -1,0 +1,428 @@
+//! `limiter run`: loads the programs, keeps the maps in step with the config and the clock, turns
+//! kernel events into log lines and answers the CLI.
+//!
+//! All map access happens on the main loop; the control socket and the signal handlers only send it
+//! messages.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use limiter_common::{EVENT_CONCURRENCY_BREACH, Event, UNMAPPED_ORG};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    clock::Clock,
+    config::Config,
+    control::{self, Pending, Request, Response},
+    counters::{self, Applied},
+    loader::Kernel,
+    orgs::{OrgIds, UNMAPPED_NAME},
+    report,
+};
+
+/// Breach lines per org are at most one a minute (DESIGN.md §5.6).
+const BREACH_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How often unmapped traffic is summarised, when it changed.
+const UNMAPPED_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct BreachLog {
+    pending: u64,
+    last_logged: Option<Instant>,
+}
+
+pub struct Daemon {
+    config_path: PathBuf,
+    cfg: Config,
+    ids: OrgIds,
+    applied: Applied,
+    clock: Clock,
+    kernel: Kernel,
+    /// The day the daemon last rolled to.
+    day: u64,
+    breaches: HashMap<u32, BreachLog>,
+    faults_seen: HashMap<&'static str, u64>,
+    unmapped_seen: (u64, u64, u64),
+    unmapped_logged: Instant,
+}
+
+impl Daemon {
+    /// Loads and attaches the programs and fills the maps from `cfg`.
+    pub fn start(config_path: &Path, cfg: Config) -> anyhow::Result<Self> {
+        let clock = Clock::new(cfg.limits.day_start_secs);
+        let mut kernel = Kernel::load(&cfg.api.cgroup).context("loading the kernel programs")?;
+        let ids = OrgIds::assign(
+            cfg.orgs.iter().map(|o| o.name.as_str()),
+            None,
+            kernel.org_capacity(),
+        )?;
+        let day = clock.today();
+        counters::prepare_day_all(&mut kernel, &ids, day)?;
+        counters::prepare_day_all(&mut kernel, &ids, day + 1)?;
+        let applied = Applied::desired(&cfg, &ids, &clock)?;
+        let stats = counters::apply(&mut kernel, &Applied::default(), &applied)?;
+        info!(
+            event = "startup",
+            programs = "sock_ops,stream_verdict,sk_msg",
+            cgroup = %cfg.api.cgroup.display(),
+            ports = ?cfg.api.ports,
+            orgs = cfg.orgs.len(),
+            cidrs = stats.cidrs_written,
+            media_get_prefixes = ?cfg.api.media_get_prefixes,
+            day = %clock.date(day),
+            "limiter started"
+        );
+        Ok(Daemon {
+            config_path: config_path.to_path_buf(),
+            cfg,
+            ids,
+            applied,
+            clock,
+            kernel,
+            day,
+            breaches: HashMap::new(),
+            faults_seen: HashMap::new(),
+            unmapped_seen: (0, 0, 0),
+            unmapped_logged: Instant::now(),
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let listener = control::bind(&self.cfg.daemon.control_socket).with_context(|| {
+            format!(
+                "binding the control socket {}",
+                self.cfg.daemon.control_socket.display()
+            )
+        })?;
+        let (tx, mut requests) = mpsc::channel::<Pending>(16);
+        let server = tokio::spawn(control::serve(listener, tx));
+        let ring = self
+            .kernel
+            .events
+            .take()
+            .context("the event ring buffer was already taken")?;
+        let mut events = AsyncFd::new(ring).context("polling the event ring buffer")?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    if let Err(e) = self.reload() {
+                        error!(event = "reload_failed", error = %e, "config reload failed; the old config stays in force");
+                    }
+                }
+                Some(p) = requests.recv() => {
+                    let resp = self.handle(p.request);
+                    let _ = p.reply.send(resp);
+                }
+                guard = events.readable_mut() => {
+                    match guard {
+                        Ok(mut guard) => {
+                            self.drain_events(guard.get_inner_mut());
+                            guard.clear_ready();
+                        }
+                        Err(e) => warn!(event = "fault", error = %e, "event ring buffer poll failed"),
+                    }
+                }
+                _ = tick.tick() => self.tick(),
+            }
+        }
+        server.abort();
+        let _ = std::fs::remove_file(&self.cfg.daemon.control_socket);
+        self.log_totals("shutdown", self.day);
+        info!(event = "shutdown", "limiter stopped; programs detached");
+        Ok(())
+    }
+
+    fn drain_events(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            let Some(ev) = item
+                .get(..size_of::<Event>())
+                .and_then(|b| bytemuck::try_pod_read_unaligned::<Event>(b).ok())
+            else {
+                continue;
+            };
+            if ev.kind == EVENT_CONCURRENCY_BREACH {
+                self.breaches.entry(ev.org).or_default().pending += 1;
+            }
+        }
+        self.flush_breaches();
+    }
+
+    fn flush_breaches(&mut self) {
+        let now = Instant::now();
+        for (&org, log) in &mut self.breaches {
+            let due = log
+                .last_logged
+                .is_none_or(|t| now.duration_since(t) >= BREACH_LOG_EVERY);
+            if log.pending == 0 || !due {
+                continue;
+            }
+            let name = self.ids.name(org).unwrap_or("?");
+            let (limit, total) = self
+                .cfg
+                .orgs
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| self.cfg.limits_for(o).concurrent_connections)
+                .zip(counters::usage(&self.kernel, org, self.day).ok())
+                .map(|(l, (d, _))| (l, d.concurrency_breaches))
+                .unwrap_or((0, 0));
+            warn!(
+                event = "concurrency_breach",
+                org = name,
+                breaches = log.pending,
+                breaches_today = total,
+                concurrency_limit = limit,
+                mode = %self.cfg.limits.concurrency_mode,
+                "connections over the concurrency limit"
+            );
+            log.pending = 0;
+            log.last_logged = Some(now);
+        }
+    }
+
+    fn tick(&mut self) {
+        let today = self.clock.today();
+        if today > self.day {
+            self.rollover(today);
+        }
+        self.flush_breaches();
+        self.check_faults();
+        if self.unmapped_logged.elapsed() >= UNMAPPED_SUMMARY_EVERY {
+            self.summarise_unmapped();
+        }
+    }
+
+    fn rollover(&mut self, today: u64) {
+        for ended in self.day..today {
+            self.log_totals("day_end", ended);
+        }
+        if let Err(e) = counters::prepare_day_all(&mut self.kernel, &self.ids, today + 1) {
+            error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
+        }
+        info!(
+            event = "rollover",
+            day = %self.clock.date(today),
+            resets_in_seconds = self.clock.resets_in_seconds(),
+            "new quota day"
+        );
+        self.day = today;
+    }
+
+    /// One line per org (and unmapped) with its totals of `day`.
+    fn log_totals(&self, event: &str, day: u64) {
+        let date = self.clock.date(day);
+        for (id, name) in std::iter::once((UNMAPPED_ORG, UNMAPPED_NAME)).chain(self.ids.iter()) {
+            match counters::usage(&self.kernel, id, day) {
+                Ok((d, conns)) => info!(
+                    event,
+                    day = %date,
+                    org = name,
+                    requests = d.requests,
+                    rejected = d.rejected,
+                    exempt_media_gets = d.exempt_media_gets,
+                    exempt_pushes = d.exempt_pushes,
+                    unparsed = d.unparsed,
+                    peak_connections = d.peak_connections.max(conns as u64),
+                    concurrency_breaches = d.concurrency_breaches,
+                    "day totals"
+                ),
+                Err(e) => error!(event = "fault", org = name, error = %e, "reading counters failed"),
+            }
+        }
+    }
+
+    fn summarise_unmapped(&mut self) {
+        self.unmapped_logged = Instant::now();
+        let Ok((d, conns)) = counters::usage(&self.kernel, UNMAPPED_ORG, self.day) else {
+            return;
+        };
+        let now = (d.requests, d.unparsed, conns as u64);
+        if now != self.unmapped_seen && (d.requests, d.unparsed) != (0, 0) {
+            info!(
+                event = "unmapped",
+                requests = d.requests,
+                unparsed = d.unparsed,
+                connections = conns,
+                "traffic from clients of no org today"
+            );
+        }
+        self.unmapped_seen = now;
+    }
+
+    fn check_faults(&mut self) {
+        for (name, total) in counters::faults(&self.kernel) {
+            let seen = self.faults_seen.entry(name).or_insert(0);
+            if total > *seen {
+                warn!(
+                    event = "fault",
+                    fault = name,
+                    new = total - *seen,
+                    total,
+                    "kernel-side fault (traffic passed uncounted or partly counted)"
+                );
+                *seen = total;
+            }
+        }
+    }
+
+    fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Report { org, day } => self.report(org.as_deref(), day.as_deref()),
+            Request::Reset { org } => self.reset(org.as_deref()),
+            Request::Reload => match self.reload() {
+                Ok(summary) => Response::ok(summary),
+                Err(e) => {
+                    error!(event = "reload_failed", error = %e, "config reload failed; the old config stays in force");
+                    Response::err(e.to_string())
+                }
+            },
+            Request::AdvanceClock { secs } => {
+                self.clock = self.clock.shifted(secs.saturating_mul(1_000_000_000));
+                match self.write_clock() {
+                    Ok(()) => {
+                        self.tick();
+                        Response::ok(serde_json::json!({ "day": self.clock.date(self.day) }))
+                    }
+                    Err(e) => Response::err(e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn write_clock(&mut self) -> anyhow::Result<()> {
+        let new = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
+        counters::apply(&mut self.kernel, &self.applied, &new)?;
+        self.applied = new;
+        Ok(())
+    }
+
+    fn report(&self, org: Option<&str>, day: Option<&str>) -> Response {
+        if let Some(o) = org
+            && !self.cfg.orgs.iter().any(|c| c.name == o)
+        {
+            return Response::err(format!("no org named {o:?} in {}", self.config_path.display()));
+        }
+        let day = match day {
+            None => self.day.max(self.clock.today()),
+            Some(date) => match (self.day.saturating_sub(1)..=self.day)
+                .find(|d| self.clock.date(*d) == date)
+            {
+                Some(d) => d,
+                None => {
+                    return Response::err(format!(
+                        "no counters kept for {date}: the kernel holds today and yesterday"
+                    ));
+                }
+            },
+        };
+        match report::build(&self.kernel, &self.cfg, &self.ids, &self.clock, day, org) {
+            Ok(r) => Response::ok(serde_json::to_value(r).unwrap_or_default()),
+            Err(e) => Response::err(e.to_string()),
+        }
+    }
+
+    fn reset(&mut self, org: Option<&str>) -> Response {
+        let targets: Vec<(u32, String)> = match org {
+            Some(name) => match self.ids.id(name) {
+                Some(id) => vec![(id, name.to_string())],
+                None => return Response::err(format!("no org named {name:?}")),
+            },
+            None => std::iter::once((UNMAPPED_ORG, UNMAPPED_NAME.to_string()))
+                .chain(self.ids.iter().map(|(id, n)| (id, n.to_string())))
+                .collect(),
+        };
+        let day = self.clock.today();
+        let mut done = Vec::new();
+        for (id, name) in targets {
+            match counters::reset_day(&mut self.kernel, id, day) {
+                Ok(before) => {
+                    info!(event = "reset", org = %name, requests_before = before.requests, rejected_before = before.rejected, "today's counters cleared");
+                    done.push(name);
+                }
+                Err(e) => return Response::err(e.to_string()),
+            }
+        }
+        Response::ok(serde_json::json!({ "reset": done }))
+    }
+
+    /// Re-reads the config and applies only the differences. On any error nothing changes.
+    fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+        let new_cfg = Config::load(&self.config_path)?;
+        if new_cfg.api.cgroup != self.cfg.api.cgroup {
+            anyhow::bail!(
+                "{}: api.cgroup changed ({} -> {}): restart the daemon to move to another cgroup",
+                self.config_path.display(),
+                self.cfg.api.cgroup.display(),
+                new_cfg.api.cgroup.display()
+            );
+        }
+        let ids = OrgIds::assign(
+            new_cfg.orgs.iter().map(|o| o.name.as_str()),
+            Some(&self.ids),
+            self.kernel.org_capacity(),
+        )?;
+        let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
+        let new = Applied::desired(&new_cfg, &ids, &clock)?;
+        let old_names: std::collections::BTreeSet<&str> =
+            self.cfg.orgs.iter().map(|o| o.name.as_str()).collect();
+        let new_names: std::collections::BTreeSet<&str> =
+            new_cfg.orgs.iter().map(|o| o.name.as_str()).collect();
+        let added: Vec<String> = new_names.difference(&old_names).map(|s| s.to_string()).collect();
+        let removed: Vec<String> = old_names.difference(&new_names).map(|s| s.to_string()).collect();
+        let changed: Vec<String> = new_cfg
+            .orgs
+            .iter()
+            .filter(|n| {
+                self.cfg.orgs.iter().any(|o| {
+                    o.name == n.name
+                        && (o.cidrs != n.cidrs || self.cfg.limits_for(o) != new_cfg.limits_for(n))
+                })
+            })
+            .map(|o| o.name.clone())
+            .collect();
+        for name in &added {
+            if let Some(id) = ids.id(name) {
+                counters::clear_org(&mut self.kernel, id)?;
+                let day = clock.today();
+                counters::prepare_day(&mut self.kernel, id, day)?;
+                counters::prepare_day(&mut self.kernel, id, day + 1)?;
+            }
+        }
+        counters::apply(&mut self.kernel, &self.applied, &new)?;
+        info!(
+            event = "reload",
+            added = ?added,
+            removed = ?removed,
+            changed = ?changed,
+            ports = ?new_cfg.api.ports,
+            "config reloaded"
+        );
+        self.cfg = new_cfg;
+        self.ids = ids;
+        self.applied = new;
+        self.clock = clock;
+        Ok(serde_json::json!({ "added": added, "removed": removed, "changed": changed }))
+    }
+}
+
+/// `limiter run`.
+pub async fn run(config_path: &Path, cfg: Config) -> anyhow::Result<()> {
+    Daemon::start(config_path, cfg)?.run().await
+}

@@ -1,0 +1,20 @@
+//! limiter's user side: the daemon, the CLI and the self-contained demo.
+//!
+//! One module per concern: `config` (the TOML file), `clock` (quota days), `orgs` (org ids and address table), `loader`
+//! (the kernel programs and maps), `counters` (reading and writing usage), `report` (the usage
+//! report), `control` (the CLI ↔ daemon socket), `daemon` (`limiter run`), `logging` (text/JSON
+//! log lines), `check` (`limiter check`), `testbed` (namespaces, cgroup, bpffs, test HTTP server and
+//! clients, for the demo and the integration tests) and `demo` (`limiter demo`).
+
+pub mod check;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod counters;
+pub mod daemon;
+pub mod demo;
+pub mod loader;
+pub mod logging;
+pub mod orgs;
+pub mod report;
+pub mod testbed;

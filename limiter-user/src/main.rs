@@ -1,0 +1,163 @@
+//! The `limiter` binary: daemon and CLI (DESIGN.md §5.1).
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use limiter_user::{
+    check,
+    config::{self, Config},
+    control::{self, Request, Response},
+    daemon, demo, logging,
+    report::Report,
+    testbed,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "limiter", version, about = "Kernel-level API limiter: per-organization daily quotas and concurrency, counted and enforced by eBPF")]
+struct Cli {
+    /// The config file.
+    #[arg(long, global = true, default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
+    Run,
+    /// Validate the config and the kernel's prerequisites.
+    Check,
+    /// Today's usage per org.
+    Report(ReportArgs),
+    /// Make the running daemon re-read its config.
+    Reload,
+    /// Clear today's counters of one org or of all.
+    Reset(ResetArgs),
+    /// Self-contained demo in private namespaces (needs root).
+    Demo,
+    #[command(hide = true, subcommand)]
+    Debug(DebugCommand),
+    #[command(hide = true, subcommand)]
+    Testbed(TestbedCommand),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// Only this org.
+    #[arg(long)]
+    org: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A past day (YYYY-MM-DD) instead of today.
+    #[arg(long)]
+    day: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct ResetArgs {
+    #[arg(long)]
+    org: Option<String>,
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCommand {
+    /// Move the daemon's quota clock forward (tests of day rollover).
+    AdvanceClock { secs: i64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum TestbedCommand {
+    Serve(testbed::ServeArgs),
+    Push(testbed::PushArgs),
+}
+
+fn control_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
+    Ok(Config::load(&cli.config)?.daemon.control_socket)
+}
+
+fn ask(cli: &Cli, req: &Request) -> anyhow::Result<Response> {
+    let resp = control::call(&control_socket(cli)?, req)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused".into()));
+    }
+    Ok(resp)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("limiter: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Run => {
+            let cfg = Config::load(&cli.config)?;
+            logging::init(cfg.daemon.log_format);
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(daemon::run(&cli.config, cfg))?;
+        }
+        Command::Check => {
+            let checks = check::run(&cli.config);
+            for c in &checks {
+                println!("{} {:<14} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+            }
+            if checks.iter().any(|c| !c.ok) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Report(a) => {
+            let resp = ask(
+                cli,
+                &Request::Report {
+                    org: a.org.clone(),
+                    day: a.day.clone(),
+                },
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&resp.data)?);
+            } else {
+                let report: Report = serde_json::from_value(resp.data)?;
+                print!("{}", report.table());
+            }
+        }
+        Command::Reload => {
+            let resp = ask(cli, &Request::Reload)?;
+            for key in ["added", "removed", "changed"] {
+                let list = resp.data[key]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
+                println!("{key:<8} {}", if list.is_empty() { "-" } else { &list });
+            }
+        }
+        Command::Reset(a) => {
+            let resp = ask(
+                cli,
+                &Request::Reset {
+                    org: if a.all { None } else { a.org.clone() },
+                },
+            )?;
+            println!("reset: {}", resp.data["reset"]);
+        }
+        Command::Demo => return demo::run(),
+        Command::Debug(DebugCommand::AdvanceClock { secs }) => {
+            let resp = ask(cli, &Request::AdvanceClock { secs: *secs })?;
+            println!("{}", resp.data);
+        }
+        Command::Testbed(TestbedCommand::Serve(a)) => testbed::serve_main(a)?,
+        Command::Testbed(TestbedCommand::Push(a)) => testbed::push_main(a)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,210 @@
+//! The usage report (`limiter report`, DESIGN.md §5.3) and its table form.
+
+use std::fmt::Write as _;
+
+use limiter_common::{DayCounters, UNMAPPED_ORG};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clock::Clock,
+    config::Config,
+    counters::{self, CountersError},
+    loader::Kernel,
+    orgs::OrgIds,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub day: String,
+    pub resets_in_seconds: u64,
+    pub orgs: Vec<OrgReport>,
+    pub unmapped: UnmappedReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgReport {
+    pub org: String,
+    pub requests: u64,
+    pub daily_limit: u64,
+    pub remaining: u64,
+    pub rejected: u64,
+    pub exempt_media_gets: u64,
+    pub exempt_pushes: u64,
+    pub unparsed: u64,
+    pub connections: u64,
+    pub peak_connections: u64,
+    pub concurrency_limit: u32,
+    pub concurrency_breaches: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnmappedReport {
+    pub requests: u64,
+    pub connections: u64,
+    pub unparsed: u64,
+    /// Media GETs from unmapped clients (not in the contract's minimum; more keys are welcome).
+    #[serde(default)]
+    pub exempt_media_gets: u64,
+}
+
+impl OrgReport {
+    pub fn new(org: &str, d: &DayCounters, conns: i64, daily_limit: u64, concurrency: u32) -> Self {
+        let connections = conns.max(0) as u64;
+        OrgReport {
+            org: org.to_string(),
+            requests: d.requests,
+            daily_limit,
+            remaining: daily_limit.saturating_sub(d.requests),
+            rejected: d.rejected,
+            exempt_media_gets: d.exempt_media_gets,
+            exempt_pushes: d.exempt_pushes,
+            unparsed: d.unparsed,
+            connections,
+            // The day may have started with connections already open.
+            peak_connections: d.peak_connections.max(connections),
+            concurrency_limit: concurrency,
+            concurrency_breaches: d.concurrency_breaches,
+        }
+    }
+}
+
+/// Reads the counters of `day` for every configured org (or only `only`).
+pub fn build(
+    kernel: &Kernel,
+    cfg: &Config,
+    ids: &OrgIds,
+    clock: &Clock,
+    day: u64,
+    only: Option<&str>,
+) -> Result<Report, CountersError> {
+    let mut orgs = Vec::new();
+    for org in &cfg.orgs {
+        if only.is_some_and(|o| o != org.name) {
+            continue;
+        }
+        let Some(id) = ids.id(&org.name) else {
+            continue;
+        };
+        let (d, conns) = counters::usage(kernel, id, day)?;
+        let l = cfg.limits_for(org);
+        orgs.push(OrgReport::new(
+            &org.name,
+            &d,
+            conns,
+            l.daily_requests,
+            l.concurrent_connections,
+        ));
+    }
+    let (u, conns) = counters::usage(kernel, UNMAPPED_ORG, day)?;
+    Ok(Report {
+        day: clock.date(day),
+        resets_in_seconds: if day == clock.today() {
+            clock.resets_in_seconds()
+        } else {
+            0
+        },
+        orgs,
+        unmapped: UnmappedReport {
+            requests: u.requests,
+            connections: conns.max(0) as u64,
+            unparsed: u.unparsed,
+            exempt_media_gets: u.exempt_media_gets,
+        },
+    })
+}
+
+impl Report {
+    /// The human table of `limiter report`.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let h = self.resets_in_seconds / 3600;
+        let m = self.resets_in_seconds % 3600 / 60;
+        let _ = writeln!(out, "day {} (resets in {h}h{m:02}m)", self.day);
+        let _ = writeln!(
+            out,
+            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
+            "ORG",
+            "REQUESTS",
+            "LIMIT",
+            "REMAINING",
+            "REJECTED",
+            "MEDIA",
+            "PUSHES",
+            "UNPARSED",
+            "CONNS",
+            "PEAK",
+            "BREACHES"
+        );
+        for o in &self.orgs {
+            let _ = writeln!(
+                out,
+                "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
+                o.org,
+                o.requests,
+                o.daily_limit,
+                o.remaining,
+                o.rejected,
+                o.exempt_media_gets,
+                o.exempt_pushes,
+                o.unparsed,
+                format!("{}/{}", o.connections, o.concurrency_limit),
+                o.peak_connections,
+                o.concurrency_breaches
+            );
+        }
+        let u = &self.unmapped;
+        let _ = writeln!(
+            out,
+            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
+            "(unmapped)", u.requests, "-", "-", "-", u.exempt_media_gets, "-", u.unparsed,
+            u.connections, "-", "-"
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_contract_keys() {
+        let mut d = DayCounters::for_day(5);
+        d.requests = 120;
+        d.exempt_media_gets = 4;
+        d.exempt_pushes = 2;
+        d.peak_connections = 4;
+        d.concurrency_breaches = 1;
+        let r = Report {
+            day: "2026-11-27".into(),
+            resets_in_seconds: 3600,
+            orgs: vec![OrgReport::new("acme", &d, 1, 2500, 3)],
+            unmapped: UnmappedReport {
+                requests: 3,
+                ..Default::default()
+            },
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let want = serde_json::json!({
+            "org": "acme", "requests": 120, "daily_limit": 2500, "remaining": 2380, "rejected": 0,
+            "exempt_media_gets": 4, "exempt_pushes": 2, "unparsed": 0,
+            "connections": 1, "peak_connections": 4, "concurrency_limit": 3, "concurrency_breaches": 1
+        });
+        assert_eq!(v["orgs"][0], want);
+        assert_eq!(v["day"], "2026-11-27");
+        assert_eq!(v["resets_in_seconds"], 3600);
+        assert_eq!(v["unmapped"]["requests"], 3);
+        assert_eq!(v["unmapped"]["connections"], 0);
+        assert_eq!(v["unmapped"]["unparsed"], 0);
+        assert!(r.table().contains("acme"));
+    }
+
+    #[test]
+    fn remaining_never_underflows_and_peak_covers_open_connections() {
+        let mut d = DayCounters::for_day(1);
+        d.requests = 30;
+        let o = OrgReport::new("x", &d, 5, 20, 3);
+        assert_eq!(o.remaining, 0);
+        assert_eq!(o.peak_connections, 5);
+    }
+}
