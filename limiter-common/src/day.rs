@@ -18,7 +18,11 @@ pub fn limiter_time(tai_ns: u64, offset_ns: i64) -> u64 {
 /// Day number of a limiter time. A zero day length is treated as the standard day.
 #[inline(always)]
 pub fn day_number(time_ns: u64, day_len_ns: u64) -> u64 {
-    let len = if day_len_ns == 0 { NS_PER_DAY } else { day_len_ns };
+    let len = if day_len_ns == 0 {
+        NS_PER_DAY
+    } else {
+        day_len_ns
+    };
     time_ns / len
 }
 
@@ -26,7 +30,11 @@ pub fn day_number(time_ns: u64, day_len_ns: u64) -> u64 {
 /// retry storm).
 #[inline(always)]
 pub fn seconds_until_next_day(time_ns: u64, day_len_ns: u64) -> u64 {
-    let len = if day_len_ns == 0 { NS_PER_DAY } else { day_len_ns };
+    let len = if day_len_ns == 0 {
+        NS_PER_DAY
+    } else {
+        day_len_ns
+    };
     let left = len - time_ns % len;
     let secs = left.div_ceil(NS_PER_SEC);
     if secs == 0 { 1 } else { secs }
@@ -82,17 +90,26 @@ mod tests {
         let utc = (20_784 * SECS_PER_DAY + 6 * 3600 - 1) * NS_PER_SEC;
         let off = clock_offset_ns(0, 6 * 3600, 0);
         assert_eq!(day_number(limiter_time(utc, off), NS_PER_DAY), 20_783);
-        assert_eq!(seconds_until_next_day(limiter_time(utc, off), NS_PER_DAY), 1);
+        assert_eq!(
+            seconds_until_next_day(limiter_time(utc, off), NS_PER_DAY),
+            1
+        );
         let utc = utc + NS_PER_SEC;
         assert_eq!(day_number(limiter_time(utc, off), NS_PER_DAY), 20_784);
-        assert_eq!(seconds_until_next_day(limiter_time(utc, off), NS_PER_DAY), SECS_PER_DAY);
+        assert_eq!(
+            seconds_until_next_day(limiter_time(utc, off), NS_PER_DAY),
+            SECS_PER_DAY
+        );
     }
 
     #[test]
     fn tai_offset_is_removed() {
         let utc = 20_784 * NS_PER_DAY;
         let tai = utc + 37 * NS_PER_SEC;
-        assert_eq!(limiter_time(tai, clock_offset_ns(37 * NS_PER_SEC as i64, 0, 0)), utc);
+        assert_eq!(
+            limiter_time(tai, clock_offset_ns(37 * NS_PER_SEC as i64, 0, 0)),
+            utc
+        );
     }
 
     proptest! {

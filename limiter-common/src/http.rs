@@ -103,7 +103,11 @@ pub fn parse_request_line(buf: &[u8]) -> Option<RequestLine> {
                 Method::Connect => first > b' ' && first < 0x7f,
                 _ => matches!(first, b'/' | b'*' | b'h' | b'H'),
             };
-            return if ok { Some(RequestLine { method, target }) } else { None };
+            return if ok {
+                Some(RequestLine { method, target })
+            } else {
+                None
+            };
         }
         m += 1;
     }
@@ -187,7 +191,10 @@ mod tests {
             let line = format_line(m.as_str(), "/x");
             assert_eq!(
                 parse_request_line(line.as_bytes()),
-                Some(RequestLine { method: m, target: m.as_str().len() + 1 }),
+                Some(RequestLine {
+                    method: m,
+                    target: m.as_str().len() + 1
+                }),
                 "{line}"
             );
         }
@@ -238,7 +245,10 @@ mod tests {
     #[test]
     fn media_gets_are_exempt_only_for_get_and_whole_prefix() {
         let c = config(&["/media/", "/files/dl/"]);
-        assert_eq!(classify(b"GET /media/a.png HTTP/1.1", &c), Class::ExemptMedia);
+        assert_eq!(
+            classify(b"GET /media/a.png HTTP/1.1", &c),
+            Class::ExemptMedia
+        );
         assert_eq!(classify(b"GET /files/dl/x", &c), Class::ExemptMedia);
         assert_eq!(classify(b"GET /media", &c), Class::Counted);
         assert_eq!(classify(b"GET /mediax/", &c), Class::Counted);
@@ -250,10 +260,15 @@ mod tests {
 
     #[test]
     fn longest_prefix_fits_the_peek() {
-        let long: String = core::iter::once('/').chain(core::iter::repeat_n('m', 63)).collect();
+        let long: String = core::iter::once('/')
+            .chain(core::iter::repeat_n('m', 63))
+            .collect();
         let c = config(&[&long]);
         let line = format_line("GET", &long);
-        assert_eq!(classify(&line.as_bytes()[..PEEK_LEN.min(line.len())], &c), Class::ExemptMedia);
+        assert_eq!(
+            classify(&line.as_bytes()[..PEEK_LEN.min(line.len())], &c),
+            Class::ExemptMedia
+        );
         let mut c2 = Config::empty();
         assert!(!c2.push_media_prefix(&[b'/'; MEDIA_PREFIX_MAX + 1]));
     }

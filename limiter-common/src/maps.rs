@@ -44,7 +44,7 @@ pub const MEDIA_PREFIX_MAX: usize = 64;
 
 /// The single entry of the CONFIG array map. Written by the daemon, read by every program.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
     /// Added to `CLOCK_TAI` nanoseconds to get "limiter time": UTC shifted so days start at 0.
     /// It folds in TAI−UTC, `limits.day_start` and a test-only clock shift.

@@ -26,19 +26,16 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::SK_PASS,
     },
-    helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_skb_load_bytes,
-    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_skb_load_bytes},
     macros::{map, sk_msg, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, RingBuf, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use limiter_common::{
-    AddrKey, CONFIG_F_READY, Config, DayCounters, EVENT_CONCURRENCY_BREACH,
-    EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE,
-    FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS,
-    OrgLimits, day_index, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, SOCK_F_INBOUND,
-    SockState, UNMAPPED_ORG, day,
+    AddrKey, CONFIG_F_READY, Config, DayCounters, EVENT_CONCURRENCY_BREACH, EVENTS_BYTES, Event,
+    FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE, FAULT_SOCK_STATE_FULL,
+    FAULT_SOCKHASH_FULL, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, PHASE_HTTP,
+    PHASE_NEW, PHASE_OPAQUE, SOCK_F_INBOUND, SockState, UNMAPPED_ORG, day, day_index,
     http::{self, Class, PEEK_LEN},
     v4_mapped,
 };
@@ -120,7 +117,12 @@ fn fault(kind: u32) {
 
 #[inline(always)]
 fn emit(kind: u32, org: u32, value: u64, day: u64) {
-    let ev = Event { kind, org, value, day };
+    let ev = Event {
+        kind,
+        org,
+        value,
+        day,
+    };
     if EVENTS.output::<Event>(&ev, 0).is_err() {
         fault(FAULT_EVENTS_FULL);
     }
@@ -320,7 +322,10 @@ fn on_inbound(ctx: &SockOpsContext) {
         open: 1,
         phase: PHASE_NEW,
     };
-    if SOCK_STATE.insert(&cookie, &state, BPF_NOEXIST as u64).is_err() {
+    if SOCK_STATE
+        .insert(&cookie, &state, BPF_NOEXIST as u64)
+        .is_err()
+    {
         // Without state the connection cannot be un-counted exactly on close, so it is not counted;
         // its requests are still counted (the verdict falls back to the address).
         fault(FAULT_SOCK_STATE_FULL);

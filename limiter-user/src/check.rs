@@ -36,7 +36,11 @@ fn fs_magic(path: &Path) -> Result<i64, String> {
     // SAFETY: zeroed statfs is a valid out value; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(format!("{}: {}", path.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "{}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(st.f_type as i64)
 }
@@ -95,7 +99,10 @@ pub fn run(config_path: &Path) -> Vec<Check> {
         out.push(check(
             "cgroup v2",
             match fs_magic(&cfg.api.cgroup) {
-                Ok(CGROUP2_SUPER_MAGIC) => Ok(format!("{} is a cgroup2 directory", cfg.api.cgroup.display())),
+                Ok(CGROUP2_SUPER_MAGIC) => Ok(format!(
+                    "{} is a cgroup2 directory",
+                    cfg.api.cgroup.display()
+                )),
                 Ok(_) => Err(format!(
                     "{} is not a cgroup2 directory (set api.cgroup to a cgroup v2 path)",
                     cfg.api.cgroup.display()

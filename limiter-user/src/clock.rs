@@ -73,7 +73,8 @@ impl Clock {
 
     /// The calendar date (UTC date on which the quota day starts) of a day number.
     pub fn date(&self, day: u64) -> String {
-        let first_ns = day as i128 * self.day_len_ns as i128 + self.day_start_secs as i128 * 1_000_000_000;
+        let first_ns =
+            day as i128 * self.day_len_ns as i128 + self.day_start_secs as i128 * 1_000_000_000;
         let days = first_ns.div_euclid(NS_PER_DAY as i128) as i64;
         let (y, m, d) = day::civil_from_days(days);
         format!("{y:04}-{m:02}-{d:02}")

@@ -180,9 +180,9 @@ mod tests {
         tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
-                let _ = p
-                    .reply
-                    .send(Response::ok(serde_json::json!({"echo": format!("{:?}", p.request)})));
+                let _ = p.reply.send(Response::ok(
+                    serde_json::json!({"echo": format!("{:?}", p.request)}),
+                ));
             }
         });
         let path2 = path.clone();

@@ -92,7 +92,11 @@ pub struct ApplyStats {
 
 /// Brings the maps from `old` to `new`: additions and changes first, removals last, so no address
 /// is ever without its org in between. CONFIG (with the ready flag) is written last.
-pub fn apply(kernel: &mut Kernel, old: &Applied, new: &Applied) -> Result<ApplyStats, CountersError> {
+pub fn apply(
+    kernel: &mut Kernel,
+    old: &Applied,
+    new: &Applied,
+) -> Result<ApplyStats, CountersError> {
     let mut stats = ApplyStats::default();
     for port in new.ports.difference(&old.ports) {
         kernel
@@ -142,10 +146,7 @@ pub fn apply(kernel: &mut Kernel, old: &Applied, new: &Applied) -> Result<ApplyS
         }
     }
     if let Some(kc) = &new.kernel_config {
-        kernel
-            .config
-            .set(0, kc, 0)
-            .map_err(map_err("CONFIG"))?;
+        kernel.config.set(0, kc, 0).map_err(map_err("CONFIG"))?;
     }
     Ok(stats)
 }

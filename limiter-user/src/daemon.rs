@@ -112,7 +112,9 @@ impl Daemon {
             .events
             .take()
             .context("the event ring buffer was already taken")?;
-        let mut events = AsyncFd::new(ring).context("polling the event ring buffer")?;
+        // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd holds it.
+        let mut events = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -243,7 +245,9 @@ impl Daemon {
                     concurrency_breaches = d.concurrency_breaches,
                     "day totals"
                 ),
-                Err(e) => error!(event = "fault", org = name, error = %e, "reading counters failed"),
+                Err(e) => {
+                    error!(event = "fault", org = name, error = %e, "reading counters failed")
+                }
             }
         }
     }
@@ -317,7 +321,10 @@ impl Daemon {
         if let Some(o) = org
             && !self.cfg.orgs.iter().any(|c| c.name == o)
         {
-            return Response::err(format!("no org named {o:?} in {}", self.config_path.display()));
+            return Response::err(format!(
+                "no org named {o:?} in {}",
+                self.config_path.display()
+            ));
         }
         let day = match day {
             None => self.day.max(self.clock.today()),
@@ -384,8 +391,14 @@ impl Daemon {
             self.cfg.orgs.iter().map(|o| o.name.as_str()).collect();
         let new_names: std::collections::BTreeSet<&str> =
             new_cfg.orgs.iter().map(|o| o.name.as_str()).collect();
-        let added: Vec<String> = new_names.difference(&old_names).map(|s| s.to_string()).collect();
-        let removed: Vec<String> = old_names.difference(&new_names).map(|s| s.to_string()).collect();
+        let added: Vec<String> = new_names
+            .difference(&old_names)
+            .map(|s| s.to_string())
+            .collect();
+        let removed: Vec<String> = old_names
+            .difference(&new_names)
+            .map(|s| s.to_string())
+            .collect();
         let changed: Vec<String> = new_cfg
             .orgs
             .iter()

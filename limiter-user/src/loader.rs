@@ -132,9 +132,10 @@ impl Kernel {
             path: cgroup.display().to_string(),
             source,
         })?;
-        // AllowMultiple: a limiter on a parent cgroup (or another tool) must not stop this one.
+        // Through a bpf_link (kernel >= 5.7) the attachment always coexists with other programs
+        // on this cgroup and its parents; the link API wants no mode flags.
         program::<SockOps>(&mut kernel._ebpf, programs::SOCK_OPS)?
-            .attach(cg, CgroupAttachMode::AllowMultiple)
+            .attach(cg, CgroupAttachMode::Single)
             .map_err(prog_err(programs::SOCK_OPS))?;
         Ok(kernel)
     }

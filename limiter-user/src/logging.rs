@@ -1,6 +1,8 @@
 //! Log lines (DESIGN.md §5.6): one line per event, `key=value` text or JSON lines, on stderr (the
 //! journal under systemd).
 
+use std::io::IsTerminal as _;
+
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG` may override the level (default `info`).
@@ -10,6 +12,7 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // A second init (tests, demo) keeps the first subscriber.
     let _ = match format {

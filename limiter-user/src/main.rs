@@ -14,7 +14,11 @@ use limiter_user::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "limiter", version, about = "Kernel-level API limiter: per-organization daily quotas and concurrency, counted and enforced by eBPF")]
+#[command(
+    name = "limiter",
+    version,
+    about = "Kernel-level API limiter: per-organization daily quotas and concurrency, counted and enforced by eBPF"
+)]
 struct Cli {
     /// The config file.
     #[arg(long, global = true, default_value = config::DEFAULT_CONFIG_PATH)]
@@ -40,7 +44,7 @@ enum Command {
     #[command(hide = true, subcommand)]
     Debug(DebugCommand),
     #[command(hide = true, subcommand)]
-    Testbed(TestbedCommand),
+    Testbed(testbed::TestbedCommand),
 }
 
 #[derive(Args, Debug)]
@@ -71,12 +75,6 @@ enum DebugCommand {
     AdvanceClock { secs: i64 },
 }
 
-#[derive(Subcommand, Debug)]
-enum TestbedCommand {
-    Serve(testbed::ServeArgs),
-    Push(testbed::PushArgs),
-}
-
 fn control_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
     Ok(Config::load(&cli.config)?.daemon.control_socket)
 }
@@ -84,7 +82,10 @@ fn control_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
 fn ask(cli: &Cli, req: &Request) -> anyhow::Result<Response> {
     let resp = control::call(&control_socket(cli)?, req)?;
     if !resp.ok {
-        bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused".into()));
+        bail!(
+            "{}",
+            resp.error.unwrap_or_else(|| "the daemon refused".into())
+        );
     }
     Ok(resp)
 }
@@ -111,7 +112,12 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Check => {
             let checks = check::run(&cli.config);
             for c in &checks {
-                println!("{} {:<14} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                println!(
+                    "{} {:<14} {}",
+                    if c.ok { "ok  " } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
             }
             if checks.iter().any(|c| !c.ok) {
                 return Ok(ExitCode::FAILURE);
@@ -137,7 +143,12 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             for key in ["added", "removed", "changed"] {
                 let list = resp.data[key]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
                     .unwrap_or_default();
                 println!("{key:<8} {}", if list.is_empty() { "-" } else { &list });
             }
@@ -156,8 +167,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let resp = ask(cli, &Request::AdvanceClock { secs: *secs })?;
             println!("{}", resp.data);
         }
-        Command::Testbed(TestbedCommand::Serve(a)) => testbed::serve_main(a)?,
-        Command::Testbed(TestbedCommand::Push(a)) => testbed::push_main(a)?,
+        Command::Testbed(cmd) => testbed::run_command(cmd.clone())?,
     }
     Ok(ExitCode::SUCCESS)
 }

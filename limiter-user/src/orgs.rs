@@ -91,7 +91,9 @@ impl OrgIds {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OrgIdError {
-    #[error("more orgs than the kernel maps hold ({capacity} slots, slot 0 is for unmapped traffic)")]
+    #[error(
+        "more orgs than the kernel maps hold ({capacity} slots, slot 0 is for unmapped traffic)"
+    )]
     Full { capacity: u32 },
 }
 
@@ -114,7 +116,10 @@ mod tests {
     #[test]
     fn ids_are_stable_across_reassignment() {
         let a = OrgIds::assign(["a", "b", "c"], None, 100).unwrap();
-        assert_eq!((a.id("a"), a.id("b"), a.id("c")), (Some(1), Some(2), Some(3)));
+        assert_eq!(
+            (a.id("a"), a.id("b"), a.id("c")),
+            (Some(1), Some(2), Some(3))
+        );
         let b = OrgIds::assign(["c", "d", "a"], Some(&a), 100).unwrap();
         assert_eq!(b.id("a"), Some(1));
         assert_eq!(b.id("c"), Some(3));

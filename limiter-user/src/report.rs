@@ -156,8 +156,17 @@ impl Report {
         let _ = writeln!(
             out,
             "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
-            "(unmapped)", u.requests, "-", "-", "-", u.exempt_media_gets, "-", u.unparsed,
-            u.connections, "-", "-"
+            "(unmapped)",
+            u.requests,
+            "-",
+            "-",
+            "-",
+            u.exempt_media_gets,
+            "-",
+            u.unparsed,
+            u.connections,
+            "-",
+            "-"
         );
         out
     }

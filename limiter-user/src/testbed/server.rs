@@ -1,0 +1,470 @@
+//! The test API server (`limiter testbed serve`): a small HTTP/1.1 server written directly on
+//! tokio (epoll based; DESIGN.md §4: blocking-I/O servers can lose kernel-injected responses)
+//! that writes an access log the tests compare with the limiter's counters.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::http::{BodyKind, Parse, chunked_len, parse_request_head};
+use super::sys;
+
+/// Arguments of the hidden `limiter testbed serve` command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (repeatable); `[::]:PORT` is dual-stack (IPv4 clients arrive as
+    /// IPv4-mapped addresses and are logged as plain IPv4).
+    #[arg(long, required = true)]
+    pub listen: Vec<SocketAddr>,
+    /// Access log: one line per complete request, flushed immediately.
+    #[arg(long)]
+    pub log: PathBuf,
+    /// Extra response body bytes after `ok <method> <path>\n`.
+    #[arg(long, default_value_t = 0)]
+    pub body_bytes: usize,
+}
+
+/// Largest chunked request body we buffer before calling the connection garbage.
+const MAX_CHUNKED_BODY: usize = 64 << 20;
+/// How much of a garbage stream we read (to count it) before closing.
+const MAX_GARBAGE_DRAIN: usize = 1 << 20;
+/// Idle time after which a garbage stream is considered finished.
+const GARBAGE_IDLE: Duration = Duration::from_millis(500);
+
+/// Entry point of `limiter testbed serve`: binds, serves until SIGTERM/SIGINT.
+pub fn serve_main(args: ServeArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    rt.block_on(async {
+        let listeners = args
+            .listen
+            .iter()
+            .map(|a| bind_listener(*a))
+            .collect::<Result<Vec<_>>>()?;
+        let log = AccessLog::open(&args.log)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tracing::info!(listen = ?args.listen, log = %args.log.display(), "test server ready");
+        tokio::select! {
+            r = serve_on(listeners, log, args.body_bytes) => r,
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}
+
+/// Binds a non-blocking listening socket in the calling thread's netns (backlog 1024,
+/// SO_REUSEADDR; `[::]` is dual-stack). Needs no tokio runtime, so it can run inside
+/// `Testbed::in_server`/`in_client`.
+pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .context("creating a TCP socket")?;
+    sock.set_reuseaddr(true).context("SO_REUSEADDR")?;
+    if let SocketAddr::V6(a) = addr {
+        if a.ip().is_unspecified() {
+            sys::set_v6only(sock.as_raw_fd(), false).context("IPV6_V6ONLY=0")?;
+        }
+    }
+    sock.bind(addr).with_context(|| format!("binding {addr}"))?;
+    let fd = sock.into_raw_fd();
+    // SAFETY: we own fd (from into_raw_fd); listen is a plain syscall. The std listener takes
+    // ownership right after, also on the error path.
+    let rc = unsafe { libc::listen(fd, 1024) };
+    // SAFETY: fd is an owned, open TCP socket.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("listen on {addr}"));
+    }
+    listener.set_nonblocking(true).context("O_NONBLOCK")?;
+    Ok(listener)
+}
+
+/// The append-only access log; each line goes out in one write on an O_APPEND file, so readers
+/// never see half a line from a concurrent writer.
+pub struct AccessLog {
+    file: Mutex<File>,
+}
+
+impl AccessLog {
+    /// Opens (creates) the log for appending.
+    pub fn open(path: &Path) -> Result<Arc<AccessLog>> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening access log {}", path.display()))?;
+        Ok(Arc::new(AccessLog {
+            file: Mutex::new(file),
+        }))
+    }
+
+    fn line(&self, line: &str) {
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            tracing::warn!(error = %e, "writing the access log");
+        }
+    }
+
+    /// Logs one complete request.
+    pub fn request(&self, client: IpAddr, method: &str, path: &str, body: usize) {
+        self.line(&format!(
+            "{} {method} {path} {body}\n",
+            client.to_canonical()
+        ));
+    }
+
+    /// Logs bytes that were not HTTP/1.x.
+    pub fn garbage(&self, client: IpAddr, bytes: usize) {
+        self.line(&format!("{} GARBAGE - {bytes}\n", client.to_canonical()));
+    }
+}
+
+/// Serves on already-bound listeners (e.g. from `Testbed::server_listeners`) until cancelled.
+pub async fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    log: &Path,
+    body_bytes: usize,
+) -> Result<()> {
+    let log = AccessLog::open(log)?;
+    serve_on(listeners, log, body_bytes).await
+}
+
+async fn serve_on(
+    listeners: Vec<std::net::TcpListener>,
+    log: Arc<AccessLog>,
+    body_bytes: usize,
+) -> Result<()> {
+    if listeners.is_empty() {
+        bail!("no listeners");
+    }
+    let filler: Arc<[u8]> = vec![b'x'; body_bytes].into();
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        l.set_nonblocking(true)
+            .context("O_NONBLOCK on a listener")?;
+        let l = TcpListener::from_std(l).context("registering a listener with tokio")?;
+        let (log, filler) = (log.clone(), filler.clone());
+        tasks.spawn(accept_loop(l, log, filler));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("accept loop panicked")?;
+    }
+    Ok(())
+}
+
+/// Accepts forever; transient errors (EMFILE, aborted connections) only pause briefly.
+async fn accept_loop(l: TcpListener, log: Arc<AccessLog>, filler: Arc<[u8]>) {
+    loop {
+        match l.accept().await {
+            Ok((s, peer)) => {
+                tokio::spawn(handle_conn(s, peer.ip(), log.clone(), filler.clone()));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Reads more bytes into `buf`; Ok(0) at EOF.
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut tmp = [0u8; 16 * 1024];
+    let n = s.read(&mut tmp).await?;
+    buf.extend_from_slice(&tmp[..n]);
+    Ok(n)
+}
+
+/// One connection: a loop of request → log line → response, until close or garbage.
+async fn handle_conn(mut s: TcpStream, peer: IpAddr, log: Arc<AccessLog>, filler: Arc<[u8]>) {
+    let _ = s.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    loop {
+        // Read a request head (tolerating stray CRLFs between requests).
+        let head = loop {
+            let skip = buf
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            buf.drain(..skip);
+            match parse_request_head(&buf) {
+                Parse::Done(h) => break h,
+                Parse::Partial => match read_more(&mut s, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                Parse::Invalid(_) => return garbage(s, buf.len(), peer, &log).await,
+            }
+        };
+        let Ok(kind) = head.body_kind() else {
+            return garbage(s, buf.len(), peer, &log).await;
+        };
+        buf.drain(..head.len);
+        if head.expects_continue()
+            && kind != BodyKind::None
+            && buf.is_empty()
+            && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+        {
+            return;
+        }
+        let body_len = match kind {
+            BodyKind::None | BodyKind::UntilClose => 0,
+            BodyKind::Length(n) => {
+                let Ok(n) = usize::try_from(n) else {
+                    return garbage(s, buf.len(), peer, &log).await;
+                };
+                let mut remaining = n;
+                let take = remaining.min(buf.len());
+                buf.drain(..take);
+                remaining -= take;
+                let mut tmp = vec![0u8; 64 * 1024];
+                while remaining > 0 {
+                    let got = match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => k,
+                    };
+                    let used = got.min(remaining);
+                    remaining -= used;
+                    buf.extend_from_slice(&tmp[used..got]);
+                }
+                n
+            }
+            BodyKind::Chunked => loop {
+                match chunked_len(&buf) {
+                    Parse::Done((len, used)) => {
+                        buf.drain(..used);
+                        break len;
+                    }
+                    Parse::Partial if buf.len() <= MAX_CHUNKED_BODY => {
+                        match read_more(&mut s, &mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    }
+                    _ => return garbage(s, buf.len(), peer, &log).await,
+                }
+            },
+        };
+        // Log before answering, so a client holding the response finds its line in the log.
+        log.request(peer, &head.method, &head.target, body_len);
+        let keep = head.keep_alive();
+        let mut body = format!("ok {} {}\n", head.method, head.target).into_bytes();
+        body.extend_from_slice(&filler);
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+            body.len(),
+            if keep { "keep-alive" } else { "close" }
+        )
+        .into_bytes();
+        if !head.method.eq_ignore_ascii_case("HEAD") {
+            out.extend_from_slice(&body);
+        }
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+        if !keep {
+            let _ = s.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Counts the rest of a non-HTTP stream (bounded in bytes and idle time), logs it, closes.
+async fn garbage(mut s: TcpStream, already: usize, peer: IpAddr, log: &AccessLog) {
+    let mut n = already;
+    let mut tmp = [0u8; 16 * 1024];
+    while n < MAX_GARBAGE_DRAIN {
+        match tokio::time::timeout(GARBAGE_IDLE, s.read(&mut tmp)).await {
+            Ok(Ok(k)) if k > 0 => n += k,
+            _ => break,
+        }
+    }
+    log.garbage(peer, n);
+    let _ = s.shutdown().await;
+}
+
+/// A test server running on its own tokio runtime in a background thread; stops on drop.
+pub struct ServerHandle {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// Runs the test server on `listeners` in a background thread (for tests and the demo, where
+/// the process is not the `limiter` binary). Use listeners from `Testbed::server_listeners` to
+/// have the server's sockets in the testbed cgroup.
+pub fn serve_in_thread(
+    listeners: Vec<std::net::TcpListener>,
+    log: &Path,
+    body_bytes: usize,
+) -> Result<ServerHandle> {
+    let log = AccessLog::open(log)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the server runtime")?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("testbed-server".into())
+        .spawn(move || {
+            let r = rt.block_on(async move {
+                tokio::select! {
+                    r = serve_on(listeners, log, body_bytes) => r,
+                    _ = rx => Ok(()),
+                }
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+            r
+        })
+        .context("spawning the server thread")?;
+    Ok(ServerHandle {
+        stop: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+impl ServerHandle {
+    /// Stops the server and reports whether it had failed.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => match t.join() {
+                Ok(r) => r,
+                Err(_) => bail!("server thread panicked"),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(error = %e, "test server");
+        }
+    }
+}
+
+/// One access-log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessEntry {
+    /// The client's address (IPv4-mapped IPv6 already shown as IPv4).
+    pub client: IpAddr,
+    /// The request method, or `GARBAGE` for bytes that were not HTTP.
+    pub method: String,
+    /// The request target, `-` for garbage.
+    pub path: String,
+    /// Request body bytes received (decoded), or the garbage byte count.
+    pub body: usize,
+}
+
+impl AccessEntry {
+    /// Whether this line records non-HTTP bytes.
+    pub fn is_garbage(&self) -> bool {
+        self.method == "GARBAGE"
+    }
+}
+
+/// Reads the access log written by the test server (safe while it runs: an unfinished last
+/// line is ignored).
+pub fn read_access_log(path: &Path) -> Result<Vec<AccessEntry>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading access log {}", path.display()))?;
+    parse_access_log(&text).with_context(|| format!("in {}", path.display()))
+}
+
+/// Parses access-log text; see [`read_access_log`].
+pub fn parse_access_log(text: &str) -> Result<Vec<AccessEntry>> {
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    let mut out = Vec::new();
+    for (i, line) in complete.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [client, method, path, body] = f[..] else {
+            bail!("line {}: expected 4 fields, got {:?}", i + 1, line);
+        };
+        let client: IpAddr = client
+            .parse()
+            .with_context(|| format!("line {}: bad client address {client:?}", i + 1))?;
+        let body: usize = body
+            .parse()
+            .with_context(|| format!("line {}: bad byte count {body:?}", i + 1))?;
+        out.push(AccessEntry {
+            client: client.to_canonical(),
+            method: method.to_string(),
+            path: path.to_string(),
+            body,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_parse() {
+        let text = "10.1.2.10 GET /a 0\n::ffff:10.1.2.11 POST /b?x=1 5000\n\nfd00:1:2::10 GARBAGE - 517\n10.1.2.1 GE";
+        let e = parse_access_log(text).expect("parses");
+        assert_eq!(e.len(), 3);
+        assert_eq!(
+            e[0],
+            AccessEntry {
+                client: "10.1.2.10".parse().expect("ip"),
+                method: "GET".into(),
+                path: "/a".into(),
+                body: 0
+            }
+        );
+        assert_eq!(e[1].client, "10.1.2.11".parse::<IpAddr>().expect("ip"));
+        assert_eq!(e[1].path, "/b?x=1");
+        assert_eq!(e[1].body, 5000);
+        assert!(e[2].is_garbage());
+        assert_eq!(e[2].body, 517);
+        assert!(parse_access_log("10.0.0.1 GET /\n").is_err());
+        assert!(parse_access_log("nope GET / 1\n").is_err());
+        assert!(parse_access_log("").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn access_log_writer_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("a.log");
+        let log = AccessLog::open(&p).expect("open");
+        log.request("::ffff:192.0.2.7".parse().expect("ip"), "GET", "/x", 0);
+        log.garbage("2001:db8::1".parse().expect("ip"), 9);
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "192.0.2.7 GET /x 0\n2001:db8::1 GARBAGE - 9\n"
+        );
+        let e = read_access_log(&p).expect("parse");
+        assert_eq!(e.len(), 2);
+    }
+}

@@ -1,0 +1,255 @@
+//! Harness of the integration tests: a [`World`] is a private testbed (namespaces, cgroup, bpffs)
+//! with the test API server running in it and, once started, a real `limiter run` daemon whose
+//! programs are attached to the testbed's cgroup. Dropping it stops the daemon and removes
+//! everything, also when the test fails.
+
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use limiter_user::testbed::{self, AccessEntry, ServeArgs, Testbed, TestbedOptions};
+use serde_json::Value;
+
+/// The API port of every world.
+pub const API_PORT: u16 = 8080;
+/// Where push receivers listen (client side).
+pub const PUSH_PORT: u16 = 9090;
+/// How long to wait for counts that settle asynchronously (connection closes).
+const SETTLE: Duration = Duration::from_secs(15);
+
+pub struct World {
+    pub tb: Testbed,
+    pub exe: PathBuf,
+    pub config: PathBuf,
+    pub server_log: PathBuf,
+    daemon_log: PathBuf,
+    daemon: Option<Child>,
+}
+
+/// Fails loudly rather than skipping: the integration tests are meaningless without root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests load eBPF programs and make namespaces: run them as root (cargo xtask test)"
+    );
+}
+
+impl World {
+    /// A testbed with `v4`/`v6` extra client addresses and the API server listening on
+    /// `[::]:8080` (dual-stack, so IPv4 clients arrive IPv4-mapped) in the server netns and cgroup.
+    pub fn new(name: &str, v4: usize, v6: usize) -> Result<World> {
+        require_root();
+        let _ = testbed::cleanup_stale();
+        let tb = Testbed::new(TestbedOptions {
+            name: name.to_string(),
+            clients_v4: v4,
+            clients_v6: v6,
+        })?;
+        let exe = testbed::limiter_exe()?;
+        let server_log = tb.dir().join("access.log");
+        let args = ServeArgs {
+            listen: vec![SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                API_PORT,
+            ))],
+            log: server_log.clone(),
+            body_bytes: 0,
+        };
+        tb.spawn_in_server(testbed::serve_command(&exe, &args))?;
+        tb.wait_listening(testbed::Side::Server, API_PORT, Duration::from_secs(10))?;
+        Ok(World {
+            config: tb.dir().join("limiter.toml"),
+            daemon_log: tb.dir().join("daemon.log"),
+            tb,
+            exe,
+            server_log,
+            daemon: None,
+        })
+    }
+
+    /// Writes the config: the testbed's cgroup and bpffs, port 8080, `/media/` exempt, then
+    /// `limits` (extra `[limits]` lines) and `orgs` (`[[orgs]]` tables).
+    pub fn write_config(&self, limits: &str, orgs: &str) -> Result<()> {
+        let state = self.tb.dir().join("state");
+        let text = format!(
+            "[api]\nports = [{API_PORT}]\ncgroup = {cg:?}\nmedia_get_prefixes = [\"/media/\"]\n\n\
+             [limits]\n{limits}\n\n\
+             [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nlog_format = \"text\"\n\n{orgs}\n",
+            cg = self.tb.cgroup().display().to_string(),
+            pin = self.tb.bpffs().join("limiter").display().to_string(),
+            state = state.display().to_string(),
+        );
+        std::fs::write(&self.config, text).context("writing the config")
+    }
+
+    /// Starts `limiter run` and waits until it answers.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let log = std::fs::File::create(&self.daemon_log)?;
+        let child = Command::new(&self.exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting limiter run")?;
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.cli(&["report", "--json"])?.status.success() {
+                return Ok(());
+            }
+            if let Some(c) = self.daemon.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("limiter run exited with {status}:\n{}", self.daemon_log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "limiter run did not answer within 20 s:\n{}",
+                    self.daemon_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        if let Some(mut c) = self.daemon.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Runs `limiter ARGS --config <this world's config>`.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.exe)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .context("running the limiter CLI")
+    }
+
+    /// `limiter report --json`, parsed.
+    pub fn report(&self) -> Result<Value> {
+        let out = self.cli(&["report", "--json"])?;
+        if !out.status.success() {
+            bail!(
+                "limiter report failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing the report")
+    }
+
+    /// One org's entry of the report (`unmapped` gives the unmapped object).
+    pub fn org(&self, name: &str) -> Result<Value> {
+        let r = self.report()?;
+        if name == "unmapped" {
+            return Ok(r["unmapped"].clone());
+        }
+        r["orgs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|o| o["org"] == name).cloned())
+            .with_context(|| format!("no org {name} in the report: {r}"))
+    }
+
+    /// Polls the report until `cond` holds for `org` (for counts that settle asynchronously,
+    /// such as a connection's close); returns the last entry, or fails with it.
+    pub fn wait_org(&self, name: &str, cond: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let o = self.org(name)?;
+            if cond(&o) {
+                return Ok(o);
+            }
+            if Instant::now() > deadline {
+                bail!("org {name} never reached the expected state; last: {o}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
+    /// What the API server logged.
+    pub fn server_entries(&self) -> Result<Vec<AccessEntry>> {
+        testbed::read_access_log(&self.server_log)
+    }
+
+    /// The API address (IPv4).
+    pub fn api4(&self) -> SocketAddr {
+        SocketAddr::from((self.tb.server_v4(), API_PORT))
+    }
+
+    /// The API address (IPv6).
+    pub fn api6(&self) -> SocketAddr {
+        SocketAddr::from((self.tb.server_v6(), API_PORT))
+    }
+
+    /// Runs `f` on a tokio runtime inside the client netns.
+    pub fn client<F, Fut, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<R>>,
+        R: Send,
+    {
+        self.tb.in_client(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("client runtime")?;
+            rt.block_on(f())
+        })
+    }
+
+    /// Entries of the server's access log from `ip`.
+    pub fn served_from(&self, ip: IpAddr) -> Result<Vec<AccessEntry>> {
+        Ok(self
+            .server_entries()?
+            .into_iter()
+            .filter(|e| e.client == ip)
+            .collect())
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tb.dir()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.stop_daemon();
+        if std::thread::panicking() {
+            eprintln!("---- daemon log ----\n{}", self.daemon_log());
+        }
+    }
+}
+
+/// `[[orgs]]` table text.
+pub fn org_toml(name: &str, cidrs: &[String], extra: &str) -> String {
+    format!("[[orgs]]\nname = {name:?}\ncidrs = {cidrs:?}\n{extra}\n")
+}
