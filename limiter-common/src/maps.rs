@@ -131,14 +131,17 @@ impl DayCounters {
     }
 }
 
+/// Day slots per org in ORG_DAYS: today, yesterday and tomorrow.
+pub const DAY_SLOTS: u32 = 3;
+
 /// Index of an org's counters for `day` in ORG_DAYS.
 ///
-/// Each org has two day slots (`day & 1`): the kernel writes today's while the daemon reads
-/// yesterday's totals and prepares tomorrow's, so a rollover needs no userspace write racing
-/// kernel increments. Open connections (not day-scoped) live apart in ORG_CONNS, which only the
-/// kernel writes.
+/// Each org has three day slots (`day % 3`): the kernel writes today's, yesterday's stays readable
+/// for its totals and reports, and the daemon prepares tomorrow's in advance, so a rollover needs
+/// no userspace write racing kernel increments. Open connections (not day-scoped) live apart in
+/// ORG_CONNS, which only the kernel writes.
 pub const fn day_index(org: u32, day: u64) -> u32 {
-    org * 2 + (day & 1) as u32
+    org * DAY_SLOTS + (day % DAY_SLOTS as u64) as u32
 }
 
 /// Per-socket state in SOCK_STATE, keyed by socket cookie.

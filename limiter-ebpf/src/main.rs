@@ -32,10 +32,11 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use limiter_common::{
-    AddrKey, CONFIG_F_READY, Config, DayCounters, EVENT_CONCURRENCY_BREACH, EVENTS_BYTES, Event,
-    FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE, FAULT_SOCK_STATE_FULL,
-    FAULT_SOCKHASH_FULL, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, PHASE_HTTP,
-    PHASE_NEW, PHASE_OPAQUE, SOCK_F_INBOUND, SockState, UNMAPPED_ORG, day, day_index,
+    AddrKey, CONFIG_F_READY, Config, DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH,
+    EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE,
+    FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS,
+    OrgLimits, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, SOCK_F_INBOUND, SockState, UNMAPPED_ORG, day,
+    day_index,
     http::{self, Class, PEEK_LEN},
     v4_mapped,
 };
@@ -56,7 +57,7 @@ static ORG_LIMITS: Array<OrgLimits> = Array::with_max_entries(MAX_ORGS, 0);
 #[map]
 static ORG_CONNS: Array<i64> = Array::with_max_entries(MAX_ORGS, 0);
 #[map]
-static ORG_DAYS: Array<DayCounters> = Array::with_max_entries(MAX_ORGS * 2, 0);
+static ORG_DAYS: Array<DayCounters> = Array::with_max_entries(MAX_ORGS * DAY_SLOTS, 0);
 #[map]
 static SOCK_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 #[map]

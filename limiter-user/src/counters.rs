@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
-    AddrKey, CONFIG_F_READY, Config as KernelConfig, DayCounters, FAULT_COUNT, FAULT_NAMES,
-    ORG_F_ACTIVE, OrgLimits, UNMAPPED_ORG, day_index,
+    AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
+    FAULT_NAMES, ORG_F_ACTIVE, OrgLimits, UNMAPPED_ORG, day_index,
 };
 use thiserror::Error;
 
@@ -210,12 +210,12 @@ pub fn reset_day(kernel: &mut Kernel, id: u32, day: u64) -> Result<DayCounters, 
     Ok(before)
 }
 
-/// Clears org `id`'s counters of both day slots, for an id handed to a new org.
+/// Clears org `id`'s counters of every day slot, for an id handed to a new org.
 pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
-    for slot in 0..2 {
+    for slot in 0..DAY_SLOTS {
         kernel
             .org_days
-            .set(id * 2 + slot, DayCounters::default(), 0)
+            .set(id * DAY_SLOTS + slot, DayCounters::default(), 0)
             .map_err(map_err(format!("clearing org id {id}")))?;
     }
     Ok(())

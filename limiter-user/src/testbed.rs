@@ -151,7 +151,10 @@ impl Names {
                     self.dir.display()
                 ));
             } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                errs.push(anyhow!(e).context(format!("removing {}", self.dir.display())));
+                // NotFound: a concurrent cleanup (another process) got there first.
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    errs.push(anyhow!(e).context(format!("removing {}", self.dir.display())));
+                }
             }
         }
         errs
@@ -280,6 +283,8 @@ fn is_stale(id: &str) -> bool {
 /// processes killed), bpffs mounts and scratch dirs. Live testbeds (of any process) are left
 /// alone. Returns the ids cleaned; an error lists what could not be removed.
 pub fn cleanup_stale() -> Result<Vec<String>> {
+    // One sweeper at a time across processes (parallel test binaries all sweep at start).
+    let _lock = sys::lock_dir(Path::new("/tmp"))?;
     let mut ids = BTreeSet::new();
     if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
         for e in rd.flatten() {

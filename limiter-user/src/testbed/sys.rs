@@ -548,3 +548,15 @@ pub(super) fn set_v6only(fd: RawFd, on: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// An exclusive flock on a directory, released on drop. Locking a directory that always exists
+/// (rather than a lock file) leaves nothing behind.
+pub(super) fn lock_dir(dir: &Path) -> Result<File> {
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: flock on an fd we own; blocks until the lock is ours.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("locking {}", dir.display()));
+    }
+    Ok(f)
+}

@@ -129,25 +129,38 @@ fn testbed_stale_leftovers_are_removed() {
         eprintln!("testbed_stale_leftovers_are_removed: skipped, needs root");
         return;
     }
-    let id = format!("{}x0", dead_pid());
+    // A leftover of a crashed run: its pid is gone; the counter part is unique per test
+    // process so parallel runs of this test fabricate different ids.
+    let id = format!("{}x{:x}", dead_pid(), 0x10000 + std::process::id());
     let n = Names::new(&id, &cgroup2_mount().expect("cgroup2"));
-    std::fs::create_dir_all(&n.bpffs).expect("mkdir");
-    sys::mount_bpffs(&n.bpffs).expect("mount");
-    std::fs::create_dir(&n.cgroup).expect("cgroup");
-    run("ip", &["netns", "add", &n.ns_server]).expect("netns");
+    let mut orphan = sleeper().spawn().expect("sleep");
+    {
+        // Fabricate under the sweepers' lock, so no concurrent sweep sees it half made.
+        let _lock = sys::lock_dir(Path::new("/tmp")).expect("lock");
+        std::fs::create_dir_all(&n.bpffs).expect("mkdir");
+        sys::mount_bpffs(&n.bpffs).expect("mount");
+        std::fs::create_dir(&n.cgroup).expect("cgroup");
+        std::fs::write(n.cgroup.join("cgroup.procs"), orphan.id().to_string()).expect("join");
+        run("ip", &["netns", "add", &n.ns_server]).expect("netns");
+    }
     // A live testbed of ours must survive the sweep.
     let live = Testbed::new(TestbedOptions {
         name: "stale-check".into(),
         ..Default::default()
     })
     .expect("testbed");
+    // Another test process may sweep our leftover first; either way it must be gone.
     let cleaned = cleanup_stale().expect("cleanup");
-    assert!(cleaned.contains(&id), "{cleaned:?}");
     assert!(!cleaned.iter().any(|c| c == live.id()));
     assert!(
-        !n.dir.exists() && !n.cgroup.exists() && !Path::new(NETNS_DIR).join(&n.ns_server).exists()
+        !n.dir.exists() && !n.cgroup.exists() && !Path::new(NETNS_DIR).join(&n.ns_server).exists(),
+        "leftovers of {id} remain (cleaned {cleaned:?})"
     );
     assert!(sys::mounts_under(&n.dir).is_empty());
+    assert!(
+        orphan.wait().expect("wait").code().is_none(),
+        "the orphan was not killed"
+    );
     assert!(live.cgroup().exists() && live.dir().exists());
     live.close().expect("teardown");
 }
