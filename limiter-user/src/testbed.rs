@@ -137,9 +137,16 @@ impl Names {
                 errs.push(e);
             }
         }
-        for m in sys::mounts_under(&self.dir) {
-            if let Err(e) = sys::umount(&m) {
-                errs.push(e);
+        // Rounds, because mounts can be stacked on one mount point.
+        for _ in 0..16 {
+            let mounts = sys::mounts_under(&self.dir);
+            if mounts.is_empty() {
+                break;
+            }
+            for m in mounts {
+                if let Err(e) = sys::umount(&m) {
+                    errs.push(e);
+                }
             }
         }
         if self.dir.exists() {

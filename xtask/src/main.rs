@@ -125,6 +125,57 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Test counts summed over every `test result:` line of a cargo test run.
+#[derive(Default)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestCounts {
+    /// Adds the counts of a line like `test result: ok. 6 passed; 0 failed; 1 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Like `run`, echoing stdout line by line while counting the test results in it.
+fn run_counting(cmd: &mut Command, counts: &mut TestCounts) -> Result<()> {
+    use std::io::BufRead as _;
+    println!("==> {}", ebpf::describe(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", ebpf::describe(cmd)))?;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            counts.add_line(&line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} failed ({status})", ebpf::describe(cmd));
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
@@ -331,14 +382,18 @@ fn test(args: &[OsString]) -> Result<()> {
     // Everything the tests need, the `limiter` binary included (default members: not limiter-ebpf,
     // which only builds for bpfel via build.rs).
     let built = run(cargo().args(["build", "--all-targets"]));
+    let mut counts = TestCounts::default();
     let tests = match &built {
         Ok(()) if !limiter_bin.is_file() => {
             Err(anyhow::anyhow!("no binary at {}", limiter_bin.display()))
         }
-        Ok(()) => run(cargo()
-            .env("LIMITER_BIN", &limiter_bin)
-            .args(["test", "--no-fail-fast"])
-            .args(args)),
+        Ok(()) => run_counting(
+            cargo()
+                .env("LIMITER_BIN", &limiter_bin)
+                .args(["test", "--no-fail-fast"])
+                .args(args),
+            &mut counts,
+        ),
         Err(_) => Ok(()),
     };
     // Style checks come after the tests, so they never hide a test failure, but still fail the run.
@@ -368,6 +423,11 @@ fn test(args: &[OsString]) -> Result<()> {
         "cargo xtask test: {} ({})",
         if all_ok { "PASSED" } else { "FAILED" },
         summary.join(", ")
+    );
+    // The plain closing line CI reads.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
     );
     if all_ok {
         Ok(())
