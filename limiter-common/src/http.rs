@@ -118,7 +118,7 @@ pub fn parse_request_line(buf: &[u8]) -> Option<RequestLine> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     /// A request that uses quota.
-    Counted,
+    Counted(Method),
     /// A GET under a media prefix: exempt.
     ExemptMedia,
     /// These bytes do not start a request.
@@ -152,7 +152,7 @@ pub fn classify(buf: &[u8], config: &Config) -> Class {
         return Class::NotRequest;
     };
     if line.method != Method::Get {
-        return Class::Counted;
+        return Class::Counted(line.method);
     }
     let mut p = 0;
     while p < MAX_MEDIA_PREFIXES {
@@ -169,7 +169,7 @@ pub fn classify(buf: &[u8], config: &Config) -> Class {
         }
         p += 1;
     }
-    Class::Counted
+    Class::Counted(Method::Get)
 }
 
 #[cfg(test)]
@@ -250,12 +250,24 @@ mod tests {
             Class::ExemptMedia
         );
         assert_eq!(classify(b"GET /files/dl/x", &c), Class::ExemptMedia);
-        assert_eq!(classify(b"GET /media", &c), Class::Counted);
-        assert_eq!(classify(b"GET /mediax/", &c), Class::Counted);
-        assert_eq!(classify(b"HEAD /media/a.png HTTP/1.1", &c), Class::Counted);
-        assert_eq!(classify(b"POST /media/a.png HTTP/1.1", &c), Class::Counted);
-        assert_eq!(classify(b"GET /api/media/ HTTP/1.1", &c), Class::Counted);
-        assert_eq!(classify(b"GET /media/", &config(&[])), Class::Counted);
+        assert_eq!(classify(b"GET /media", &c), Class::Counted(Method::Get));
+        assert_eq!(classify(b"GET /mediax/", &c), Class::Counted(Method::Get));
+        assert_eq!(
+            classify(b"HEAD /media/a.png HTTP/1.1", &c),
+            Class::Counted(Method::Head)
+        );
+        assert_eq!(
+            classify(b"POST /media/a.png HTTP/1.1", &c),
+            Class::Counted(Method::Post)
+        );
+        assert_eq!(
+            classify(b"GET /api/media/ HTTP/1.1", &c),
+            Class::Counted(Method::Get)
+        );
+        assert_eq!(
+            classify(b"GET /media/", &config(&[])),
+            Class::Counted(Method::Get)
+        );
     }
 
     #[test]
@@ -299,7 +311,7 @@ mod tests {
             let full = classify(line.as_bytes(), &c);
             let cut = &line.as_bytes()[..PEEK_LEN.min(line.len())];
             prop_assert_eq!(classify(cut, &c), full);
-            let want = if path.starts_with("/media/") { Class::ExemptMedia } else { Class::Counted };
+            let want = if path.starts_with("/media/") { Class::ExemptMedia } else { Class::Counted(Method::Get) };
             prop_assert_eq!(full, want);
         }
 

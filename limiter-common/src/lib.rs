@@ -7,5 +7,6 @@
 pub mod day;
 pub mod http;
 pub mod maps;
+pub mod reply;
 
 pub use maps::*;

@@ -18,12 +18,14 @@ pub mod names {
     pub const PUSH_SOCKS: &str = "PUSH_SOCKS";
     pub const EVENTS: &str = "EVENTS";
     pub const FAULTS: &str = "FAULTS";
+    pub const REFUSE: &str = "REFUSE";
 }
 
 /// Program names (the Rust function names in limiter-ebpf).
 pub mod programs {
     pub const SOCK_OPS: &str = "limiter_sock_ops";
     pub const VERDICT: &str = "limiter_verdict";
+    pub const REFUSE: &str = "limiter_refuse";
     pub const PUSH_MSG: &str = "limiter_push_msg";
 }
 
@@ -88,16 +90,48 @@ impl Config {
 
 /// Limits of one org, indexed by org id in ORG_LIMITS.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct OrgLimits {
     pub daily_requests: u64,
     pub concurrent_connections: u32,
-    /// `ORG_F_*` bits (modes; used from the enforcement work on).
+    /// `ORG_F_*` bits.
     pub flags: u32,
+    /// The org's name, for the 429's detail (the kernel knows orgs only by id otherwise).
+    pub name_len: u32,
+    pub _pad: u32,
+    pub name: [u8; crate::reply::NAME_MAX],
+}
+
+impl Default for OrgLimits {
+    fn default() -> Self {
+        bytemuck::Zeroable::zeroed()
+    }
+}
+
+impl OrgLimits {
+    /// Limits with the name copied in (truncated to NAME_MAX bytes).
+    pub fn new(name: &[u8], daily_requests: u64, concurrent_connections: u32, flags: u32) -> Self {
+        let mut l = OrgLimits {
+            daily_requests,
+            concurrent_connections,
+            flags,
+            ..Self::default()
+        };
+        let n = name.len().min(crate::reply::NAME_MAX);
+        l.name[..n].copy_from_slice(&name[..n]);
+        l.name_len = n as u32;
+        l
+    }
 }
 
 /// Slot is in use by a configured org.
 pub const ORG_F_ACTIVE: u32 = 1;
+/// `quota_mode = "dry-run"`: count what would be refused, refuse nothing.
+pub const ORG_F_DRY_RUN: u32 = 2;
+/// `concurrency_mode = "delay"`: the XDP gate drops SYNs while the org is at its limit.
+pub const ORG_F_CONC_DELAY: u32 = 4;
+/// `concurrency_mode = "reject"`: a connection over the limit gets a 429 on its first request.
+pub const ORG_F_CONC_REJECT: u32 = 8;
 
 /// One quota day's counters. Every field is updated with atomic adds by the kernel.
 #[repr(C)]
@@ -112,7 +146,10 @@ pub struct DayCounters {
     pub unparsed: u64,
     pub peak_connections: u64,
     pub concurrency_breaches: u64,
+    /// SYNs the XDP gate dropped (`concurrency_mode = "delay"`).
     pub delayed_syns: u64,
+    /// Connections answered with the concurrency 429 (`concurrency_mode = "reject"`).
+    pub concurrency_rejected: u64,
 }
 
 impl DayCounters {
@@ -127,6 +164,7 @@ impl DayCounters {
             peak_connections: 0,
             concurrency_breaches: 0,
             delayed_syns: 0,
+            concurrency_rejected: 0,
         }
     }
 }
@@ -158,7 +196,8 @@ pub struct SockState {
 }
 
 pub const SOCK_F_INBOUND: u32 = 1;
-pub const SOCK_F_PUSH: u32 = 2;
+/// Arrived while its org was at its concurrency limit in reject mode: its first request is refused.
+pub const SOCK_F_OVER_LIMIT: u32 = 4;
 
 /// Nothing received yet.
 pub const PHASE_NEW: u32 = 0;
@@ -166,6 +205,10 @@ pub const PHASE_NEW: u32 = 0;
 pub const PHASE_HTTP: u32 = 1;
 /// The stream opened with bytes that are not HTTP/1.x (already counted as unparsed).
 pub const PHASE_OPAQUE: u32 = 2;
+/// A 429 with `Connection: close` was sent: everything that follows is dropped.
+pub const PHASE_REFUSED: u32 = 3;
+/// A keep-alive 429 was sent: what follows is dropped until the next request starts.
+pub const PHASE_AFTER_429: u32 = 4;
 
 /// Key of ORG_BY_ADDR (an LPM trie): IPv6 address, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
 pub type AddrKey = [u8; 16];
@@ -182,8 +225,8 @@ pub struct Event {
 
 /// A connection arrived while its org was at its concurrency limit; `value` = connections before it.
 pub const EVENT_CONCURRENCY_BREACH: u32 = 1;
-/// A kernel-side fault (`value` = `FAULT_*`).
-pub const EVENT_FAULT: u32 = 2;
+/// The org's first refusal of the day (`value` = its daily limit; also in dry-run).
+pub const EVENT_QUOTA_EXHAUSTED: u32 = 2;
 
 /// Indexes of the FAULTS array (u64 counters). A fault never blocks traffic.
 pub const FAULT_SOCK_STATE_FULL: u32 = 0;
@@ -191,14 +234,17 @@ pub const FAULT_SOCKHASH_FULL: u32 = 1;
 pub const FAULT_EVENTS_FULL: u32 = 2;
 pub const FAULT_NO_SOCK_STATE: u32 = 3;
 pub const FAULT_BAD_ORG: u32 = 4;
+/// A 429 could not be written (skb too long to pad, or a helper failed); the request passed.
+pub const FAULT_REPLY: u32 = 5;
 pub const FAULT_COUNT: u32 = 8;
 
-pub const FAULT_NAMES: [&str; 5] = [
+pub const FAULT_NAMES: [&str; 6] = [
     "sock_state_full",
     "sockhash_full",
     "events_full",
     "no_sock_state",
     "bad_org",
+    "reply_failed",
 ];
 
 #[cfg(feature = "user")]

@@ -24,20 +24,25 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        sk_action::SK_PASS,
+        sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_skb_load_bytes},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_sk_redirect_hash,
+        bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
+    },
     macros::{map, sk_msg, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LpmTrie, RingBuf, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config, DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH,
-    EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE,
-    FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS,
-    OrgLimits, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, SOCK_F_INBOUND, SockState, UNMAPPED_ORG, day,
-    day_index,
-    http::{self, Class, PEEK_LEN},
+    EVENT_QUOTA_EXHAUSTED, EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL,
+    FAULT_NO_SOCK_STATE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS,
+    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
+    PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED, SOCK_F_INBOUND,
+    SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
+    http::{self, Class, Method, PEEK_LEN},
+    reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     v4_mapped,
 };
 
@@ -68,6 +73,12 @@ static PUSH_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static FAULTS: Array<u64> = Array::with_max_entries(FAULT_COUNT, 0);
+/// Where a 429 is assembled before it is stored into the skb.
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Slot 0: `limiter_refuse`, tail-called to write a 429.
+#[map]
+static REFUSE: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 // ---------------------------------------------------------------------------------------------
 // Entry points
@@ -81,8 +92,7 @@ pub fn limiter_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[stream_verdict]
 pub fn limiter_verdict(ctx: SkBuffContext) -> u32 {
-    try_verdict(&ctx);
-    SK_PASS
+    try_verdict(&ctx)
 }
 
 #[sk_msg]
@@ -203,6 +213,7 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
             (*slot).peak_connections = if conns > 0 { conns as u64 } else { 0 };
             (*slot).concurrency_breaches = 0;
             (*slot).delayed_syns = 0;
+            (*slot).concurrency_rejected = 0;
         }
     }
     Some(slot)
@@ -211,7 +222,6 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
 /// Which counter of today's slot a chunk or connection touches.
 #[derive(Clone, Copy)]
 enum Counter {
-    Requests,
     ExemptMedia,
     ExemptPush,
     Unparsed,
@@ -225,7 +235,6 @@ fn count(org: u32, c: &Config, what: Counter) {
     // SAFETY: `slot` points into a valid map value.
     let field = unsafe {
         match what {
-            Counter::Requests => &raw mut (*slot).requests,
             Counter::ExemptMedia => &raw mut (*slot).exempt_media_gets,
             Counter::ExemptPush => &raw mut (*slot).exempt_pushes,
             Counter::Unparsed => &raw mut (*slot).unparsed,
@@ -332,7 +341,15 @@ fn on_inbound(ctx: &SockOpsContext) {
         fault(FAULT_SOCK_STATE_FULL);
     } else {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        connection_opened(org, c);
+        if connection_opened(org, c)
+            && ORG_LIMITS
+                .get(org)
+                .is_some_and(|l| l.flags & ORG_F_CONC_REJECT != 0)
+            && let Some(st) = SOCK_STATE.get_ptr_mut(&cookie)
+        {
+            // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
+            unsafe { (*st).kind |= SOCK_F_OVER_LIMIT };
+        }
     }
     let mut key = cookie;
     // SAFETY: `ctx.ops` is the kernel's bpf_sock_ops for this call.
@@ -344,17 +361,18 @@ fn on_inbound(ctx: &SockOpsContext) {
     }
 }
 
+/// Counts a new connection; true when it arrived while the org was at its concurrency limit.
 #[inline(always)]
-fn connection_opened(org: u32, c: &Config) {
+fn connection_opened(org: u32, c: &Config) -> bool {
     let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
         fault(FAULT_BAD_ORG);
-        return;
+        return false;
     };
     let before = add_i64(conns, 1);
     let before = if before > 0 { before as u64 } else { 0 };
     let d = today(c);
     let Some(slot) = day_counters(org, d) else {
-        return;
+        return false;
     };
     // SAFETY: valid map value.
     unsafe { raise_to(&raw mut (*slot).peak_connections, before + 1) };
@@ -366,7 +384,9 @@ fn connection_opened(org: u32, c: &Config) {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_breaches }, 1);
         emit(EVENT_CONCURRENCY_BREACH, org, before, d);
+        return true;
     }
+    false
 }
 
 #[inline(always)]
@@ -423,12 +443,12 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
 // ---------------------------------------------------------------------------------------------
 
 #[inline(always)]
-fn try_verdict(ctx: &SkBuffContext) {
-    let Some(c) = config() else { return };
+fn try_verdict(ctx: &SkBuffContext) -> u32 {
+    let Some(c) = config() else { return SK_PASS };
     let mut buf = [0u8; PEEK_LEN];
     let len = ctx.len() as usize;
     if len == 0 {
-        return;
+        return SK_PASS;
     }
     let n = if len < PEEK_LEN { len } else { PEEK_LEN };
     // SAFETY: `buf` holds PEEK_LEN bytes and 1 <= n <= PEEK_LEN (the verifier checks this too).
@@ -441,37 +461,299 @@ fn try_verdict(ctx: &SkBuffContext) {
         )
     };
     if ret != 0 {
-        return;
+        return SK_PASS;
     }
-    let Some(bytes) = buf.get(..n) else { return };
+    let Some(bytes) = buf.get(..n) else {
+        return SK_PASS;
+    };
     let class = http::classify(bytes, c);
 
     // SAFETY: stream verdict programs may ask for their socket's cookie.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let (org, phase) = match SOCK_STATE.get_ptr_mut(&cookie) {
+    let st = SOCK_STATE.get_ptr_mut(&cookie);
+    let (org, phase, kind) = match st {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
-        Some(st) => unsafe {
-            let phase = (*st).phase;
-            (*st).phase = match class {
-                Class::NotRequest if phase == PHASE_NEW => PHASE_OPAQUE,
-                Class::NotRequest => phase,
-                _ => PHASE_HTTP,
-            };
-            ((*st).org, phase)
-        },
+        Some(st) => unsafe { ((*st).org, (*st).phase, (*st).kind) },
         None => {
             fault(FAULT_NO_SOCK_STATE);
             let addr = peer_addr!(ctx.skb.skb);
-            (addr.map(org_of).unwrap_or(UNMAPPED_ORG), PHASE_HTTP)
+            (addr.map(org_of).unwrap_or(UNMAPPED_ORG), PHASE_HTTP, 0)
         }
     };
-    match class {
-        Class::Counted => count(org, c, Counter::Requests),
-        Class::ExemptMedia => count(org, c, Counter::ExemptMedia),
-        // Bytes after a request started are its body; a stream that opens with non-HTTP bytes is
-        // counted once as unparsed.
-        Class::NotRequest if phase == PHASE_NEW => count(org, c, Counter::Unparsed),
-        Class::NotRequest => {}
+    let set_phase = |p: u32| {
+        if let Some(st) = st {
+            // SAFETY: as above.
+            unsafe { (*st).phase = p };
+        }
+    };
+    if phase == PHASE_REFUSED {
+        // After a `Connection: close` 429 nothing more reaches the app.
+        return SK_DROP;
+    }
+    let method = match class {
+        Class::NotRequest => {
+            match phase {
+                // A stream that opens with non-HTTP bytes is counted once as unparsed.
+                PHASE_NEW => {
+                    set_phase(PHASE_OPAQUE);
+                    count(org, c, Counter::Unparsed);
+                }
+                // The rest of a refused request's body.
+                PHASE_AFTER_429 => return SK_DROP,
+                // Bytes after a request started are its body.
+                _ => {}
+            }
+            return SK_PASS;
+        }
+        Class::ExemptMedia => {
+            set_phase(PHASE_HTTP);
+            count(org, c, Counter::ExemptMedia);
+            return SK_PASS;
+        }
+        Class::Counted(m) => m,
+    };
+    set_phase(PHASE_HTTP);
+    let day = today(c);
+    let Some(slot) = day_counters(org, day) else {
+        return SK_PASS;
+    };
+    let limits = ORG_LIMITS.get(org);
+    if kind & SOCK_F_OVER_LIMIT != 0
+        && let Some(l) = limits
+    {
+        // SAFETY: valid map value.
+        add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
+        set_phase(PHASE_REFUSED);
+        return refuse(ctx, cookie, org, Policy::Concurrency, method);
+    }
+    // SAFETY: valid map value.
+    let before = add(unsafe { &raw mut (*slot).requests }, 1);
+    let Some(l) = limits else { return SK_PASS };
+    if org == UNMAPPED_ORG || l.flags & ORG_F_ACTIVE == 0 || before < l.daily_requests {
+        return SK_PASS;
+    }
+    // Over quota: the request goes to `rejected`, not `requests`.
+    // SAFETY: valid map value.
+    unsafe {
+        add(&raw mut (*slot).requests, u64::MAX);
+        if add(&raw mut (*slot).rejected, 1) == 0 {
+            emit(EVENT_QUOTA_EXHAUSTED, org, l.daily_requests, day);
+        }
+    }
+    if l.flags & ORG_F_DRY_RUN != 0 {
+        return SK_PASS;
+    }
+    refuse(ctx, cookie, org, Policy::Daily, method)
+}
+
+/// Spaces for the 429's padding header, stored from in chunks.
+static SPACES: [u8; 1024] = [b' '; 1024];
+/// Longest padding the chunked loop writes: 63 × 1024 + 31 × 32 + 31 bytes.
+const PAD_MAX: usize = 63 * 1024 + 31 * 32 + 31;
+
+/// Writes reply bytes into the skb being refused.
+struct SkbSink<'a> {
+    ctx: &'a SkBuffContext,
+}
+
+impl SkbSink<'_> {
+    #[inline(always)]
+    fn store(&self, off: usize, from: *const u8, len: usize) -> bool {
+        // SAFETY: `from` points at `len` readable bytes (a static, the stack or a map value).
+        unsafe {
+            bpf_skb_store_bytes(
+                self.ctx.skb.skb,
+                off as u32,
+                from as *const c_void,
+                len as u32,
+                0,
+            ) == 0
+        }
+    }
+}
+
+impl Sink for SkbSink<'_> {
+    #[inline(always)]
+    fn put(&mut self, off: usize, bytes: &[u8]) -> bool {
+        let len = bytes.len();
+        len == 0 || self.store(off, bytes.as_ptr(), len)
+    }
+
+    /// Chunks of 1024, then 32, then the rest: few enough iterations for the verifier.
+    #[inline(always)]
+    fn spaces(&mut self, mut off: usize, mut n: usize) -> bool {
+        let mut ok = true;
+        let mut i = 0;
+        while i < 63 && n >= 1024 {
+            ok &= self.store(off, SPACES.as_ptr(), 1024);
+            off += 1024;
+            n -= 1024;
+            i += 1;
+        }
+        i = 0;
+        while i < 31 && n >= 32 {
+            ok &= self.store(off, SPACES.as_ptr(), 32);
+            off += 32;
+            n -= 32;
+            i += 1;
+        }
+        if n > 0 && n < 32 {
+            ok &= self.store(off, SPACES.as_ptr(), n);
+            n = 0;
+        }
+        ok && n == 0
+    }
+}
+
+const BLOCK: usize = 64;
+
+/// Offset just past the first `\r\n\r\n` of the skb (scanning at most SCAN_BLOCKS × 64 bytes).
+#[inline(always)]
+fn header_end(ctx: &SkBuffContext, len: usize, buf: &mut [u8; BLOCK]) -> Option<usize> {
+    const SCAN_BLOCKS: usize = 32;
+    let mut window: u32 = 0;
+    let mut b = 0;
+    while b < SCAN_BLOCKS {
+        let off = b * BLOCK;
+        if off >= len {
+            return None;
+        }
+        let n = if len - off < BLOCK { len - off } else { BLOCK };
+        // SAFETY: 1 <= n <= BLOCK bytes into `buf`.
+        if unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const c_void,
+                off as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                n as u32,
+            )
+        } != 0
+        {
+            return None;
+        }
+        let mut i = 0;
+        while i < BLOCK && i < n {
+            window = (window << 8) | buf[i] as u32;
+            if window == 0x0d0a_0d0a {
+                return Some(off + i + 1);
+            }
+            i += 1;
+        }
+        b += 1;
+    }
+    None
+}
+
+/// Hands a refusal to `limiter_refuse` (a tail call: the 429 writer is verified as a program
+/// of its own, apart from the paths of the parser and counters that lead to it).
+#[inline(always)]
+fn refuse(ctx: &SkBuffContext, cookie: u64, org: u32, policy: Policy, method: Method) -> u32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        fault(FAULT_REPLY);
+        return SK_PASS;
+    };
+    // SAFETY: this CPU's scratch value; the tail call runs next on this same CPU.
+    unsafe {
+        (*scratch).args = RefuseArgs {
+            cookie,
+            org,
+            policy: policy as u32,
+            keep_alive_ok: method != Method::Head,
+            _pad: [0; 7],
+        };
+        REFUSE.tail_call(ctx, 0);
+    }
+    // Only reached when the tail call failed: let the request through rather than break it.
+    fault(FAULT_REPLY);
+    SK_PASS
+}
+
+#[stream_verdict]
+pub fn limiter_refuse(ctx: SkBuffContext) -> u32 {
+    try_refuse(&ctx)
+}
+
+/// Rewrites the refused request into the 429 of DESIGN.md §5.4, padded (or, when the request is
+/// shorter than the reply, grown) to the right length, and sends it back out of the same socket.
+/// Keep-alive when the chunk is exactly one request head long; otherwise `Connection: close` and
+/// everything after it is dropped.
+#[inline(always)]
+fn try_refuse(ctx: &SkBuffContext) -> u32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return SK_DROP;
+    };
+    // SAFETY: this CPU's scratch value, filled by the verdict that tail-called us.
+    let scratch = unsafe { &mut *scratch };
+    let args = scratch.args;
+    let (Some(c), Some(l)) = (config(), ORG_LIMITS.get(args.org)) else {
+        fault(FAULT_REPLY);
+        return SK_DROP;
+    };
+    let st = SOCK_STATE.get_ptr_mut(&args.cookie);
+    let len = ctx.len() as usize;
+    let org_len = if (l.name_len as usize) < NAME_MAX {
+        l.name_len as usize
+    } else {
+        NAME_MAX
+    };
+    let (policy, limit) = if args.policy == Policy::Concurrency as u32 {
+        (Policy::Concurrency, l.concurrent_connections as u64)
+    } else {
+        (Policy::Daily, l.daily_requests)
+    };
+    // SAFETY: a helper without arguments.
+    let now = day::limiter_time(unsafe { bpf_ktime_get_tai_ns() }, c.clock_offset_ns);
+    let mut reply = Reply {
+        policy,
+        org: &l.name,
+        org_len,
+        limit,
+        reset_secs: day::seconds_until_next_day(now, c.day_len_ns),
+        keep_alive: false,
+    };
+    reply.keep_alive = args.keep_alive_ok
+        && len >= reply.min_len()
+        && len <= 2048
+        && header_end(ctx, len, &mut scratch.scan) == Some(len);
+    let min = reply.min_len();
+    let total = if len < min {
+        // SAFETY: growing the skb this program owns; the connection closes after this reply.
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb, min as u32, 0) } != 0 {
+            fault(FAULT_REPLY);
+            return SK_DROP;
+        }
+        min
+    } else if len - min > PAD_MAX {
+        // Too long to pad (a very large first segment): pass it rather than break the connection.
+        fault(FAULT_REPLY);
+        return SK_PASS;
+    } else {
+        len
+    };
+    if let Some(st) = st {
+        // SAFETY: valid map value; verdicts of one socket run one at a time.
+        unsafe {
+            (*st).phase = if reply.keep_alive {
+                PHASE_AFTER_429
+            } else {
+                PHASE_REFUSED
+            }
+        };
+    }
+    if !reply.render(total, scratch, &mut SkbSink { ctx }) {
+        // Half-written: never hand it to the app.
+        fault(FAULT_REPLY);
+        return SK_DROP;
+    }
+    let mut key = args.cookie;
+    // SAFETY: redirect to the egress of the socket this skb arrived on (flags 0 = egress).
+    unsafe {
+        bpf_sk_redirect_hash(
+            ctx.skb.skb as *mut _,
+            &API_SOCKS as *const _ as *mut c_void,
+            &mut key as *mut u64 as *mut c_void,
+            0,
+        ) as u32
     }
 }
 

@@ -5,13 +5,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
-    FAULT_NAMES, ORG_F_ACTIVE, OrgLimits, UNMAPPED_ORG, day_index,
+    FAULT_NAMES, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
+    UNMAPPED_ORG, day_index,
 };
 use thiserror::Error;
 
 use crate::{
     clock::Clock,
-    config::Config,
+    config::{ConcurrencyMode, Config, EffectiveLimits, QuotaMode},
     loader::Kernel,
     orgs::{OrgIds, lpm_key},
 };
@@ -65,21 +66,33 @@ impl Applied {
             let Some(id) = ids.id(&org.name) else {
                 continue;
             };
-            let l = cfg.limits_for(org);
-            out.limits.insert(
-                id,
-                OrgLimits {
-                    daily_requests: l.daily_requests,
-                    concurrent_connections: l.concurrent_connections,
-                    flags: ORG_F_ACTIVE,
-                },
-            );
+            out.limits
+                .insert(id, kernel_limits(&org.name, &cfg.limits_for(org)));
             for net in &org.cidrs {
                 out.cidrs.insert(lpm_key(net), id);
             }
         }
         Ok(out)
     }
+}
+
+/// An org's limits and modes as the kernel keeps them.
+pub fn kernel_limits(name: &str, l: &EffectiveLimits) -> OrgLimits {
+    let mut flags = ORG_F_ACTIVE;
+    if l.quota_mode == QuotaMode::DryRun {
+        flags |= ORG_F_DRY_RUN;
+    }
+    flags |= match l.concurrency_mode {
+        ConcurrencyMode::Observe => 0,
+        ConcurrencyMode::Delay => ORG_F_CONC_DELAY,
+        ConcurrencyMode::Reject => ORG_F_CONC_REJECT,
+    };
+    OrgLimits::new(
+        name.as_bytes(),
+        l.daily_requests,
+        l.concurrent_connections,
+        flags,
+    )
 }
 
 /// Counts of what an apply changed, for the log.

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use limiter_common::{EVENT_CONCURRENCY_BREACH, Event, UNMAPPED_ORG};
+use limiter_common::{EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     clock::Clock,
-    config::Config,
+    config::{Config, QuotaMode},
     control::{self, Pending, Request, Response},
     counters::{self, Applied},
     loader::Kernel,
@@ -159,11 +159,43 @@ impl Daemon {
             else {
                 continue;
             };
-            if ev.kind == EVENT_CONCURRENCY_BREACH {
-                self.breaches.entry(ev.org).or_default().pending += 1;
+            match ev.kind {
+                EVENT_CONCURRENCY_BREACH => self.breaches.entry(ev.org).or_default().pending += 1,
+                EVENT_QUOTA_EXHAUSTED => self.quota_exhausted(&ev),
+                _ => {}
             }
         }
         self.flush_breaches();
+    }
+
+    /// The kernel reports an org's first refusal of each day once.
+    fn quota_exhausted(&self, ev: &Event) {
+        let name = self.ids.name(ev.org).unwrap_or("?");
+        let mode = self
+            .cfg
+            .orgs
+            .iter()
+            .find(|o| o.name == name)
+            .map(|o| self.cfg.limits_for(o).quota_mode)
+            .unwrap_or(self.cfg.limits.quota_mode);
+        match mode {
+            QuotaMode::Enforce => warn!(
+                event = "quota_exhausted",
+                org = name,
+                daily_limit = ev.value,
+                day = %self.clock.date(ev.day),
+                resets_in_seconds = self.clock.resets_in_seconds(),
+                "daily quota used up: further calls get 429 until the day resets"
+            ),
+            QuotaMode::DryRun => warn!(
+                event = "quota_exhausted",
+                org = name,
+                daily_limit = ev.value,
+                day = %self.clock.date(ev.day),
+                mode = "dry-run",
+                "daily quota used up: dry-run, calls still pass and are counted as rejected"
+            ),
+        }
     }
 
     fn flush_breaches(&mut self) {

@@ -4,7 +4,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, RingBuf, SockHash},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, ProgramArray, RingBuf, SockHash},
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use limiter_common::{AddrKey, Config, DayCounters, OrgLimits, names, programs};
@@ -52,6 +52,7 @@ pub struct Kernel {
     pub faults: Array<MapData, u64>,
     /// Taken by the event reader task.
     pub events: Option<RingBuf<MapData>>,
+    _refuse: ProgramArray<MapData>,
     _api_socks: SockHash<MapData, u64>,
     _push_socks: SockHash<MapData, u64>,
     /// Owns the programs and their links; dropping it detaches everything.
@@ -94,6 +95,9 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     program::<SkSkb>(ebpf, programs::VERDICT)?
         .load()
         .map_err(prog_err(programs::VERDICT))?;
+    program::<SkSkb>(ebpf, programs::REFUSE)?
+        .load()
+        .map_err(prog_err(programs::REFUSE))?;
     program::<SkMsg>(ebpf, programs::PUSH_MSG)?
         .load()
         .map_err(prog_err(programs::PUSH_MSG))?;
@@ -106,6 +110,15 @@ impl Kernel {
     pub fn load(cgroup: &Path) -> Result<Self, LoadError> {
         let mut ebpf = load_object()?;
         load_programs(&mut ebpf)?;
+        // The 429 writer is tail-called by the verdict, never attached.
+        let mut refuse: ProgramArray<MapData> = take(&mut ebpf, names::REFUSE)?;
+        let fd = program::<SkSkb>(&mut ebpf, programs::REFUSE)?
+            .fd()
+            .map_err(prog_err(programs::REFUSE))?;
+        refuse.set(0, fd, 0).map_err(|source| LoadError::Map {
+            name: names::REFUSE,
+            source,
+        })?;
         let api_socks: SockHash<MapData, u64> = take(&mut ebpf, names::API_SOCKS)?;
         let push_socks: SockHash<MapData, u64> = take(&mut ebpf, names::PUSH_SOCKS)?;
         program::<SkSkb>(&mut ebpf, programs::VERDICT)?
@@ -123,6 +136,7 @@ impl Kernel {
             org_days: take(&mut ebpf, names::ORG_DAYS)?,
             faults: take(&mut ebpf, names::FAULTS)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
+            _refuse: refuse,
             _api_socks: api_socks,
             _push_socks: push_socks,
             _ebpf: ebpf,

@@ -35,6 +35,12 @@ pub struct OrgReport {
     pub peak_connections: u64,
     pub concurrency_limit: u32,
     pub concurrency_breaches: u64,
+    /// Connections refused with the concurrency 429 (`concurrency_mode = "reject"`).
+    #[serde(default)]
+    pub concurrency_rejected: u64,
+    /// SYNs held back by the XDP gate (`concurrency_mode = "delay"`).
+    #[serde(default)]
+    pub delayed_syns: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +70,8 @@ impl OrgReport {
             peak_connections: d.peak_connections.max(connections),
             concurrency_limit: concurrency,
             concurrency_breaches: d.concurrency_breaches,
+            concurrency_rejected: d.concurrency_rejected,
+            delayed_syns: d.delayed_syns,
         }
     }
 }
@@ -197,7 +205,8 @@ mod tests {
         let want = serde_json::json!({
             "org": "acme", "requests": 120, "daily_limit": 2500, "remaining": 2380, "rejected": 0,
             "exempt_media_gets": 4, "exempt_pushes": 2, "unparsed": 0,
-            "connections": 1, "peak_connections": 4, "concurrency_limit": 3, "concurrency_breaches": 1
+            "connections": 1, "peak_connections": 4, "concurrency_limit": 3, "concurrency_breaches": 1,
+            "concurrency_rejected": 0, "delayed_syns": 0
         });
         assert_eq!(v["orgs"][0], want);
         assert_eq!(v["day"], "2026-11-27");

@@ -574,6 +574,20 @@ mod tests {
             false,
         ));
         assert!(e.response.body.is_empty());
+        // A kernel 429 padded to a large refused request's length.
+        let mut raw = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 5\r\nX-Pad: ".to_vec();
+        raw.extend(std::iter::repeat_n(b' ', 200_000));
+        raw.extend_from_slice(b"\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}");
+        let f = done(parse_response(&raw, "POST", false));
+        assert_eq!(
+            (
+                f.response.status,
+                f.response.header("retry-after"),
+                f.keep_alive
+            ),
+            (429, Some("5"), false)
+        );
+        assert_eq!(f.response.header("x-pad"), Some(""));
         assert!(matches!(
             parse_response(b"\x15\x03\x03\x00\x02\x02\x28", "GET", false),
             Parse::Invalid(_)

@@ -14,6 +14,9 @@ pub enum Parse<T> {
 
 /// Largest request/response head we accept (request line + headers).
 pub const MAX_HEAD: usize = 64 * 1024;
+/// Largest response head we accept: the limiter pads a kernel 429 to the refused request's
+/// length with a header (DESIGN.md §4), so a refused 1 MiB upload yields a 1 MiB head.
+pub const MAX_RESPONSE_HEAD: usize = 16 << 20;
 /// Longest method token we accept (keeps garbage detection quick).
 const MAX_METHOD: usize = 32;
 /// Most header lines per message.
@@ -250,14 +253,14 @@ fn parse_version(v: &[u8]) -> Option<u8> {
 }
 
 /// Parses header lines from `pos` up to and including the blank line.
-fn parse_headers(buf: &[u8], mut pos: usize) -> Parse<(Vec<(String, String)>, usize)> {
+fn parse_headers(buf: &[u8], mut pos: usize, max: usize) -> Parse<(Vec<(String, String)>, usize)> {
     let mut headers = Vec::new();
     loop {
-        if pos > MAX_HEAD {
+        if pos > max {
             return Parse::Invalid("head too large".into());
         }
         let Some((line, next)) = next_line(buf, pos) else {
-            if buf.len() > MAX_HEAD {
+            if buf.len() > max {
                 return Parse::Invalid("head too large".into());
             }
             return Parse::Partial;
@@ -299,7 +302,7 @@ pub fn parse_request_head(buf: &[u8]) -> Parse<RequestHead> {
         Ok(v) => v,
         Err(e) => return Parse::Invalid(e),
     };
-    match parse_headers(buf, pos) {
+    match parse_headers(buf, pos, MAX_HEAD) {
         Parse::Done((headers, len)) => Parse::Done(RequestHead {
             method,
             target,
@@ -317,7 +320,7 @@ pub fn parse_response_head(buf: &[u8]) -> Parse<ResponseHead> {
     let Some((first, pos)) = next_line(buf, 0) else {
         const V: &[u8] = b"HTTP/1.";
         let k = buf.len().min(V.len());
-        return if buf[..k] == V[..k] && buf.len() <= MAX_HEAD {
+        return if buf[..k] == V[..k] && buf.len() <= MAX_RESPONSE_HEAD {
             Parse::Partial
         } else {
             Parse::Invalid("not an HTTP/1.x status line".into())
@@ -334,7 +337,7 @@ pub fn parse_response_head(buf: &[u8]) -> Parse<ResponseHead> {
         _ => return Parse::Invalid("bad status code".into()),
     };
     let reason = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-    match parse_headers(buf, pos) {
+    match parse_headers(buf, pos, MAX_RESPONSE_HEAD) {
         Parse::Done((headers, len)) => Parse::Done(ResponseHead {
             status,
             reason,

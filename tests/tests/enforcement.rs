@@ -1,0 +1,347 @@
+//! Enforcement end to end: the kernel answers over-quota requests with a 429 the app never sees.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use integration_tests::{World, org_toml};
+use limiter_user::testbed::{HttpConn, Request, Response, http_requests, send_raw};
+use serde_json::Value;
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+fn cidr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+fn gets(path: &str, count: usize) -> Vec<Request> {
+    (0..count)
+        .map(|i| Request::get(format!("{path}{i}")))
+        .collect()
+}
+
+/// Checks a response is the contract's daily 429 for `org` with `limit`.
+fn assert_daily_429(r: &Response, org: &str, limit: u64) {
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("Content-Type"), Some("application/problem+json"));
+    let retry: u64 = r
+        .header("Retry-After")
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Retry-After seconds");
+    assert!((1..=86_400).contains(&retry), "Retry-After {retry}");
+    let policy = r
+        .header("RateLimit-Policy")
+        .expect("RateLimit-Policy")
+        .trim()
+        .to_string();
+    assert!(policy.starts_with("\"daily\""), "{policy}");
+    assert!(
+        policy.contains(&format!("q={limit}")) && policy.contains("w=86400"),
+        "{policy}"
+    );
+    let rl = r.header("RateLimit").expect("RateLimit").trim().to_string();
+    assert!(rl.starts_with("\"daily\";r=0;t="), "{rl}");
+    let body: Value = serde_json::from_slice(&r.body).expect("problem+json body");
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["title"], "Too Many Requests");
+    assert_eq!(body["violated-policies"][0], "daily");
+    assert_eq!(
+        body["detail"],
+        format!("{org} has used its {limit} API calls for today")
+    );
+}
+
+/// Limit N: exactly N requests pass across several keep-alive and per-request connections in
+/// parallel, every later one gets a complete 429 and never reaches the server; media GETs still
+/// pass; `reset` lifts the refusal at once.
+#[test]
+fn quota_boundary_is_exact_and_refusals_never_reach_the_app() -> Result<()> {
+    let mut w = World::new("quota", 2, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let other = IpAddr::V4(w.tb.clients_v4()[1]);
+    let orgs = [
+        org_toml("acme", &[cidr(acme)], "daily_requests = 25"),
+        org_toml("other", &[cidr(other)], ""),
+    ]
+    .concat();
+    w.write_config("", &orgs)?;
+    w.start_daemon()?;
+    let api = w.api4();
+
+    let responses = w.client(|| async move {
+        let (a, b, c, d) = (
+            gets("/api/a/", 20),
+            gets("/api/b/", 20),
+            gets("/api/c/", 20),
+            gets("/api/o/", 30),
+        );
+        let (ra, rb, rc, rd) = tokio::join!(
+            http_requests(acme, api, &a, true),
+            http_requests(acme, api, &b, true),
+            http_requests(acme, api, &c, false),
+            http_requests(other, api, &d, true),
+        );
+        assert!(
+            rd?.iter().all(|r| r.status == 200),
+            "another org is not affected"
+        );
+        Ok([ra?, rb?, rc?].concat())
+    })?;
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Response> = responses.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok, 25, "exactly the limit passes");
+    assert_eq!(refused.len(), 35);
+    for r in &refused {
+        assert_daily_429(r, "acme", 25);
+    }
+    assert_eq!(
+        w.served_from(acme)?.len(),
+        25,
+        "the server never saw a refused request"
+    );
+    let org = w.org("acme")?;
+    assert_eq!(
+        (
+            n(&org, "requests"),
+            n(&org, "rejected"),
+            n(&org, "remaining")
+        ),
+        (25, 35, 0),
+        "{org}"
+    );
+
+    // Media GETs are never refused.
+    w.client(|| async move {
+        let r = http_requests(acme, api, &gets("/media/file-", 5), true).await?;
+        assert!(r.iter().all(|r| r.status == 200));
+        Ok(())
+    })?;
+    assert_eq!(n(&w.org("acme")?, "exempt_media_gets"), 5);
+
+    assert!(w.cli(&["reset", "--org", "acme"])?.status.success());
+    let r =
+        w.client(
+            || async move { http_requests(acme, api, &gets("/api/after-reset/", 3), true).await },
+        )?;
+    assert!(r.iter().all(|r| r.status == 200), "reset lifts the refusal");
+    assert_eq!(n(&w.org("acme")?, "requests"), 3);
+    assert!(
+        w.daemon_log()
+            .lines()
+            .any(|l| l.contains("quota_exhausted") && l.contains("acme"))
+    );
+    Ok(())
+}
+
+/// A request at least as long as the 429 gets a keep-alive 429 and the connection stays usable; a
+/// short one gets `Connection: close`; pipelined requests after a refusal and a refused POST's
+/// 200 KB body never reach the app.
+#[test]
+fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
+    let mut w = World::new("ka", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config("", &org_toml("acme", &[cidr(acme)], "daily_requests = 1"))?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let long_path = format!("/api/{}", "x".repeat(900));
+    let (long, short, post, pipelined) = w.client(|| async move {
+        let first = http_requests(acme, api, &[Request::get("/api/first")], true).await?;
+        assert_eq!(first[0].status, 200);
+        let mut conn = HttpConn::connect(Some(acme), api).await?;
+        let long = conn.send(&Request::get(long_path.as_str()), true).await?;
+        // Same connection: a media GET still passes after the keep-alive 429.
+        let media = conn.send(&Request::get("/media/x.png"), true).await?;
+        assert_eq!(
+            media.status, 200,
+            "the connection stays usable after a keep-alive 429"
+        );
+        let short = http_requests(acme, api, &[Request::get("/a")], true)
+            .await?
+            .remove(0);
+        let post = http_requests(
+            acme,
+            api,
+            &[Request::post("/api/upload", vec![b'z'; 200 * 1024])],
+            true,
+        )
+        .await?
+        .remove(0);
+        let pipelined = send_raw(
+            acme,
+            api,
+            b"GET /api/p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /api/p2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await?;
+        Ok((long, short, post, pipelined))
+    })?;
+    assert_daily_429(&long, "acme", 1);
+    assert_eq!(long.header("Connection"), Some("keep-alive"));
+    assert_daily_429(&short, "acme", 1);
+    assert_eq!(short.header("Connection"), Some("close"));
+    assert_daily_429(&post, "acme", 1);
+    let text = String::from_utf8_lossy(&pipelined);
+    assert!(text.starts_with("HTTP/1.1 429 "), "{text}");
+    assert_eq!(
+        text.matches("HTTP/1.1").count(),
+        1,
+        "one 429, then the connection closed"
+    );
+
+    let served = w.served_from(acme)?;
+    let paths: Vec<&str> = served.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/api/first", "/media/x.png"],
+        "nothing refused reached the server"
+    );
+    let org = w.org("acme")?;
+    assert_eq!((n(&org, "requests"), n(&org, "rejected")), (1, 4), "{org}");
+    Ok(())
+}
+
+/// Standard clients parse the kernel's 429: curl and Python's http.client.
+#[test]
+fn standard_clients_parse_the_429() -> Result<()> {
+    let mut w = World::new("clients", 1, 0)?;
+    let acme = w.tb.clients_v4()[0];
+    w.write_config(
+        "",
+        &org_toml("acme", &[cidr(IpAddr::V4(acme))], "daily_requests = 1"),
+    )?;
+    w.start_daemon()?;
+    let url = format!(
+        "http://{}:{}/api/x",
+        w.tb.server_v4(),
+        integration_tests::API_PORT
+    );
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sS", "-i", "--interface", &acme.to_string(), &url, &url]);
+    curl.stdout(std::process::Stdio::piped());
+    let out = w.tb.spawn_in_client(curl)?.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl failed: {text}");
+    assert!(text.contains("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("HTTP/1.1 429 Too Many Requests"), "{text}");
+    assert!(
+        text.contains("acme has used its 1 API calls for today"),
+        "{text}"
+    );
+
+    let script = format!(
+        "import http.client, json\n\
+         c = http.client.HTTPConnection('{server}', {port}, source_address=('{acme}', 0))\n\
+         c.request('GET', '/api/py')\n\
+         r = c.getresponse()\n\
+         b = json.loads(r.read())\n\
+         assert r.status == 429, r.status\n\
+         assert int(r.getheader('Retry-After')) > 0\n\
+         assert b['violated-policies'] == ['daily'], b\n\
+         print('ok', r.getheader('RateLimit-Policy'))\n",
+        server = w.tb.server_v4(),
+        port = integration_tests::API_PORT,
+    );
+    let mut py = std::process::Command::new("python3");
+    py.args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = w.tb.spawn_in_client(py)?.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "python: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("q=1"));
+    assert_eq!(w.served_from(IpAddr::V4(acme))?.len(), 1);
+    Ok(())
+}
+
+/// dry-run refuses nothing and counts what would have been refused.
+#[test]
+fn dry_run_passes_everything_and_counts() -> Result<()> {
+    let mut w = World::new("dryrun", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config(
+        "quota_mode = \"dry-run\"",
+        &org_toml("acme", &[cidr(acme)], "daily_requests = 10"),
+    )?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let r = w.client(|| async move { http_requests(acme, api, &gets("/api/", 30), true).await })?;
+    assert!(r.iter().all(|r| r.status == 200));
+    assert_eq!(w.served_from(acme)?.len(), 30);
+    let org = w.org("acme")?;
+    assert_eq!(
+        (n(&org, "requests"), n(&org, "rejected")),
+        (10, 20),
+        "{org}"
+    );
+    assert!(
+        w.daemon_log()
+            .lines()
+            .any(|l| l.contains("quota_exhausted") && l.contains("dry-run")),
+        "{}",
+        w.daemon_log()
+    );
+    Ok(())
+}
+
+/// `concurrency_mode = "reject"`: the first request on a connection over the limit gets the
+/// concurrency 429 and the connection closes; connections within the limit are untouched.
+#[test]
+fn concurrency_reject_answers_the_extra_connection() -> Result<()> {
+    let mut w = World::new("conreject", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config(
+        "",
+        &org_toml(
+            "acme",
+            &[cidr(acme)],
+            "concurrent_connections = 3\nconcurrency_mode = \"reject\"",
+        ),
+    )?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let (fourth, within) = w.client(|| async move {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(HttpConn::connect(Some(acme), api).await?);
+        }
+        let fourth = http_requests(acme, api, &[Request::get("/api/4th")], true)
+            .await?
+            .remove(0);
+        let within = held[0].send(&Request::get("/api/held"), true).await?;
+        Ok((fourth, within))
+    })?;
+    assert_eq!(within.status, 200, "connections within the limit work");
+    assert_eq!(fourth.status, 429, "{}", fourth.text());
+    let policy = fourth
+        .header("RateLimit-Policy")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        policy.starts_with("\"concurrency\"") && policy.contains("q=3"),
+        "{policy}"
+    );
+    assert_eq!(fourth.header("Connection"), Some("close"));
+    let body: Value = serde_json::from_slice(&fourth.body)?;
+    assert_eq!(body["violated-policies"][0], "concurrency");
+    let served = w.served_from(acme)?;
+    assert_eq!(
+        served.len(),
+        1,
+        "only the held connection's request reached the server"
+    );
+    let org = w.wait_org("acme", |o| o["connections"] == 0)?;
+    assert_eq!(n(&org, "concurrency_rejected"), 1, "{org}");
+    assert_eq!(n(&org, "concurrency_breaches"), 1, "{org}");
+    assert_eq!(n(&org, "requests"), 1, "{org}");
+    Ok(())
+}
