@@ -90,13 +90,21 @@ fn gets(prefix: &str, n: usize) -> Vec<Request> {
         .collect()
 }
 
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    globex_429: u64,
+    sample_429: Option<String>,
+}
+
 /// The simulated orgs' traffic, phase by phase (runs inside the client netns).
 async fn traffic(
     cast: &Cast,
     api4: SocketAddr,
     api6: SocketAddr,
     say: &(dyn Fn(&str) + Sync),
-) -> Result<()> {
+) -> Result<Seen> {
+    let mut seen = Seen::default();
     say(
         "acme: 40 API calls (keep-alive) + 10 over IPv6; umbrella: 15 media downloads + 5 calls; an unknown client: 12 calls",
     );
@@ -119,11 +127,32 @@ async fn traffic(
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     say(&format!(
-        "globex: 35 calls against a quota of {GLOBEX_QUOTA} (the excess is reported as over quota)"
+        "globex: 35 calls against a quota of {GLOBEX_QUOTA}: the kernel answers the excess with 429"
     ));
     for chunk in gets("/api/v1/datasource/", 35).chunks(5) {
-        http_requests(cast.globex, api4, chunk, true).await?;
+        for r in http_requests(cast.globex, api4, chunk, true).await? {
+            if r.status == 429 {
+                seen.globex_429 += 1;
+                if seen.sample_429.is_none() {
+                    let head: String = r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| format!("  {k}: {}\n", v.trim()))
+                        .collect();
+                    let body = r.text();
+                    seen.sample_429 = Some(format!(
+                        "  HTTP/1.1 429 Too Many Requests\n{head}\n  {}",
+                        body.trim_end()
+                    ));
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(sample) = &seen.sample_429 {
+        say(&format!(
+            "the first 429 globex received (X-Pad pads it to the request's length):\n{sample}"
+        ));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -144,7 +173,7 @@ async fn traffic(
     )
     .await?;
     send_raw(cast.umbrella, api4, b"\x00\x00\x00\x00garbage\r\n\r\n").await?;
-    Ok(())
+    Ok(seen)
 }
 
 fn ask_report(socket: &Path) -> Result<Report> {
@@ -198,7 +227,13 @@ struct Verdict {
     server: u64,
 }
 
-fn compare(report: &Report, cast: &Cast, served: &[AccessEntry], pushed: usize) -> Vec<Verdict> {
+fn compare(
+    report: &Report,
+    cast: &Cast,
+    served: &[AccessEntry],
+    pushed: usize,
+    seen: &Seen,
+) -> Vec<Verdict> {
     let from = |ips: &[IpAddr], media: Option<bool>, garbage: bool| {
         served
             .iter()
@@ -253,8 +288,13 @@ fn compare(report: &Report, cast: &Cast, served: &[AccessEntry], pushed: usize) 
         from(&[cast.stranger], Some(false), false),
     );
     check(
-        "globex: calls over quota".into(),
-        get("globex", |o| o.requests.saturating_sub(o.daily_limit)),
+        "globex: refused (429s its client got)".into(),
+        get("globex", |o| o.rejected),
+        seen.globex_429,
+    );
+    check(
+        "globex: refused (35 sent - quota)".into(),
+        get("globex", |o| o.rejected),
         35 - GLOBEX_QUOTA,
     );
     check(
@@ -348,7 +388,7 @@ pub fn run() -> Result<ExitCode> {
         let say = |s: &str| println!("\n>> {s}");
         let outcome = std::thread::scope(|scope| {
             let traffic = scope.spawn(|| {
-                let r = tb.in_client(|| -> Result<()> {
+                let r = tb.in_client(|| -> Result<Seen> {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
@@ -367,7 +407,7 @@ pub fn run() -> Result<ExitCode> {
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the traffic thread panicked")))
         });
-        outcome?;
+        let seen = outcome?;
 
         println!("\n>> the API platform pushes 6 webhooks to acme (outbound POSTs: not counted)");
         let status = tb
@@ -398,16 +438,14 @@ pub fn run() -> Result<ExitCode> {
         );
         if let Some(g) = report.orgs.iter().find(|o| o.org == "globex") {
             println!(
-                "\nglobex is OVER QUOTA: {} calls against a daily limit of {} ({} too many)",
-                g.requests,
-                g.daily_limit,
-                g.requests.saturating_sub(g.daily_limit)
+                "\nglobex is OUT OF QUOTA: {} calls used of {}, {} refused by the kernel with 429 (the API server never saw them)",
+                g.requests, g.daily_limit, g.rejected
             );
         }
 
         let served = testbed::read_access_log(&access_log)?;
         let pushed = testbed::read_access_log(&push_log)?.len();
-        let verdicts = compare(&report, &cast, &served, pushed);
+        let verdicts = compare(&report, &cast, &served, pushed, &seen);
         println!(
             "\n== checking the report against what the API server and the webhook receiver saw"
         );
