@@ -27,6 +27,7 @@ pub mod programs {
     pub const VERDICT: &str = "limiter_verdict";
     pub const REFUSE: &str = "limiter_refuse";
     pub const PUSH_MSG: &str = "limiter_push_msg";
+    pub const SYN_GATE: &str = "limiter_syn_gate";
 }
 
 /// Org slot 0 collects traffic whose org is unknown; real orgs start at 1.

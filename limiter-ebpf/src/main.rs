@@ -25,22 +25,23 @@ use aya_ebpf::{
         BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::{SK_DROP, SK_PASS},
+        xdp_action,
     },
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_sk_redirect_hash,
         bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
-    macros::{map, sk_msg, sock_ops, stream_verdict},
+    macros::{map, sk_msg, sock_ops, stream_verdict, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash, lpm_trie::Key},
-    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext, XdpContext},
 };
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config, DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH,
     EVENT_QUOTA_EXHAUSTED, EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL,
     FAULT_NO_SOCK_STATE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS,
-    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
-    PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED, SOCK_F_INBOUND,
-    SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
+    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT,
+    ORG_F_DRY_RUN, OrgLimits, PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED,
+    SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
     http::{self, Class, Method, PEEK_LEN},
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     v4_mapped,
@@ -518,9 +519,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         return SK_PASS;
     };
     let limits = ORG_LIMITS.get(org);
-    if kind & SOCK_F_OVER_LIMIT != 0
-        && let Some(l) = limits
-    {
+    if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
         set_phase(PHASE_REFUSED);
@@ -755,6 +754,93 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
             0,
         ) as u32
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// XDP: the SYN gate of `concurrency_mode = "delay"`
+// ---------------------------------------------------------------------------------------------
+
+#[xdp]
+pub fn limiter_syn_gate(ctx: XdpContext) -> u32 {
+    try_syn_gate(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// Drops the SYN of a new connection to an API port from an org in delay mode that is at its
+/// concurrency limit: the client's TCP retries it a moment later, so the connection waits instead
+/// of failing. Everything else passes (IPv4 with options and IPv6 with extension headers too).
+#[inline(always)]
+fn try_syn_gate(ctx: &XdpContext) -> Option<u32> {
+    const ETH: usize = 14;
+    let c = config()?;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    // One bounds check per layout, then fixed offsets: what the verifier follows best.
+    let at = |off: usize| -> u8 {
+        // SAFETY: every caller's offset is below the length checked before it.
+        unsafe { *((data + off) as *const u8) }
+    };
+    if data + ETH > end {
+        return None;
+    }
+    let mut addr = [0u8; 16];
+    let tcp = match u16::from_be_bytes([at(12), at(13)]) {
+        0x0800 => {
+            const TCP: usize = ETH + 20;
+            if data + TCP + 20 > end || at(ETH) != 0x45 || at(ETH + 9) != 6 {
+                return None;
+            }
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12] = at(ETH + 12);
+            addr[13] = at(ETH + 13);
+            addr[14] = at(ETH + 14);
+            addr[15] = at(ETH + 15);
+            TCP
+        }
+        0x86dd => {
+            const TCP: usize = ETH + 40;
+            if data + TCP + 20 > end || at(ETH + 6) != 6 {
+                return None;
+            }
+            let mut i = 0;
+            while i < 16 {
+                addr[i] = at(ETH + 8 + i);
+                i += 1;
+            }
+            TCP
+        }
+        _ => return None,
+    };
+    let (flags, port) = if tcp == ETH + 20 {
+        (
+            at(ETH + 20 + 13),
+            u16::from_be_bytes([at(ETH + 20 + 2), at(ETH + 20 + 3)]),
+        )
+    } else {
+        (
+            at(ETH + 40 + 13),
+            u16::from_be_bytes([at(ETH + 40 + 2), at(ETH + 40 + 3)]),
+        )
+    };
+    // SYN without ACK: a new connection.
+    if flags & 0x12 != 0x02 {
+        return None;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { API_PORTS.get(&port) }?;
+    let org = org_of(addr);
+    let l = ORG_LIMITS.get(org)?;
+    if org == UNMAPPED_ORG || l.flags & ORG_F_CONC_DELAY == 0 || l.concurrent_connections == 0 {
+        return None;
+    }
+    let open = *ORG_CONNS.get(org)?;
+    if open < l.concurrent_connections as i64 {
+        return None;
+    }
+    let slot = day_counters(org, today(c))?;
+    // SAFETY: valid map value.
+    add(unsafe { &raw mut (*slot).delayed_syns }, 1);
+    Some(xdp_action::XDP_DROP)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ const MAX_ORG_NAME: usize = 64;
 const RESERVED_ORG_NAME: &str = "unmapped";
 
 const ROOT_KEYS: &str = "api, limits, daemon, orgs";
-const API_KEYS: &str = "ports, cgroup, media_get_prefixes, interfaces";
+const API_KEYS: &str = "ports, cgroup, media_get_prefixes, interfaces, netns";
 const LIMITS_KEYS: &str =
     "daily_requests, concurrent_connections, concurrency_mode, quota_mode, day_start";
 const DAEMON_KEYS: &str = "pin_dir, state_dir, log_format, control_socket, snapshot_interval_secs";
@@ -68,6 +68,9 @@ pub struct Api {
     pub cgroup: PathBuf,
     pub media_get_prefixes: Vec<String>,
     pub interfaces: Vec<String>,
+    /// Network namespace (a file such as `/run/netns/api`) the `interfaces` live in, when the API
+    /// runs in another namespace than the daemon; None: the daemon's own.
+    pub netns: Option<PathBuf>,
 }
 
 /// `[limits]`: the defaults every org gets unless it overrides them.
@@ -815,6 +818,7 @@ impl<'t> Builder<'t> {
         let mut cgroup = None;
         let mut prefixes = None;
         let mut interfaces = None;
+        let mut netns = None;
         for Entry {
             key,
             key_pos,
@@ -827,6 +831,7 @@ impl<'t> Builder<'t> {
                 "cgroup" => cgroup = Some(src.abs_path(value, at)?.0),
                 "media_get_prefixes" => prefixes = Some(prefixes_of(src, value, at)?),
                 "interfaces" => interfaces = Some(interfaces_of(src, value, at)?),
+                "netns" => netns = Some(src.abs_path(value, at)?.0),
                 _ => return Err(src.unknown(key_pos, at, API_KEYS)),
             }
         }
@@ -838,6 +843,7 @@ impl<'t> Builder<'t> {
             cgroup: cgroup.unwrap_or_default(),
             media_get_prefixes: prefixes.unwrap_or_else(|| vec![DEFAULT_MEDIA_PREFIX.to_owned()]),
             interfaces: interfaces.unwrap_or_default(),
+            netns,
         });
         Ok(())
     }

@@ -61,6 +61,7 @@ impl Daemon {
     pub fn start(config_path: &Path, cfg: Config) -> anyhow::Result<Self> {
         let clock = Clock::new(cfg.limits.day_start_secs);
         let mut kernel = Kernel::load(&cfg.api.cgroup).context("loading the kernel programs")?;
+        kernel.attach_syn_gate(&cfg.api.interfaces, cfg.api.netns.as_deref())?;
         let ids = OrgIds::assign(
             cfg.orgs.iter().map(|o| o.name.as_str()),
             None,
@@ -73,7 +74,8 @@ impl Daemon {
         let stats = counters::apply(&mut kernel, &Applied::default(), &applied)?;
         info!(
             event = "startup",
-            programs = "sock_ops,stream_verdict,sk_msg",
+            programs = "sock_ops,stream_verdict,sk_msg,xdp",
+            interfaces = ?cfg.api.interfaces,
             cgroup = %cfg.api.cgroup.display(),
             ports = ?cfg.api.ports,
             orgs = cfg.orgs.len(),

@@ -5,7 +5,7 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, ProgramArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
+    programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode},
 };
 use limiter_common::{AddrKey, Config, DayCounters, OrgLimits, names, programs};
 use thiserror::Error;
@@ -33,6 +33,18 @@ pub enum LoadError {
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("attaching the SYN gate (XDP) to interface {iface}: {source}")]
+    Interface {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("entering network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: String,
@@ -101,6 +113,9 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     program::<SkMsg>(ebpf, programs::PUSH_MSG)?
         .load()
         .map_err(prog_err(programs::PUSH_MSG))?;
+    program::<Xdp>(ebpf, programs::SYN_GATE)?
+        .load()
+        .map_err(prog_err(programs::SYN_GATE))?;
     Ok(())
 }
 
@@ -152,6 +167,62 @@ impl Kernel {
             .attach(cg, CgroupAttachMode::Single)
             .map_err(prog_err(programs::SOCK_OPS))?;
         Ok(kernel)
+    }
+
+    /// Attaches the XDP SYN gate (`concurrency_mode = "delay"`) to `interfaces`, looked up in the
+    /// network namespace `netns` when given (the API may live in another namespace than the
+    /// daemon). Native mode where the driver has it, generic otherwise.
+    pub fn attach_syn_gate(
+        &mut self,
+        interfaces: &[String],
+        netns: Option<&Path>,
+    ) -> Result<(), LoadError> {
+        if interfaces.is_empty() {
+            return Ok(());
+        }
+        let ns = netns
+            .map(|p| {
+                File::open(p).map_err(|source| LoadError::Netns {
+                    path: p.display().to_string(),
+                    source,
+                })
+            })
+            .transpose()?;
+        let prog = program::<Xdp>(&mut self._ebpf, programs::SYN_GATE)?;
+        // Interface names and the attachment resolve in the calling thread's network namespace,
+        // so a scoped thread enters it and the daemon's own threads stay where they are.
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), LoadError> {
+                if let Some(ns) = &ns {
+                    // SAFETY: setns on a valid namespace fd, affecting only this thread.
+                    if unsafe {
+                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(ns), libc::CLONE_NEWNET)
+                    } != 0
+                    {
+                        return Err(LoadError::Netns {
+                            path: netns.map(|p| p.display().to_string()).unwrap_or_default(),
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                }
+                for iface in interfaces {
+                    prog.attach(iface, XdpMode::Default)
+                        .or_else(|_| prog.attach(iface, XdpMode::Skb))
+                        .map_err(|source| LoadError::Interface {
+                            iface: iface.clone(),
+                            source,
+                        })?;
+                }
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(LoadError::Netns {
+                    path: "(attach thread panicked)".into(),
+                    source: std::io::Error::other("panic"),
+                })
+            })
+        })
     }
 
     /// Capacity of the org maps (org ids must stay below it).

@@ -505,7 +505,7 @@ impl Testbed {
         self.ns_server_fd = Some(open(&n.ns_server)?);
         self.ns_client_fd = Some(open(&n.ns_client)?);
 
-        let (vs, vc) = (format!("lt{}s", n.id), format!("lt{}c", n.id));
+        let (vs, vc) = (self.veth(Side::Server), self.veth(Side::Client));
         let [_, _, a, b] = self.server_v4.octets();
         let mac_s = format!("02:74:62:{a:02x}:{b:02x}:01");
         let mac_c = format!("02:74:62:{a:02x}:{b:02x}:02");
@@ -652,6 +652,19 @@ impl Testbed {
     pub fn dir(&self) -> &Path {
         &self.names.dir
     }
+    /// Name of a side's end of the veth pair (inside that side's namespace).
+    pub fn veth(&self, side: Side) -> String {
+        match side {
+            Side::Server => format!("lt{}s", self.names.id),
+            Side::Client => format!("lt{}c", self.names.id),
+        }
+    }
+
+    /// Path of a side's network namespace file (for `setns`, or the daemon's `api.netns`).
+    pub fn netns_path(&self, side: Side) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.netns(side))
+    }
+
     /// Name of a side's network namespace (for `ip netns exec`).
     pub fn netns(&self, side: Side) -> &str {
         match side {

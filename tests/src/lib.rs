@@ -77,9 +77,14 @@ impl World {
     /// Writes the config: the testbed's cgroup and bpffs, port 8080, `/media/` exempt, then
     /// `limits` (extra `[limits]` lines) and `orgs` (`[[orgs]]` tables).
     pub fn write_config(&self, limits: &str, orgs: &str) -> Result<()> {
+        self.write_config_with("", limits, orgs)
+    }
+
+    /// Like `write_config`, with extra `[api]` lines.
+    pub fn write_config_with(&self, api: &str, limits: &str, orgs: &str) -> Result<()> {
         let state = self.tb.dir().join("state");
         let text = format!(
-            "[api]\nports = [{API_PORT}]\ncgroup = {cg:?}\nmedia_get_prefixes = [\"/media/\"]\n\n\
+            "[api]\nports = [{API_PORT}]\ncgroup = {cg:?}\nmedia_get_prefixes = [\"/media/\"]\n{api}\n\n\
              [limits]\n{limits}\n\n\
              [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nlog_format = \"text\"\n\n{orgs}\n",
             cg = self.tb.cgroup().display().to_string(),

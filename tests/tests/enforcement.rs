@@ -345,3 +345,81 @@ fn concurrency_reject_answers_the_extra_connection() -> Result<()> {
     assert_eq!(n(&org, "requests"), 1, "{org}");
     Ok(())
 }
+
+/// `concurrency_mode = "delay"`: the XDP gate holds the 4th connection's SYN until one of the 3
+/// open connections closes; it then connects and is served.
+#[test]
+fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()> {
+    use limiter_user::testbed::Side;
+    use std::time::{Duration, Instant};
+    let mut w = World::new("delay", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let api_lines = format!(
+        "interfaces = [{:?}]\nnetns = {:?}",
+        w.tb.veth(Side::Server),
+        w.tb.netns_path(Side::Server).display().to_string()
+    );
+    w.write_config_with(
+        &api_lines,
+        "",
+        &org_toml(
+            "acme",
+            &[cidr(acme)],
+            "concurrent_connections = 3\nconcurrency_mode = \"delay\"",
+        ),
+    )?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let report = |w: &World| w.org("acme");
+    let (waited, status) = std::thread::scope(|s| -> Result<(Duration, u16)> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (checked_tx, checked_rx) = std::sync::mpsc::channel::<()>();
+        let wr = &w;
+        let client = s.spawn(move || {
+            wr.client(|| async move {
+                let mut held = Vec::new();
+                for _ in 0..3 {
+                    held.push(HttpConn::connect(Some(acme), api).await?);
+                }
+                let started = Instant::now();
+                let fourth = tokio::spawn(HttpConn::connect(Some(acme), api));
+                // Let the gate drop the first SYN, then free a slot.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = tx.send(());
+                // (Blocking this runtime is fine: the SYN retries are the kernel's.)
+                let _ = checked_rx.recv_timeout(Duration::from_secs(10));
+                assert!(
+                    !fourth.is_finished(),
+                    "the 4th connection waited while 3 were open"
+                );
+                drop(held.pop());
+                let mut conn = fourth.await??;
+                let waited = started.elapsed();
+                let r = conn.send(&Request::get("/api/after-wait"), true).await?;
+                Ok((waited, r.status))
+            })
+        });
+        // While the 4th waits: still 3 connections and at least one held-back SYN.
+        let _ = rx.recv_timeout(Duration::from_secs(10));
+        let o = report(&w)?;
+        assert_eq!(n(&o, "connections"), 3, "{o}");
+        assert!(n(&o, "delayed_syns") >= 1, "{o}");
+        let _ = checked_tx.send(());
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))?
+    })?;
+    assert_eq!(status, 200);
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "the 4th connection waited: {waited:?}"
+    );
+    let o = w.org("acme")?;
+    assert_eq!(
+        n(&o, "concurrency_breaches"),
+        0,
+        "delay keeps the org within its limit: {o}"
+    );
+    assert_eq!(n(&o, "peak_connections"), 3, "{o}");
+    Ok(())
+}
