@@ -19,6 +19,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const FAULTS: &str = "FAULTS";
     pub const REFUSE: &str = "REFUSE";
+    pub const SCRATCH: &str = "SCRATCH";
 }
 
 /// Program names (the Rust function names in limiter-ebpf).
@@ -56,7 +57,11 @@ pub struct Config {
     pub day_len_ns: u64,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// Bumped whenever the address table changes: connections attributed under an older
+    /// generation look their org up again on their next request.
+    pub addr_gen: u32,
     pub media_prefix_count: u32,
+    pub _pad: u32,
     pub media_prefix_len: [u8; MAX_MEDIA_PREFIXES],
     pub media_prefixes: [[u8; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
 }
@@ -70,7 +75,9 @@ impl Config {
             clock_offset_ns: 0,
             day_len_ns: crate::day::NS_PER_DAY,
             flags: 0,
+            addr_gen: 0,
             media_prefix_count: 0,
+            _pad: 0,
             media_prefix_len: [0; MAX_MEDIA_PREFIXES],
             media_prefixes: [[0; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
         }
@@ -194,6 +201,8 @@ pub struct SockState {
     pub open: u32,
     /// `PHASE_*`: what the next inbound chunk is expected to be.
     pub phase: u32,
+    /// `Config::addr_gen` when `org` was looked up.
+    pub addr_gen: u32,
 }
 
 pub const SOCK_F_INBOUND: u32 = 1;

@@ -332,6 +332,7 @@ fn on_inbound(ctx: &SockOpsContext) {
         kind: SOCK_F_INBOUND,
         open: 1,
         phase: PHASE_NEW,
+        addr_gen: c.addr_gen,
     };
     if SOCK_STATE
         .insert(&cookie, &state, BPF_NOEXIST as u64)
@@ -474,7 +475,12 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let st = SOCK_STATE.get_ptr_mut(&cookie);
     let (org, phase, kind) = match st {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
-        Some(st) => unsafe { ((*st).org, (*st).phase, (*st).kind) },
+        Some(st) => unsafe {
+            if (*st).addr_gen != c.addr_gen {
+                reattribute(ctx, st, c.addr_gen);
+            }
+            ((*st).org, (*st).phase, (*st).kind)
+        },
         None => {
             fault(FAULT_NO_SOCK_STATE);
             let addr = peer_addr!(ctx.skb.skb);
@@ -543,6 +549,29 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         return SK_PASS;
     }
     refuse(ctx, cookie, org, Policy::Daily, method)
+}
+
+/// The address table changed (a reload) since this connection was attributed: look its org up
+/// again, and move its open-connection count along, so added and removed orgs take effect on
+/// existing keep-alive connections too.
+#[inline(always)]
+fn reattribute(ctx: &SkBuffContext, st: *mut SockState, addr_gen: u32) {
+    let org = peer_addr!(ctx.skb.skb).map(org_of).unwrap_or(UNMAPPED_ORG);
+    // SAFETY: valid map value; verdicts of one socket run one at a time.
+    unsafe {
+        let old = (*st).org;
+        (*st).addr_gen = addr_gen;
+        if old == org {
+            return;
+        }
+        if (*st).open == 1
+            && let (Some(from), Some(to)) = (ORG_CONNS.get_ptr_mut(old), ORG_CONNS.get_ptr_mut(org))
+        {
+            add_i64(from, -1);
+            add_i64(to, 1);
+        }
+        (*st).org = org;
+    }
 }
 
 /// Spaces for the 429's padding header, stored from in chunks.

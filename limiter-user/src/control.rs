@@ -28,6 +28,8 @@ pub enum Request {
     Reset { org: Option<String> },
     /// Re-read the config file.
     Reload,
+    /// Stop the daemon; with `unload`, also remove everything it pinned (programs detach).
+    Shutdown { unload: bool },
     /// Test hook: move the daemon's clock (and so the kernel's day) forward.
     AdvanceClock { secs: i64 },
 }

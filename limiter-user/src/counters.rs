@@ -95,6 +95,18 @@ pub fn kernel_limits(name: &str, l: &EffectiveLimits) -> OrgLimits {
     )
 }
 
+impl Applied {
+    /// Keeps the address generation of `old`, bumped when the address table differs, so the
+    /// kernel re-attributes connections made under the old table.
+    pub fn carry_generation(&mut self, old: &Applied) {
+        let prev = old.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
+        let changed = old.cidrs != self.cidrs;
+        if let Some(kc) = self.kernel_config.as_mut() {
+            kc.addr_gen = if changed { prev.wrapping_add(1) } else { prev };
+        }
+    }
+}
+
 /// Counts of what an apply changed, for the log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -232,6 +244,56 @@ pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
             .map_err(map_err(format!("clearing org id {id}")))?;
     }
     Ok(())
+}
+
+/// The org ids and names the kernel holds (ORG_LIMITS entries marked active).
+pub fn ids_from_kernel(kernel: &Kernel) -> Result<OrgIds, CountersError> {
+    let mut pairs = Vec::new();
+    for (id, l) in kernel.org_limits.iter().enumerate() {
+        let l = l.map_err(map_err("reading org limits"))?;
+        if l.flags & ORG_F_ACTIVE != 0 {
+            let n = (l.name_len as usize).min(l.name.len());
+            pairs.push((
+                id as u32,
+                String::from_utf8_lossy(&l.name[..n]).into_owned(),
+            ));
+        }
+    }
+    Ok(OrgIds::from_pairs(pairs))
+}
+
+/// What the maps hold now, so a restarted daemon applies only the differences.
+pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
+    let mut out = Applied::default();
+    for port in kernel.ports.keys() {
+        out.ports
+            .insert(port.map_err(map_err("reading API ports"))?);
+    }
+    for entry in kernel.org_by_addr.iter() {
+        let (key, id) = entry.map_err(map_err("reading the address table"))?;
+        out.cidrs.insert((key.prefix_len(), key.data()), id);
+    }
+    for (id, l) in kernel.org_limits.iter().enumerate() {
+        let l = l.map_err(map_err("reading org limits"))?;
+        if l.flags & ORG_F_ACTIVE != 0 {
+            out.limits.insert(id as u32, l);
+        }
+    }
+    out.kernel_config = Some(
+        kernel
+            .config
+            .get(&0, 0)
+            .map_err(map_err("reading CONFIG"))?,
+    );
+    Ok(out)
+}
+
+/// Sets org `id`'s counters of `day` (restoring a snapshot before the kernel counts).
+pub fn write_day(kernel: &mut Kernel, id: u32, counters: DayCounters) -> Result<(), CountersError> {
+    kernel
+        .org_days
+        .set(day_index(id, counters.day), counters, 0)
+        .map_err(map_err(format!("restoring counters of org id {id}")))
 }
 
 /// The kernel's fault counters by name.

@@ -27,7 +27,8 @@ use crate::{
     counters::{self, Applied},
     loader::Kernel,
     orgs::{OrgIds, UNMAPPED_NAME},
-    report,
+    pins, report,
+    snapshot::{self, Counts, DaySnapshot},
 };
 
 /// Breach lines per org are at most one a minute (DESIGN.md §5.6).
@@ -54,24 +55,75 @@ pub struct Daemon {
     faults_seen: HashMap<&'static str, u64>,
     unmapped_seen: (u64, u64, u64),
     unmapped_logged: Instant,
+    snapshot_taken: Instant,
+    /// Remove the pins on exit (`limiter unload`).
+    unload: bool,
+}
+
+/// Writes today's snapshot counts into fresh maps; returns how many orgs were restored.
+fn restore_snapshot(
+    kernel: &mut Kernel,
+    cfg: &Config,
+    ids: &OrgIds,
+    clock: &Clock,
+    day: u64,
+) -> anyhow::Result<usize> {
+    let Some(snap) = snapshot::read(&cfg.daemon.state_dir, &clock.date(day))? else {
+        return Ok(0);
+    };
+    if snap.day != day {
+        return Ok(0);
+    }
+    counters::write_day(kernel, UNMAPPED_ORG, snap.unmapped.to_day(day))?;
+    let mut n = 0;
+    for (name, counts) in &snap.orgs {
+        if let Some(id) = ids.id(name) {
+            counters::write_day(kernel, id, counts.to_day(day))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, cfg: Config) -> anyhow::Result<Self> {
         let clock = Clock::new(cfg.limits.day_start_secs);
-        let mut kernel = Kernel::load(&cfg.api.cgroup).context("loading the kernel programs")?;
-        kernel.attach_syn_gate(&cfg.api.interfaces, cfg.api.netns.as_deref())?;
-        let ids = OrgIds::assign(
-            cfg.orgs.iter().map(|o| o.name.as_str()),
-            None,
-            kernel.org_capacity(),
-        )?;
+        let mut kernel = Kernel::load(
+            &cfg.daemon.pin_dir,
+            &cfg.api.cgroup,
+            &cfg.api.interfaces,
+            cfg.api.netns.as_deref(),
+        )
+        .context("loading the kernel programs")?;
+        let names = cfg.orgs.iter().map(|o| o.name.as_str());
+        let cap = kernel.org_capacity();
         let day = clock.today();
+        // A restarted daemon finds the kernel's ids, map contents and counts as they are.
+        let (ids, old) = if kernel.resumed {
+            let prev = counters::ids_from_kernel(&kernel)?;
+            let ids = OrgIds::assign(names, Some(&prev), cap)?;
+            for (id, name) in ids.iter() {
+                if prev.id(name) != Some(id) {
+                    counters::clear_org(&mut kernel, id)?;
+                }
+            }
+            (ids, counters::read_applied(&kernel)?)
+        } else {
+            (OrgIds::assign(names, None, cap)?, Applied::default())
+        };
         counters::prepare_day_all(&mut kernel, &ids, day)?;
         counters::prepare_day_all(&mut kernel, &ids, day + 1)?;
-        let applied = Applied::desired(&cfg, &ids, &clock)?;
-        let stats = counters::apply(&mut kernel, &Applied::default(), &applied)?;
+        // Fresh maps (first start, or after a reboot): today's counts come from the snapshot,
+        // before the kernel starts counting (CONFIG is marked ready by the apply below).
+        let restored = if kernel.resumed {
+            0
+        } else {
+            restore_snapshot(&mut kernel, &cfg, &ids, &clock, day)?
+        };
+        let mut applied = Applied::desired(&cfg, &ids, &clock)?;
+        applied.carry_generation(&old);
+        let stats = counters::apply(&mut kernel, &old, &applied)?;
         info!(
             event = "startup",
             programs = "sock_ops,stream_verdict,sk_msg,xdp",
@@ -82,6 +134,9 @@ impl Daemon {
             cidrs = stats.cidrs_written,
             media_get_prefixes = ?cfg.api.media_get_prefixes,
             day = %clock.date(day),
+            pins = %kernel.pin_dir.display(),
+            resumed = kernel.resumed,
+            restored_orgs = restored,
             "limiter started"
         );
         Ok(Daemon {
@@ -96,7 +151,39 @@ impl Daemon {
             faults_seen: HashMap::new(),
             unmapped_seen: (0, 0, 0),
             unmapped_logged: Instant::now(),
+            snapshot_taken: Instant::now(),
+            unload: false,
         })
+    }
+
+    /// Today's (or another kernel-held day's) counts of every org, by name.
+    fn snapshot(&self, day: u64) -> DaySnapshot {
+        let mut snap = DaySnapshot {
+            day,
+            date: self.clock.date(day),
+            taken_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            ..DaySnapshot::default()
+        };
+        if let Ok((d, _)) = counters::usage(&self.kernel, UNMAPPED_ORG, day) {
+            snap.unmapped = Counts::from(&d);
+        }
+        for (id, name) in self.ids.iter() {
+            if let Ok((d, _)) = counters::usage(&self.kernel, id, day) {
+                snap.orgs.insert(name.to_string(), Counts::from(&d));
+            }
+        }
+        snap
+    }
+
+    fn write_snapshot(&mut self, day: u64) {
+        self.snapshot_taken = Instant::now();
+        let snap = self.snapshot(day);
+        if let Err(e) = snapshot::write(&self.cfg.daemon.state_dir, &snap) {
+            error!(event = "fault", error = %e, "writing the day snapshot failed; counts stay in the kernel");
+        }
     }
 
     /// Runs until SIGTERM or SIGINT.
@@ -131,8 +218,12 @@ impl Daemon {
                     }
                 }
                 Some(p) = requests.recv() => {
+                    let stop = matches!(p.request, Request::Shutdown { .. });
                     let resp = self.handle(p.request);
                     let _ = p.reply.send(resp);
+                    if stop {
+                        break;
+                    }
                 }
                 guard = events.readable_mut() => {
                     match guard {
@@ -148,8 +239,22 @@ impl Daemon {
         }
         server.abort();
         let _ = std::fs::remove_file(&self.cfg.daemon.control_socket);
+        self.write_snapshot(self.day);
         self.log_totals("shutdown", self.day);
-        info!(event = "shutdown", "limiter stopped; programs detached");
+        if self.unload {
+            let removed = pins::unload(&self.cfg.daemon.pin_dir)?;
+            info!(
+                event = "shutdown",
+                unpinned = removed.len(),
+                "limiter stopped and unloaded: programs detach"
+            );
+        } else {
+            info!(
+                event = "shutdown",
+                pins = %self.kernel.pin_dir.display(),
+                "limiter stopped; the kernel programs keep counting and enforcing"
+            );
+        }
         Ok(())
     }
 
@@ -240,6 +345,11 @@ impl Daemon {
         }
         self.flush_breaches();
         self.check_faults();
+        if self.snapshot_taken.elapsed()
+            >= Duration::from_secs(self.cfg.daemon.snapshot_interval_secs)
+        {
+            self.write_snapshot(self.day);
+        }
         if self.unmapped_logged.elapsed() >= UNMAPPED_SUMMARY_EVERY {
             self.summarise_unmapped();
         }
@@ -248,6 +358,7 @@ impl Daemon {
     fn rollover(&mut self, today: u64) {
         for ended in self.day..today {
             self.log_totals("day_end", ended);
+            self.write_snapshot(ended);
         }
         if let Err(e) = counters::prepare_day_all(&mut self.kernel, &self.ids, today + 1) {
             error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
@@ -331,6 +442,10 @@ impl Daemon {
                     Response::err(e.to_string())
                 }
             },
+            Request::Shutdown { unload } => {
+                self.unload = unload;
+                Response::ok(serde_json::json!({ "unload": unload }))
+            }
             Request::AdvanceClock { secs } => {
                 self.clock = self.clock.shifted(secs.saturating_mul(1_000_000_000));
                 match self.write_clock() {
@@ -345,7 +460,8 @@ impl Daemon {
     }
 
     fn write_clock(&mut self) -> anyhow::Result<()> {
-        let new = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
+        let mut new = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
+        new.carry_generation(&self.applied);
         counters::apply(&mut self.kernel, &self.applied, &new)?;
         self.applied = new;
         Ok(())
@@ -367,9 +483,14 @@ impl Daemon {
             {
                 Some(d) => d,
                 None => {
-                    return Response::err(format!(
-                        "no counters kept for {date}: the kernel holds today and yesterday"
-                    ));
+                    return match snapshot::read(&self.cfg.daemon.state_dir, date) {
+                        Ok(Some(snap)) => Response::ok(
+                            serde_json::to_value(report::from_snapshot(&self.cfg, &snap, org))
+                                .unwrap_or_default(),
+                        ),
+                        Ok(None) => Response::err(format!("no counts kept for {date}")),
+                        Err(e) => Response::err(e.to_string()),
+                    };
                 }
             },
         };
@@ -420,7 +541,8 @@ impl Daemon {
             self.kernel.org_capacity(),
         )?;
         let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
-        let new = Applied::desired(&new_cfg, &ids, &clock)?;
+        let mut new = Applied::desired(&new_cfg, &ids, &clock)?;
+        new.carry_generation(&self.applied);
         let old_names: std::collections::BTreeSet<&str> =
             self.cfg.orgs.iter().map(|o| o.name.as_str()).collect();
         let new_names: std::collections::BTreeSet<&str> =
@@ -450,6 +572,21 @@ impl Daemon {
                 let day = clock.today();
                 counters::prepare_day(&mut self.kernel, id, day)?;
                 counters::prepare_day(&mut self.kernel, id, day + 1)?;
+            }
+        }
+        for name in &removed {
+            if let Some(id) = self.ids.id(name)
+                && let Ok((d, _)) = counters::usage(&self.kernel, id, self.day)
+            {
+                info!(
+                    event = "org_removed",
+                    org = name.as_str(),
+                    requests = d.requests,
+                    rejected = d.rejected,
+                    exempt_media_gets = d.exempt_media_gets,
+                    exempt_pushes = d.exempt_pushes,
+                    "org removed; its counts of today end here"
+                );
             }
         }
         counters::apply(&mut self.kernel, &self.applied, &new)?;

@@ -16,5 +16,7 @@ pub mod demo;
 pub mod loader;
 pub mod logging;
 pub mod orgs;
+pub mod pins;
 pub mod report;
+pub mod snapshot;
 pub mod testbed;

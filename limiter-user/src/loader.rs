@@ -1,13 +1,21 @@
 //! Loads the embedded kernel object, attaches its programs and hands out typed maps.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, ProgramArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode},
+    programs::{
+        CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode, links::FdLink,
+    },
 };
 use limiter_common::{AddrKey, Config, DayCounters, OrgLimits, names, programs};
+
+use crate::pins;
 use thiserror::Error;
 
 /// The kernel object, built by build.rs from limiter-ebpf and embedded so `limiter` is one file.
@@ -45,6 +53,14 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("updating pinned link {path}: {source}")]
+    Link {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: String,
@@ -64,6 +80,10 @@ pub struct Kernel {
     pub faults: Array<MapData, u64>,
     /// Taken by the event reader task.
     pub events: Option<RingBuf<MapData>>,
+    /// Pinned maps of an earlier daemon were reused: the kernel's counts are current.
+    pub resumed: bool,
+    /// This build's pin directory (`<pin_dir>/<layout>`).
+    pub pin_dir: PathBuf,
     _refuse: ProgramArray<MapData>,
     _api_socks: SockHash<MapData, u64>,
     _push_socks: SockHash<MapData, u64>,
@@ -88,6 +108,23 @@ where
         .ok_or(LoadError::MissingProgram(name))?;
     p.try_into()
         .map_err(|source| LoadError::Program { name, source })
+}
+
+/// Pins a freshly made link so it outlives this process.
+fn pin_link<L>(link: L, path: &Path) -> Result<(), LoadError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let fd = FdLink::try_from(link).map_err(|e| LoadError::Link {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    fd.pin(path).map_err(|e| LoadError::Link {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(())
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
@@ -120,11 +157,34 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
 }
 
 impl Kernel {
-    /// Loads the programs and attaches them: sock_ops to `cgroup`, the verdict to API_SOCKS and
-    /// the push counter to PUSH_SOCKS. Nothing is counted until the daemon marks CONFIG ready.
-    pub fn load(cgroup: &Path) -> Result<Self, LoadError> {
-        let mut ebpf = load_object()?;
+    /// Loads the programs with their maps pinned under `pin_dir` and attaches them: sock_ops to
+    /// `cgroup`, the verdict to API_SOCKS, the push counter to PUSH_SOCKS, the 429 writer into the
+    /// tail-call slot, and the XDP SYN gate to `interfaces` (in `netns` when given).
+    ///
+    /// Pinned maps that exist are reused and the attachments swapped to the new programs in
+    /// place (link update, sockmap program replace), so a restarted or upgraded daemon continues
+    /// with the kernel's counts and without a moment unattached. Everything stays attached after
+    /// the daemon exits; `limiter unload` removes it.
+    pub fn load(
+        pin_dir: &Path,
+        cgroup: &Path,
+        interfaces: &[String],
+        netns: Option<&Path>,
+    ) -> Result<Self, LoadError> {
+        let dir = pins::prepare(pin_dir)?;
+        let resumed = pins::check_existing(&dir)?;
+        let mut loader = EbpfLoader::new();
+        let expected = pins::expected_maps();
+        let paths: Vec<(&str, PathBuf)> = expected
+            .iter()
+            .map(|(name, ..)| (*name, dir.join(name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
+
         // The 429 writer is tail-called by the verdict, never attached.
         let mut refuse: ProgramArray<MapData> = take(&mut ebpf, names::REFUSE)?;
         let fd = program::<SkSkb>(&mut ebpf, programs::REFUSE)?
@@ -134,15 +194,47 @@ impl Kernel {
             name: names::REFUSE,
             source,
         })?;
+        // Attaching to a sockmap replaces what a previous daemon attached; the attachments are
+        // owned by the (pinned) maps from then on, not by this process.
         let api_socks: SockHash<MapData, u64> = take(&mut ebpf, names::API_SOCKS)?;
         let push_socks: SockHash<MapData, u64> = take(&mut ebpf, names::PUSH_SOCKS)?;
-        program::<SkSkb>(&mut ebpf, programs::VERDICT)?
+        let verdict = program::<SkSkb>(&mut ebpf, programs::VERDICT)?;
+        let id = verdict
             .attach(api_socks.fd())
             .map_err(prog_err(programs::VERDICT))?;
-        program::<SkMsg>(&mut ebpf, programs::PUSH_MSG)?
+        std::mem::forget(verdict.take_link(id).map_err(prog_err(programs::VERDICT))?);
+        let push = program::<SkMsg>(&mut ebpf, programs::PUSH_MSG)?;
+        let id = push
             .attach(push_socks.fd())
             .map_err(prog_err(programs::PUSH_MSG))?;
-        let kernel = Kernel {
+        std::mem::forget(push.take_link(id).map_err(prog_err(programs::PUSH_MSG))?);
+
+        let sock_ops = program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
+        let link = dir.join("link_sock_ops");
+        if link.exists() {
+            let fd = sock_ops.fd().map_err(prog_err(programs::SOCK_OPS))?;
+            pins::obj_get(&link)
+                .and_then(|l| pins::link_update(&l, &fd.as_fd().as_raw_fd()))
+                .map_err(|source| LoadError::Link {
+                    path: link.display().to_string(),
+                    source,
+                })?;
+        } else {
+            let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
+                path: cgroup.display().to_string(),
+                source,
+            })?;
+            // Through a bpf_link the attachment coexists with other programs on this cgroup and
+            // its parents; the link API wants no mode flags.
+            let id = sock_ops
+                .attach(cg, CgroupAttachMode::Single)
+                .map_err(prog_err(programs::SOCK_OPS))?;
+            let owned = sock_ops
+                .take_link(id)
+                .map_err(prog_err(programs::SOCK_OPS))?;
+            pin_link(owned, &link)?;
+        }
+        let mut kernel = Kernel {
             config: take(&mut ebpf, names::CONFIG)?,
             ports: take(&mut ebpf, names::API_PORTS)?,
             org_by_addr: take(&mut ebpf, names::ORG_BY_ADDR)?,
@@ -151,28 +243,21 @@ impl Kernel {
             org_days: take(&mut ebpf, names::ORG_DAYS)?,
             faults: take(&mut ebpf, names::FAULTS)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
+            resumed,
+            pin_dir: dir,
             _refuse: refuse,
             _api_socks: api_socks,
             _push_socks: push_socks,
             _ebpf: ebpf,
         };
-        let mut kernel = kernel;
-        let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
-            path: cgroup.display().to_string(),
-            source,
-        })?;
-        // Through a bpf_link (kernel >= 5.7) the attachment always coexists with other programs
-        // on this cgroup and its parents; the link API wants no mode flags.
-        program::<SockOps>(&mut kernel._ebpf, programs::SOCK_OPS)?
-            .attach(cg, CgroupAttachMode::Single)
-            .map_err(prog_err(programs::SOCK_OPS))?;
+        kernel.attach_syn_gate(interfaces, netns)?;
         Ok(kernel)
     }
 
     /// Attaches the XDP SYN gate (`concurrency_mode = "delay"`) to `interfaces`, looked up in the
     /// network namespace `netns` when given (the API may live in another namespace than the
     /// daemon). Native mode where the driver has it, generic otherwise.
-    pub fn attach_syn_gate(
+    fn attach_syn_gate(
         &mut self,
         interfaces: &[String],
         netns: Option<&Path>,
@@ -188,6 +273,7 @@ impl Kernel {
                 })
             })
             .transpose()?;
+        let dir = self.pin_dir.clone();
         let prog = program::<Xdp>(&mut self._ebpf, programs::SYN_GATE)?;
         // Interface names and the attachment resolve in the calling thread's network namespace,
         // so a scoped thread enters it and the daemon's own threads stay where they are.
@@ -206,12 +292,26 @@ impl Kernel {
                     }
                 }
                 for iface in interfaces {
-                    prog.attach(iface, XdpMode::Default)
+                    let link = dir.join(format!("link_xdp_{iface}"));
+                    if link.exists() {
+                        let fd = prog.fd().map_err(prog_err(programs::SYN_GATE))?;
+                        pins::obj_get(&link)
+                            .and_then(|l| pins::link_update(&l, &fd.as_fd().as_raw_fd()))
+                            .map_err(|source| LoadError::Link {
+                                path: link.display().to_string(),
+                                source,
+                            })?;
+                        continue;
+                    }
+                    let id = prog
+                        .attach(iface, XdpMode::Default)
                         .or_else(|_| prog.attach(iface, XdpMode::Skb))
                         .map_err(|source| LoadError::Interface {
                             iface: iface.clone(),
                             source,
                         })?;
+                    let owned = prog.take_link(id).map_err(prog_err(programs::SYN_GATE))?;
+                    pin_link(owned, &link)?;
                 }
                 Ok(())
             })

@@ -39,6 +39,10 @@ enum Command {
     Reload,
     /// Clear today's counters of one org or of all.
     Reset(ResetArgs),
+    /// Stop the running daemon; the kernel programs keep counting and enforcing.
+    Stop,
+    /// Stop the daemon if it runs and remove everything it pinned: the programs detach.
+    Unload,
     /// Self-contained demo in private namespaces (needs root).
     Demo,
     #[command(hide = true, subcommand)]
@@ -75,8 +79,27 @@ enum DebugCommand {
     AdvanceClock { secs: i64 },
 }
 
+/// The daemon's control socket per the config. A config that no longer validates (the case of a
+/// failing reload) is read leniently, so the daemon still gets the request and reports the error
+/// itself.
 fn control_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
-    Ok(Config::load(&cli.config)?.daemon.control_socket)
+    match Config::load(&cli.config) {
+        Ok(cfg) => Ok(cfg.daemon.control_socket),
+        Err(e) => {
+            let text = std::fs::read_to_string(&cli.config).map_err(|_| e)?;
+            let value: toml::Value = toml::from_str(&text).unwrap_or(toml::Value::Integer(0));
+            let daemon = value.get("daemon");
+            let socket = daemon
+                .and_then(|d| d.get("control_socket"))
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from);
+            let state = daemon
+                .and_then(|d| d.get("state_dir"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("/var/lib/limiter");
+            Ok(socket.unwrap_or_else(|| PathBuf::from(state).join("control.sock")))
+        }
+    }
 }
 
 fn ask(cli: &Cli, req: &Request) -> anyhow::Result<Response> {
@@ -88,6 +111,14 @@ fn ask(cli: &Cli, req: &Request) -> anyhow::Result<Response> {
         );
     }
     Ok(resp)
+}
+
+/// Waits (up to 10 s) for a stopping daemon to remove its control socket.
+fn wait_gone(socket: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn main() -> ExitCode {
@@ -161,6 +192,31 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 },
             )?;
             println!("reset: {}", resp.data["reset"]);
+        }
+        Command::Stop => {
+            ask(cli, &Request::Shutdown { unload: false })?;
+            println!("stopped; the kernel programs keep counting and enforcing");
+        }
+        Command::Unload => {
+            let cfg = Config::load(&cli.config)?;
+            match control::call(
+                &cfg.daemon.control_socket,
+                &Request::Shutdown { unload: true },
+            ) {
+                Ok(resp) if resp.ok => {
+                    wait_gone(&cfg.daemon.control_socket);
+                    println!("daemon stopped and unloaded");
+                }
+                // No daemon: remove the pins ourselves.
+                _ => {
+                    let removed = limiter_user::pins::unload(&cfg.daemon.pin_dir)?;
+                    println!(
+                        "removed {} pinned objects under {}",
+                        removed.len(),
+                        cfg.daemon.pin_dir.display()
+                    );
+                }
+            }
         }
         Command::Demo => return demo::run(),
         Command::Debug(DebugCommand::AdvanceClock { secs }) => {

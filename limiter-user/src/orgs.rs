@@ -64,6 +64,25 @@ impl OrgIds {
         Ok(ids)
     }
 
+    /// The ids already in the kernel (read back from its maps after a restart).
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (u32, String)>) -> Self {
+        let mut ids = OrgIds {
+            by_name: HashMap::new(),
+            names: vec![None],
+        };
+        for (id, name) in pairs {
+            if id == UNMAPPED_ORG {
+                continue;
+            }
+            if ids.names.len() <= id as usize {
+                ids.names.resize(id as usize + 1, None);
+            }
+            ids.by_name.insert(name.clone(), id);
+            ids.names[id as usize] = Some(name);
+        }
+        ids
+    }
+
     pub fn id(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
     }

@@ -11,6 +11,7 @@ use crate::{
     counters::{self, CountersError},
     loader::Kernel,
     orgs::OrgIds,
+    snapshot::DaySnapshot,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +120,38 @@ pub fn build(
             exempt_media_gets: u.exempt_media_gets,
         },
     })
+}
+
+/// A past day's report from its snapshot (connections are not kept for past days).
+pub fn from_snapshot(cfg: &Config, snap: &DaySnapshot, only: Option<&str>) -> Report {
+    let mut orgs = Vec::new();
+    for org in &cfg.orgs {
+        if only.is_some_and(|o| o != org.name) {
+            continue;
+        }
+        let Some(c) = snap.orgs.get(&org.name) else {
+            continue;
+        };
+        let l = cfg.limits_for(org);
+        orgs.push(OrgReport::new(
+            &org.name,
+            &c.to_day(snap.day),
+            0,
+            l.daily_requests,
+            l.concurrent_connections,
+        ));
+    }
+    Report {
+        day: snap.date.clone(),
+        resets_in_seconds: 0,
+        orgs,
+        unmapped: UnmappedReport {
+            requests: snap.unmapped.requests,
+            connections: 0,
+            unparsed: snap.unmapped.unparsed,
+            exempt_media_gets: snap.unmapped.exempt_media_gets,
+        },
+    }
 }
 
 impl Report {

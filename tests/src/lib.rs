@@ -96,7 +96,11 @@ impl World {
 
     /// Starts `limiter run` and waits until it answers.
     pub fn start_daemon(&mut self) -> Result<()> {
-        let log = std::fs::File::create(&self.daemon_log)?;
+        // Appended: a restarted daemon's lines follow the earlier ones.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon_log)?;
         let child = Command::new(&self.exe)
             .arg("run")
             .arg("--config")
@@ -125,6 +129,15 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the daemon with SIGKILL (no shutdown work at all) and waits for it.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        if let Some(mut c) = self.daemon.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
     }
 
     /// Stops the daemon with SIGTERM and waits for it.

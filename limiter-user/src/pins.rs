@@ -1,0 +1,237 @@
+//! The pin directory: where maps and program links live in bpffs so the kernel keeps counting and
+//! enforcing while the daemon restarts, and where a new daemon picks them up again.
+//!
+//! Layout: `<pin_dir>/<layout>/` with one file per map (by name) and one per link
+//! (`link_sock_ops`, `link_xdp_<iface>`). `<layout>` names the map layout (types and sizes), so a
+//! build with another layout never reuses incompatible maps.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+use limiter_common::{
+    AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, MAX_API_PORTS, MAX_CIDRS,
+    MAX_ORGS, MAX_SOCKETS, OrgLimits, SockState, names, reply::Scratch,
+};
+use thiserror::Error;
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, Error)]
+pub enum PinError {
+    #[error(
+        "{path} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf) or set daemon.pin_dir to a directory on bpffs"
+    )]
+    NotBpffs { path: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {path} does not match this build ({what}: pinned {pinned}, expected {expected}); remove it with `limiter unload`"
+    )]
+    Mismatch {
+        path: String,
+        what: &'static str,
+        pinned: u32,
+        expected: u32,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
+    move |source| PinError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// (name, key size, value size, max entries) of every pinned map.
+pub fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
+    let sz = |n: usize| n as u32;
+    vec![
+        (names::CONFIG, 4, sz(size_of::<Config>()), 1),
+        (names::API_PORTS, 2, 1, MAX_API_PORTS),
+        (
+            names::ORG_BY_ADDR,
+            sz(4 + size_of::<AddrKey>()),
+            4,
+            MAX_CIDRS,
+        ),
+        (names::ORG_LIMITS, 4, sz(size_of::<OrgLimits>()), MAX_ORGS),
+        (names::ORG_CONNS, 4, 8, MAX_ORGS),
+        (
+            names::ORG_DAYS,
+            4,
+            sz(size_of::<DayCounters>()),
+            MAX_ORGS * DAY_SLOTS,
+        ),
+        (
+            names::SOCK_STATE,
+            8,
+            sz(size_of::<SockState>()),
+            MAX_SOCKETS,
+        ),
+        (names::API_SOCKS, 8, 4, MAX_SOCKETS),
+        (names::PUSH_SOCKS, 8, 4, MAX_SOCKETS),
+        (names::EVENTS, 0, 0, EVENTS_BYTES),
+        (names::FAULTS, 4, 8, FAULT_COUNT),
+        (names::SCRATCH, 4, sz(size_of::<Scratch>()), 1),
+        (names::REFUSE, 4, 4, 1),
+    ]
+}
+
+/// A short name for the map layout: a hash of the maps' names and sizes.
+pub fn layout_version() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for x in b {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for (name, k, v, m) in expected_maps() {
+        eat(name.as_bytes());
+        eat(&k.to_le_bytes());
+        eat(&v.to_le_bytes());
+        eat(&m.to_le_bytes());
+    }
+    format!("v1-{:08x}", h as u32)
+}
+
+/// The directory of this build's pins under `pin_dir`.
+pub fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(layout_version())
+}
+
+fn fs_magic(path: &Path) -> std::io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
+    // SAFETY: zeroed statfs is a valid out value; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Makes sure `pin_dir` exists on bpffs. `/sys/fs/bpf` itself is mounted when it is not yet (as
+/// after a reboot on systems that do not mount it).
+pub fn prepare(pin_dir: &Path) -> Result<PathBuf, PinError> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(sys_bpf) && fs_magic(sys_bpf).is_ok_and(|m| m != BPF_FS_MAGIC) {
+        let (src, dst, ty) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: plain mount(2) with NUL-terminated strings.
+        if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) } != 0
+        {
+            return Err(io(sys_bpf)(std::io::Error::last_os_error()));
+        }
+    }
+    let dir = layout_dir(pin_dir);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    if fs_magic(&dir).map_err(io(&dir))? != BPF_FS_MAGIC {
+        return Err(PinError::NotBpffs {
+            path: pin_dir.display().to_string(),
+        });
+    }
+    Ok(dir)
+}
+
+/// Checks every map already pinned in `dir` against this build; true when any was pinned (the
+/// daemon resumes from the kernel's state rather than starting fresh).
+pub fn check_existing(dir: &Path) -> Result<bool, PinError> {
+    let mut any = false;
+    for (name, key, value, max) in expected_maps() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        any = true;
+        let info = MapInfo::from_pin(&path).map_err(|e| PinError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        for (what, pinned, expected) in [
+            ("key size", info.key_size(), key),
+            ("value size", info.value_size(), value),
+            ("max entries", info.max_entries(), max),
+        ] {
+            if pinned != expected {
+                return Err(PinError::Mismatch {
+                    path: path.display().to_string(),
+                    what,
+                    pinned,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(any)
+}
+
+fn bpf(cmd: libc::c_int, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+    // SAFETY: the bpf syscall with a zero-padded attribute buffer of the size we pass.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Opens a pinned object (BPF_OBJ_GET), for link updates aya does not offer for every link type.
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_int = 7;
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
+    let mut attr = [0u8; 128];
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Points an existing bpf_link at a new program, atomically (BPF_LINK_UPDATE): an upgraded daemon
+/// swaps programs without a moment in which nothing is attached.
+pub fn link_update(link: &OwnedFd, prog: &impl AsRawFd) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_int = 29;
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Removes this build's pins (maps and links): the programs detach once nothing holds them.
+pub fn unload(pin_dir: &Path) -> Result<Vec<String>, PinError> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() || !entry.file_name().to_string_lossy().starts_with('v') {
+            continue;
+        }
+        for f in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            std::fs::remove_file(f.path()).map_err(io(&f.path()))?;
+            removed.push(f.path().display().to_string());
+        }
+        std::fs::remove_dir(&dir).map_err(io(&dir))?;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_version_is_stable_and_short() {
+        assert_eq!(layout_version(), layout_version());
+        assert!(layout_version().starts_with("v1-") && layout_version().len() == 11);
+    }
+}

@@ -1,0 +1,178 @@
+//! Day snapshots in `daemon.state_dir`: today's counts survive a reboot (the maps do not), and
+//! past days stay reportable (`limiter report --day`).
+//!
+//! One JSON file per quota day, `days/<YYYY-MM-DD>.json`, written atomically: a temporary file,
+//! fsync, rename, fsync of the directory.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use limiter_common::DayCounters;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a limiter day snapshot: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One org's counters of a day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub requests: u64,
+    pub rejected: u64,
+    pub exempt_media_gets: u64,
+    pub exempt_pushes: u64,
+    pub unparsed: u64,
+    pub peak_connections: u64,
+    pub concurrency_breaches: u64,
+    #[serde(default)]
+    pub delayed_syns: u64,
+    #[serde(default)]
+    pub concurrency_rejected: u64,
+}
+
+impl From<&DayCounters> for Counts {
+    fn from(d: &DayCounters) -> Self {
+        Counts {
+            requests: d.requests,
+            rejected: d.rejected,
+            exempt_media_gets: d.exempt_media_gets,
+            exempt_pushes: d.exempt_pushes,
+            unparsed: d.unparsed,
+            peak_connections: d.peak_connections,
+            concurrency_breaches: d.concurrency_breaches,
+            delayed_syns: d.delayed_syns,
+            concurrency_rejected: d.concurrency_rejected,
+        }
+    }
+}
+
+impl Counts {
+    /// The kernel's counters of `day` with these counts.
+    pub fn to_day(self, day: u64) -> DayCounters {
+        DayCounters {
+            day,
+            requests: self.requests,
+            rejected: self.rejected,
+            exempt_media_gets: self.exempt_media_gets,
+            exempt_pushes: self.exempt_pushes,
+            unparsed: self.unparsed,
+            peak_connections: self.peak_connections,
+            concurrency_breaches: self.concurrency_breaches,
+            delayed_syns: self.delayed_syns,
+            concurrency_rejected: self.concurrency_rejected,
+        }
+    }
+}
+
+/// Everything counted on this host on one quota day.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaySnapshot {
+    /// Day number (quota days since 1970-01-01).
+    pub day: u64,
+    /// The date the day starts on (UTC).
+    pub date: String,
+    /// Unix seconds when taken.
+    pub taken_at: u64,
+    pub orgs: BTreeMap<String, Counts>,
+    pub unmapped: Counts,
+}
+
+pub fn path(state_dir: &Path, date: &str) -> PathBuf {
+    state_dir.join("days").join(format!("{date}.json"))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes the snapshot atomically, replacing an older one of the same day.
+pub fn write(state_dir: &Path, snap: &DaySnapshot) -> Result<PathBuf, SnapshotError> {
+    let target = path(state_dir, &snap.date);
+    let dir = target.parent().unwrap_or(state_dir).to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let tmp = dir.join(format!(".{}.tmp", snap.date));
+    let body = serde_json::to_vec_pretty(snap).map_err(|e| SnapshotError::Parse {
+        path: tmp.display().to_string(),
+        source: e,
+    })?;
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&body).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &target).map_err(io(&target))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(&dir))?;
+    Ok(target)
+}
+
+/// The snapshot of `date`, if one was written.
+pub fn read(state_dir: &Path, date: &str) -> Result<Option<DaySnapshot>, SnapshotError> {
+    let p = path(state_dir, date);
+    match std::fs::read(&p) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| SnapshotError::Parse {
+                    path: p.display().to_string(),
+                    source,
+                })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&p)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_roundtrip_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = DaySnapshot {
+            day: 20_785,
+            date: "2026-11-28".into(),
+            taken_at: 1,
+            ..Default::default()
+        };
+        let mut d = DayCounters::for_day(20_785);
+        d.requests = 7;
+        d.rejected = 2;
+        snap.orgs.insert("acme".into(), Counts::from(&d));
+        let p = write(dir.path(), &snap).unwrap();
+        assert!(p.ends_with("days/2026-11-28.json"));
+        assert_eq!(read(dir.path(), "2026-11-28").unwrap(), Some(snap.clone()));
+        assert_eq!(snap.orgs["acme"].to_day(20_785), d);
+        // A second write replaces the first; no temporary file is left behind.
+        snap.taken_at = 2;
+        write(dir.path(), &snap).unwrap();
+        assert_eq!(read(dir.path(), "2026-11-28").unwrap().unwrap().taken_at, 2);
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("days"))
+            .unwrap()
+            .collect();
+        assert_eq!(files.len(), 1);
+        assert_eq!(read(dir.path(), "2026-11-27").unwrap(), None);
+        std::fs::write(path(dir.path(), "2026-11-26"), "garbage").unwrap();
+        let err = read(dir.path(), "2026-11-26").unwrap_err().to_string();
+        assert!(err.contains("2026-11-26.json"), "{err}");
+    }
+}

@@ -1,0 +1,276 @@
+//! Losing nothing: daemon restarts (even SIGKILL), reboots (pins gone, snapshot restored), hot
+//! reloads during traffic, and reloads that fail.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use integration_tests::{World, org_toml};
+use limiter_user::testbed::{HttpConn, Request, http_requests};
+use serde_json::Value;
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+fn cidr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+fn gets(path: &str, count: usize) -> Vec<Request> {
+    (0..count)
+        .map(|i| Request::get(format!("{path}{i}")))
+        .collect()
+}
+
+/// Statuses of `count` GETs from `src`, one connection each.
+fn statuses(w: &World, src: IpAddr, count: usize) -> Result<Vec<u16>> {
+    let api = w.api4();
+    let r =
+        w.client(|| async move { http_requests(src, api, &gets("/api/", count), false).await })?;
+    Ok(r.iter().map(|r| r.status).collect())
+}
+
+/// The kernel keeps counting and enforcing while the daemon is dead (SIGKILL), and the restarted
+/// daemon picks up the pinned maps with their counts.
+#[test]
+fn kill_9_and_restart_lose_nothing() -> Result<()> {
+    let mut w = World::new("kill9", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config("", &org_toml("acme", &[cidr(acme)], "daily_requests = 20"))?;
+    w.start_daemon()?;
+    assert!(statuses(&w, acme, 10)?.iter().all(|s| *s == 200));
+    w.kill_daemon()?;
+    // No daemon: the kernel still counts, and refuses at the limit.
+    let st = statuses(&w, acme, 15)?;
+    assert_eq!(st.iter().filter(|s| **s == 200).count(), 10, "{st:?}");
+    assert_eq!(st.iter().filter(|s| **s == 429).count(), 5, "{st:?}");
+    w.start_daemon()?;
+    let org = w.org("acme")?;
+    assert_eq!((n(&org, "requests"), n(&org, "rejected")), (20, 5), "{org}");
+    assert!(
+        w.daemon_log().contains("resumed=true"),
+        "{}",
+        w.daemon_log()
+    );
+    assert_eq!(statuses(&w, acme, 2)?, [429, 429]);
+    assert_eq!(w.served_from(acme)?.len(), 20);
+    Ok(())
+}
+
+/// A reboot loses the maps; today's counts come back from the snapshot the daemon wrote. Past
+/// days stay reportable from their snapshots.
+#[test]
+fn reboot_restores_today_from_the_snapshot() -> Result<()> {
+    let mut w = World::new("reboot", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config("", &org_toml("acme", &[cidr(acme)], "daily_requests = 10"))?;
+    w.start_daemon()?;
+    assert!(statuses(&w, acme, 7)?.iter().all(|s| *s == 200));
+    w.stop_daemon()?;
+    // What a reboot does to the kernel side: every pinned map and link is gone.
+    let out = w.cli(&["unload"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pins = std::fs::read_dir(w.tb.bpffs().join("limiter"))?.count();
+    assert_eq!(pins, 0, "unload removed the pins");
+    w.start_daemon()?;
+    let org = w.org("acme")?;
+    assert_eq!(n(&org, "requests"), 7, "restored from the snapshot: {org}");
+    assert!(
+        w.daemon_log().contains("restored_orgs=1"),
+        "{}",
+        w.daemon_log()
+    );
+    let st = statuses(&w, acme, 5)?;
+    assert_eq!(
+        st,
+        [200, 200, 200, 429, 429],
+        "the quota continues from the restored count"
+    );
+
+    // Two days later the kernel no longer holds that day; its snapshot answers.
+    let day1 = w.report()?["day"].as_str().unwrap_or_default().to_string();
+    for _ in 0..2 {
+        assert!(
+            w.cli(&["debug", "advance-clock", "86400"])?
+                .status
+                .success()
+        );
+    }
+    let out = w.cli(&["report", "--json", "--day", &day1])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let past: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(past["day"], day1.as_str());
+    assert_eq!(
+        (
+            n(&past["orgs"][0], "requests"),
+            n(&past["orgs"][0], "rejected")
+        ),
+        (10, 2),
+        "{past}"
+    );
+    let out = w.cli(&["report", "--json", "--day", "2001-01-01"])?;
+    assert!(!out.status.success());
+    Ok(())
+}
+
+/// Reloads during traffic: added, removed and changed orgs, no count reset, no unmapped window
+/// for orgs that stay; the counts add up exactly to what the server saw.
+#[test]
+fn reload_during_traffic_keeps_counts_exact() -> Result<()> {
+    let mut w = World::new("reload", 3, 0)?;
+    let [a, b, c] = [0, 1, 2].map(|i| IpAddr::V4(w.tb.clients_v4()[i]));
+    let before = [org_toml("a", &[cidr(a)], ""), org_toml("b", &[cidr(b)], "")].concat();
+    let after = [
+        org_toml("a", &[cidr(a)], "daily_requests = 5000"),
+        org_toml("c", &[cidr(c)], ""),
+    ]
+    .concat();
+    w.write_config("", &before)?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let (to_main, reload_now) = std::sync::mpsc::channel::<()>();
+    let (reloaded, wait_reload) = std::sync::mpsc::channel::<()>();
+    let reload_out = std::thread::scope(|s| -> Result<std::process::Output> {
+        // b: one connection per request, throughout.
+        let wb = &w;
+        let background = s.spawn(move || {
+            wb.client(|| async move {
+                for i in 0..30 {
+                    let r = http_requests(b, api, &gets(&format!("/api/b{i}/"), 10), false).await?;
+                    assert!(r.iter().all(|r| r.status == 200));
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Ok(())
+            })
+        });
+        // a and c: keep-alive connections opened before the reload and used after it.
+        let wf = &w;
+        let foreground = s.spawn(move || {
+            wf.client(|| async move {
+                let mut ca = HttpConn::connect(Some(a), api).await?;
+                let mut cc = HttpConn::connect(Some(c), api).await?;
+                for round in 0..2 {
+                    for i in 0..100 {
+                        let path = format!("/api/r{round}/{i}");
+                        assert_eq!(
+                            ca.send(&Request::get(path.as_str()), true).await?.status,
+                            200
+                        );
+                        assert_eq!(
+                            cc.send(&Request::get(path.as_str()), true).await?.status,
+                            200
+                        );
+                    }
+                    if round == 0 {
+                        let _ = to_main.send(());
+                        let _ = wait_reload.recv_timeout(std::time::Duration::from_secs(20));
+                    }
+                }
+                Ok(())
+            })
+        });
+        let _ = reload_now.recv_timeout(std::time::Duration::from_secs(20));
+        w.write_config("", &after)?;
+        let out = w.cli(&["reload"])?;
+        let _ = reloaded.send(());
+        foreground
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        background
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        Ok(out)
+    })?;
+    let text = String::from_utf8_lossy(&reload_out.stdout);
+    assert!(
+        reload_out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&reload_out.stderr)
+    );
+    assert!(text.contains("added") && text.contains('c'), "{text}");
+    assert!(text.contains("removed") && text.contains('b'), "{text}");
+    let r = w.report()?;
+    let org = |name: &str| {
+        r["orgs"]
+            .as_array()
+            .and_then(|o| o.iter().find(|x| x["org"] == name).cloned())
+    };
+    let a_org = org("a").expect("a stays");
+    assert!(org("b").is_none(), "b was removed: {r}");
+    let c_org = org("c").expect("c was added");
+    // a was mapped throughout: exact. b's and c's requests split between their org and
+    // unmapped around the reload, and add up exactly.
+    assert_eq!(n(&a_org, "requests"), w.served_from(a)?.len() as u64);
+    assert_eq!(n(&a_org, "requests"), 200);
+    assert_eq!(n(&a_org, "daily_limit"), 5000, "a's limit changed");
+    let served_bc = (w.served_from(b)?.len() + w.served_from(c)?.len()) as u64;
+    assert_eq!(served_bc, 500);
+    // b's count up to its removal is in the reload's log line.
+    let log = w.daemon_log();
+    let b_removed: u64 = log
+        .lines()
+        .find(|l| l.contains("org_removed") && l.contains("org=\"b\""))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("requests="))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no org_removed line for b: {log}"));
+    assert_eq!(
+        n(&c_org, "requests"),
+        100,
+        "c's keep-alive connection counts for c from its first request after the reload: {c_org}"
+    );
+    assert_eq!(
+        b_removed + n(&c_org, "requests") + n(&r["unmapped"], "requests"),
+        served_bc,
+        "b before removal + c after addition + unmapped = what the server saw"
+    );
+    Ok(())
+}
+
+/// A reload with a broken config changes nothing and says where the problem is.
+#[test]
+fn a_bad_reload_changes_nothing() -> Result<()> {
+    let mut w = World::new("badreload", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let good = org_toml("acme", &[cidr(acme)], "daily_requests = 50");
+    w.write_config("", &good)?;
+    w.start_daemon()?;
+    assert!(statuses(&w, acme, 5)?.iter().all(|s| *s == 200));
+    let cfg = std::fs::read_to_string(&w.config)?;
+    std::fs::write(
+        &w.config,
+        cfg.replace("daily_requests = 50", "daily_requests = \"many\""),
+    )?;
+    let out = w.cli(&["reload"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("limiter.toml:") && err.contains("daily_requests"),
+        "{err}"
+    );
+    assert!(w.daemon_log().contains("reload_failed"));
+    let org = w.org("acme")?;
+    assert_eq!(
+        (n(&org, "requests"), n(&org, "daily_limit")),
+        (5, 50),
+        "old config in force: {org}"
+    );
+    assert!(statuses(&w, acme, 3)?.iter().all(|s| *s == 200));
+    assert_eq!(n(&w.org("acme")?, "requests"), 8);
+    Ok(())
+}
