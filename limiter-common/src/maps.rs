@@ -13,6 +13,7 @@ pub mod names {
     pub const ORG_LIMITS: &str = "ORG_LIMITS";
     pub const ORG_CONNS: &str = "ORG_CONNS";
     pub const ORG_DAYS: &str = "ORG_DAYS";
+    pub const ORG_REMOTE: &str = "ORG_REMOTE";
     pub const SOCK_STATE: &str = "SOCK_STATE";
     pub const API_SOCKS: &str = "API_SOCKS";
     pub const PUSH_SOCKS: &str = "PUSH_SOCKS";
@@ -190,6 +191,16 @@ pub const fn day_index(org: u32, day: u64) -> u32 {
     org * DAY_SLOTS + (day % DAY_SLOTS as u64) as u32
 }
 
+/// Requests an org made on the other hosts of a cluster on `day` (ORG_REMOTE, indexed like
+/// ORG_DAYS). Written only by the daemon from the shared counters; the kernel refuses when its own
+/// count plus this reaches the limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RemoteCount {
+    pub day: u64,
+    pub requests: u64,
+}
+
 /// Per-socket state in SOCK_STATE, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -263,6 +274,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for OrgLimits {}
     unsafe impl aya::Pod for DayCounters {}
+    unsafe impl aya::Pod for RemoteCount {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for Event {}
 }

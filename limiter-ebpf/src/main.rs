@@ -41,7 +41,7 @@ use limiter_common::{
     FAULT_NO_SOCK_STATE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS,
     MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT,
     ORG_F_DRY_RUN, OrgLimits, PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED,
-    SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
+    RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
     http::{self, Class, Method, PEEK_LEN},
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     v4_mapped,
@@ -64,6 +64,8 @@ static ORG_LIMITS: Array<OrgLimits> = Array::with_max_entries(MAX_ORGS, 0);
 static ORG_CONNS: Array<i64> = Array::with_max_entries(MAX_ORGS, 0);
 #[map]
 static ORG_DAYS: Array<DayCounters> = Array::with_max_entries(MAX_ORGS * DAY_SLOTS, 0);
+#[map]
+static ORG_REMOTE: Array<RemoteCount> = Array::with_max_entries(MAX_ORGS * DAY_SLOTS, 0);
 #[map]
 static SOCK_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 #[map]
@@ -534,7 +536,16 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: valid map value.
     let before = add(unsafe { &raw mut (*slot).requests }, 1);
     let Some(l) = limits else { return SK_PASS };
-    if org == UNMAPPED_ORG || l.flags & ORG_F_ACTIVE == 0 || before < l.daily_requests {
+    if org == UNMAPPED_ORG || l.flags & ORG_F_ACTIVE == 0 {
+        return SK_PASS;
+    }
+    // In a cluster the other hosts' count of today counts against the same limit.
+    let remote = ORG_REMOTE
+        .get(day_index(org, day))
+        .filter(|r| r.day == day)
+        .map(|r| r.requests)
+        .unwrap_or(0);
+    if before.saturating_add(remote) < l.daily_requests {
         return SK_PASS;
     }
     // Over quota: the request goes to `rejected`, not `requests`.

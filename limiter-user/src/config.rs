@@ -44,7 +44,8 @@ const MAX_ORG_NAME: usize = 64;
 /// The report uses this name for traffic of unknown orgs, so no real org may take it.
 const RESERVED_ORG_NAME: &str = "unmapped";
 
-const ROOT_KEYS: &str = "api, limits, daemon, orgs";
+const ROOT_KEYS: &str = "api, limits, daemon, cluster, orgs";
+const CLUSTER_KEYS: &str = "redis, host_id, sync_interval_ms";
 const API_KEYS: &str = "ports, cgroup, media_get_prefixes, interfaces, netns";
 const LIMITS_KEYS: &str =
     "daily_requests, concurrent_connections, concurrency_mode, quota_mode, day_start";
@@ -58,6 +59,8 @@ pub struct Config {
     pub api: Api,
     pub limits: Limits,
     pub daemon: Daemon,
+    /// One quota across many API hosts, shared through Redis; None: this host alone.
+    pub cluster: Option<Cluster>,
     pub orgs: Vec<Org>,
 }
 
@@ -306,6 +309,26 @@ impl ConfigError {
             }
         }
     }
+}
+
+/// `[cluster]`: hosts share each org's daily count through Redis (or Valkey).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub redis: String,
+    /// This host's name in the shared counters (default: the hostname).
+    pub host_id: String,
+    /// How often local counts are sent and platform totals read (default 250 ms).
+    pub sync_interval_ms: u64,
+}
+
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 250;
+
+fn default_host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_string())
 }
 
 impl Config {
@@ -730,6 +753,7 @@ struct Builder<'t> {
     cgroup_given: bool,
     limits: Option<Limits>,
     daemon: Option<Daemon>,
+    cluster: Option<Cluster>,
     /// Position of `daemon.state_dir` / `daemon.control_socket`, for the socket length check.
     state_dir_pos: Option<usize>,
     control_socket_pos: Option<usize>,
@@ -755,6 +779,7 @@ impl<'t> Builder<'t> {
             cgroup_given: false,
             limits: None,
             daemon: None,
+            cluster: None,
             state_dir_pos: None,
             control_socket_pos: None,
             control_socket_given: false,
@@ -776,6 +801,7 @@ impl<'t> Builder<'t> {
             "api" => "api",
             "limits" => "limits",
             "daemon" => "daemon",
+            "cluster" => "cluster",
             "orgs" => {
                 let (items, _) = match value.node {
                     Node::Array(_) => self.src.array(value, at)?,
@@ -808,8 +834,67 @@ impl<'t> Builder<'t> {
         match name {
             "api" => self.api(pos, entries),
             "limits" => self.limits(entries),
+            "cluster" => self.cluster(pos, entries),
             _ => self.daemon(entries),
         }
+    }
+
+    fn cluster(&mut self, pos: Option<usize>, entries: Vec<Entry<'t>>) -> Result<(), ConfigError> {
+        let src = &self.src;
+        let mut redis = None;
+        let mut host_id = None;
+        let mut sync_interval_ms = DEFAULT_SYNC_INTERVAL_MS;
+        for Entry {
+            key,
+            key_pos,
+            value,
+        } in entries
+        {
+            let at = KeyAt::new(Scope::Table("cluster"), &key);
+            match &*key {
+                "redis" => {
+                    let (url, vpos) = src.string(value, at)?;
+                    if ![
+                        "redis://",
+                        "rediss://",
+                        "valkey://",
+                        "valkeys://",
+                        "redis+unix://",
+                    ]
+                    .iter()
+                    .any(|p| url.starts_with(p))
+                    {
+                        return Err(src.invalid(
+                            vpos,
+                            at,
+                            format!("{url:?} is not a Redis URL (redis://host:port)"),
+                        ));
+                    }
+                    redis = Some(url.into_owned());
+                }
+                "host_id" => {
+                    let (id, vpos) = src.string(value, at)?;
+                    if id.is_empty() || id.len() > 128 || id.contains(char::is_whitespace) {
+                        return Err(src.invalid(
+                            vpos,
+                            at,
+                            "must be 1..=128 characters without whitespace".to_string(),
+                        ));
+                    }
+                    host_id = Some(id.into_owned());
+                }
+                "sync_interval_ms" => sync_interval_ms = src.uint(&value, at, 10, 60_000)?,
+                _ => return Err(src.unknown(key_pos, at, CLUSTER_KEYS)),
+            }
+        }
+        let redis =
+            redis.ok_or_else(|| src.missing(pos, KeyAt::new(Scope::Table("cluster"), "redis")))?;
+        self.cluster = Some(Cluster {
+            redis,
+            host_id: host_id.unwrap_or_else(default_host_id),
+            sync_interval_ms,
+        });
+        Ok(())
     }
 
     fn api(&mut self, pos: Option<usize>, entries: Vec<Entry<'t>>) -> Result<(), ConfigError> {
@@ -1040,6 +1125,7 @@ impl<'t> Builder<'t> {
             api,
             limits: self.limits.unwrap_or_default(),
             daemon,
+            cluster: self.cluster,
             orgs: self.orgs,
         })
     }

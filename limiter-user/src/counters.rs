@@ -6,7 +6,7 @@ use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
     FAULT_NAMES, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
-    UNMAPPED_ORG, day_index,
+    RemoteCount, UNMAPPED_ORG, day_index,
 };
 use thiserror::Error;
 
@@ -294,6 +294,19 @@ pub fn write_day(kernel: &mut Kernel, id: u32, counters: DayCounters) -> Result<
         .org_days
         .set(day_index(id, counters.day), counters, 0)
         .map_err(map_err(format!("restoring counters of org id {id}")))
+}
+
+/// Sets what the other hosts of a cluster counted for org `id` on `day`.
+pub fn write_remote(
+    kernel: &mut Kernel,
+    id: u32,
+    day: u64,
+    requests: u64,
+) -> Result<(), CountersError> {
+    kernel
+        .org_remote
+        .set(day_index(id, day), RemoteCount { day, requests }, 0)
+        .map_err(map_err(format!("writing the cluster count of org id {id}")))
 }
 
 /// The kernel's fault counters by name.

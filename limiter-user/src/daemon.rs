@@ -29,6 +29,7 @@ use crate::{
     orgs::{OrgIds, UNMAPPED_NAME},
     pins, report,
     snapshot::{self, Counts, DaySnapshot},
+    sync::{self, Platform},
 };
 
 /// Breach lines per org are at most one a minute (DESIGN.md §5.6).
@@ -58,6 +59,10 @@ pub struct Daemon {
     snapshot_taken: Instant,
     /// Remove the pins on exit (`limiter unload`).
     unload: bool,
+    /// The other hosts' counts, from the last successful cluster sync.
+    platform: Option<Platform>,
+    /// Since when the cluster's Redis has been unreachable, and when that was last logged.
+    cluster_down: Option<(Instant, Instant)>,
 }
 
 /// Writes today's snapshot counts into fresh maps; returns how many orgs were restored.
@@ -153,7 +158,76 @@ impl Daemon {
             unmapped_logged: Instant::now(),
             snapshot_taken: Instant::now(),
             unload: false,
+            platform: None,
+            cluster_down: None,
         })
+    }
+
+    /// This host's counts of today, for the cluster sync.
+    fn local_counts(&self) -> sync::Local {
+        let day = self.clock.today().max(self.day);
+        sync::Local {
+            date: self.clock.date(day),
+            orgs: self
+                .ids
+                .iter()
+                .filter_map(|(id, name)| {
+                    let (d, conns) = counters::usage(&self.kernel, id, day).ok()?;
+                    Some((name.to_string(), d.requests, conns as u64))
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes the other hosts' counts into the kernel, or logs that Redis is away (the kernel
+    /// keeps enforcing on the last known totals plus its own counts meanwhile).
+    fn cluster_answer(&mut self, answer: Result<Platform, String>) {
+        match answer {
+            Ok(p) => {
+                if let Some((since, _)) = self.cluster_down.take() {
+                    info!(
+                        event = "cluster",
+                        down_secs = since.elapsed().as_secs(),
+                        "Redis reachable again; local counts re-sent"
+                    );
+                }
+                let day = self.day.max(self.clock.today());
+                if p.date != self.clock.date(day) {
+                    return;
+                }
+                for (name, others) in &p.others {
+                    if let Some(id) = self.ids.id(name)
+                        && let Err(e) = counters::write_remote(&mut self.kernel, id, day, *others)
+                    {
+                        error!(event = "fault", org = name.as_str(), error = %e, "writing the cluster count failed");
+                    }
+                }
+                self.platform = Some(p);
+            }
+            Err(e) => {
+                let now = Instant::now();
+                let due = match self.cluster_down {
+                    None => true,
+                    Some((_, logged)) => now.duration_since(logged) >= Duration::from_secs(30),
+                };
+                if due {
+                    warn!(
+                        event = "cluster",
+                        error = %e,
+                        "Redis unreachable: enforcing on the last known platform totals plus local counts; they are re-sent when it is back"
+                    );
+                }
+                let since = self.cluster_down.map(|(s, _)| s).unwrap_or(now);
+                self.cluster_down = Some((
+                    since,
+                    if due {
+                        now
+                    } else {
+                        self.cluster_down.map(|(_, l)| l).unwrap_or(now)
+                    },
+                ));
+            }
+        }
     }
 
     /// Today's (or another kernel-held day's) counts of every org, by name.
@@ -208,8 +282,35 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let (batches, mut platform) = match self.cfg.cluster.clone() {
+            Some(cluster) => {
+                let (btx, brx) = mpsc::channel::<sync::Local>(1);
+                let (ptx, prx) = mpsc::channel(4);
+                info!(event = "cluster", redis = %cluster.redis, host_id = %cluster.host_id, sync_interval_ms = cluster.sync_interval_ms, "sharing counts with the other hosts");
+                tokio::spawn(sync::run(cluster, brx, ptx));
+                (Some(btx), Some(prx))
+            }
+            None => (None, None),
+        };
+        let sync_every = Duration::from_millis(
+            self.cfg
+                .cluster
+                .as_ref()
+                .map(|c| c.sync_interval_ms)
+                .unwrap_or(1000),
+        );
+        let mut sync_tick = tokio::time::interval(sync_every);
         loop {
             tokio::select! {
+                _ = sync_tick.tick(), if batches.is_some() => {
+                    if let Some(tx) = &batches {
+                        // A batch still in flight: skip this one, the next carries newer counts.
+                        let _ = tx.try_send(self.local_counts());
+                    }
+                }
+                Some(answer) = async { match platform.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                    self.cluster_answer(answer);
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
@@ -494,7 +595,19 @@ impl Daemon {
                 }
             },
         };
-        match report::build(&self.kernel, &self.cfg, &self.ids, &self.clock, day, org) {
+        let platform = self
+            .platform
+            .as_ref()
+            .filter(|p| p.date == self.clock.date(day));
+        match report::build(
+            &self.kernel,
+            &self.cfg,
+            &self.ids,
+            &self.clock,
+            day,
+            org,
+            platform,
+        ) {
             Ok(r) => Response::ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => Response::err(e.to_string()),
         }

@@ -19,4 +19,5 @@ pub mod orgs;
 pub mod pins;
 pub mod report;
 pub mod snapshot;
+pub mod sync;
 pub mod testbed;

@@ -13,7 +13,7 @@ use aya::{
         CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode, links::FdLink,
     },
 };
-use limiter_common::{AddrKey, Config, DayCounters, OrgLimits, names, programs};
+use limiter_common::{AddrKey, Config, DayCounters, OrgLimits, RemoteCount, names, programs};
 
 use crate::pins;
 use thiserror::Error;
@@ -77,6 +77,7 @@ pub struct Kernel {
     pub org_limits: Array<MapData, OrgLimits>,
     pub org_conns: Array<MapData, i64>,
     pub org_days: Array<MapData, DayCounters>,
+    pub org_remote: Array<MapData, RemoteCount>,
     pub faults: Array<MapData, u64>,
     /// Taken by the event reader task.
     pub events: Option<RingBuf<MapData>>,
@@ -241,6 +242,7 @@ impl Kernel {
             org_limits: take(&mut ebpf, names::ORG_LIMITS)?,
             org_conns: take(&mut ebpf, names::ORG_CONNS)?,
             org_days: take(&mut ebpf, names::ORG_DAYS)?,
+            org_remote: take(&mut ebpf, names::ORG_REMOTE)?,
             faults: take(&mut ebpf, names::FAULTS)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
             resumed,

@@ -14,7 +14,7 @@ use std::{
 use aya::maps::MapInfo;
 use limiter_common::{
     AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, MAX_API_PORTS, MAX_CIDRS,
-    MAX_ORGS, MAX_SOCKETS, OrgLimits, SockState, names, reply::Scratch,
+    MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockState, names, reply::Scratch,
 };
 use thiserror::Error;
 
@@ -68,6 +68,12 @@ pub fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
             names::ORG_DAYS,
             4,
             sz(size_of::<DayCounters>()),
+            MAX_ORGS * DAY_SLOTS,
+        ),
+        (
+            names::ORG_REMOTE,
+            4,
+            sz(size_of::<RemoteCount>()),
             MAX_ORGS * DAY_SLOTS,
         ),
         (

@@ -12,6 +12,7 @@ use crate::{
     loader::Kernel,
     orgs::OrgIds,
     snapshot::DaySnapshot,
+    sync::Platform,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +43,12 @@ pub struct OrgReport {
     /// SYNs held back by the XDP gate (`concurrency_mode = "delay"`).
     #[serde(default)]
     pub delayed_syns: u64,
+    /// In a cluster: requests of all hosts today (this one's `requests` included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_requests: Option<u64>,
+    /// In a cluster: connections open on all hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_connections: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +80,8 @@ impl OrgReport {
             concurrency_breaches: d.concurrency_breaches,
             concurrency_rejected: d.concurrency_rejected,
             delayed_syns: d.delayed_syns,
+            platform_requests: None,
+            platform_connections: None,
         }
     }
 }
@@ -85,6 +94,7 @@ pub fn build(
     clock: &Clock,
     day: u64,
     only: Option<&str>,
+    platform: Option<&Platform>,
 ) -> Result<Report, CountersError> {
     let mut orgs = Vec::new();
     for org in &cfg.orgs {
@@ -96,13 +106,25 @@ pub fn build(
         };
         let (d, conns) = counters::usage(kernel, id, day)?;
         let l = cfg.limits_for(org);
-        orgs.push(OrgReport::new(
+        let mut r = OrgReport::new(
             &org.name,
             &d,
             conns,
             l.daily_requests,
             l.concurrent_connections,
-        ));
+        );
+        if let Some(p) = platform {
+            let total = r.requests + p.others.get(&org.name).copied().unwrap_or(0);
+            r.platform_requests = Some(total);
+            r.remaining = r.daily_limit.saturating_sub(total);
+            r.platform_connections = Some(
+                p.connections
+                    .get(&org.name)
+                    .copied()
+                    .unwrap_or(r.connections),
+            );
+        }
+        orgs.push(r);
     }
     let (u, conns) = counters::usage(kernel, UNMAPPED_ORG, day)?;
     Ok(Report {

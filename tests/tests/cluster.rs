@@ -1,0 +1,161 @@
+//! One quota across hosts: two "hosts" (two testbeds, two daemons, two pin directories) share an
+//! org's daily count through a local redis-server.
+
+use std::{
+    net::IpAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use integration_tests::{World, org_toml};
+use limiter_user::testbed::{Request, http_requests};
+use serde_json::Value;
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+/// A redis-server on a free loopback port, no persistence (a restart loses its data), killed on
+/// drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start(port: Option<u16>) -> Result<Redis> {
+        let port = match port {
+            Some(p) => p,
+            None => std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
+        };
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (cargo xtask setup installs it)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Redis {
+            port,
+            child: Some(child),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn host(name: &str, redis: u16, limit: u64) -> Result<(World, IpAddr)> {
+    let mut w = World::new(name, 1, 0)?;
+    let ip = IpAddr::V4(w.tb.clients_v4()[0]);
+    let orgs = format!(
+        "{}[cluster]\nredis = \"redis://127.0.0.1:{redis}\"\nhost_id = {name:?}\nsync_interval_ms = 100\n",
+        org_toml(
+            "acme",
+            &[format!("{ip}/32")],
+            &format!("daily_requests = {limit}")
+        ),
+    );
+    w.write_config("", &orgs)?;
+    w.start_daemon()?;
+    Ok((w, ip))
+}
+
+fn send(w: &World, src: IpAddr, count: usize) -> Result<Vec<u16>> {
+    let api = w.api4();
+    let r = w.client(|| async move {
+        let reqs: Vec<Request> = (0..count)
+            .map(|i| Request::get(format!("/api/{i}")))
+            .collect();
+        http_requests(src, api, &reqs, true).await
+    })?;
+    Ok(r.iter().map(|r| r.status).collect())
+}
+
+fn wait_log(w: &World, line: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w.daemon_log().contains(line) {
+        if Instant::now() > deadline {
+            bail!("no {line:?} in the log: {}", w.daemon_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn wait_platform(w: &World, org: &str, want: u64) -> Result<Value> {
+    w.wait_org(org, |o| o["platform_requests"].as_u64() == Some(want))
+}
+
+/// Host A uses 60 of acme's 100; host B then gets exactly the remaining 40; with Redis stopped
+/// and restarted empty, the hosts keep enforcing and the counts come back whole.
+#[test]
+fn two_hosts_share_one_quota_and_survive_a_redis_restart() -> Result<()> {
+    let mut redis = Redis::start(None)?;
+    let (a, ip_a) = host("hosta", redis.port, 100)?;
+    let (b, ip_b) = host("hostb", redis.port, 100)?;
+
+    assert!(send(&a, ip_a, 60)?.iter().all(|s| *s == 200));
+    wait_platform(&b, "acme", 60)?;
+    let st = send(&b, ip_b, 60)?;
+    assert_eq!(st.iter().filter(|s| **s == 200).count(), 40, "{st:?}");
+    assert_eq!(st.iter().filter(|s| **s == 429).count(), 20, "{st:?}");
+    assert_eq!(a.served_from(ip_a)?.len() + b.served_from(ip_b)?.len(), 100);
+    let ob = wait_platform(&b, "acme", 100)?;
+    assert_eq!(n(&ob, "remaining"), 0, "{ob}");
+    wait_platform(&a, "acme", 100)?;
+    // A refuses too now: the platform total reached the limit.
+    assert_eq!(send(&a, ip_a, 2)?, [429, 429]);
+
+    // Redis goes away: the hosts keep enforcing on what they know.
+    let port = redis.port;
+    redis.stop();
+    assert_eq!(send(&b, ip_b, 3)?, [429, 429, 429]);
+    wait_log(&a, "Redis unreachable")?;
+    // Back, empty: every host rewrites its absolute count, nothing is lost.
+    let _redis = Redis::start(Some(port))?;
+    for w in [&a, &b] {
+        wait_log(w, "Redis reachable again")?;
+    }
+    // The restarted Redis holds both hosts' counts again, read back by each.
+    let mut check = redis::Client::open(format!("redis://127.0.0.1:{port}"))?.get_connection()?;
+    let day = a.report()?["day"].as_str().unwrap_or_default().to_string();
+    let counts: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(format!("limiter:{day}:acme"))
+        .query(&mut check)?;
+    assert_eq!(counts.get("hosta"), Some(&60), "{counts:?}");
+    assert_eq!(counts.get("hostb"), Some(&40), "{counts:?}");
+    wait_platform(&a, "acme", 100)?;
+    wait_platform(&b, "acme", 100)?;
+    Ok(())
+}
