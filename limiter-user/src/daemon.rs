@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     clock::Clock,
-    config::{Config, QuotaMode},
+    config::{ConcurrencyMode, Config, QuotaMode},
     control::{self, Pending, Request, Response},
     counters::{self, Applied},
     loader::Kernel,
@@ -129,6 +129,18 @@ impl Daemon {
         let mut applied = Applied::desired(&cfg, &ids, &clock)?;
         applied.carry_generation(&old);
         let stats = counters::apply(&mut kernel, &old, &applied)?;
+        let delay_without_gate = cfg.api.interfaces.is_empty()
+            && (cfg.limits.concurrency_mode == ConcurrencyMode::Delay
+                || cfg
+                    .orgs
+                    .iter()
+                    .any(|o| o.concurrency_mode == Some(ConcurrencyMode::Delay)));
+        if delay_without_gate {
+            warn!(
+                event = "config",
+                "concurrency_mode = \"delay\" needs api.interfaces (the XDP SYN gate); without it over-limit connections are only observed"
+            );
+        }
         info!(
             event = "startup",
             programs = "sock_ops,stream_verdict,sk_msg,xdp",
@@ -416,22 +428,26 @@ impl Daemon {
                 continue;
             }
             let name = self.ids.name(org).unwrap_or("?");
-            let (limit, total) = self
+            let limits = self
                 .cfg
                 .orgs
                 .iter()
                 .find(|o| o.name == name)
-                .map(|o| self.cfg.limits_for(o).concurrent_connections)
-                .zip(counters::usage(&self.kernel, org, self.day).ok())
-                .map(|(l, (d, _))| (l, d.concurrency_breaches))
-                .unwrap_or((0, 0));
+                .map(|o| self.cfg.limits_for(o));
+            let limit = limits.map(|l| l.concurrent_connections).unwrap_or(0);
+            let mode = limits
+                .map(|l| l.concurrency_mode)
+                .unwrap_or(self.cfg.limits.concurrency_mode);
+            let total = counters::usage(&self.kernel, org, self.day)
+                .map(|(d, _)| d.concurrency_breaches)
+                .unwrap_or(0);
             warn!(
                 event = "concurrency_breach",
                 org = name,
                 breaches = log.pending,
                 breaches_today = total,
                 concurrency_limit = limit,
-                mode = %self.cfg.limits.concurrency_mode,
+                mode = %mode,
                 "connections over the concurrency limit"
             );
             log.pending = 0;
@@ -640,12 +656,42 @@ impl Daemon {
     /// Re-reads the config and applies only the differences. On any error nothing changes.
     fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
         let new_cfg = Config::load(&self.config_path)?;
-        if new_cfg.api.cgroup != self.cfg.api.cgroup {
+        // What is attached or opened at startup cannot change under a running daemon.
+        let restart_only = [
+            ("api.cgroup", new_cfg.api.cgroup != self.cfg.api.cgroup),
+            (
+                "api.interfaces",
+                new_cfg.api.interfaces != self.cfg.api.interfaces,
+            ),
+            ("api.netns", new_cfg.api.netns != self.cfg.api.netns),
+            (
+                "daemon.pin_dir",
+                new_cfg.daemon.pin_dir != self.cfg.daemon.pin_dir,
+            ),
+            (
+                "daemon.state_dir",
+                new_cfg.daemon.state_dir != self.cfg.daemon.state_dir,
+            ),
+            (
+                "daemon.control_socket",
+                new_cfg.daemon.control_socket != self.cfg.daemon.control_socket,
+            ),
+            (
+                "daemon.log_format",
+                new_cfg.daemon.log_format != self.cfg.daemon.log_format,
+            ),
+            ("cluster", new_cfg.cluster != self.cfg.cluster),
+        ];
+        let changed: Vec<&str> = restart_only
+            .iter()
+            .filter(|(_, c)| *c)
+            .map(|(k, _)| *k)
+            .collect();
+        if !changed.is_empty() {
             anyhow::bail!(
-                "{}: api.cgroup changed ({} -> {}): restart the daemon to move to another cgroup",
+                "{}: {} changed: these take effect on a restart (`systemctl restart limiter`), not a reload",
                 self.config_path.display(),
-                self.cfg.api.cgroup.display(),
-                new_cfg.api.cgroup.display()
+                changed.join(", ")
             );
         }
         let ids = OrgIds::assign(
