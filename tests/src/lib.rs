@@ -74,6 +74,61 @@ impl World {
         })
     }
 
+    /// A testbed like [`World::new`] whose API server is Debian's nginx (epoll, one worker)
+    /// answering `200 ok` on port 8080, IPv4 and IPv6, with its access log at `server_log`.
+    pub fn with_nginx(name: &str, v4: usize, v6: usize) -> Result<World> {
+        require_root();
+        let _ = testbed::cleanup_stale();
+        let tb = Testbed::new(TestbedOptions {
+            name: name.to_string(),
+            clients_v4: v4,
+            clients_v6: v6,
+        })?;
+        let exe = testbed::limiter_exe()?;
+        let dir = tb.dir().to_path_buf();
+        let server_log = dir.join("nginx-access.log");
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
+                 http {{\n  log_format plain '$remote_addr $request_method $uri $request_length';\n\
+                 access_log {log} plain;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+                 client_max_body_size 10m;\n  keepalive_requests 100000;\n\
+                 server {{\n    listen {API_PORT};\n    listen [::]:{API_PORT};\n\
+                 location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+                d = dir.display(),
+                log = server_log.display(),
+            ),
+        )?;
+        let mut cmd = Command::new("nginx");
+        cmd.args(["-e", "stderr", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        tb.spawn_in_server(cmd)?;
+        tb.wait_listening(testbed::Side::Server, API_PORT, Duration::from_secs(10))?;
+        Ok(World {
+            config: dir.join("limiter.toml"),
+            daemon_log: dir.join("daemon.log"),
+            tb,
+            exe,
+            server_log,
+            daemon: None,
+        })
+    }
+
+    /// Lines of nginx's access log (`client method uri length`).
+    pub fn nginx_entries(&self) -> Result<Vec<String>> {
+        Ok(std::fs::read_to_string(&self.server_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Writes the config: the testbed's cgroup and bpffs, port 8080, `/media/` exempt, then
     /// `limits` (extra `[limits]` lines) and `orgs` (`[[orgs]]` tables).
     pub fn write_config(&self, limits: &str, orgs: &str) -> Result<()> {

@@ -423,3 +423,69 @@ fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()>
     assert_eq!(n(&o, "peak_connections"), 3, "{o}");
     Ok(())
 }
+
+/// Against Debian's nginx, a few hundred refusals of every shape (short and long GETs, keep-alive
+/// and not, POSTs with large bodies, pipelined requests): every one gets a complete 429 and none
+/// reaches nginx; the requests within the quota are served normally.
+#[test]
+fn nginx_never_sees_a_refused_request() -> Result<()> {
+    let mut w = World::with_nginx("nginx", 1, 1)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let acme6 = IpAddr::V6(w.tb.clients_v6()[0]);
+    w.write_config(
+        "",
+        &org_toml("acme", &[cidr(acme), cidr(acme6)], "daily_requests = 40"),
+    )?;
+    w.start_daemon()?;
+    let (api4, api6) = (w.api4(), w.api6());
+    let long = format!("/api/{}", "l".repeat(1200));
+    let responses = w.client(|| async move {
+        let mut all = Vec::new();
+        // Within quota: 40 pass (IPv4 and IPv6 share the org's quota).
+        all.extend(http_requests(acme, api4, &gets("/api/ok/", 20), true).await?);
+        all.extend(http_requests(acme6, api6, &gets("/api/ok6/", 20), false).await?);
+        for round in 0..60 {
+            let short = gets(&format!("/s{round}/"), 2);
+            let longs: Vec<Request> = (0..2).map(|_| Request::get(long.as_str())).collect();
+            let post = [Request::post(format!("/api/up/{round}"), vec![b'p'; 64 * 1024])];
+            all.extend(http_requests(acme, api4, &short, true).await?);
+            all.extend(http_requests(acme, api4, &longs, true).await?);
+            all.extend(http_requests(acme6, api6, &short, false).await?);
+            if round % 6 == 0 {
+                all.extend(http_requests(acme, api4, &post, true).await?);
+                let raw = send_raw(
+                    acme,
+                    api4,
+                    b"GET /api/p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /api/p2 HTTP/1.1\r\nHost: x\r\n\r\n",
+                )
+                .await?;
+                let text = String::from_utf8_lossy(&raw).to_string();
+                assert!(text.starts_with("HTTP/1.1 429 "), "{text}");
+            }
+        }
+        Ok(all)
+    })?;
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Response> = responses.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok, 40);
+    assert_eq!(
+        refused.len(),
+        responses.len() - 40,
+        "every other request got a 429"
+    );
+    assert!(refused.len() >= 300, "{}", refused.len());
+    for r in &refused {
+        assert_daily_429(r, "acme", 40);
+    }
+    let seen = w.nginx_entries()?;
+    assert_eq!(
+        seen.len(),
+        40,
+        "nginx logged only the requests within quota: {:?}",
+        &seen[..seen.len().min(5)]
+    );
+    let org = w.org("acme")?;
+    assert_eq!(n(&org, "requests"), 40, "{org}");
+    assert_eq!(n(&org, "rejected"), refused.len() as u64 + 10, "{org}");
+    Ok(())
+}
