@@ -6,6 +6,7 @@
 //! log lines), `check` (`limiter check`), `testbed` (namespaces, cgroup, bpffs, test HTTP server and
 //! clients, for the demo and the integration tests) and `demo` (`limiter demo`).
 
+pub mod bench;
 pub mod check;
 pub mod clock;
 pub mod config;

@@ -45,6 +45,9 @@ enum Command {
     Unload,
     /// Self-contained demo in private namespaces (needs root).
     Demo,
+    /// Side-by-side performance measurements (run by `cargo xtask bench`; needs root, nginx, wrk).
+    #[command(hide = true)]
+    Bench(limiter_user::bench::BenchArgs),
     #[command(hide = true, subcommand)]
     Debug(DebugCommand),
     #[command(hide = true, subcommand)]
@@ -219,6 +222,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Demo => return demo::run(),
+        Command::Bench(a) => return limiter_user::bench::run(a),
         Command::Debug(DebugCommand::AdvanceClock { secs }) => {
             let resp = ask(cli, &Request::AdvanceClock { secs: *secs })?;
             println!("{}", resp.data);

@@ -65,8 +65,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Benchmark the limiter (not implemented yet).
-    Bench,
+    /// Side-by-side benchmark (nginx + wrk, no limiter vs limiter, 429s, scale); writes
+    /// target/bench/bench.{json,md}.
+    Bench {
+        /// Short runs, under two minutes.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,10 +82,7 @@ fn main() -> ExitCode {
         Cmd::Build => build(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { args } => demo(&args),
-        Cmd::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet");
-            return ExitCode::from(2);
-        }
+        Cmd::Bench { quick } => bench(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -348,6 +350,19 @@ fn demo(args: &[OsString]) -> Result<()> {
     // Only returns on failure; otherwise the demo's exit code is ours.
     let error = cmd.exec();
     Err(error).with_context(|| format!("cannot run {}", ebpf::describe(&cmd)))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup()?;
+    run(cargo().args(["build", "--release", "-p", "limiter-user"]))?;
+    let mut cmd = Command::new(target_dir().join("release").join("limiter"));
+    cmd.arg("bench")
+        .arg("--out")
+        .arg(target_dir().join("bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 #[derive(Clone, Copy, PartialEq)]

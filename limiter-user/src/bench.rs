@@ -1,0 +1,633 @@
+//! `limiter bench` (run by `cargo xtask bench`): side-by-side measurements in one run, on this
+//! machine, of what limiter costs and what it saves (DESIGN.md §6).
+//!
+//! nginx (Debian's, one worker, a small static response) serves in the testbed's server namespace
+//! and cgroup; wrk drives it from the client namespace. Every comparison alternates its two sides
+//! (A B A B …) so drift cancels out, and reports the median with min–max of each side and the
+//! ratio of the medians.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    control::{self, Request as Ctl},
+    testbed::{self, Side, Testbed, TestbedOptions},
+};
+
+const PORT: u16 = 8080;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Short runs (under two minutes in all), for checks.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where bench.json and bench.md go.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+/// One side of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side2 {
+    /// nginx alone.
+    Nginx,
+    /// nginx with limiter's programs attached (quota left).
+    Limiter,
+    /// limiter with the org over quota: the kernel answers 429.
+    KernelRefuses,
+}
+
+#[derive(Debug, Clone)]
+struct Load {
+    path: &'static str,
+    conns: u32,
+    keep_alive: bool,
+    /// Pad the request past the 429's length (so the kernel can answer keep-alive).
+    padded: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub a: String,
+    pub b: String,
+    pub a_median: f64,
+    pub a_min: f64,
+    pub a_max: f64,
+    pub b_median: f64,
+    pub b_min: f64,
+    pub b_max: f64,
+    /// b / a of the medians.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct KernelCost {
+    pub verdict_ns_per_run: f64,
+    pub verdict_runs: u64,
+    pub sock_ops_ns_per_run: f64,
+    pub sock_ops_runs: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRow {
+    pub orgs: usize,
+    pub load_secs: f64,
+    pub map_memory_mib: f64,
+    pub daemon_rss_mib: f64,
+    pub passing_ratio: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub machine: String,
+    pub kernel: String,
+    pub quick: bool,
+    pub seconds_per_run: f64,
+    pub runs_per_side: usize,
+    pub rows: Vec<Row>,
+    pub kernel_cost: KernelCost,
+    pub scale: Vec<ScaleRow>,
+}
+
+fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let m = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (m, s[0], s[s.len() - 1])
+}
+
+/// `Requests/sec:` of a wrk run.
+pub fn parse_wrk(out: &str) -> Option<f64> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+struct Bench {
+    tb: Testbed,
+    exe: PathBuf,
+    secs: f64,
+    reps: usize,
+    daemon: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Bench {
+    fn config(&self, daily: u64, extra_orgs: usize) -> Result<PathBuf> {
+        let client_net = {
+            let [a, b, c, _] = self.tb.server_v4().octets();
+            format!("{a}.{b}.{c}.0/24")
+        };
+        let mut text = format!(
+            "[api]\nports = [{PORT}]\ncgroup = {cg:?}\n\n[limits]\ndaily_requests = {daily}\nconcurrent_connections = 100000\n\n\
+             [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nsnapshot_interval_secs = 3600\n\n\
+             [[orgs]]\nname = \"bench\"\ncidrs = [\"{client_net}\"]\n",
+            cg = self.tb.cgroup().display().to_string(),
+            pin = self.tb.bpffs().join("limiter").display().to_string(),
+            state = self.tb.dir().join("state").display().to_string(),
+        );
+        // Filler orgs for the scale runs: one /32 each in 100.64.0.0/10.
+        for i in 0..extra_orgs {
+            let ip = 0x6440_0000u32 + i as u32;
+            let o = ip.to_be_bytes();
+            text.push_str(&format!(
+                "[[orgs]]\nname = \"o{i}\"\ncidrs = [\"{}.{}.{}.{}/32\"]\n",
+                o[0], o[1], o[2], o[3]
+            ));
+        }
+        let path = self
+            .tb
+            .dir()
+            .join(format!("bench-{daily}-{extra_orgs}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Starts the daemon and waits until it answers; returns the time that took.
+    fn start(&mut self, config: &Path) -> Result<Duration> {
+        self.stop();
+        let started = Instant::now();
+        let log = std::fs::File::create(self.tb.dir().join("bench-daemon.log"))?;
+        let child = Command::new(&self.exe)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon")?;
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ok = control::call(
+                &self.socket,
+                &Ctl::Report {
+                    org: Some("bench".into()),
+                    day: None,
+                },
+            )
+            .is_ok_and(|r| r.ok);
+            if ok {
+                return Ok(started.elapsed());
+            }
+            if let Some(c) = self.daemon.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                let log = std::fs::read_to_string(self.tb.dir().join("bench-daemon.log"))
+                    .unwrap_or_default();
+                bail!("the daemon exited ({st}): {log}");
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the daemon and removes its pins: no limiter program stays attached.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = control::call(&self.socket, &Ctl::Shutdown { unload: true });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = crate::pins::unload(&self.tb.bpffs().join("limiter"));
+    }
+
+    fn wrk(&self, load: &Load) -> Result<f64> {
+        let url = format!("http://{}:{PORT}{}", self.tb.server_v4(), load.path);
+        let mut cmd = Command::new("wrk");
+        cmd.args(["-t1", "--timeout", "5s"])
+            .arg(format!("-c{}", load.conns))
+            .arg(format!("-d{}s", self.secs))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if !load.keep_alive {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        if load.padded {
+            cmd.args(["-H", &format!("X-Pad: {}", "p".repeat(700))]);
+        }
+        cmd.arg(&url);
+        let out = self.tb.spawn_in_client(cmd)?.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_wrk(&text).with_context(|| format!("no Requests/sec in wrk's output: {text}"))
+    }
+
+    fn side(
+        &mut self,
+        side: Side2,
+        load: &Load,
+        pass_cfg: &Path,
+        refuse_cfg: &Path,
+    ) -> Result<f64> {
+        match side {
+            Side2::Nginx => self.stop(),
+            Side2::Limiter => {
+                self.start(pass_cfg)?;
+            }
+            Side2::KernelRefuses => {
+                self.start(refuse_cfg)?;
+            }
+        }
+        self.wrk(load)
+    }
+
+    fn compare(
+        &mut self,
+        scenario: &str,
+        (a, la): (Side2, Load),
+        (b, lb): (Side2, Load),
+        cfgs: (&Path, &Path),
+    ) -> Result<Row> {
+        let (mut va, mut vb) = (Vec::new(), Vec::new());
+        for _ in 0..self.reps {
+            va.push(self.side(a, &la, cfgs.0, cfgs.1)?);
+            vb.push(self.side(b, &lb, cfgs.0, cfgs.1)?);
+        }
+        let (am, amin, amax) = median_min_max(&va);
+        let (bm, bmin, bmax) = median_min_max(&vb);
+        let name = |s: Side2, l: &Load| {
+            let what = match s {
+                Side2::Nginx if l.path == "/nginx-limited" => "nginx limit_req+limit_conn",
+                Side2::Nginx if l.path == "/nginx429" => "nginx's own 429",
+                Side2::Nginx => "no limiter",
+                Side2::Limiter => "limiter",
+                Side2::KernelRefuses => "kernel 429",
+            };
+            what.to_string()
+        };
+        let row = Row {
+            scenario: scenario.to_string(),
+            a: name(a, &la),
+            b: name(b, &lb),
+            a_median: am,
+            a_min: amin,
+            a_max: amax,
+            b_median: bm,
+            b_min: bmin,
+            b_max: bmax,
+            ratio: if am > 0.0 { bm / am } else { 0.0 },
+        };
+        println!(
+            "{:<38} {:>24} {:>9.0} ({:.0}–{:.0})   {:>22} {:>9.0} ({:.0}–{:.0})   ratio {:.3}",
+            row.scenario,
+            row.a,
+            row.a_median,
+            row.a_min,
+            row.a_max,
+            row.b,
+            row.b_median,
+            row.b_min,
+            row.b_max,
+            row.ratio
+        );
+        Ok(row)
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn nginx_conf(dir: &Path) -> String {
+    let body = r#"{"type":"https://iana.org/assignments/http-problem-types#quota-exceeded","title":"Too Many Requests","status":429,"detail":"bench has used its 1 API calls for today","violated-policies":["daily"]}"#;
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         limit_req_zone $binary_remote_addr zone=perip:10m rate=100000000r/s;\n\
+         limit_conn_zone $binary_remote_addr zone=perconn:10m;\n\
+         server {{\n    listen {PORT};\n\
+         location / {{ return 200 \"ok\\n\"; }}\n\
+         location /nginx-limited {{ limit_req zone=perip burst=100000000 nodelay; limit_conn perconn 100000; return 200 \"ok\\n\"; }}\n\
+         location /nginx429 {{ default_type application/problem+json; add_header Retry-After 3600 always; \
+         add_header RateLimit-Policy '\"daily\";q=1;w=86400' always; add_header RateLimit '\"daily\";r=0;t=3600' always; \
+         return 429 '{body}'; }}\n  }}\n}}\n",
+        d = dir.display(),
+    )
+}
+
+fn kernel_cost() -> KernelCost {
+    let mut k = KernelCost::default();
+    for p in aya::programs::loaded_programs().flatten() {
+        let name = p.name_as_str().unwrap_or_default().to_string();
+        let (t, n) = (p.run_time().as_nanos() as f64, p.run_count());
+        if name.starts_with("limiter_verdict") {
+            k.verdict_runs += n;
+            k.verdict_ns_per_run += t;
+        } else if name.starts_with("limiter_sock_op") {
+            k.sock_ops_runs += n;
+            k.sock_ops_ns_per_run += t;
+        }
+    }
+    if k.verdict_runs > 0 {
+        k.verdict_ns_per_run /= k.verdict_runs as f64;
+    }
+    if k.sock_ops_runs > 0 {
+        k.sock_ops_ns_per_run /= k.sock_ops_runs as f64;
+    }
+    k
+}
+
+/// Sum of `memlock` over the BPF map fds a process holds, and its RSS, in MiB.
+fn memory_of(pid: u32) -> (f64, f64) {
+    let mut memlock = 0u64;
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+        for fd in fds.flatten() {
+            let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+            if info.contains("map_type:") {
+                memlock += info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (memlock as f64 / 1048576.0, rss_kib / 1024.0)
+}
+
+fn markdown(r: &Results) -> String {
+    let mut s = format!(
+        "Machine: {} · kernel {} · {} s per run, {} runs per side{}\n\n\
+         | scenario | A | A req/s (min–max) | B | B req/s (min–max) | B/A |\n|---|---|---|---|---|---|\n",
+        r.machine,
+        r.kernel,
+        r.seconds_per_run,
+        r.runs_per_side,
+        if r.quick { " (--quick)" } else { "" }
+    );
+    for row in &r.rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {:.0} ({:.0}–{:.0}) | {:.3} |\n",
+            row.scenario,
+            row.a,
+            row.a_median,
+            row.a_min,
+            row.a_max,
+            row.b,
+            row.b_median,
+            row.b_min,
+            row.b_max,
+            row.ratio
+        ));
+    }
+    s.push_str(&format!(
+        "\nKernel cost (bpf_stats): verdict {:.0} ns per run over {} runs; sock_ops {:.0} ns per run over {} runs.\n\n\
+         | orgs | load (s) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
+        r.kernel_cost.verdict_ns_per_run,
+        r.kernel_cost.verdict_runs,
+        r.kernel_cost.sock_ops_ns_per_run,
+        r.kernel_cost.sock_ops_runs
+    ));
+    for x in &r.scale {
+        s.push_str(&format!(
+            "| {} | {:.2} | {:.1} | {:.1} | {:.3} | {} |\n",
+            x.orgs, x.load_secs, x.map_memory_mib, x.daemon_rss_mib, x.passing_ratio, x.note
+        ));
+    }
+    s
+}
+
+/// Runs every scenario and writes `bench.json` and `bench.md` under `args.out`.
+pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench loads eBPF programs and makes network namespaces: run it as root");
+    }
+    for tool in ["nginx", "wrk"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            bail!("{tool} is missing: `cargo xtask setup` installs it");
+        }
+    }
+    let (secs, reps) = if args.quick { (1.0, 2) } else { (4.0, 5) };
+    let _ = testbed::cleanup_stale();
+    let tb = Testbed::new(TestbedOptions {
+        name: "bench".into(),
+        clients_v4: 0,
+        clients_v6: 0,
+    })?;
+    let conf = tb.dir().join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(tb.dir()))?;
+    let mut nginx = Command::new("nginx");
+    nginx
+        .args(["-e", "stderr", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    tb.spawn_in_server(nginx)?;
+    tb.wait_listening(Side::Server, PORT, Duration::from_secs(10))?;
+    let socket = tb.dir().join("state").join("control.sock");
+    let mut b = Bench {
+        exe: testbed::limiter_exe()?,
+        tb,
+        secs,
+        reps,
+        daemon: None,
+        socket,
+    };
+    let pass = b.config(1_000_000_000_000, 0)?;
+    let refuse = b.config(1, 0)?;
+    let cfgs = (pass.as_path(), refuse.as_path());
+    let l = |path, conns, keep_alive, padded| Load {
+        path,
+        conns,
+        keep_alive,
+        padded,
+    };
+    println!(
+        "== limiter bench: nginx in a namespace and cgroup, wrk from another; {secs} s per run, {reps} runs per side, alternating\n"
+    );
+    // Kernel cost is read from bpf_stats while the limiter sides run.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+    let mut rows = Vec::new();
+    for (scenario, load) in [
+        ("passing, keep-alive, 1 conn", l("/", 1, true, false)),
+        ("passing, keep-alive, 64 conns", l("/", 64, true, false)),
+        ("passing, conn per request, 1 conn", l("/", 1, false, false)),
+        (
+            "passing, conn per request, 64 conns",
+            l("/", 64, false, false),
+        ),
+    ] {
+        rows.push(b.compare(
+            scenario,
+            (Side2::Nginx, load.clone()),
+            (Side2::Limiter, load),
+            cfgs,
+        )?);
+    }
+    let kernel_cost = kernel_cost();
+    drop(stats);
+    for (scenario, padded, keep) in [
+        ("429s, keep-alive, 64 conns", true, true),
+        ("429s, conn per request, 64 conns", false, false),
+    ] {
+        rows.push(b.compare(
+            scenario,
+            (Side2::Nginx, l("/nginx429", 64, keep, padded)),
+            (Side2::KernelRefuses, l("/", 64, keep, padded)),
+            cfgs,
+        )?);
+    }
+    rows.push(b.compare(
+        "per-client limiting, keep-alive, 64 conns",
+        (Side2::Nginx, l("/nginx-limited", 64, true, false)),
+        (Side2::Limiter, l("/", 64, true, false)),
+        cfgs,
+    )?);
+
+    let mut scale = Vec::new();
+    let sizes: &[usize] = if args.quick {
+        &[10, 10_000]
+    } else {
+        &[10, 10_000, 1_000_000]
+    };
+    for &orgs in sizes {
+        let note = String::new();
+        let cfg = match b.config(1_000_000_000_000, orgs.saturating_sub(1)) {
+            Ok(c) => c,
+            Err(e) => {
+                scale.push(ScaleRow {
+                    orgs,
+                    load_secs: 0.0,
+                    map_memory_mib: 0.0,
+                    daemon_rss_mib: 0.0,
+                    passing_ratio: 0.0,
+                    note: e.to_string(),
+                });
+                continue;
+            }
+        };
+        match b.start(&cfg) {
+            Ok(took) => {
+                let pid = b.daemon.as_ref().map(|c| c.id()).unwrap_or(0);
+                let (mem, rss) = memory_of(pid);
+                let load = l("/", 64, true, false);
+                let (mut va, mut vb) = (Vec::new(), Vec::new());
+                for _ in 0..reps {
+                    b.start(&cfg)?;
+                    vb.push(b.wrk(&load)?);
+                    b.stop();
+                    va.push(b.wrk(&load)?);
+                }
+                let ratio = median_min_max(&vb).0 / median_min_max(&va).0.max(1.0);
+                println!(
+                    "scale {orgs:>9} orgs: load {:.2} s, map memory {mem:.1} MiB, daemon RSS {rss:.1} MiB, passing ratio {ratio:.3}",
+                    took.as_secs_f64()
+                );
+                scale.push(ScaleRow {
+                    orgs,
+                    load_secs: took.as_secs_f64(),
+                    map_memory_mib: mem,
+                    daemon_rss_mib: rss,
+                    passing_ratio: ratio,
+                    note,
+                });
+            }
+            Err(e) => {
+                let first = e.to_string().lines().last().unwrap_or_default().to_string();
+                println!("scale {orgs:>9} orgs: not loaded: {first}");
+                scale.push(ScaleRow {
+                    orgs,
+                    load_secs: 0.0,
+                    map_memory_mib: 0.0,
+                    daemon_rss_mib: 0.0,
+                    passing_ratio: 0.0,
+                    note: first,
+                });
+            }
+        }
+        b.stop();
+    }
+    let results = Results {
+        machine: format!(
+            "{} cores, {:.0} GiB",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            std::fs::read_to_string("/proc/meminfo")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1048576.0
+        ),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        quick: args.quick,
+        seconds_per_run: secs,
+        runs_per_side: reps,
+        rows,
+        kernel_cost,
+        scale,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("bench.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    let md = markdown(&results);
+    std::fs::write(args.out.join("bench.md"), &md)?;
+    println!(
+        "\n{md}\nwritten: {}/bench.json, bench.md",
+        args.out.display()
+    );
+    drop(b);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_parses() {
+        let out = "Running 1s test @ http://x/\n  1 threads and 1 connections\nRequests/sec:  12345.67\nTransfer/sec:  1.2MB\n";
+        assert_eq!(parse_wrk(out), Some(12345.67));
+        assert_eq!(parse_wrk("nothing"), None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median_min_max(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_min_max(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+}
