@@ -49,7 +49,8 @@ const CLUSTER_KEYS: &str = "redis, host_id, sync_interval_ms";
 const API_KEYS: &str = "ports, cgroup, media_get_prefixes, interfaces, netns";
 const LIMITS_KEYS: &str =
     "daily_requests, concurrent_connections, concurrency_mode, quota_mode, day_start";
-const DAEMON_KEYS: &str = "pin_dir, state_dir, log_format, control_socket, snapshot_interval_secs";
+const DAEMON_KEYS: &str =
+    "pin_dir, state_dir, log_format, control_socket, snapshot_interval_secs, metrics";
 const ORG_KEYS: &str =
     "name, cidrs, daily_requests, concurrent_connections, concurrency_mode, quota_mode";
 
@@ -197,6 +198,8 @@ pub struct Daemon {
     pub log_format: LogFormat,
     pub control_socket: PathBuf,
     pub snapshot_interval_secs: u64,
+    /// Where to serve Prometheus metrics (`/metrics`); None: not served.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for Daemon {
@@ -208,6 +211,7 @@ impl Default for Daemon {
             state_dir,
             log_format: LogFormat::Text,
             snapshot_interval_secs: DEFAULT_SNAPSHOT_INTERVAL_SECS,
+            metrics: None,
         }
     }
 }
@@ -995,6 +999,16 @@ impl<'t> Builder<'t> {
                 }
                 "snapshot_interval_secs" => {
                     daemon.snapshot_interval_secs = src.uint(&value, at, 1, u64::MAX)?;
+                }
+                "metrics" => {
+                    let (s, pos) = src.string(value, at)?;
+                    daemon.metrics = Some(s.parse().map_err(|_| {
+                        src.invalid(
+                            pos,
+                            at,
+                            format!("{s:?} is not an address:port (e.g. \"127.0.0.1:9464\")"),
+                        )
+                    })?);
                 }
                 _ => return Err(src.unknown(key_pos, at, DAEMON_KEYS)),
             }

@@ -26,6 +26,7 @@ use crate::{
     control::{self, Pending, Request, Response},
     counters::{self, Applied},
     loader::Kernel,
+    metrics::{self, Metrics},
     orgs::{OrgIds, UNMAPPED_NAME},
     pins, report,
     snapshot::{self, Counts, DaySnapshot},
@@ -63,6 +64,7 @@ pub struct Daemon {
     platform: Option<Platform>,
     /// Since when the cluster's Redis has been unreachable, and when that was last logged.
     cluster_down: Option<(Instant, Instant)>,
+    metrics: Option<Metrics>,
 }
 
 /// Writes today's snapshot counts into fresh maps; returns how many orgs were restored.
@@ -172,6 +174,7 @@ impl Daemon {
             unload: false,
             platform: None,
             cluster_down: None,
+            metrics: None,
         })
     }
 
@@ -280,6 +283,15 @@ impl Daemon {
                 self.cfg.daemon.control_socket.display()
             )
         })?;
+        if let Some(addr) = self.cfg.daemon.metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on daemon.metrics = {addr}"))?;
+            let m = Metrics::new();
+            tokio::spawn(metrics::serve(listener, m.text()));
+            info!(event = "startup", metrics = %addr, "serving Prometheus metrics at /metrics");
+            self.metrics = Some(m);
+        }
         let (tx, mut requests) = mpsc::channel::<Pending>(16);
         let server = tokio::spawn(control::serve(listener, tx));
         let ring = self
@@ -462,6 +474,24 @@ impl Daemon {
         }
         self.flush_breaches();
         self.check_faults();
+        if let Some(m) = &self.metrics {
+            let day = self.day;
+            let platform = self
+                .platform
+                .as_ref()
+                .filter(|p| p.date == self.clock.date(day));
+            if let Ok(r) = report::build(
+                &self.kernel,
+                &self.cfg,
+                &self.ids,
+                &self.clock,
+                day,
+                None,
+                platform,
+            ) {
+                m.update(&r, &counters::faults(&self.kernel));
+            }
+        }
         if self.snapshot_taken.elapsed()
             >= Duration::from_secs(self.cfg.daemon.snapshot_interval_secs)
         {

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod demo;
 pub mod loader;
 pub mod logging;
+pub mod metrics;
 pub mod orgs;
 pub mod pins;
 pub mod report;

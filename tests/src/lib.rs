@@ -29,6 +29,8 @@ pub struct World {
     pub server_log: PathBuf,
     daemon_log: PathBuf,
     daemon: Option<Child>,
+    /// Extra `[daemon]` lines for the next `write_config`.
+    pub daemon_extra: String,
 }
 
 /// Fails loudly rather than skipping: the integration tests are meaningless without root.
@@ -71,6 +73,7 @@ impl World {
             exe,
             server_log,
             daemon: None,
+            daemon_extra: String::new(),
         })
     }
 
@@ -117,6 +120,7 @@ impl World {
             exe,
             server_log,
             daemon: None,
+            daemon_extra: String::new(),
         })
     }
 
@@ -141,7 +145,8 @@ impl World {
         let text = format!(
             "[api]\nports = [{API_PORT}]\ncgroup = {cg:?}\nmedia_get_prefixes = [\"/media/\"]\n{api}\n\n\
              [limits]\n{limits}\n\n\
-             [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nlog_format = \"text\"\n\n{orgs}\n",
+             [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nlog_format = \"text\"\n{extra}\n\n{orgs}\n",
+            extra = self.daemon_extra,
             cg = self.tb.cgroup().display().to_string(),
             pin = self.tb.bpffs().join("limiter").display().to_string(),
             state = state.display().to_string(),

@@ -69,8 +69,15 @@ fn requests_per_org_equal_what_the_server_saw() -> Result<()> {
             http_requests(initech, api6, &ki, true),
             http_requests(stranger, api4, &ks, true),
         );
-        for r in [a, b, c, d, e, f] {
-            assert!(r?.iter().all(|r| r.status == 200));
+        // Passing requests reach the server untouched: each answer echoes its own request line.
+        for (r, sent) in [a, b, c, d, e, f]
+            .into_iter()
+            .zip([&ka, &media, &posts, &kg, &ki, &ks])
+        {
+            for (resp, req) in r?.iter().zip(sent.iter()) {
+                assert_eq!(resp.status, 200);
+                assert_eq!(resp.text(), format!("ok {} {}\n", req.method, req.path));
+            }
         }
         Ok(())
     })?;
@@ -361,4 +368,42 @@ fn bad_config_names_file_line_and_key() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `daemon.metrics` serves today's per-org usage in the Prometheus text format.
+#[test]
+fn metrics_show_per_org_usage() -> Result<()> {
+    let mut w = World::new("metrics", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    w.daemon_extra = format!("metrics = \"127.0.0.1:{port}\"");
+    w.write_config("", &org_toml("acme", &[cidr(acme)], ""))?;
+    w.start_daemon()?;
+    let api = w.api4();
+    w.client(|| async move {
+        http_requests(acme, api, &gets("/api/", 9), true).await?;
+        Ok(())
+    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text)?;
+        if text.contains("limiter_requests_today{org=\"acme\"} 9") {
+            assert!(text.starts_with("HTTP/1.1 200 OK"));
+            assert!(
+                text.contains("limiter_daily_limit{org=\"acme\"} 2500"),
+                "{text}"
+            );
+            return Ok(());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed acme's 9 requests: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

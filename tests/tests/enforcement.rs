@@ -489,3 +489,46 @@ fn nginx_never_sees_a_refused_request() -> Result<()> {
     assert_eq!(n(&org, "rejected"), refused.len() as u64 + 10, "{org}");
     Ok(())
 }
+
+/// After `Connection: close` 429s (short requests, the reply grows the skb) every server-side
+/// connection still ends: nginx sees the client's FIN and closes, and the org's connection count
+/// returns to 0.
+#[test]
+fn refused_connections_close_cleanly() -> Result<()> {
+    let mut w = World::with_nginx("closeclean", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config("", &org_toml("acme", &[cidr(acme)], "daily_requests = 1"))?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let statuses = w.client(|| async move {
+        let mut st = Vec::new();
+        for i in 0..50 {
+            let r = http_requests(acme, api, &[Request::get(format!("/s{i}"))], false).await?;
+            st.push(r[0].status);
+        }
+        Ok(st)
+    })?;
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 49);
+    let org = w.wait_org("acme", |o| o["connections"] == 0)?;
+    assert_eq!(n(&org, "rejected"), 49, "{org}");
+    // And nginx holds no connection: none left established or half-closed on the server side.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            w.tb.netns(limiter_user::testbed::Side::Server),
+            "ss",
+            "-tanH",
+            "state",
+            "established",
+            "state",
+            "close-wait",
+        ])
+        .output()?;
+    let left = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        left.trim().is_empty(),
+        "server-side connections left: {left}"
+    );
+    Ok(())
+}
