@@ -451,6 +451,24 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         clients_v4: 0,
         clients_v6: 0,
     })?;
+    // Connection-per-request runs churn through ports fast: give the client every port, and let
+    // the server reuse TIME_WAIT pairs, so the runs measure limiter, not port exhaustion.
+    for (side, key, value) in [
+        (Side::Client, "net.ipv4.ip_local_port_range", "1024 65535"),
+        (Side::Server, "net.ipv4.tcp_max_tw_buckets", "1048576"),
+        (Side::Client, "net.ipv4.tcp_tw_reuse", "1"),
+    ] {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                tb.netns(side),
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ])
+            .status();
+    }
     let conf = tb.dir().join("nginx.conf");
     std::fs::write(&conf, nginx_conf(tb.dir()))?;
     let mut nginx = Command::new("nginx");

@@ -506,11 +506,22 @@ fn refused_connections_close_cleanly() -> Result<()> {
             let r = http_requests(acme, api, &[Request::get(format!("/s{i}"))], false).await?;
             st.push(r[0].status);
         }
+        // And many at once: 16 rounds of 32 parallel connections.
+        for round in 0..16 {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..32 {
+                let req = vec![Request::get(format!("/p{round}/{i}"))];
+                set.spawn(async move { http_requests(acme, api, &req, false).await });
+            }
+            while let Some(r) = set.join_next().await {
+                st.push(r??[0].status);
+            }
+        }
         Ok(st)
     })?;
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 49);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 49 + 16 * 32);
     let org = w.wait_org("acme", |o| o["connections"] == 0)?;
-    assert_eq!(n(&org, "rejected"), 49, "{org}");
+    assert_eq!(n(&org, "rejected"), 49 + 16 * 32, "{org}");
     // And nginx holds no connection: none left established or half-closed on the server side.
     let out = std::process::Command::new("ip")
         .args([
