@@ -204,7 +204,8 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     if cur > day {
         return None;
     }
-    if cas(tag, cur, day).is_ok() {
+    // A slot never used (tag 0, all zero) needs no clearing, so no increment can race one.
+    if cas(tag, cur, day).is_ok() && cur != 0 {
         let conns = ORG_CONNS.get(org).copied().unwrap_or(0);
         // SAFETY: as above; plain stores: the winner of the CAS owns the reset.
         unsafe {
@@ -449,7 +450,8 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
 #[inline(always)]
 fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let Some(c) = config() else { return SK_PASS };
-    let mut buf = [0u8; PEEK_LEN];
+    // Not zeroed first: that memset was a byte loop costing more than the rest of the verdict.
+    let mut buf = core::mem::MaybeUninit::<[u8; PEEK_LEN]>::uninit();
     let len = ctx.len() as usize;
     if len == 0 {
         return SK_PASS;
@@ -467,7 +469,8 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     if ret != 0 {
         return SK_PASS;
     }
-    let Some(bytes) = buf.get(..n) else {
+    // SAFETY: the helper wrote the first `n` bytes, and only those are read.
+    let Some(bytes) = (unsafe { buf.assume_init_ref() }).get(..n) else {
         return SK_PASS;
     };
     let class = http::classify(bytes, c);
