@@ -204,8 +204,16 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     if cur > day {
         return None;
     }
-    // A slot never used (tag 0, all zero) needs no clearing, so no increment can race one.
-    if cas(tag, cur, day).is_ok() && cur != 0 {
+    // A slot never used (tag 0, all zero) needs no clearing.
+    if cur == 0 {
+        return cas(tag, 0, day)
+            .ok()
+            .map(|()| slot)
+            .or_else(|| day_slot_if(tag, slot, day));
+    }
+    // Claim the reset with a marker first: other CPUs see a tag above `day` and count nothing
+    // (pass, uncounted) until the fields are zero and the tag is `day`.
+    if cas(tag, cur, day | RESETTING).is_ok() {
         let conns = ORG_CONNS.get(org).copied().unwrap_or(0);
         // SAFETY: as above; plain stores: the winner of the CAS owns the reset.
         unsafe {
@@ -218,9 +226,20 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
             (*slot).concurrency_breaches = 0;
             (*slot).delayed_syns = 0;
             (*slot).concurrency_rejected = 0;
+            atomic_xchg::<u64, { SeqCst }>(tag, day);
         }
+        return Some(slot);
     }
-    Some(slot)
+    day_slot_if(tag, slot, day)
+}
+
+/// Marks a day slot being reset by the kernel (see `day_counters`).
+const RESETTING: u64 = 1 << 63;
+
+/// The slot if its tag is `day` now (another CPU finished its reset), else None.
+#[inline(always)]
+fn day_slot_if(tag: *mut u64, slot: *mut DayCounters, day: u64) -> Option<*mut DayCounters> {
+    (load(tag) == day).then_some(slot)
 }
 
 /// Which counter of today's slot a chunk or connection touches.
@@ -533,36 +552,55 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
-        set_phase(PHASE_REFUSED);
+        // The 429 writer sets the phase once its reply is committed.
         return refuse(ctx, cookie, org, Policy::Concurrency, method);
     }
     // SAFETY: valid map value.
-    let before = add(unsafe { &raw mut (*slot).requests }, 1);
-    let Some(l) = limits else { return SK_PASS };
-    if org == UNMAPPED_ORG || l.flags & ORG_F_ACTIVE == 0 {
+    let requests = unsafe { &raw mut (*slot).requests };
+    let Some(l) = limits.filter(|l| org != UNMAPPED_ORG && l.flags & ORG_F_ACTIVE != 0) else {
+        add(requests, 1);
         return SK_PASS;
-    }
+    };
     // In a cluster the other hosts' count of today counts against the same limit.
     let remote = ORG_REMOTE
         .get(day_index(org, day))
         .filter(|r| r.day == day)
         .map(|r| r.requests)
         .unwrap_or(0);
-    if before.saturating_add(remote) < l.daily_requests {
+    if take_quota(requests, remote, l.daily_requests) {
         return SK_PASS;
     }
     // Over quota: the request goes to `rejected`, not `requests`.
     // SAFETY: valid map value.
-    unsafe {
-        add(&raw mut (*slot).requests, u64::MAX);
-        if add(&raw mut (*slot).rejected, 1) == 0 {
-            emit(EVENT_QUOTA_EXHAUSTED, org, l.daily_requests, day);
-        }
+    if add(unsafe { &raw mut (*slot).rejected }, 1) == 0 {
+        emit(EVENT_QUOTA_EXHAUSTED, org, l.daily_requests, day);
     }
     if l.flags & ORG_F_DRY_RUN != 0 {
         return SK_PASS;
     }
     refuse(ctx, cookie, org, Policy::Daily, method)
+}
+
+/// Counts one request against the quota if there is room: a compare-and-swap from below the
+/// limit, so exactly `limit` requests pass across CPUs and a refusal never touches the count (a
+/// reset or day change landing meanwhile cannot make it wrap). Under heavy contention the bounded
+/// loop gives up and lets the request through, counted (fail open).
+#[inline(always)]
+fn take_quota(requests: *mut u64, remote: u64, limit: u64) -> bool {
+    let mut cur = load(requests);
+    let mut i = 0;
+    while i < 16 {
+        if cur.saturating_add(remote) >= limit {
+            return false;
+        }
+        match cas(requests, cur, cur + 1) {
+            Ok(()) => return true,
+            Err(now) => cur = now,
+        }
+        i += 1;
+    }
+    add(requests, 1);
+    true
 }
 
 /// The address table changed (a reload) since this connection was attributed: look its org up
@@ -727,6 +765,13 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     // SAFETY: this CPU's scratch value, filled by the verdict that tail-called us.
     let scratch = unsafe { &mut *scratch };
     let args = scratch.args;
+    // Another verdict on this CPU (softirq over process context) may have refused in between and
+    // overwritten the arguments: only answer for our own socket, else let the request through.
+    // SAFETY: stream verdict programs may ask for their socket's cookie.
+    if unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) } != args.cookie {
+        fault(FAULT_REPLY);
+        return SK_PASS;
+    }
     let (Some(c), Some(l)) = (config(), ORG_LIMITS.get(args.org)) else {
         fault(FAULT_REPLY);
         return SK_DROP;
@@ -761,8 +806,9 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     let total = if len < min {
         // SAFETY: growing the skb this program owns; the connection closes after this reply.
         if unsafe { bpf_skb_change_tail(ctx.skb.skb, min as u32, 0) } != 0 {
+            // Nothing written yet: fail open.
             fault(FAULT_REPLY);
-            return SK_DROP;
+            return SK_PASS;
         }
         min
     } else if len - min > PAD_MAX {

@@ -123,7 +123,7 @@ pub fn run(config_path: &Path) -> Vec<Check> {
     out.push(check(
         "eBPF programs",
         programs
-            .map(|()| "sock_ops, stream_verdict (SOCKHASH) and sk_msg load and verify".into())
+            .map(|()| "sock_ops, stream verdict, 429 writer, sk_msg and XDP load and verify".into())
             .map_err(|e| format!("the kernel refused the programs: {e}")),
     ));
     out

@@ -75,8 +75,17 @@ fn restore_snapshot(
     clock: &Clock,
     day: u64,
 ) -> anyhow::Result<usize> {
-    let Some(snap) = snapshot::read(&cfg.daemon.state_dir, &clock.date(day))? else {
-        return Ok(0);
+    let snap = match snapshot::read(&cfg.daemon.state_dir, &clock.date(day)) {
+        Ok(Some(snap)) => snap,
+        Ok(None) => return Ok(0),
+        Err(e) => {
+            // A damaged snapshot must not keep the limiter from starting: set it aside.
+            let path = snapshot::path(&cfg.daemon.state_dir, &clock.date(day));
+            let aside = path.with_extension("json.bad");
+            let _ = std::fs::rename(&path, &aside);
+            error!(event = "fault", error = %e, moved_to = %aside.display(), "today's snapshot is unreadable; starting from the kernel's counts");
+            return Ok(0);
+        }
     };
     if snap.day != day {
         return Ok(0);
@@ -593,8 +602,15 @@ impl Daemon {
                 self.unload = unload;
                 Response::ok(serde_json::json!({ "unload": unload }))
             }
+            Request::AdvanceClock { .. } if std::env::var_os("LIMITER_TEST_HOOKS").is_none() => {
+                Response::err(
+                    "advance-clock is a test hook: start the daemon with LIMITER_TEST_HOOKS=1",
+                )
+            }
             Request::AdvanceClock { secs } => {
-                self.clock = self.clock.shifted(secs.saturating_mul(1_000_000_000));
+                self.clock = self
+                    .clock
+                    .shifted(secs.clamp(0, 400 * 86_400) * 1_000_000_000);
                 match self.write_clock() {
                     Ok(()) => {
                         self.tick();

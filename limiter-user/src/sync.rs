@@ -50,12 +50,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+// Key spaces no org name can collide across: `count:` and `conns:` end with the org name, the
+// active set with the (digits-only) date.
 fn count_key(date: &str, org: &str) -> String {
-    format!("limiter:{date}:{org}")
+    format!("limiter:count:{date}:{org}")
 }
 
 fn active_key(date: &str) -> String {
-    format!("limiter:{date}:active")
+    format!("limiter:active:{date}")
 }
 
 fn conns_key(org: &str) -> String {
@@ -87,12 +89,14 @@ async fn exchange(
     con: &mut ConnectionManager,
     host: &str,
     local: &Local,
+    written: &mut std::collections::HashSet<String>,
 ) -> redis::RedisResult<Platform> {
     let now = now_secs();
     let mut write = redis::pipe();
     let active = active_key(&local.date);
     for (org, requests, conns) in &local.orgs {
-        if *requests > 0 {
+        // Counts go up from 0, or back to 0 after a reset: write both, skip orgs never used.
+        if *requests > 0 || written.contains(org) {
             let key = count_key(&local.date, org);
             write.hset(&key, host, *requests).ignore();
             write.expire(&key, KEY_TTL_SECS as i64).ignore();
@@ -105,6 +109,11 @@ async fn exchange(
     write.expire(&active, KEY_TTL_SECS as i64).ignore();
     write.smembers(&active);
     let (orgs,): (Vec<String>,) = write.query_async(con).await?;
+    for (org, requests, _) in &local.orgs {
+        if *requests > 0 {
+            written.insert(org.clone());
+        }
+    }
 
     let mut read = redis::pipe();
     for org in &orgs {
@@ -147,7 +156,14 @@ pub async fn run(
         }
     };
     let mut con: Option<ConnectionManager> = None;
+    // Orgs this host has written a count for today (so a reset to 0 is written too).
+    let mut written = std::collections::HashSet::new();
+    let mut written_date = String::new();
     while let Some(local) = batches.recv().await {
+        if local.date != written_date {
+            written.clear();
+            written_date = local.date.clone();
+        }
         if con.is_none() {
             match tokio::time::timeout(OP_TIMEOUT, client.get_connection_manager()).await {
                 Ok(Ok(c)) => con = Some(c),
@@ -164,19 +180,23 @@ pub async fn run(
             }
         }
         let Some(c) = con.as_mut() else { continue };
-        let answer =
-            match tokio::time::timeout(OP_TIMEOUT, exchange(c, &cluster.host_id, &local)).await {
-                Ok(Ok(p)) => Ok(p),
-                Ok(Err(e)) => {
-                    // Start over with a fresh connection next time.
-                    con = None;
-                    Err(format!("{}: {e}", cluster.redis))
-                }
-                Err(_) => {
-                    con = None;
-                    Err(format!("{}: timed out", cluster.redis))
-                }
-            };
+        let answer = match tokio::time::timeout(
+            OP_TIMEOUT,
+            exchange(c, &cluster.host_id, &local, &mut written),
+        )
+        .await
+        {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => {
+                // Start over with a fresh connection next time.
+                con = None;
+                Err(format!("{}: {e}", cluster.redis))
+            }
+            Err(_) => {
+                con = None;
+                Err(format!("{}: timed out", cluster.redis))
+            }
+        };
         if results.send(answer).await.is_err() {
             return;
         }

@@ -162,6 +162,7 @@ impl World {
             .append(true)
             .open(&self.daemon_log)?;
         let child = Command::new(&self.exe)
+            .env("LIMITER_TEST_HOOKS", "1")
             .arg("run")
             .arg("--config")
             .arg(&self.config)

@@ -151,7 +151,7 @@ fn two_hosts_share_one_quota_and_survive_a_redis_restart() -> Result<()> {
     let mut check = redis::Client::open(format!("redis://127.0.0.1:{port}"))?.get_connection()?;
     let day = a.report()?["day"].as_str().unwrap_or_default().to_string();
     let counts: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
-        .arg(format!("limiter:{day}:acme"))
+        .arg(format!("limiter:count:{day}:acme"))
         .query(&mut check)?;
     assert_eq!(counts.get("hosta"), Some(&60), "{counts:?}");
     assert_eq!(counts.get("hostb"), Some(&40), "{counts:?}");
