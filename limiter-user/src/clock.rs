@@ -38,6 +38,15 @@ impl Clock {
         }
     }
 
+    /// Re-reads TAI−UTC (NTP may set the kernel's TAI offset after limiter started); true when it
+    /// changed and the kernel's offset must be rewritten.
+    pub fn refresh_tai(&mut self) -> bool {
+        let fresh = Clock::new(self.day_start_secs).tai_minus_utc_ns;
+        let changed = fresh != self.tai_minus_utc_ns;
+        self.tai_minus_utc_ns = fresh;
+        changed
+    }
+
     pub fn with_day_start(self, day_start_secs: u32) -> Self {
         Clock {
             day_start_secs,

@@ -187,6 +187,38 @@ impl Daemon {
         })
     }
 
+    /// Whether the kernel still has counters of `day` (after a reboot, past days are only in
+    /// snapshots).
+    fn kernel_holds(&self, day: u64) -> bool {
+        std::iter::once(UNMAPPED_ORG)
+            .chain(self.ids.iter().map(|(id, _)| id))
+            .any(|id| {
+                self.kernel
+                    .org_days
+                    .get(&limiter_common::day_index(id, day), 0)
+                    .is_ok_and(|d| d.day == day)
+            })
+    }
+
+    /// After a restart: the days that ended while the daemon was away get their final
+    /// snapshot and `day_end` lines now (the kernel kept counting them).
+    fn close_missed_days(&mut self) {
+        for day in self.day.saturating_sub(2)..self.day {
+            if !self.kernel_holds(day) {
+                continue;
+            }
+            let snap = self.snapshot(day);
+            let stored = snapshot::read(&self.cfg.daemon.state_dir, &snap.date)
+                .ok()
+                .flatten();
+            let same = stored.is_some_and(|s| s.orgs == snap.orgs && s.unmapped == snap.unmapped);
+            if !same {
+                self.log_totals("day_end", day);
+                self.write_snapshot(day);
+            }
+        }
+    }
+
     /// This host's counts of today, for the cluster sync.
     fn local_counts(&self) -> sync::Local {
         let day = self.clock.today().max(self.day);
@@ -286,6 +318,9 @@ impl Daemon {
 
     /// Runs until SIGTERM or SIGINT.
     pub async fn run(mut self) -> anyhow::Result<()> {
+        if self.kernel.resumed {
+            self.close_missed_days();
+        }
         let listener = control::bind(&self.cfg.daemon.control_socket).with_context(|| {
             format!(
                 "binding the control socket {}",
@@ -477,6 +512,15 @@ impl Daemon {
     }
 
     fn tick(&mut self) {
+        if self.clock.refresh_tai() {
+            info!(
+                event = "clock",
+                "the kernel's TAI offset changed; quota days follow it"
+            );
+            if let Err(e) = self.write_clock() {
+                error!(event = "fault", error = %e, "rewriting the clock offset failed");
+            }
+        }
         let today = self.clock.today();
         if today > self.day {
             self.rollover(today);
@@ -643,6 +687,7 @@ impl Daemon {
             None => self.day.max(self.clock.today()),
             Some(date) => match (self.day.saturating_sub(1)..=self.day)
                 .find(|d| self.clock.date(*d) == date)
+                .filter(|d| *d == self.day || self.kernel_holds(*d))
             {
                 Some(d) => d,
                 None => {
@@ -779,6 +824,8 @@ impl Daemon {
                 counters::prepare_day(&mut self.kernel, id, day + 1)?;
             }
         }
+        counters::apply(&mut self.kernel, &self.applied, &new)?;
+        // After the apply: nothing new is attributed to a removed org from here on.
         for name in &removed {
             if let Some(id) = self.ids.id(name)
                 && let Ok((d, _)) = counters::usage(&self.kernel, id, self.day)
@@ -794,7 +841,6 @@ impl Daemon {
                 );
             }
         }
-        counters::apply(&mut self.kernel, &self.applied, &new)?;
         info!(
             event = "reload",
             added = ?added,

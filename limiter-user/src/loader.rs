@@ -212,6 +212,22 @@ impl Kernel {
 
         let sock_ops = program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
         let link = dir.join("link_sock_ops");
+        // A pinned link on another cgroup (api.cgroup changed): drop it, attach anew below.
+        if link.exists() {
+            let wanted = std::fs::metadata(cgroup)
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .map_err(|source| LoadError::Cgroup {
+                    path: cgroup.display().to_string(),
+                    source,
+                })?;
+            let current = pins::obj_get(&link).and_then(|l| pins::link_cgroup_id(&l));
+            if current.is_ok_and(|id| id != wanted) {
+                std::fs::remove_file(&link).map_err(|source| LoadError::Link {
+                    path: link.display().to_string(),
+                    source,
+                })?;
+            }
+        }
         if link.exists() {
             let fd = sock_ops.fd().map_err(prog_err(programs::SOCK_OPS))?;
             pins::obj_get(&link)
@@ -264,6 +280,17 @@ impl Kernel {
         interfaces: &[String],
         netns: Option<&Path>,
     ) -> Result<(), LoadError> {
+        // Gates on interfaces no longer configured come off.
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(iface) = name.strip_prefix("link_xdp_")
+                    && !interfaces.iter().any(|i| i == iface)
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         if interfaces.is_empty() {
             return Ok(());
         }

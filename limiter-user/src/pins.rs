@@ -211,6 +211,21 @@ pub fn link_update(link: &OwnedFd, prog: &impl AsRawFd) -> std::io::Result<()> {
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
+/// The cgroup id (the cgroup directory's inode) a pinned cgroup link is attached to.
+pub fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
+    let mut info = [0u8; 64];
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // struct bpf_link_info { u32 type, id, prog_id; union (8-aligned) { struct { u64 cgroup_id; ... } } }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&info[16..24]);
+    Ok(u64::from_ne_bytes(id))
+}
+
 /// Removes this build's pins (maps and links): the programs detach once nothing holds them.
 pub fn unload(pin_dir: &Path) -> Result<Vec<String>, PinError> {
     let mut removed = Vec::new();
