@@ -6,7 +6,7 @@ use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
     FAULT_NAMES, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
-    RemoteCount, UNMAPPED_ORG, day_index,
+    RemoteCount, UNMAPPED_ORG, day_index, names,
 };
 use thiserror::Error;
 
@@ -107,6 +107,27 @@ impl Applied {
     }
 }
 
+/// Writes `items` into the pinned map `name` in batches; false when there are few (not worth it)
+/// or the kernel refused the batch (the caller then writes them one by one — a partial batch is
+/// rewritten, which is harmless).
+fn batched<T>(
+    kernel: &Kernel,
+    name: &str,
+    items: &[T],
+    encode: impl Fn(&T, &mut Vec<u8>, &mut Vec<u8>),
+) -> bool {
+    if items.len() < 1024 {
+        return false;
+    }
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    for item in items {
+        encode(item, &mut keys, &mut values);
+    }
+    crate::pins::obj_get(&kernel.pin_dir.join(name))
+        .and_then(|fd| crate::pins::update_batch(&fd, &keys, &values, items.len()))
+        .is_ok()
+}
+
 /// Counts of what an apply changed, for the log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -129,22 +150,46 @@ pub fn apply(
             .insert(port, 1, 0)
             .map_err(map_err(format!("API port {port}")))?;
     }
-    for (id, limits) in &new.limits {
-        if old.limits.get(id) != Some(limits) {
+    let limits: Vec<(u32, &OrgLimits)> = new
+        .limits
+        .iter()
+        .filter(|(id, l)| old.limits.get(id) != Some(*l))
+        .map(|(id, l)| (*id, l))
+        .collect();
+    stats.limits_written = limits.len();
+    if !batched(kernel, names::ORG_LIMITS, &limits, |(id, l), k, v| {
+        k.extend_from_slice(&id.to_ne_bytes());
+        v.extend_from_slice(bytemuck::bytes_of(*l));
+    }) {
+        for (id, l) in &limits {
             kernel
                 .org_limits
-                .set(*id, limits, 0)
+                .set(*id, *l, 0)
                 .map_err(map_err(format!("limits of org id {id}")))?;
-            stats.limits_written += 1;
         }
     }
-    for (&(len, addr), &id) in &new.cidrs {
-        if old.cidrs.get(&(len, addr)) != Some(&id) {
+    let cidrs: Vec<((u32, AddrKey), u32)> = new
+        .cidrs
+        .iter()
+        .filter(|(k, id)| old.cidrs.get(k) != Some(id))
+        .map(|(k, id)| (*k, *id))
+        .collect();
+    stats.cidrs_written = cidrs.len();
+    if !batched(
+        kernel,
+        names::ORG_BY_ADDR,
+        &cidrs,
+        |((len, addr), id), k, v| {
+            k.extend_from_slice(&len.to_ne_bytes());
+            k.extend_from_slice(addr);
+            v.extend_from_slice(&id.to_ne_bytes());
+        },
+    ) {
+        for &((len, addr), id) in &cidrs {
             kernel
                 .org_by_addr
                 .insert(&Key::new(len, addr), id, 0)
                 .map_err(map_err(format!("address table entry for org id {id}")))?;
-            stats.cidrs_written += 1;
         }
     }
     for &(len, addr) in old.cidrs.keys() {

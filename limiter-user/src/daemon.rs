@@ -67,6 +67,10 @@ pub struct Daemon {
     metrics: Option<Metrics>,
 }
 
+fn total_cidrs(cfg: &Config) -> usize {
+    cfg.orgs.iter().map(|o| o.cidrs.len()).sum()
+}
+
 /// Writes today's snapshot counts into fresh maps; returns how many orgs were restored.
 fn restore_snapshot(
     kernel: &mut Kernel,
@@ -105,8 +109,10 @@ impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, cfg: Config) -> anyhow::Result<Self> {
         let clock = Clock::new(cfg.limits.day_start_secs);
+        let cap = pins::Capacity::for_counts(cfg.orgs.len(), total_cidrs(&cfg));
         let mut kernel = Kernel::load(
             &cfg.daemon.pin_dir,
+            cap,
             &cfg.api.cgroup,
             &cfg.api.interfaces,
             cfg.api.netns.as_deref(),
@@ -128,8 +134,12 @@ impl Daemon {
         } else {
             (OrgIds::assign(names, None, cap)?, Applied::default())
         };
-        counters::prepare_day_all(&mut kernel, &ids, day)?;
-        counters::prepare_day_all(&mut kernel, &ids, day + 1)?;
+        // Fresh maps are all zero (tag 0), which the kernel takes over without clearing; only
+        // reused slots of older days need preparing.
+        if kernel.resumed {
+            counters::prepare_day_all(&mut kernel, &ids, day)?;
+            counters::prepare_day_all(&mut kernel, &ids, day + 1)?;
+        }
         // Fresh maps (first start, or after a reboot): today's counts come from the snapshot,
         // before the kernel starts counting (CONFIG is marked ready by the apply below).
         let restored = if kernel.resumed {
@@ -785,11 +795,25 @@ impl Daemon {
                 changed.join(", ")
             );
         }
+        if total_cidrs(&new_cfg) > self.kernel.capacity.cidrs as usize {
+            anyhow::bail!(
+                "{}: {} CIDRs do not fit the kernel's address table ({}): restart the daemon to resize it",
+                self.config_path.display(),
+                total_cidrs(&new_cfg),
+                self.kernel.capacity.cidrs
+            );
+        }
         let ids = OrgIds::assign(
             new_cfg.orgs.iter().map(|o| o.name.as_str()),
             Some(&self.ids),
             self.kernel.org_capacity(),
-        )?;
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}: restart the daemon to resize the maps",
+                self.config_path.display()
+            )
+        })?;
         let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
         let mut new = Applied::desired(&new_cfg, &ids, &clock)?;
         new.carry_generation(&self.applied);

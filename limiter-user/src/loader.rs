@@ -85,6 +85,7 @@ pub struct Kernel {
     pub resumed: bool,
     /// This build's pin directory (`<pin_dir>/<layout>`).
     pub pin_dir: PathBuf,
+    pub capacity: pins::Capacity,
     _refuse: ProgramArray<MapData>,
     _api_socks: SockHash<MapData, u64>,
     _push_socks: SockHash<MapData, u64>,
@@ -168,14 +169,33 @@ impl Kernel {
     /// the daemon exits; `limiter unload` removes it.
     pub fn load(
         pin_dir: &Path,
+        cap: pins::Capacity,
         cgroup: &Path,
         interfaces: &[String],
         netns: Option<&Path>,
     ) -> Result<Self, LoadError> {
-        let dir = pins::prepare(pin_dir)?;
-        let resumed = pins::check_existing(&dir)?;
+        let dir = pins::prepare(pin_dir, cap)?;
+        let resumed = pins::check_existing(&dir, cap)?;
+        if !resumed {
+            // Pins of another layout (an older build, other capacities) would keep their
+            // programs attached beside ours: counts carry over through the day snapshot instead.
+            pins::unload_others(pin_dir, &dir)?;
+        }
         let mut loader = EbpfLoader::new();
-        let expected = pins::expected_maps();
+        for (name, _, _, max) in pins::expected_maps(cap) {
+            if [
+                names::ORG_LIMITS,
+                names::ORG_CONNS,
+                names::ORG_DAYS,
+                names::ORG_REMOTE,
+                names::ORG_BY_ADDR,
+            ]
+            .contains(&name)
+            {
+                loader.map_max_entries(name, max);
+            }
+        }
+        let expected = pins::expected_maps(cap);
         let paths: Vec<(&str, PathBuf)> = expected
             .iter()
             .map(|(name, ..)| (*name, dir.join(name)))
@@ -262,6 +282,7 @@ impl Kernel {
             faults: take(&mut ebpf, names::FAULTS)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
             resumed,
+            capacity: cap,
             pin_dir: dir,
             _refuse: refuse,
             _api_socks: api_socks,

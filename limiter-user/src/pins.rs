@@ -50,8 +50,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
     }
 }
 
+/// How many orgs and address-table entries the maps hold: at least the defaults, more when the
+/// config needs it (rounded up to a power of two, which leaves room for reloads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Org slots, slot 0 (unmapped) included.
+    pub orgs: u32,
+    pub cidrs: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            orgs: MAX_ORGS,
+            cidrs: MAX_CIDRS,
+        }
+    }
+}
+
+impl Capacity {
+    pub fn for_counts(orgs: usize, cidrs: usize) -> Self {
+        let up = |n: usize, min: u32| (n.max(1).next_power_of_two() as u32).max(min);
+        Capacity {
+            orgs: up(orgs + 1, MAX_ORGS),
+            cidrs: up(cidrs, MAX_CIDRS),
+        }
+    }
+}
+
 /// (name, key size, value size, max entries) of every pinned map.
-pub fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
+pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
     let sz = |n: usize| n as u32;
     vec![
         (names::CONFIG, 4, sz(size_of::<Config>()), 1),
@@ -60,21 +88,21 @@ pub fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
             names::ORG_BY_ADDR,
             sz(4 + size_of::<AddrKey>()),
             4,
-            MAX_CIDRS,
+            cap.cidrs,
         ),
-        (names::ORG_LIMITS, 4, sz(size_of::<OrgLimits>()), MAX_ORGS),
-        (names::ORG_CONNS, 4, 8, MAX_ORGS),
+        (names::ORG_LIMITS, 4, sz(size_of::<OrgLimits>()), cap.orgs),
+        (names::ORG_CONNS, 4, 8, cap.orgs),
         (
             names::ORG_DAYS,
             4,
             sz(size_of::<DayCounters>()),
-            MAX_ORGS * DAY_SLOTS,
+            cap.orgs * DAY_SLOTS,
         ),
         (
             names::ORG_REMOTE,
             4,
             sz(size_of::<RemoteCount>()),
-            MAX_ORGS * DAY_SLOTS,
+            cap.orgs * DAY_SLOTS,
         ),
         (
             names::SOCK_STATE,
@@ -92,7 +120,7 @@ pub fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
 }
 
 /// A short name for the map layout: a hash of the maps' names and sizes.
-pub fn layout_version() -> String {
+pub fn layout_version(cap: Capacity) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |b: &[u8]| {
         for x in b {
@@ -100,7 +128,7 @@ pub fn layout_version() -> String {
             h = h.wrapping_mul(0x100_0000_01b3);
         }
     };
-    for (name, k, v, m) in expected_maps() {
+    for (name, k, v, m) in expected_maps(cap) {
         eat(name.as_bytes());
         eat(&k.to_le_bytes());
         eat(&v.to_le_bytes());
@@ -110,8 +138,8 @@ pub fn layout_version() -> String {
 }
 
 /// The directory of this build's pins under `pin_dir`.
-pub fn layout_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(layout_version())
+pub fn layout_dir(pin_dir: &Path, cap: Capacity) -> PathBuf {
+    pin_dir.join(layout_version(cap))
 }
 
 fn fs_magic(path: &Path) -> std::io::Result<i64> {
@@ -127,7 +155,7 @@ fn fs_magic(path: &Path) -> std::io::Result<i64> {
 
 /// Makes sure `pin_dir` exists on bpffs. `/sys/fs/bpf` itself is mounted when it is not yet (as
 /// after a reboot on systems that do not mount it).
-pub fn prepare(pin_dir: &Path) -> Result<PathBuf, PinError> {
+pub fn prepare(pin_dir: &Path, cap: Capacity) -> Result<PathBuf, PinError> {
     let sys_bpf = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(sys_bpf) && fs_magic(sys_bpf).is_ok_and(|m| m != BPF_FS_MAGIC) {
         let (src, dst, ty) = (c"bpf", c"/sys/fs/bpf", c"bpf");
@@ -137,7 +165,7 @@ pub fn prepare(pin_dir: &Path) -> Result<PathBuf, PinError> {
             return Err(io(sys_bpf)(std::io::Error::last_os_error()));
         }
     }
-    let dir = layout_dir(pin_dir);
+    let dir = layout_dir(pin_dir, cap);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     if fs_magic(&dir).map_err(io(&dir))? != BPF_FS_MAGIC {
         return Err(PinError::NotBpffs {
@@ -149,9 +177,9 @@ pub fn prepare(pin_dir: &Path) -> Result<PathBuf, PinError> {
 
 /// Checks every map already pinned in `dir` against this build; true when any was pinned (the
 /// daemon resumes from the kernel's state rather than starting fresh).
-pub fn check_existing(dir: &Path) -> Result<bool, PinError> {
+pub fn check_existing(dir: &Path, cap: Capacity) -> Result<bool, PinError> {
     let mut any = false;
-    for (name, key, value, max) in expected_maps() {
+    for (name, key, value, max) in expected_maps(cap) {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -211,6 +239,42 @@ pub fn link_update(link: &OwnedFd, prog: &impl AsRawFd) -> std::io::Result<()> {
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
+/// Writes many elements with one syscall per chunk (BPF_MAP_UPDATE_BATCH): loading a million
+/// orgs element by element costs seconds in syscalls alone. `keys` and `values` hold `count`
+/// packed elements each.
+pub fn update_batch(
+    map: &OwnedFd,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
+    if count == 0 {
+        return Ok(());
+    }
+    let (ksz, vsz) = (keys.len() / count, values.len() / count);
+    const CHUNK: usize = 65_536;
+    let mut done = 0;
+    while done < count {
+        let n = (count - done).min(CHUNK);
+        let mut attr = [0u8; 128];
+        attr[16..24].copy_from_slice(&(keys[done * ksz..].as_ptr() as u64).to_ne_bytes());
+        attr[24..32].copy_from_slice(&(values[done * vsz..].as_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&(n as u32).to_ne_bytes());
+        attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        // The kernel writes back how many it did.
+        let mut did = [0u8; 4];
+        did.copy_from_slice(&attr[32..36]);
+        let did = u32::from_ne_bytes(did) as usize;
+        if did == 0 {
+            return Err(std::io::Error::other("batch update made no progress"));
+        }
+        done += did;
+    }
+    Ok(())
+}
+
 /// The cgroup id (the cgroup directory's inode) a pinned cgroup link is attached to.
 pub fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
@@ -226,15 +290,28 @@ pub fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
     Ok(u64::from_ne_bytes(id))
 }
 
-/// Removes this build's pins (maps and links): the programs detach once nothing holds them.
+/// Removes every pin directory under `pin_dir` except `keep` (another layout: an older build, or
+/// other capacities): their programs must not keep running beside the new ones.
+pub fn unload_others(pin_dir: &Path, keep: &Path) -> Result<Vec<String>, PinError> {
+    unload_matching(pin_dir, |d| d != keep)
+}
+
+/// Removes every pin directory (maps and links): the programs detach once nothing holds them.
 pub fn unload(pin_dir: &Path) -> Result<Vec<String>, PinError> {
+    unload_matching(pin_dir, |_| true)
+}
+
+fn unload_matching(
+    pin_dir: &Path,
+    remove: impl Fn(&Path) -> bool,
+) -> Result<Vec<String>, PinError> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(pin_dir) else {
         return Ok(removed);
     };
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !dir.is_dir() || !entry.file_name().to_string_lossy().starts_with('v') {
+        if !dir.is_dir() || !entry.file_name().to_string_lossy().starts_with('v') || !remove(&dir) {
             continue;
         }
         for f in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
@@ -252,7 +329,21 @@ mod tests {
 
     #[test]
     fn layout_version_is_stable_and_short() {
-        assert_eq!(layout_version(), layout_version());
-        assert!(layout_version().starts_with("v1-") && layout_version().len() == 11);
+        let cap = Capacity::default();
+        assert_eq!(layout_version(cap), layout_version(cap));
+        assert!(layout_version(cap).starts_with("v1-") && layout_version(cap).len() == 11);
+        assert_ne!(
+            layout_version(cap),
+            layout_version(Capacity::for_counts(1_000_000, 1_000_000))
+        );
+    }
+
+    #[test]
+    fn capacity_grows_in_powers_of_two() {
+        assert_eq!(Capacity::for_counts(10, 10), Capacity::default());
+        let c = Capacity::for_counts(1_000_000, 1_000_000);
+        assert_eq!((c.orgs, c.cidrs), (1 << 20, 1 << 20));
+        assert_eq!(Capacity::for_counts(65_535, 10).orgs, 65_536);
+        assert_eq!(Capacity::for_counts(65_536, 10).orgs, 131_072);
     }
 }
