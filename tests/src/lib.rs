@@ -47,14 +47,7 @@ impl World {
     /// A testbed with `v4`/`v6` extra client addresses and the API server listening on
     /// `[::]:8080` (dual-stack, so IPv4 clients arrive IPv4-mapped) in the server netns and cgroup.
     pub fn new(name: &str, v4: usize, v6: usize) -> Result<World> {
-        require_root();
-        let _ = testbed::cleanup_stale();
-        let tb = Testbed::new(TestbedOptions {
-            name: name.to_string(),
-            clients_v4: v4,
-            clients_v6: v6,
-        })?;
-        let exe = testbed::limiter_exe()?;
+        let (tb, exe) = testbed_for(name, v4, v6)?;
         let server_log = tb.dir().join("access.log");
         let args = ServeArgs {
             listen: vec![SocketAddr::from((
@@ -65,6 +58,11 @@ impl World {
             body_bytes: 0,
         };
         tb.spawn_in_server(testbed::serve_command(&exe, &args))?;
+        World::serving(tb, exe, server_log)
+    }
+
+    /// Waits for the API server to listen, then wraps the testbed.
+    fn serving(tb: Testbed, exe: PathBuf, server_log: PathBuf) -> Result<World> {
         tb.wait_listening(testbed::Side::Server, API_PORT, Duration::from_secs(10))?;
         Ok(World {
             config: tb.dir().join("limiter.toml"),
@@ -80,14 +78,7 @@ impl World {
     /// A testbed like [`World::new`] whose API server is Debian's nginx (epoll, one worker)
     /// answering `200 ok` on port 8080, IPv4 and IPv6, with its access log at `server_log`.
     pub fn with_nginx(name: &str, v4: usize, v6: usize) -> Result<World> {
-        require_root();
-        let _ = testbed::cleanup_stale();
-        let tb = Testbed::new(TestbedOptions {
-            name: name.to_string(),
-            clients_v4: v4,
-            clients_v6: v6,
-        })?;
-        let exe = testbed::limiter_exe()?;
+        let (tb, exe) = testbed_for(name, v4, v6)?;
         let dir = tb.dir().to_path_buf();
         let server_log = dir.join("nginx-access.log");
         let conf = dir.join("nginx.conf");
@@ -112,16 +103,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         tb.spawn_in_server(cmd)?;
-        tb.wait_listening(testbed::Side::Server, API_PORT, Duration::from_secs(10))?;
-        Ok(World {
-            config: dir.join("limiter.toml"),
-            daemon_log: dir.join("daemon.log"),
-            tb,
-            exe,
-            server_log,
-            daemon: None,
-            daemon_extra: String::new(),
-        })
+        World::serving(tb, exe, server_log)
     }
 
     /// Lines of nginx's access log (`client method uri length`).
@@ -328,7 +310,41 @@ impl Drop for World {
     }
 }
 
+/// A fresh testbed (stale ones of crashed runs removed first) and the `limiter` binary.
+fn testbed_for(name: &str, v4: usize, v6: usize) -> Result<(Testbed, PathBuf)> {
+    require_root();
+    let _ = testbed::cleanup_stale();
+    let tb = Testbed::new(TestbedOptions {
+        name: name.to_string(),
+        clients_v4: v4,
+        clients_v6: v6,
+    })?;
+    Ok((tb, testbed::limiter_exe()?))
+}
+
 /// `[[orgs]]` table text.
 pub fn org_toml(name: &str, cidrs: &[String], extra: &str) -> String {
     format!("[[orgs]]\nname = {name:?}\ncidrs = {cidrs:?}\n{extra}\n")
+}
+
+/// A number from a report entry (panics with the entry when missing).
+pub fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+/// The single-address CIDR of `ip`.
+pub fn cidr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+/// `count` GETs of `path0`, `path1`, …
+pub fn gets(path: &str, count: usize) -> Vec<testbed::Request> {
+    (0..count)
+        .map(|i| testbed::Request::get(format!("{path}{i}")))
+        .collect()
 }

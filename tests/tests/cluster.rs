@@ -8,15 +8,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use integration_tests::{World, org_toml};
+use integration_tests::{World, n, org_toml};
 use limiter_user::testbed::{Request, http_requests};
 use serde_json::Value;
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
-}
 
 /// A redis-server on a free loopback port, no persistence (a restart loses its data), killed on
 /// drop.

@@ -4,30 +4,11 @@
 use std::net::IpAddr;
 
 use anyhow::Result;
-use integration_tests::{PUSH_PORT, World, org_toml};
+use integration_tests::{PUSH_PORT, World, cidr, gets, n, org_toml};
 use limiter_user::testbed::{
     self, PushArgs, Request, ServeArgs, http_requests, open_idle, reset, send_raw,
 };
 use serde_json::Value;
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
-}
-
-fn cidr(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(a) => format!("{a}/32"),
-        IpAddr::V6(a) => format!("{a}/128"),
-    }
-}
-
-fn gets(path: &str, count: usize) -> Vec<Request> {
-    (0..count)
-        .map(|i| Request::get(format!("{path}{i}")))
-        .collect()
-}
 
 /// Several orgs in parallel, IPv4 (arriving IPv4-mapped on the dual-stack server socket) and IPv6,
 /// keep-alive and one connection per request, media GETs, an unmapped client: every org's counts

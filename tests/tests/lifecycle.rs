@@ -4,28 +4,9 @@
 use std::net::IpAddr;
 
 use anyhow::Result;
-use integration_tests::{World, org_toml};
+use integration_tests::{World, cidr, gets, n, org_toml};
 use limiter_user::testbed::{HttpConn, Request, http_requests};
 use serde_json::Value;
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
-}
-
-fn cidr(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(a) => format!("{a}/32"),
-        IpAddr::V6(a) => format!("{a}/128"),
-    }
-}
-
-fn gets(path: &str, count: usize) -> Vec<Request> {
-    (0..count)
-        .map(|i| Request::get(format!("{path}{i}")))
-        .collect()
-}
 
 /// Statuses of `count` GETs from `src`, one connection each.
 fn statuses(w: &World, src: IpAddr, count: usize) -> Result<Vec<u16>> {
