@@ -85,34 +85,69 @@ pub fn sum_fresh_conns(fields: &HashMap<String, String>, now: u64) -> u64 {
         .sum()
 }
 
+/// What this host last wrote, so each sync sends only changes (plus a full rewrite now and
+/// then, and after every reconnect, in case Redis lost its data).
+#[derive(Default)]
+struct Sent {
+    date: String,
+    counts: HashMap<String, u64>,
+    conns: HashMap<String, u64>,
+    full_at: Option<std::time::Instant>,
+}
+
+/// How often everything is rewritten even when unchanged.
+const FULL_REWRITE_EVERY: Duration = Duration::from_secs(10);
+
 async fn exchange(
     con: &mut ConnectionManager,
     host: &str,
     local: &Local,
-    written: &mut std::collections::HashSet<String>,
+    sent: &mut Sent,
 ) -> redis::RedisResult<Platform> {
     let now = now_secs();
+    if sent.date != local.date {
+        *sent = Sent {
+            date: local.date.clone(),
+            ..Sent::default()
+        };
+    }
+    let full = sent
+        .full_at
+        .is_none_or(|t| t.elapsed() >= FULL_REWRITE_EVERY);
     let mut write = redis::pipe();
     let active = active_key(&local.date);
+    let mut counts = Vec::new();
+    let mut conns_now = Vec::new();
     for (org, requests, conns) in &local.orgs {
-        // Counts go up from 0, or back to 0 after a reset: write both, skip orgs never used.
-        if *requests > 0 || written.contains(org) {
+        let last = sent.counts.get(org).copied();
+        // Counts go up from 0, or back to 0 after a reset; orgs never used are skipped.
+        if (*requests > 0 || last.is_some()) && (full || last != Some(*requests)) {
             let key = count_key(&local.date, org);
             write.hset(&key, host, *requests).ignore();
             write.expire(&key, KEY_TTL_SECS as i64).ignore();
             write.sadd(&active, org).ignore();
+            counts.push((org, *requests));
         }
-        let ck = conns_key(org);
-        write.hset(&ck, host, format!("{conns}:{now}")).ignore();
-        write.expire(&ck, 300).ignore();
+        // Open connections are refreshed while non-zero (readers ignore entries older than
+        // 10 s), and written once more when they drop to 0.
+        if *conns > 0 || sent.conns.get(org).is_some_and(|c| *c > 0) {
+            let ck = conns_key(org);
+            write.hset(&ck, host, format!("{conns}:{now}")).ignore();
+            write.expire(&ck, 300).ignore();
+            conns_now.push((org, *conns));
+        }
     }
     write.expire(&active, KEY_TTL_SECS as i64).ignore();
     write.smembers(&active);
     let (orgs,): (Vec<String>,) = write.query_async(con).await?;
-    for (org, requests, _) in &local.orgs {
-        if *requests > 0 {
-            written.insert(org.clone());
-        }
+    for (org, n) in counts {
+        sent.counts.insert(org.clone(), n);
+    }
+    for (org, n) in conns_now {
+        sent.conns.insert(org.clone(), n);
+    }
+    if full {
+        sent.full_at = Some(std::time::Instant::now());
     }
 
     let mut read = redis::pipe();
@@ -156,17 +191,15 @@ pub async fn run(
         }
     };
     let mut con: Option<ConnectionManager> = None;
-    // Orgs this host has written a count for today (so a reset to 0 is written too).
-    let mut written = std::collections::HashSet::new();
-    let mut written_date = String::new();
+    let mut sent = Sent::default();
     while let Some(local) = batches.recv().await {
-        if local.date != written_date {
-            written.clear();
-            written_date = local.date.clone();
-        }
         if con.is_none() {
             match tokio::time::timeout(OP_TIMEOUT, client.get_connection_manager()).await {
-                Ok(Ok(c)) => con = Some(c),
+                Ok(Ok(c)) => {
+                    // Redis may have restarted empty: rewrite everything.
+                    sent.full_at = None;
+                    con = Some(c);
+                }
                 Ok(Err(e)) => {
                     let _ = results.send(Err(format!("{}: {e}", cluster.redis))).await;
                     continue;
@@ -182,7 +215,7 @@ pub async fn run(
         let Some(c) = con.as_mut() else { continue };
         let answer = match tokio::time::timeout(
             OP_TIMEOUT,
-            exchange(c, &cluster.host_id, &local, &mut written),
+            exchange(c, &cluster.host_id, &local, &mut sent),
         )
         .await
         {
