@@ -848,7 +848,19 @@ impl Daemon {
                 counters::prepare_day(&mut self.kernel, id, day + 1)?;
             }
         }
-        counters::apply(&mut self.kernel, &self.applied, &new)?;
+        if let Err(e) = counters::apply(&mut self.kernel, &self.applied, &new) {
+            // A map write failed midway: put back what was in force, so the kernel and the
+            // daemon agree again, and report the failure.
+            let rolled_back = counters::read_applied(&self.kernel)
+                .and_then(|actual| counters::apply(&mut self.kernel, &actual, &self.applied));
+            if let Err(r) = rolled_back {
+                error!(event = "fault", error = %r, "rolling back a failed reload failed");
+            }
+            return Err(anyhow::anyhow!(
+                "{}: applying the new config failed: {e}",
+                self.config_path.display()
+            ));
+        }
         // After the apply: nothing new is attributed to a removed org from here on.
         for name in &removed {
             if let Some(id) = self.ids.id(name)
