@@ -112,6 +112,16 @@ where
         .map_err(|source| LoadError::Program { name, source })
 }
 
+/// Points the link pinned at `path` at `prog` (an upgrade or restart swapping programs in place).
+fn update_pinned_link(path: &Path, prog: &aya::programs::ProgramFd) -> Result<(), LoadError> {
+    pins::obj_get(path)
+        .and_then(|l| pins::link_update(&l, &prog.as_fd().as_raw_fd()))
+        .map_err(|source| LoadError::Link {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
 /// Pins a freshly made link so it outlives this process.
 fn pin_link<L>(link: L, path: &Path) -> Result<(), LoadError>
 where
@@ -250,12 +260,7 @@ impl Kernel {
         }
         if link.exists() {
             let fd = sock_ops.fd().map_err(prog_err(programs::SOCK_OPS))?;
-            pins::obj_get(&link)
-                .and_then(|l| pins::link_update(&l, &fd.as_fd().as_raw_fd()))
-                .map_err(|source| LoadError::Link {
-                    path: link.display().to_string(),
-                    source,
-                })?;
+            update_pinned_link(&link, fd)?;
         } else {
             let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
                 path: cgroup.display().to_string(),
@@ -345,12 +350,7 @@ impl Kernel {
                     let link = dir.join(format!("link_xdp_{iface}"));
                     if link.exists() {
                         let fd = prog.fd().map_err(prog_err(programs::SYN_GATE))?;
-                        pins::obj_get(&link)
-                            .and_then(|l| pins::link_update(&l, &fd.as_fd().as_raw_fd()))
-                            .map_err(|source| LoadError::Link {
-                                path: link.display().to_string(),
-                                source,
-                            })?;
+                        update_pinned_link(&link, fd)?;
                         continue;
                     }
                     let id = prog
