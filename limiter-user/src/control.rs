@@ -108,33 +108,57 @@ pub struct Pending {
     pub reply: oneshot::Sender<Response>,
 }
 
-/// Binds the control socket (replacing a stale one) with mode 0600.
+/// Binds the control socket with mode 0600, replacing a stale one but never a live daemon's.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another limiter daemon answers on {}", path.display()),
+        ));
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
+    // Created without group/other bits from the start, not chmod-ed afterwards.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
+
+/// Longest request line accepted from the CLI.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// A CLI connection that sends no complete request in this time is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts CLI connections and forwards each request to the main loop, so all map access stays
 /// on one task.
 pub async fn serve(listener: UnixListener, to_daemon: mpsc::Sender<Pending>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of fds or similar: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let to_daemon = to_daemon.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut lines = tokio::io::BufReader::new(read).lines();
-            let Ok(Some(line)) = lines.next_line().await else {
+            let mut lines =
+                tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
+            let Ok(Ok(Some(line))) = tokio::time::timeout(REQUEST_TIMEOUT, lines.next_line()).await
+            else {
                 return;
             };
             let response = match serde_json::from_str::<Request>(&line) {
@@ -194,6 +218,12 @@ mod tests {
             .unwrap();
         assert!(resp.ok);
         assert_eq!(resp.data["echo"], "Reload");
+        // A second daemon must not take over a live daemon's socket.
+        let path3 = path.clone();
+        let second = tokio::task::spawn_blocking(move || bind(&path3).map(|_| ()))
+            .await
+            .unwrap();
+        assert!(second.is_err_and(|e| e.to_string().contains("another limiter daemon")));
         let err = call(&dir.path().join("missing.sock"), &Request::Reload).unwrap_err();
         assert!(err.to_string().contains("missing.sock"), "{err}");
     }
