@@ -143,8 +143,11 @@ pub const ORG_F_CONC_DELAY: u32 = 4;
 pub const ORG_F_CONC_REJECT: u32 = 8;
 
 /// One quota day's counters. Every field is updated with atomic adds by the kernel.
+/// (Serializable on the user side: day snapshots store it as it is.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "user", serde(default))]
 pub struct DayCounters {
     /// The day number these counters belong to (see [`crate::day`]).
     pub day: u64,

@@ -365,10 +365,7 @@ fn on_inbound(ctx: &SockOpsContext) {
         fault(FAULT_SOCK_STATE_FULL);
     } else {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        if connection_opened(org, c)
-            && ORG_LIMITS
-                .get(org)
-                .is_some_and(|l| l.flags & ORG_F_CONC_REJECT != 0)
+        if connection_opened(org, c).is_some_and(|flags| flags & ORG_F_CONC_REJECT != 0)
             && let Some(st) = SOCK_STATE.get_ptr_mut(&cookie)
         {
             // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
@@ -385,32 +382,29 @@ fn on_inbound(ctx: &SockOpsContext) {
     }
 }
 
-/// Counts a new connection; true when it arrived while the org was at its concurrency limit.
+/// Counts a new connection; the org's `ORG_F_*` flags when it arrived while the org was at its
+/// concurrency limit.
 #[inline(always)]
-fn connection_opened(org: u32, c: &Config) -> bool {
+fn connection_opened(org: u32, c: &Config) -> Option<u32> {
     let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
         fault(FAULT_BAD_ORG);
-        return false;
+        return None;
     };
     let before = add_i64(conns, 1);
     let before = if before > 0 { before as u64 } else { 0 };
     let d = today(c);
-    let Some(slot) = day_counters(org, d) else {
-        return false;
-    };
+    let slot = day_counters(org, d)?;
     // SAFETY: valid map value.
     unsafe { raise_to(&raw mut (*slot).peak_connections, before + 1) };
-    let limit = ORG_LIMITS
-        .get(org)
-        .map(|l| l.concurrent_connections)
-        .unwrap_or(0);
-    if org != UNMAPPED_ORG && limit > 0 && before >= limit as u64 {
+    let l = ORG_LIMITS.get(org)?;
+    let limit = l.concurrent_connections as u64;
+    if org != UNMAPPED_ORG && limit > 0 && before >= limit {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_breaches }, 1);
         emit(EVENT_CONCURRENCY_BREACH, org, before, d);
-        return true;
+        return Some(l.flags);
     }
-    false
+    None
 }
 
 #[inline(always)]

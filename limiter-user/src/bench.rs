@@ -67,6 +67,25 @@ pub struct Row {
     pub ratio: f64,
 }
 
+impl Row {
+    /// The row as a line of the Markdown table (also what the run prints as it goes).
+    fn markdown(&self) -> String {
+        format!(
+            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {:.0} ({:.0}–{:.0}) | {:.3} |\n",
+            self.scenario,
+            self.a,
+            self.a_median,
+            self.a_min,
+            self.a_max,
+            self.b,
+            self.b_median,
+            self.b_min,
+            self.b_max,
+            self.ratio
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct KernelCost {
     pub verdict_ns_per_run: f64,
@@ -83,6 +102,19 @@ pub struct ScaleRow {
     pub daemon_rss_mib: f64,
     pub passing_ratio: f64,
     pub note: String,
+}
+
+impl ScaleRow {
+    fn failed(orgs: usize, note: String) -> Self {
+        ScaleRow {
+            orgs,
+            load_secs: 0.0,
+            map_memory_mib: 0.0,
+            daemon_rss_mib: 0.0,
+            passing_ratio: 0.0,
+            note,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -298,19 +330,7 @@ impl Bench {
             b_max: bmax,
             ratio: if am > 0.0 { bm / am } else { 0.0 },
         };
-        println!(
-            "{:<38} {:>24} {:>9.0} ({:.0}–{:.0})   {:>22} {:>9.0} ({:.0}–{:.0})   ratio {:.3}",
-            row.scenario,
-            row.a,
-            row.a_median,
-            row.a_min,
-            row.a_max,
-            row.b,
-            row.b_median,
-            row.b_min,
-            row.b_max,
-            row.ratio
-        );
+        print!("{}", row.markdown());
         Ok(row)
     }
 }
@@ -397,19 +417,7 @@ fn markdown(r: &Results) -> String {
         if r.quick { " (--quick)" } else { "" }
     );
     for row in &r.rows {
-        s.push_str(&format!(
-            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {:.0} ({:.0}–{:.0}) | {:.3} |\n",
-            row.scenario,
-            row.a,
-            row.a_median,
-            row.a_min,
-            row.a_max,
-            row.b,
-            row.b_median,
-            row.b_min,
-            row.b_max,
-            row.ratio
-        ));
+        s.push_str(&row.markdown());
     }
     s.push_str(&format!(
         "\nKernel cost (bpf_stats): verdict {:.0} ns per run over {} runs; sock_ops {:.0} ns per run over {} runs.\n\n\
@@ -556,18 +564,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         &[10, 10_000, 1_000_000]
     };
     for &orgs in sizes {
-        let note = String::new();
         let cfg = match b.config(1_000_000_000_000, orgs.saturating_sub(1)) {
             Ok(c) => c,
             Err(e) => {
-                scale.push(ScaleRow {
-                    orgs,
-                    load_secs: 0.0,
-                    map_memory_mib: 0.0,
-                    daemon_rss_mib: 0.0,
-                    passing_ratio: 0.0,
-                    note: e.to_string(),
-                });
+                scale.push(ScaleRow::failed(orgs, e.to_string()));
                 continue;
             }
         };
@@ -594,20 +594,13 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
                     map_memory_mib: mem,
                     daemon_rss_mib: rss,
                     passing_ratio: ratio,
-                    note,
+                    note: String::new(),
                 });
             }
             Err(e) => {
                 let first = e.to_string().lines().last().unwrap_or_default().to_string();
                 println!("scale {orgs:>9} orgs: not loaded: {first}");
-                scale.push(ScaleRow {
-                    orgs,
-                    load_secs: 0.0,
-                    map_memory_mib: 0.0,
-                    daemon_rss_mib: 0.0,
-                    passing_ratio: 0.0,
-                    note: first,
-                });
+                scale.push(ScaleRow::failed(orgs, first));
             }
         }
         b.stop();

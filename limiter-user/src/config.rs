@@ -1218,20 +1218,34 @@ fn prefixes_of(src: &Src<'_>, value: Item<'_>, at: KeyAt<'_>) -> Result<Vec<Stri
                 ),
             ));
         }
-        if let Some(first) = prefixes.iter().position(|p| *p == s) {
+        reject_repeat(src, &prefixes, &s, pos, at)?;
+        prefixes.push(s.into_owned());
+    }
+    Ok(prefixes)
+}
+
+/// An error when `s` already stands in `list` (the same key's earlier entries).
+fn reject_repeat(
+    src: &Src<'_>,
+    list: &[String],
+    s: &str,
+    pos: Option<usize>,
+    at: KeyAt<'_>,
+) -> Result<(), ConfigError> {
+    match list.iter().position(|x| x == s) {
+        None => Ok(()),
+        Some(first) => {
             let first_at = KeyAt {
                 index: Some(first),
                 ..at
             };
-            return Err(src.invalid(
+            Err(src.invalid(
                 pos,
                 at,
                 format!("\"{s}\" is listed twice (also {first_at})"),
-            ));
+            ))
         }
-        prefixes.push(s.into_owned());
     }
-    Ok(prefixes)
 }
 
 fn interfaces_of(
@@ -1256,17 +1270,7 @@ fn interfaces_of(
                 ),
             ));
         }
-        if let Some(first) = names.iter().position(|n| *n == s) {
-            let first_at = KeyAt {
-                index: Some(first),
-                ..at
-            };
-            return Err(src.invalid(
-                pos,
-                at,
-                format!("\"{s}\" is listed twice (also {first_at})"),
-            ));
-        }
+        reject_repeat(src, &names, &s, pos, at)?;
         names.push(s.into_owned());
     }
     Ok(names)

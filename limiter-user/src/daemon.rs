@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use limiter_common::{EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG};
+use limiter_common::{
+    DayCounters, EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -29,7 +31,7 @@ use crate::{
     metrics::{self, Metrics},
     orgs::{OrgIds, UNMAPPED_NAME},
     pins, report,
-    snapshot::{self, Counts, DaySnapshot},
+    snapshot::{self, DaySnapshot},
     sync::{self, Platform},
 };
 
@@ -94,11 +96,18 @@ fn restore_snapshot(
     if snap.day != day {
         return Ok(0);
     }
-    counters::write_day(kernel, UNMAPPED_ORG, snap.unmapped.to_day(day))?;
+    counters::write_day(
+        kernel,
+        UNMAPPED_ORG,
+        DayCounters {
+            day,
+            ..snap.unmapped
+        },
+    )?;
     let mut n = 0;
     for (name, counts) in &snap.orgs {
         if let Some(id) = ids.id(name) {
-            counters::write_day(kernel, id, counts.to_day(day))?;
+            counters::write_day(kernel, id, DayCounters { day, ..*counts })?;
             n += 1;
         }
     }
@@ -308,11 +317,11 @@ impl Daemon {
             ..DaySnapshot::default()
         };
         if let Ok((d, _)) = counters::usage(&self.kernel, UNMAPPED_ORG, day) {
-            snap.unmapped = Counts::from(&d);
+            snap.unmapped = d;
         }
         for (id, name) in self.ids.iter() {
             if let Ok((d, _)) = counters::usage(&self.kernel, id, day) {
-                snap.orgs.insert(name.to_string(), Counts::from(&d));
+                snap.orgs.insert(name.to_string(), d);
             }
         }
         snap
@@ -848,19 +857,22 @@ impl Daemon {
                 counters::prepare_day(&mut self.kernel, id, day + 1)?;
             }
         }
-        if let Err(e) = counters::apply(&mut self.kernel, &self.applied, &new) {
-            // A map write failed midway: put back what was in force, so the kernel and the
-            // daemon agree again, and report the failure.
-            let rolled_back = counters::read_applied(&self.kernel)
-                .and_then(|actual| counters::apply(&mut self.kernel, &actual, &self.applied));
-            if let Err(r) = rolled_back {
-                error!(event = "fault", error = %r, "rolling back a failed reload failed");
+        let stats = match counters::apply(&mut self.kernel, &self.applied, &new) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // A map write failed midway: put back what was in force, so the kernel and the
+                // daemon agree again, and report the failure.
+                let rolled_back = counters::read_applied(&self.kernel)
+                    .and_then(|actual| counters::apply(&mut self.kernel, &actual, &self.applied));
+                if let Err(r) = rolled_back {
+                    error!(event = "fault", error = %r, "rolling back a failed reload failed");
+                }
+                return Err(anyhow::anyhow!(
+                    "{}: applying the new config failed: {e}",
+                    self.config_path.display()
+                ));
             }
-            return Err(anyhow::anyhow!(
-                "{}: applying the new config failed: {e}",
-                self.config_path.display()
-            ));
-        }
+        };
         // After the apply: nothing new is attributed to a removed org from here on.
         for name in &removed {
             if let Some(id) = self.ids.id(name)
@@ -883,6 +895,9 @@ impl Daemon {
             removed = ?removed,
             changed = ?changed,
             ports = ?new_cfg.api.ports,
+            cidrs_written = stats.cidrs_written,
+            cidrs_removed = stats.cidrs_removed,
+            limits_written = stats.limits_written,
             "config reloaded"
         );
         self.cfg = new_cfg;

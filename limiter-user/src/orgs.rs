@@ -101,11 +101,6 @@ impl OrgIds {
             .enumerate()
             .filter_map(|(id, n)| Some((id as u32, n.as_deref()?)))
     }
-
-    /// One past the highest id in use.
-    pub fn high_water(&self) -> u32 {
-        self.names.len() as u32
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -157,7 +157,7 @@ pub fn from_snapshot(cfg: &Config, snap: &DaySnapshot, only: Option<&str>) -> Re
         let l = cfg.limits_for(org);
         orgs.push(OrgReport::new(
             &org.name,
-            &c.to_day(snap.day),
+            c,
             0,
             l.daily_requests,
             l.concurrent_connections,

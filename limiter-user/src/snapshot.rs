@@ -30,56 +30,6 @@ pub enum SnapshotError {
     },
 }
 
-/// One org's counters of a day.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    pub requests: u64,
-    pub rejected: u64,
-    pub exempt_media_gets: u64,
-    pub exempt_pushes: u64,
-    pub unparsed: u64,
-    pub peak_connections: u64,
-    pub concurrency_breaches: u64,
-    #[serde(default)]
-    pub delayed_syns: u64,
-    #[serde(default)]
-    pub concurrency_rejected: u64,
-}
-
-impl From<&DayCounters> for Counts {
-    fn from(d: &DayCounters) -> Self {
-        Counts {
-            requests: d.requests,
-            rejected: d.rejected,
-            exempt_media_gets: d.exempt_media_gets,
-            exempt_pushes: d.exempt_pushes,
-            unparsed: d.unparsed,
-            peak_connections: d.peak_connections,
-            concurrency_breaches: d.concurrency_breaches,
-            delayed_syns: d.delayed_syns,
-            concurrency_rejected: d.concurrency_rejected,
-        }
-    }
-}
-
-impl Counts {
-    /// The kernel's counters of `day` with these counts.
-    pub fn to_day(self, day: u64) -> DayCounters {
-        DayCounters {
-            day,
-            requests: self.requests,
-            rejected: self.rejected,
-            exempt_media_gets: self.exempt_media_gets,
-            exempt_pushes: self.exempt_pushes,
-            unparsed: self.unparsed,
-            peak_connections: self.peak_connections,
-            concurrency_breaches: self.concurrency_breaches,
-            delayed_syns: self.delayed_syns,
-            concurrency_rejected: self.concurrency_rejected,
-        }
-    }
-}
-
 /// Everything counted on this host on one quota day.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaySnapshot {
@@ -89,8 +39,8 @@ pub struct DaySnapshot {
     pub date: String,
     /// Unix seconds when taken.
     pub taken_at: u64,
-    pub orgs: BTreeMap<String, Counts>,
-    pub unmapped: Counts,
+    pub orgs: BTreeMap<String, DayCounters>,
+    pub unmapped: DayCounters,
 }
 
 pub fn path(state_dir: &Path, date: &str) -> PathBuf {
@@ -157,11 +107,10 @@ mod tests {
         let mut d = DayCounters::for_day(20_785);
         d.requests = 7;
         d.rejected = 2;
-        snap.orgs.insert("acme".into(), Counts::from(&d));
+        snap.orgs.insert("acme".into(), d);
         let p = write(dir.path(), &snap).unwrap();
         assert!(p.ends_with("days/2026-11-28.json"));
         assert_eq!(read(dir.path(), "2026-11-28").unwrap(), Some(snap.clone()));
-        assert_eq!(snap.orgs["acme"].to_day(20_785), d);
         // A second write replaces the first; no temporary file is left behind.
         snap.taken_at = 2;
         write(dir.path(), &snap).unwrap();

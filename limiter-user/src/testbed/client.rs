@@ -240,11 +240,6 @@ impl HttpConn {
         self.stream.local_addr().context("local address")
     }
 
-    /// Gives up the connection as a plain stream (e.g. to [`reset`] it).
-    pub fn into_stream(self) -> TcpStream {
-        self.stream
-    }
-
     /// Sends one request and reads its response, within [`REQUEST_TIMEOUT`].
     pub async fn send(&mut self, req: &Request, keep_alive: bool) -> Result<Response> {
         let host = self.host.clone();
