@@ -118,6 +118,13 @@ impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, cfg: Config) -> anyhow::Result<Self> {
         let clock = Clock::new(cfg.limits.day_start_secs);
+        // Phase times for the startup line: where a large org table's load time goes.
+        let mut phase = Instant::now();
+        let mut lap = || {
+            let ms = phase.elapsed().as_millis() as u64;
+            phase = Instant::now();
+            ms
+        };
         let cap = pins::Capacity::for_counts(cfg.orgs.len(), total_cidrs(&cfg));
         let mut kernel = Kernel::load(
             &cfg.daemon.pin_dir,
@@ -127,6 +134,7 @@ impl Daemon {
             cfg.api.netns.as_deref(),
         )
         .context("loading the kernel programs")?;
+        let load_ms = lap();
         let names = cfg.orgs.iter().map(|o| o.name.as_str());
         let cap = kernel.org_capacity();
         let day = clock.today();
@@ -156,9 +164,12 @@ impl Daemon {
         } else {
             restore_snapshot(&mut kernel, &cfg, &ids, &clock, day)?
         };
+        let ids_ms = lap();
         let mut applied = Applied::desired(&cfg, &ids, &clock)?;
         applied.carry_generation(&old);
+        let desired_ms = lap();
         let stats = counters::apply(&mut kernel, &old, &applied)?;
+        let apply_ms = lap();
         let delay_without_gate = cfg.api.interfaces.is_empty()
             && (cfg.limits.concurrency_mode == ConcurrencyMode::Delay
                 || cfg
@@ -184,6 +195,10 @@ impl Daemon {
             pins = %kernel.pin_dir.display(),
             resumed = kernel.resumed,
             restored_orgs = restored,
+            load_ms,
+            ids_ms,
+            desired_ms,
+            apply_ms,
             "limiter started"
         );
         Ok(Daemon {

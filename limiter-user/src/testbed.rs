@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub use client::{
-    CHUNK_PAUSE, HttpConn, PUSH_TIMEOUT, ParsedResponse, PushArgs, RAW_READ_TIMEOUT,
-    REQUEST_TIMEOUT, Request, Response, http_requests, open_idle, parse_response, push_main,
-    push_on, reset, send_raw,
+    CHUNK_PAUSE, HttpConn, PUSH_TIMEOUT, ParsedResponse, PushArgs, RAW_GRACE, RAW_READ_TIMEOUT,
+    REQUEST_TIMEOUT, Request, Response, exchange_raw, http_requests, open_idle, parse_response,
+    push_main, push_on, reset, send_raw,
 };
 pub use server::{
     AccessEntry, AccessLog, ServeArgs, ServerHandle, bind_listener, parse_access_log,

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use anyhow::Result;
 use integration_tests::{World, cidr, gets, n, org_toml};
-use limiter_user::testbed::{HttpConn, Request, Response, http_requests, send_raw};
+use limiter_user::testbed::{HttpConn, Request, Response, exchange_raw, http_requests};
 use serde_json::Value;
 
 /// Checks a response is the contract's daily 429 for `org` with `limit`.
@@ -153,7 +153,7 @@ fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
         )
         .await?
         .remove(0);
-        let pipelined = send_raw(
+        let pipelined = exchange_raw(
             acme,
             api,
             b"GET /api/p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /api/p2 HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -171,7 +171,7 @@ fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
     assert_eq!(
         text.matches("HTTP/1.1").count(),
         1,
-        "one 429, then the connection closed"
+        "exactly one 429 (the pipelined second request is not answered)"
     );
 
     let served = w.served_from(acme)?;
@@ -434,7 +434,7 @@ fn nginx_never_sees_a_refused_request() -> Result<()> {
             all.extend(http_requests(acme6, api6, &short, false).await?);
             if round % 6 == 0 {
                 all.extend(http_requests(acme, api4, &post, true).await?);
-                let raw = send_raw(
+                let raw = exchange_raw(
                     acme,
                     api4,
                     b"GET /api/p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /api/p2 HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -397,6 +397,46 @@ pub async fn send_raw(src: IpAddr, dst: SocketAddr, bytes: &[u8]) -> Result<Vec<
     Ok(out)
 }
 
+/// How long [`exchange_raw`] keeps listening after a complete `Connection: close` response, to
+/// catch anything that should not have followed it.
+pub const RAW_GRACE: Duration = Duration::from_millis(300);
+
+/// Connects from `src`, writes `bytes` and reads like an HTTP client: until the first response is
+/// complete and says `Connection: close` (then [`RAW_GRACE`] more, to catch stray bytes), EOF, a
+/// reset or [`RAW_READ_TIMEOUT`]. Unlike [`send_raw`] it never half-closes first: an app that
+/// sees the client's FIN may close before the kernel's 429 has left (README, known gaps).
+pub async fn exchange_raw(src: IpAddr, dst: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut s = bounded(
+        || format!("connecting from {src} to {dst}"),
+        connect_from(Some(src), dst),
+    )
+    .await?;
+    let _ = s.set_nodelay(true);
+    // Errors while writing are not fatal: the answer (or the close) is what the caller wants.
+    let _ = bounded(|| "sending raw bytes".into(), async {
+        Ok(s.write_all(bytes).await?)
+    })
+    .await;
+    let mut out = Vec::new();
+    let mut deadline = tokio::time::Instant::now() + RAW_READ_TIMEOUT;
+    let mut closing = false;
+    let mut tmp = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&tmp[..n]),
+            _ => break,
+        }
+        if !closing
+            && let Parse::Done(r) = parse_response(&out, "GET", false)
+            && !r.keep_alive
+        {
+            closing = true;
+            deadline = deadline.min(tokio::time::Instant::now() + RAW_GRACE);
+        }
+    }
+    Ok(out)
+}
+
 /// An established connection from `src` to `dst` that sends nothing (concurrency tests).
 pub async fn open_idle(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
     bounded(
