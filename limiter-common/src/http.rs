@@ -172,6 +172,110 @@ pub fn classify(buf: &[u8], config: &Config) -> Class {
     Class::Counted(Method::Get)
 }
 
+/// Bytes the kernel loads at a time when looking for the end of a request head.
+pub const HEAD_BLOCK: usize = 64;
+/// Blocks scanned at most: a head must end within the first `HEAD_BLOCKS × HEAD_BLOCK` bytes.
+pub const HEAD_BLOCKS: usize = 32;
+
+/// Bit 7 of every byte of `w` that equals `c`, and no other bit (exact: no carry crosses bytes).
+#[inline(always)]
+pub const fn byte_eq_mask(w: u64, c: u8) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let v = w ^ (0x0101_0101_0101_0101u64 * c as u64);
+    !(((v & LOW7) + LOW7) | v) & 0x8080_8080_8080_8080
+}
+
+/// Where in the 8 little-endian bytes of `w` the first `\r\n\r\n` starts (0..=4), eight
+/// bytes compared at once: a byte-by-byte scan cost the verifier most of a million instructions.
+#[inline(always)]
+pub const fn crlfcrlf_in(w: u64) -> Option<usize> {
+    let r = byte_eq_mask(w, b'\r');
+    let n = byte_eq_mask(w, b'\n');
+    let m = r & (n >> 8) & (r >> 16) & (n >> 24);
+    if m == 0 {
+        None
+    } else if m & 0x80 != 0 {
+        Some(0)
+    } else if m & 0x8000 != 0 {
+        Some(1)
+    } else if m & 0x80_0000 != 0 {
+        Some(2)
+    } else if m & 0x8000_0000 != 0 {
+        Some(3)
+    } else {
+        Some(4)
+    }
+}
+
+#[inline(always)]
+fn word_at(block: &[u8; HEAD_BLOCK], off: usize) -> u64 {
+    let mut w = [0u8; 8];
+    if let Some(s) = block.get(off..off + 8) {
+        w.copy_from_slice(s);
+    }
+    u64::from_le_bytes(w)
+}
+
+/// The last 4 bytes of a full block, carried into the next so a `\r\n\r\n` that straddles
+/// two blocks is found.
+#[inline(always)]
+pub fn head_block_tail(block: &[u8; HEAD_BLOCK]) -> u32 {
+    let mut t = [0u8; 4];
+    if let Some(s) = block.get(HEAD_BLOCK - 4..) {
+        t.copy_from_slice(s);
+    }
+    u32::from_le_bytes(t)
+}
+
+/// Offset (from the block's start) just past the first `\r\n\r\n` that ends within the first
+/// `n` bytes of `block`, given the previous block's [`head_block_tail`] (0 for the first block).
+/// Bytes of `block` past `n` may be stale: a match that needs them is no match.
+#[inline(always)]
+pub fn head_end_in_block(tail: u32, block: &[u8; HEAD_BLOCK], n: usize) -> Option<usize> {
+    // Starts 60..=63 of the previous block (and 0 of this one): its tail, then our first 4 bytes.
+    let carry = tail as u64 | (word_at(block, 0) << 32);
+    if let Some(i) = crlfcrlf_in(carry) {
+        return if i <= n { Some(i) } else { None };
+    }
+    // Overlapping 8-byte words every 4 bytes: each covers the starts o..=o+4.
+    let mut k = 0;
+    while k < (HEAD_BLOCK - 4) / 4 {
+        let o = k * 4;
+        if let Some(i) = crlfcrlf_in(word_at(block, o)) {
+            let end = o + i + 4;
+            return if end <= n { Some(end) } else { None };
+        }
+        k += 1;
+    }
+    None
+}
+
+/// Offset just past the first `\r\n\r\n` of `bytes` within the first `HEAD_BLOCKS` blocks: the
+/// kernel's block loop over a slice, for the host tests (the kernel loads each block from the skb).
+pub fn head_end(bytes: &[u8]) -> Option<usize> {
+    let mut tail = 0;
+    let mut b = 0;
+    while b < HEAD_BLOCKS {
+        let off = b * HEAD_BLOCK;
+        let rest = bytes.get(off..)?;
+        if rest.is_empty() {
+            return None;
+        }
+        let n = rest.len().min(HEAD_BLOCK);
+        let mut block = [0xaa; HEAD_BLOCK];
+        block[..n].copy_from_slice(&rest[..n]);
+        if let Some(end) = head_end_in_block(tail, &block, n) {
+            return Some(off + end);
+        }
+        if n < HEAD_BLOCK {
+            return None;
+        }
+        tail = head_block_tail(&block);
+        b += 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +314,7 @@ mod tests {
     }
 
     extern crate std;
-    use std::string::String;
+    use std::{string::String, vec};
 
     #[test]
     fn rejects_non_requests() {
@@ -285,7 +389,61 @@ mod tests {
         assert!(!c2.push_media_prefix(&[b'/'; MEDIA_PREFIX_MAX + 1]));
     }
 
+    /// The naive search the word-at-a-time scan must agree with.
+    fn naive_head_end(bytes: &[u8]) -> Option<usize> {
+        let limit = bytes.len().min(HEAD_BLOCK * HEAD_BLOCKS);
+        bytes[..limit]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| p + 4)
+    }
+
+    #[test]
+    fn head_end_finds_every_position() {
+        for len in 4..300 {
+            for at in 0..=len - 4 {
+                let mut v = vec![b'a'; len];
+                v[at..at + 4].copy_from_slice(b"\r\n\r\n");
+                assert_eq!(head_end(&v), naive_head_end(&v), "len {len} at {at}");
+                assert_eq!(head_end(&v), Some(at + 4));
+            }
+        }
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(head_end(b""), None);
+    }
+
+    #[test]
+    fn head_end_stops_at_the_scan_limit() {
+        let mut v = vec![b'a'; HEAD_BLOCK * HEAD_BLOCKS + 100];
+        let at = HEAD_BLOCK * HEAD_BLOCKS - 2;
+        v[at..at + 4].copy_from_slice(b"\r\n\r\n");
+        // Straddles the limit: the kernel loads no byte past it.
+        assert_eq!(head_end(&v), None);
+        assert_eq!(naive_head_end(&v), None);
+    }
+
+    #[test]
+    fn byte_masks_are_exact() {
+        for c in [0u8, b'\r', b'\n', 0x7f, 0x80, 0xff] {
+            for b in 0..=255u8 {
+                let w = u64::from_le_bytes([b, c, b, 0, c, 0xff, 0x80, b]);
+                let m = byte_eq_mask(w, c);
+                for (i, x) in w.to_le_bytes().iter().enumerate() {
+                    assert_eq!(m >> (8 * i + 7) & 1 == 1, *x == c, "c {c} b {b} byte {i}");
+                }
+                assert_eq!(m & !0x8080_8080_8080_8080, 0);
+            }
+        }
+    }
+
     proptest! {
+        /// The word-at-a-time head scan agrees with a naive search on any bytes, including
+        /// CR/LF-heavy ones and heads that straddle blocks.
+        #[test]
+        fn head_end_matches_naive(bytes in proptest::collection::vec(
+            prop_oneof![Just(b'\r'), Just(b'\n'), any::<u8>()], 0..2200)) {
+            prop_assert_eq!(head_end(&bytes), naive_head_end(&bytes));
+        }
         /// Never panics and never reads past the slice, whatever the bytes.
         #[test]
         fn classify_total(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

@@ -10,6 +10,7 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const API_PORTS: &str = "API_PORTS";
     pub const ORG_BY_ADDR: &str = "ORG_BY_ADDR";
+    pub const ORG_BY_HOST: &str = "ORG_BY_HOST";
     pub const ORG_LIMITS: &str = "ORG_LIMITS";
     pub const ORG_CONNS: &str = "ORG_CONNS";
     pub const ORG_DAYS: &str = "ORG_DAYS";
@@ -36,8 +37,11 @@ pub mod programs {
 pub const UNMAPPED_ORG: u32 = 0;
 /// Default capacity of the org maps (slot 0 included). The daemon may raise it at load time.
 pub const MAX_ORGS: u32 = 65_536;
-/// Default capacity of the address → org trie.
+/// Default capacity of the address → org trie (and of the exact-host table beside it).
 pub const MAX_CIDRS: u32 = 262_144;
+/// Prefix length of a single address in an [`AddrKey`] (IPv4 /32 is IPv4-mapped /128). Such
+/// entries go to ORG_BY_HOST, a hash: inserting a million of them into the LPM trie took seconds.
+pub const HOST_PREFIX_LEN: u32 = 128;
 /// Tracked sockets (inbound API connections plus outbound push connections) at once.
 pub const MAX_SOCKETS: u32 = 262_144;
 pub const MAX_API_PORTS: u32 = 64;

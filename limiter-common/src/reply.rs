@@ -160,7 +160,9 @@ pub struct RefuseArgs {
     pub org: u32,
     /// `Policy as u32`.
     pub policy: u32,
-    /// False for HEAD requests: their reply never keeps the connection open.
+    /// The chunk is exactly one request head (its first `\r\n\r\n` ends it) and not a HEAD
+    /// request, so a 429 may keep the connection open. Found by the verdict: scanning in the
+    /// writer multiplied the verifier's paths through the renderer past its limit.
     pub keep_alive_ok: bool,
     pub _pad: [u8; 7],
 }

@@ -42,7 +42,7 @@ use limiter_common::{
     MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT,
     ORG_F_DRY_RUN, OrgLimits, PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED,
     RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
-    http::{self, Class, Method, PEEK_LEN},
+    http::{self, Class, HEAD_BLOCK, HEAD_BLOCKS, Method, PEEK_LEN},
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     v4_mapped,
 };
@@ -58,6 +58,10 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 static API_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_API_PORTS, 0);
 #[map]
 static ORG_BY_ADDR: LpmTrie<AddrKey, u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+/// Single addresses (/32, /128): a hash is far cheaper to fill and to search than the trie. The
+/// config forbids overlapping CIDRs, so an exact hit is always the longest match.
+#[map]
+static ORG_BY_HOST: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_CIDRS, 0);
 #[map]
 static ORG_LIMITS: Array<OrgLimits> = Array::with_max_entries(MAX_ORGS, 0);
 #[map]
@@ -269,6 +273,10 @@ fn count(org: u32, c: &Config, what: Counter) {
 /// The org owning an address (IPv4 as IPv4-mapped IPv6), or the unmapped slot.
 #[inline(always)]
 fn org_of(addr: AddrKey) -> u32 {
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(org) = unsafe { ORG_BY_HOST.get(&addr) } {
+        return *org;
+    }
     let key = Key::new(128, addr);
     ORG_BY_ADDR.get(&key).copied().unwrap_or(UNMAPPED_ORG)
 }
@@ -543,17 +551,35 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         return SK_PASS;
     };
     let limits = ORG_LIMITS.get(org);
-    if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() {
+    // One call site for both refusals: the verifier walks the 429 path once, not per policy.
+    let policy = if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
-        // The 429 writer sets the phase once its reply is committed.
-        return refuse(ctx, cookie, org, Policy::Concurrency, method);
-    }
+        Policy::Concurrency
+    } else {
+        match daily_verdict(org, day, slot, limits) {
+            Some(p) => p,
+            None => return SK_PASS,
+        }
+    };
+    // The 429 writer sets the phase once its reply is committed.
+    refuse(ctx, cookie, org, policy, method)
+}
+
+/// The daily quota's decision for a counted request: None lets it through (counted), Some
+/// refuses it (counted as rejected).
+#[inline(always)]
+fn daily_verdict(
+    org: u32,
+    day: u64,
+    slot: *mut DayCounters,
+    limits: Option<&OrgLimits>,
+) -> Option<Policy> {
     // SAFETY: valid map value.
     let requests = unsafe { &raw mut (*slot).requests };
     let Some(l) = limits.filter(|l| org != UNMAPPED_ORG && l.flags & ORG_F_ACTIVE != 0) else {
         add(requests, 1);
-        return SK_PASS;
+        return None;
     };
     // In a cluster the other hosts' count of today counts against the same limit.
     let remote = ORG_REMOTE
@@ -562,7 +588,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         .map(|r| r.requests)
         .unwrap_or(0);
     if take_quota(requests, remote, l.daily_requests) {
-        return SK_PASS;
+        return None;
     }
     // Over quota: the request goes to `rejected`, not `requests`.
     // SAFETY: valid map value.
@@ -570,9 +596,9 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         emit(EVENT_QUOTA_EXHAUSTED, org, l.daily_requests, day);
     }
     if l.flags & ORG_F_DRY_RUN != 0 {
-        return SK_PASS;
+        return None;
     }
-    refuse(ctx, cookie, org, Policy::Daily, method)
+    Some(Policy::Daily)
 }
 
 /// Counts one request against the quota if there is room: a compare-and-swap from below the
@@ -679,21 +705,23 @@ impl Sink for SkbSink<'_> {
     }
 }
 
-const BLOCK: usize = 64;
-
-/// Offset just past the first `\r\n\r\n` of the skb (scanning at most SCAN_BLOCKS × 64 bytes).
+/// Offset just past the first `\r\n\r\n` of the skb, within its first `HEAD_BLOCKS` blocks:
+/// [`http::head_end`]'s loop, loading each block from the skb.
 #[inline(always)]
-fn header_end(ctx: &SkBuffContext, len: usize, buf: &mut [u8; BLOCK]) -> Option<usize> {
-    const SCAN_BLOCKS: usize = 32;
-    let mut window: u32 = 0;
+fn header_end(ctx: &SkBuffContext, len: usize, buf: &mut [u8; HEAD_BLOCK]) -> Option<usize> {
+    let mut tail = 0;
     let mut b = 0;
-    while b < SCAN_BLOCKS {
-        let off = b * BLOCK;
+    while b < HEAD_BLOCKS {
+        let off = b * HEAD_BLOCK;
         if off >= len {
             return None;
         }
-        let n = if len - off < BLOCK { len - off } else { BLOCK };
-        // SAFETY: 1 <= n <= BLOCK bytes into `buf`.
+        let n = if len - off < HEAD_BLOCK {
+            len - off
+        } else {
+            HEAD_BLOCK
+        };
+        // SAFETY: 1 <= n <= HEAD_BLOCK bytes into `buf`.
         if unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const c_void,
@@ -705,14 +733,13 @@ fn header_end(ctx: &SkBuffContext, len: usize, buf: &mut [u8; BLOCK]) -> Option<
         {
             return None;
         }
-        let mut i = 0;
-        while i < BLOCK && i < n {
-            window = (window << 8) | buf[i] as u32;
-            if window == 0x0d0a_0d0a {
-                return Some(off + i + 1);
-            }
-            i += 1;
+        if let Some(end) = http::head_end_in_block(tail, buf, n) {
+            return Some(off + end);
         }
+        if n < HEAD_BLOCK {
+            return None;
+        }
+        tail = http::head_block_tail(buf);
         b += 1;
     }
     None
@@ -726,13 +753,18 @@ fn refuse(ctx: &SkBuffContext, cookie: u64, org: u32, policy: Policy, method: Me
         fault(FAULT_REPLY);
         return SK_PASS;
     };
+    let len = ctx.len() as usize;
     // SAFETY: this CPU's scratch value; the tail call runs next on this same CPU.
+    let one_head = method != Method::Head
+        && len <= HEAD_BLOCK * HEAD_BLOCKS
+        && header_end(ctx, len, unsafe { &mut (*scratch).scan }) == Some(len);
+    // SAFETY: as above.
     unsafe {
         (*scratch).args = RefuseArgs {
             cookie,
             org,
             policy: policy as u32,
-            keep_alive_ok: method != Method::Head,
+            keep_alive_ok: one_head,
             _pad: [0; 7],
         };
         REFUSE.tail_call(ctx, 0);
@@ -792,10 +824,7 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
         reset_secs: day::seconds_until_next_day(now, c.day_len_ns),
         keep_alive: false,
     };
-    reply.keep_alive = args.keep_alive_ok
-        && len >= reply.min_len()
-        && len <= 2048
-        && header_end(ctx, len, &mut scratch.scan) == Some(len);
+    reply.keep_alive = args.keep_alive_ok && len >= reply.min_len();
     let min = reply.min_len();
     let total = if len < min {
         // SAFETY: growing the skb this program owns; the connection closes after this reply.

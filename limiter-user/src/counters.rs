@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
-    FAULT_NAMES, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
-    RemoteCount, UNMAPPED_ORG, day_index, names,
+    FAULT_NAMES, HOST_PREFIX_LEN, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN,
+    OrgLimits, RemoteCount, UNMAPPED_ORG, day_index, names,
 };
 use thiserror::Error;
 
@@ -168,24 +168,40 @@ pub fn apply(
                 .map_err(map_err(format!("limits of org id {id}")))?;
         }
     }
-    let cidrs: Vec<((u32, AddrKey), u32)> = new
+    let (hosts, nets): (Vec<_>, Vec<_>) = new
         .cidrs
         .iter()
         .filter(|(k, id)| old.cidrs.get(k) != Some(id))
         .map(|(k, id)| (*k, *id))
-        .collect();
-    stats.cidrs_written = cidrs.len();
+        .partition(|((len, _), _)| *len == HOST_PREFIX_LEN);
+    stats.cidrs_written = hosts.len() + nets.len();
+    if !batched(
+        kernel,
+        names::ORG_BY_HOST,
+        &hosts,
+        |((_, addr), id), k, v| {
+            k.extend_from_slice(addr);
+            v.extend_from_slice(&id.to_ne_bytes());
+        },
+    ) {
+        for &((_, addr), id) in &hosts {
+            kernel
+                .org_by_host
+                .insert(addr, id, 0)
+                .map_err(map_err(format!("host table entry for org id {id}")))?;
+        }
+    }
     if !batched(
         kernel,
         names::ORG_BY_ADDR,
-        &cidrs,
+        &nets,
         |((len, addr), id), k, v| {
             k.extend_from_slice(&len.to_ne_bytes());
             k.extend_from_slice(addr);
             v.extend_from_slice(&id.to_ne_bytes());
         },
     ) {
-        for &((len, addr), id) in &cidrs {
+        for &((len, addr), id) in &nets {
             kernel
                 .org_by_addr
                 .insert(&Key::new(len, addr), id, 0)
@@ -194,7 +210,12 @@ pub fn apply(
     }
     for &(len, addr) in old.cidrs.keys() {
         if !new.cidrs.contains_key(&(len, addr)) {
-            match kernel.org_by_addr.remove(&Key::new(len, addr)) {
+            let removed = if len == HOST_PREFIX_LEN {
+                kernel.org_by_host.remove(&addr)
+            } else {
+                kernel.org_by_addr.remove(&Key::new(len, addr))
+            };
+            match removed {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err("address table removal")(e)),
             }
@@ -317,6 +338,10 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
     for entry in kernel.org_by_addr.iter() {
         let (key, id) = entry.map_err(map_err("reading the address table"))?;
         out.cidrs.insert((key.prefix_len(), key.data()), id);
+    }
+    for entry in kernel.org_by_host.iter() {
+        let (addr, id) = entry.map_err(map_err("reading the host table"))?;
+        out.cidrs.insert((HOST_PREFIX_LEN, addr), id);
     }
     for (id, l) in kernel.org_limits.iter().enumerate() {
         let l = l.map_err(map_err("reading org limits"))?;

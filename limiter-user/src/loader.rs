@@ -74,6 +74,8 @@ pub struct Kernel {
     pub config: Array<MapData, Config>,
     pub ports: HashMap<MapData, u16, u8>,
     pub org_by_addr: LpmTrie<MapData, AddrKey, u32>,
+    /// Single addresses; see `HOST_PREFIX_LEN`.
+    pub org_by_host: HashMap<MapData, AddrKey, u32>,
     pub org_limits: Array<MapData, OrgLimits>,
     pub org_conns: Array<MapData, i64>,
     pub org_days: Array<MapData, DayCounters>,
@@ -199,6 +201,7 @@ impl Kernel {
                 names::ORG_DAYS,
                 names::ORG_REMOTE,
                 names::ORG_BY_ADDR,
+                names::ORG_BY_HOST,
             ]
             .contains(&name)
             {
@@ -280,6 +283,7 @@ impl Kernel {
             config: take(&mut ebpf, names::CONFIG)?,
             ports: take(&mut ebpf, names::API_PORTS)?,
             org_by_addr: take(&mut ebpf, names::ORG_BY_ADDR)?,
+            org_by_host: take(&mut ebpf, names::ORG_BY_HOST)?,
             org_limits: take(&mut ebpf, names::ORG_LIMITS)?,
             org_conns: take(&mut ebpf, names::ORG_CONNS)?,
             org_days: take(&mut ebpf, names::ORG_DAYS)?,

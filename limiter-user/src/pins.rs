@@ -90,6 +90,7 @@ pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
             4,
             cap.cidrs,
         ),
+        (names::ORG_BY_HOST, sz(size_of::<AddrKey>()), 4, cap.cidrs),
         (names::ORG_LIMITS, 4, sz(size_of::<OrgLimits>()), cap.orgs),
         (names::ORG_CONNS, 4, 8, cap.orgs),
         (
