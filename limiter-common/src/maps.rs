@@ -183,6 +183,20 @@ impl DayCounters {
             concurrency_rejected: 0,
         }
     }
+
+    /// Nothing was counted (whatever the day tag).
+    pub const fn is_idle(&self) -> bool {
+        self.requests
+            | self.rejected
+            | self.exempt_media_gets
+            | self.exempt_pushes
+            | self.unparsed
+            | self.peak_connections
+            | self.concurrency_breaches
+            | self.delayed_syns
+            | self.concurrency_rejected
+            == 0
+    }
 }
 
 /// Day slots per org in ORG_DAYS: today, yesterday and tomorrow.

@@ -1,6 +1,6 @@
 //! Writing the config into the kernel maps and reading the counters back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
@@ -40,7 +40,7 @@ fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> CountersError {
 pub struct Applied {
     pub ports: BTreeSet<u16>,
     /// (prefix length, key) → org id.
-    pub cidrs: HashMap<(u32, AddrKey), u32>,
+    pub cidrs: foldhash::HashMap<(u32, AddrKey), u32>,
     pub limits: BTreeMap<u32, OrgLimits>,
     pub kernel_config: Option<KernelConfig>,
 }
@@ -57,13 +57,15 @@ impl Applied {
                 return Err(CountersError::Prefix(p.clone()));
             }
         }
+        let cidrs = cfg.orgs.iter().map(|o| o.cidrs.len()).sum();
         let mut out = Applied {
             ports: cfg.api.ports.iter().copied().collect(),
             kernel_config: Some(kc),
+            cidrs: foldhash::HashMap::with_capacity_and_hasher(cidrs, Default::default()),
             ..Applied::default()
         };
-        for org in &cfg.orgs {
-            let Some(id) = ids.id(&org.name) else {
+        for (index, org) in cfg.orgs.iter().enumerate() {
+            let Some(id) = ids.id_at(index, &org.name) else {
                 continue;
             };
             out.limits
@@ -157,17 +159,6 @@ pub fn apply(
         .map(|(id, l)| (*id, l))
         .collect();
     stats.limits_written = limits.len();
-    if !batched(kernel, names::ORG_LIMITS, &limits, |(id, l), k, v| {
-        k.extend_from_slice(&id.to_ne_bytes());
-        v.extend_from_slice(bytemuck::bytes_of(*l));
-    }) {
-        for (id, l) in &limits {
-            kernel
-                .org_limits
-                .set(*id, *l, 0)
-                .map_err(map_err(format!("limits of org id {id}")))?;
-        }
-    }
     let (hosts, nets): (Vec<_>, Vec<_>) = new
         .cidrs
         .iter()
@@ -175,15 +166,51 @@ pub fn apply(
         .map(|(k, id)| (*k, *id))
         .partition(|((len, _), _)| *len == HOST_PREFIX_LEN);
     stats.cidrs_written = hosts.len() + nets.len();
-    if !batched(
-        kernel,
-        names::ORG_BY_HOST,
-        &hosts,
-        |((_, addr), id), k, v| {
+    let ro: &Kernel = kernel;
+    let write_limits = || {
+        batched(ro, names::ORG_LIMITS, &limits, |(id, l), k, v| {
+            k.extend_from_slice(&id.to_ne_bytes());
+            v.extend_from_slice(bytemuck::bytes_of(*l));
+        })
+    };
+    let write_hosts = || {
+        batched(ro, names::ORG_BY_HOST, &hosts, |((_, addr), id), k, v| {
             k.extend_from_slice(addr);
             v.extend_from_slice(&id.to_ne_bytes());
-        },
-    ) {
+        })
+    };
+    let write_nets = || {
+        batched(ro, names::ORG_BY_ADDR, &nets, |((len, addr), id), k, v| {
+            k.extend_from_slice(&len.to_ne_bytes());
+            k.extend_from_slice(addr);
+            v.extend_from_slice(&id.to_ne_bytes());
+        })
+    };
+    // A first start (the kernel ignores traffic until CONFIG is written, last) fills the three
+    // tables at once; a reload keeps limits before addresses, so no new address meets stale limits.
+    let (limits_ok, hosts_ok, nets_ok) = if old.kernel_config.is_none() {
+        std::thread::scope(|s| {
+            let hosts = s.spawn(write_hosts);
+            let nets = s.spawn(write_nets);
+            let limits = write_limits();
+            (
+                limits,
+                hosts.join().unwrap_or(false),
+                nets.join().unwrap_or(false),
+            )
+        })
+    } else {
+        (write_limits(), write_hosts(), write_nets())
+    };
+    if !limits_ok {
+        for (id, l) in &limits {
+            kernel
+                .org_limits
+                .set(*id, *l, 0)
+                .map_err(map_err(format!("limits of org id {id}")))?;
+        }
+    }
+    if !hosts_ok {
         for &((_, addr), id) in &hosts {
             kernel
                 .org_by_host
@@ -191,16 +218,7 @@ pub fn apply(
                 .map_err(map_err(format!("host table entry for org id {id}")))?;
         }
     }
-    if !batched(
-        kernel,
-        names::ORG_BY_ADDR,
-        &nets,
-        |((len, addr), id), k, v| {
-            k.extend_from_slice(&len.to_ne_bytes());
-            k.extend_from_slice(addr);
-            v.extend_from_slice(&id.to_ne_bytes());
-        },
-    ) {
+    if !nets_ok {
         for &((len, addr), id) in &nets {
             kernel
                 .org_by_addr

@@ -116,40 +116,62 @@ fn restore_snapshot(
 
 impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
-    pub fn start(config_path: &Path, cfg: Config) -> anyhow::Result<Self> {
+    pub fn start(config_path: &Path, cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
         let clock = Clock::new(cfg.limits.day_start_secs);
-        // Phase times for the startup line: where a large org table's load time goes.
-        let mut phase = Instant::now();
-        let mut lap = || {
-            let ms = phase.elapsed().as_millis() as u64;
-            phase = Instant::now();
-            ms
-        };
+        let started = Instant::now();
         let cap = pins::Capacity::for_counts(cfg.orgs.len(), total_cidrs(&cfg));
-        let mut kernel = Kernel::load(
-            &cfg.daemon.pin_dir,
-            cap,
-            &cfg.api.cgroup,
-            &cfg.api.interfaces,
-            cfg.api.netns.as_deref(),
-        )
-        .context("loading the kernel programs")?;
-        let load_ms = lap();
-        let names = cfg.orgs.iter().map(|o| o.name.as_str());
-        let cap = kernel.org_capacity();
+        // While the kernel verifies the programs and creates the maps, a second thread builds
+        // the tables of a first start (ids and map contents): with a million orgs each takes
+        // about a second. A restart that finds its maps pinned redoes the ids from the kernel's.
+        let fresh_tables = || -> anyhow::Result<(OrgIds, Applied, u64)> {
+            let t = Instant::now();
+            let names = cfg.orgs.iter().map(|o| o.name.as_str());
+            let ids = OrgIds::assign(names, None, cap.orgs)?;
+            let desired = Applied::desired(&cfg, &ids, &clock)?;
+            Ok((ids, desired, t.elapsed().as_millis() as u64))
+        };
+        let (kernel, fresh) = std::thread::scope(|s| {
+            let tables = std::thread::Builder::new()
+                .name("limiter-tables".into())
+                .spawn_scoped(s, fresh_tables);
+            let kernel = Kernel::load(
+                &cfg.daemon.pin_dir,
+                cap,
+                &cfg.api.cgroup,
+                &cfg.api.interfaces,
+                cfg.api.netns.as_deref(),
+            );
+            let fresh = match tables {
+                Ok(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("building the org tables panicked"))),
+                // No second thread: build them here.
+                Err(_) => fresh_tables(),
+            };
+            (kernel, fresh)
+        });
+        let mut kernel = kernel.context("loading the kernel programs")?;
+        let load_ms = started.elapsed().as_millis() as u64;
+        let (fresh_ids, fresh_desired, tables_ms) = fresh?;
         let day = clock.today();
         // A restarted daemon finds the kernel's ids, map contents and counts as they are.
-        let (ids, old) = if kernel.resumed {
+        let (ids, old, desired) = if kernel.resumed {
+            let names = cfg.orgs.iter().map(|o| o.name.as_str());
             let prev = counters::ids_from_kernel(&kernel)?;
-            let ids = OrgIds::assign(names, Some(&prev), cap)?;
+            let ids = OrgIds::assign(names, Some(&prev), kernel.org_capacity())?;
             for (id, name) in ids.iter() {
                 if prev.id(name) != Some(id) {
                     counters::clear_org(&mut kernel, id)?;
                 }
             }
-            (ids, counters::read_applied(&kernel)?)
+            let desired = if ids == fresh_ids {
+                fresh_desired
+            } else {
+                Applied::desired(&cfg, &ids, &clock)?
+            };
+            (ids, counters::read_applied(&kernel)?, desired)
         } else {
-            (OrgIds::assign(names, None, cap)?, Applied::default())
+            (fresh_ids, Applied::default(), fresh_desired)
         };
         // Fresh maps are all zero (tag 0), which the kernel takes over without clearing; only
         // reused slots of older days need preparing.
@@ -164,12 +186,12 @@ impl Daemon {
         } else {
             restore_snapshot(&mut kernel, &cfg, &ids, &clock, day)?
         };
-        let ids_ms = lap();
-        let mut applied = Applied::desired(&cfg, &ids, &clock)?;
+        let mut applied = desired;
         applied.carry_generation(&old);
-        let desired_ms = lap();
+        let before_apply = Instant::now();
         let stats = counters::apply(&mut kernel, &old, &applied)?;
-        let apply_ms = lap();
+        let apply_ms = before_apply.elapsed().as_millis() as u64;
+        let startup_ms = started.elapsed().as_millis() as u64;
         let delay_without_gate = cfg.api.interfaces.is_empty()
             && (cfg.limits.concurrency_mode == ConcurrencyMode::Delay
                 || cfg
@@ -195,10 +217,11 @@ impl Daemon {
             pins = %kernel.pin_dir.display(),
             resumed = kernel.resumed,
             restored_orgs = restored,
+            parse_ms,
             load_ms,
-            ids_ms,
-            desired_ms,
+            tables_ms,
             apply_ms,
+            startup_ms,
             "limiter started"
         );
         Ok(Daemon {
@@ -245,9 +268,11 @@ impl Daemon {
             let stored = snapshot::read(&self.cfg.daemon.state_dir, &snap.date)
                 .ok()
                 .flatten();
-            let same = stored.is_some_and(|s| s.orgs == snap.orgs && s.unmapped == snap.unmapped);
+            let same = stored.is_some_and(|s| {
+                s.orgs == snap.orgs && s.idle == snap.idle && s.unmapped == snap.unmapped
+            });
             if !same {
-                self.log_totals("day_end", day);
+                self.log_totals("day_end", day, true);
                 self.write_snapshot(day);
             }
         }
@@ -335,8 +360,12 @@ impl Daemon {
             snap.unmapped = d;
         }
         for (id, name) in self.ids.iter() {
-            if let Ok((d, _)) = counters::usage(&self.kernel, id, day) {
-                snap.orgs.insert(name.to_string(), d);
+            match counters::usage(&self.kernel, id, day) {
+                Ok((d, _)) if d.is_idle() => snap.idle.push(name.to_string()),
+                Ok((d, _)) => {
+                    snap.orgs.insert(name.to_string(), d);
+                }
+                Err(_) => {}
             }
         }
         snap
@@ -443,7 +472,8 @@ impl Daemon {
         server.abort();
         let _ = std::fs::remove_file(&self.cfg.daemon.control_socket);
         self.write_snapshot(self.day);
-        self.log_totals("shutdown", self.day);
+        // Only the orgs with traffic: a million idle lines would hold up the stop for minutes.
+        self.log_totals("shutdown", self.day, false);
         if self.unload {
             let removed = pins::unload(&self.cfg.daemon.pin_dir)?;
             info!(
@@ -591,7 +621,7 @@ impl Daemon {
 
     fn rollover(&mut self, today: u64) {
         for ended in self.day..today {
-            self.log_totals("day_end", ended);
+            self.log_totals("day_end", ended, true);
             self.write_snapshot(ended);
         }
         if let Err(e) = counters::prepare_day_all(&mut self.kernel, &self.ids, today + 1) {
@@ -607,10 +637,16 @@ impl Daemon {
     }
 
     /// One line per org (and unmapped) with its totals of `day`.
-    fn log_totals(&self, event: &str, day: u64) {
+    /// One line per org with its totals of `day`; with `idle` false, orgs without any traffic
+    /// that day are left out and counted in one closing line.
+    fn log_totals(&self, event: &str, day: u64, idle: bool) {
         let date = self.clock.date(day);
+        let mut skipped = 0u64;
         for (id, name) in std::iter::once((UNMAPPED_ORG, UNMAPPED_NAME)).chain(self.ids.iter()) {
             match counters::usage(&self.kernel, id, day) {
+                Ok((d, conns)) if !idle && conns == 0 && d.is_idle() => {
+                    skipped += 1;
+                }
                 Ok((d, conns)) => info!(
                     event,
                     day = %date,
@@ -628,6 +664,9 @@ impl Daemon {
                     error!(event = "fault", org = name, error = %e, "reading counters failed")
                 }
             }
+        }
+        if skipped > 0 {
+            info!(event, day = %date, orgs = skipped, "orgs without traffic (totals all zero)");
         }
     }
 
@@ -924,6 +963,7 @@ impl Daemon {
 }
 
 /// `limiter run`.
-pub async fn run(config_path: &Path, cfg: Config) -> anyhow::Result<()> {
-    Daemon::start(config_path, cfg)?.run().await
+/// `parse_ms`: how long reading the config took, for the startup line.
+pub async fn run(config_path: &Path, cfg: Config, parse_ms: u64) -> anyhow::Result<()> {
+    Daemon::start(config_path, cfg, parse_ms)?.run().await
 }

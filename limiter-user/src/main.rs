@@ -138,10 +138,12 @@ fn main() -> ExitCode {
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run => {
+            let started = std::time::Instant::now();
             let cfg = Config::load(&cli.config)?;
+            let parse_ms = started.elapsed().as_millis() as u64;
             logging::init(cfg.daemon.log_format);
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(daemon::run(&cli.config, cfg))?;
+            rt.block_on(daemon::run(&cli.config, cfg, parse_ms))?;
         }
         Command::Check => {
             let checks = check::run(&cli.config);

@@ -4,7 +4,7 @@
 //! assigns those ids (stable across reloads, so counts stay with their org) and turns CIDRs into
 //! keys of the address trie.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use limiter_common::{AddrKey, UNMAPPED_ORG, v4_mapped};
@@ -15,9 +15,11 @@ pub const UNMAPPED_NAME: &str = "unmapped";
 /// Which org name owns which kernel id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrgIds {
-    by_name: HashMap<String, u32>,
+    /// foldhash and one shared allocation per name: SipHash and a second copy of every name were
+    /// most of the cost of building this for a million orgs.
+    by_name: foldhash::HashMap<Arc<str>, u32>,
     /// Index = id; slot 0 (unmapped) and freed slots are None.
-    names: Vec<Option<String>>,
+    names: Vec<Option<Arc<str>>>,
 }
 
 impl OrgIds {
@@ -29,17 +31,18 @@ impl OrgIds {
         previous: Option<&OrgIds>,
         capacity: u32,
     ) -> Result<Self, OrgIdError> {
-        let mut ids = OrgIds {
-            by_name: HashMap::new(),
-            names: vec![None],
-        };
         let wanted: Vec<&str> = names.into_iter().collect();
+        let mut ids = OrgIds {
+            by_name: foldhash::HashMap::with_capacity_and_hasher(wanted.len(), Default::default()),
+            names: Vec::with_capacity(wanted.len() + 1),
+        };
+        ids.names.push(None);
         if let Some(prev) = previous {
             ids.names.resize(prev.names.len(), None);
             for name in &wanted {
-                if let Some(&id) = prev.by_name.get(*name) {
-                    ids.names[id as usize] = Some((*name).to_string());
-                    ids.by_name.insert((*name).to_string(), id);
+                if let Some((name, &id)) = prev.by_name.get_key_value(*name) {
+                    ids.names[id as usize] = Some(name.clone());
+                    ids.by_name.insert(name.clone(), id);
                 }
             }
         }
@@ -49,7 +52,7 @@ impl OrgIds {
             .filter(|&id| ids.names[id].is_none())
             .collect();
         for name in wanted {
-            if ids.by_name.contains_key(name) {
+            if previous.is_some() && ids.by_name.contains_key(name) {
                 continue;
             }
             let id = if (ids.names.len() as u32) < capacity {
@@ -58,8 +61,11 @@ impl OrgIds {
             } else {
                 reusable.pop().ok_or(OrgIdError::Full { capacity })?
             };
-            ids.names[id] = Some(name.to_string());
-            ids.by_name.insert(name.to_string(), id as u32);
+            let name: Arc<str> = Arc::from(name);
+            if ids.by_name.insert(name.clone(), id as u32).is_some() {
+                return Err(OrgIdError::Duplicate(name.to_string()));
+            }
+            ids.names[id] = Some(name);
         }
         Ok(ids)
     }
@@ -67,7 +73,7 @@ impl OrgIds {
     /// The ids already in the kernel (read back from its maps after a restart).
     pub fn from_pairs(pairs: impl IntoIterator<Item = (u32, String)>) -> Self {
         let mut ids = OrgIds {
-            by_name: HashMap::new(),
+            by_name: foldhash::HashMap::default(),
             names: vec![None],
         };
         for (id, name) in pairs {
@@ -77,6 +83,7 @@ impl OrgIds {
             if ids.names.len() <= id as usize {
                 ids.names.resize(id as usize + 1, None);
             }
+            let name: Arc<str> = Arc::from(name);
             ids.by_name.insert(name.clone(), id);
             ids.names[id as usize] = Some(name);
         }
@@ -85,6 +92,15 @@ impl OrgIds {
 
     pub fn id(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
+    }
+
+    /// The id of `name`, the `index`-th org of the config: on a first start that is id
+    /// `index + 1`, found without hashing; otherwise looked up.
+    pub fn id_at(&self, index: usize, name: &str) -> Option<u32> {
+        match self.names.get(index + 1) {
+            Some(Some(n)) if **n == *name => Some(index as u32 + 1),
+            _ => self.id(name),
+        }
     }
 
     pub fn name(&self, id: u32) -> Option<&str> {
@@ -109,6 +125,8 @@ pub enum OrgIdError {
         "more orgs than the kernel maps hold ({capacity} slots, slot 0 is for unmapped traffic)"
     )]
     Full { capacity: u32 },
+    #[error("org {0:?} is listed twice")]
+    Duplicate(String),
 }
 
 /// The LPM trie key of a CIDR: IPv4 nets become IPv4-mapped IPv6 nets (prefix + 96), so one trie
@@ -141,6 +159,14 @@ mod tests {
         assert_eq!(b.id("d"), Some(4));
         assert_eq!(b.name(2), None);
         assert_eq!(b.name(0), Some(UNMAPPED_NAME));
+        // The positional guess never overrides the real id.
+        assert_eq!((b.id_at(0, "c"), b.id_at(1, "d"), b.id_at(2, "a")), (Some(3), Some(4), Some(1)));
+        assert_eq!(a.id_at(1, "b"), Some(2));
+        assert_eq!(a.id_at(7, "zz"), None);
+        assert_eq!(
+            OrgIds::assign(["a", "a"], None, 10),
+            Err(OrgIdError::Duplicate("a".into()))
+        );
     }
 
     #[test]

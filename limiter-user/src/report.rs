@@ -145,13 +145,20 @@ pub fn build(
 }
 
 /// A past day's report from its snapshot (connections are not kept for past days).
+/// Orgs the snapshot lists as idle report zeros; orgs it does not know are left out.
 pub fn from_snapshot(cfg: &Config, snap: &DaySnapshot, only: Option<&str>) -> Report {
+    let idle: std::collections::HashSet<&str> = snap.idle.iter().map(String::as_str).collect();
+    let zero = DayCounters::for_day(snap.day);
     let mut orgs = Vec::new();
     for org in &cfg.orgs {
         if only.is_some_and(|o| o != org.name) {
             continue;
         }
-        let Some(c) = snap.orgs.get(&org.name) else {
+        let Some(c) = snap
+            .orgs
+            .get(&org.name)
+            .or_else(|| idle.contains(org.name.as_str()).then_some(&zero))
+        else {
             continue;
         };
         let l = cfg.limits_for(org);
@@ -238,6 +245,30 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn past_days_report_idle_orgs_as_zero_and_skip_unknown_ones() {
+        let cfg = Config::parse(
+            "[api]\nports = [8080]\n[[orgs]]\nname = \"acme\"\ncidrs = [\"10.0.0.0/24\"]\n\
+             [[orgs]]\nname = \"initech\"\ncidrs = [\"10.0.1.0/24\"]\n\
+             [[orgs]]\nname = \"newco\"\ncidrs = [\"10.0.2.0/24\"]\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let mut snap = DaySnapshot {
+            day: 9,
+            date: "1970-01-10".into(),
+            ..Default::default()
+        };
+        let mut d = DayCounters::for_day(9);
+        d.requests = 5;
+        snap.orgs.insert("acme".into(), d);
+        snap.idle.push("initech".into());
+        let r = from_snapshot(&cfg, &snap, None);
+        let got: Vec<(&str, u64)> = r.orgs.iter().map(|o| (o.org.as_str(), o.requests)).collect();
+        assert_eq!(got, [("acme", 5), ("initech", 0)], "newco was not configured that day");
+        assert_eq!(from_snapshot(&cfg, &snap, Some("initech")).orgs.len(), 1);
+    }
 
     #[test]
     fn json_has_the_contract_keys() {
