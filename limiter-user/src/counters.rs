@@ -25,6 +25,12 @@ pub enum CountersError {
         #[source]
         source: MapError,
     },
+    #[error("reading {what} in batches: {source}")]
+    Batch {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("media prefix {0:?} does not fit the kernel table")]
     Prefix(String),
 }
@@ -276,6 +282,61 @@ pub fn usage(kernel: &Kernel, id: u32, day: u64) -> Result<(DayCounters, i64), C
         DayCounters::for_day(day)
     };
     Ok((slot, conns.max(0)))
+}
+
+/// Every org's counters for one day and open connections, read in a few batch syscalls: for the
+/// loops over all orgs (reports, snapshots, day totals, the cluster sync).
+pub struct UsageTable {
+    day: u64,
+    /// Indexed by `day_index(id, day) - first`: only the slots of orgs up to the highest id.
+    days: Vec<DayCounters>,
+    conns: Vec<i64>,
+}
+
+impl UsageTable {
+    /// Reads the counters of org ids `0..=max_id` for `day`.
+    pub fn read(kernel: &Kernel, max_id: u32, day: u64) -> Result<Self, CountersError> {
+        let read = |name: &str, size: usize, count: usize| -> Result<Vec<u8>, CountersError> {
+            let mut out = Vec::new();
+            crate::pins::obj_get(&kernel.pin_dir.join(name))
+                .and_then(|fd| crate::pins::array_read(&fd, size, count, &mut out))
+                .map_err(|e| CountersError::Batch {
+                    what: name.to_string(),
+                    source: e,
+                })?;
+            Ok(out)
+        };
+        let orgs = max_id as usize + 1;
+        let day_bytes = read(
+            names::ORG_DAYS,
+            size_of::<DayCounters>(),
+            orgs * DAY_SLOTS as usize,
+        )?;
+        let conn_bytes = read(names::ORG_CONNS, size_of::<i64>(), orgs)?;
+        Ok(UsageTable {
+            day,
+            days: day_bytes
+                .chunks_exact(size_of::<DayCounters>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect(),
+            conns: conn_bytes
+                .chunks_exact(size_of::<i64>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect(),
+        })
+    }
+
+    /// What [`usage`] returns for `id`.
+    pub fn get(&self, id: u32) -> Option<(DayCounters, i64)> {
+        let slot = *self.days.get(day_index(id, self.day) as usize)?;
+        let conns = *self.conns.get(id as usize)?;
+        let slot = if slot.day == self.day {
+            slot
+        } else {
+            DayCounters::for_day(self.day)
+        };
+        Some((slot, conns.max(0)))
+    }
 }
 
 /// Makes sure org `id`'s slot for `day` is tagged with `day` (zeroed if it held another day).

@@ -26,7 +26,7 @@ use crate::{
     clock::Clock,
     config::{ConcurrencyMode, Config, QuotaMode},
     control::{self, Pending, Request, Response},
-    counters::{self, Applied},
+    counters::{self, Applied, UsageTable},
     loader::Kernel,
     metrics::{self, Metrics},
     orgs::{OrgIds, UNMAPPED_NAME},
@@ -50,7 +50,10 @@ pub struct Daemon {
     config_path: PathBuf,
     cfg: Config,
     ids: OrgIds,
-    applied: Applied,
+    /// Address-table generation in force (see `Applied::carry_generation`). The rest of what the
+    /// maps hold follows from `cfg`, `ids` and `clock` ([`Daemon::in_force`]): a copy of it was a
+    /// few hundred MB with a million orgs.
+    addr_gen: u32,
     clock: Clock,
     kernel: Kernel,
     /// The day the daemon last rolled to.
@@ -190,6 +193,9 @@ impl Daemon {
         applied.carry_generation(&old);
         let before_apply = Instant::now();
         let stats = counters::apply(&mut kernel, &old, &applied)?;
+        let addr_gen = applied.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
+        drop((applied, old));
+        release_freed_memory();
         let apply_ms = before_apply.elapsed().as_millis() as u64;
         let startup_ms = started.elapsed().as_millis() as u64;
         let delay_without_gate = cfg.api.interfaces.is_empty()
@@ -228,7 +234,7 @@ impl Daemon {
             config_path: config_path.to_path_buf(),
             cfg,
             ids,
-            applied,
+            addr_gen,
             clock,
             kernel,
             day,
@@ -281,13 +287,20 @@ impl Daemon {
     /// This host's counts of today, for the cluster sync.
     fn local_counts(&self) -> sync::Local {
         let day = self.clock.today().max(self.day);
+        let table = match UsageTable::read(&self.kernel, self.ids.max_id(), day) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                error!(event = "fault", error = %e, "reading the counters for the cluster sync failed");
+                None
+            }
+        };
         sync::Local {
             date: self.clock.date(day),
             orgs: self
                 .ids
                 .iter()
                 .filter_map(|(id, name)| {
-                    let (d, conns) = counters::usage(&self.kernel, id, day).ok()?;
+                    let (d, conns) = table.as_ref()?.get(id)?;
                     Some((name.to_string(), d.requests, conns as u64))
                 })
                 .collect(),
@@ -356,16 +369,23 @@ impl Daemon {
                 .unwrap_or(0),
             ..DaySnapshot::default()
         };
-        if let Ok((d, _)) = counters::usage(&self.kernel, UNMAPPED_ORG, day) {
+        let table = match UsageTable::read(&self.kernel, self.ids.max_id(), day) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(event = "fault", error = %e, "reading the counters for a snapshot failed");
+                return snap;
+            }
+        };
+        if let Some((d, _)) = table.get(UNMAPPED_ORG) {
             snap.unmapped = d;
         }
         for (id, name) in self.ids.iter() {
-            match counters::usage(&self.kernel, id, day) {
-                Ok((d, _)) if d.is_idle() => snap.idle.push(name.to_string()),
-                Ok((d, _)) => {
+            match table.get(id) {
+                Some((d, _)) if d.is_idle() => snap.idle.push(name.to_string()),
+                Some((d, _)) => {
                     snap.orgs.insert(name.to_string(), d);
                 }
-                Err(_) => {}
+                None => {}
             }
         }
         snap
@@ -642,12 +662,19 @@ impl Daemon {
     fn log_totals(&self, event: &str, day: u64, idle: bool) {
         let date = self.clock.date(day);
         let mut skipped = 0u64;
+        let table = match UsageTable::read(&self.kernel, self.ids.max_id(), day) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(event = "fault", error = %e, "reading the day totals failed");
+                return;
+            }
+        };
         for (id, name) in std::iter::once((UNMAPPED_ORG, UNMAPPED_NAME)).chain(self.ids.iter()) {
-            match counters::usage(&self.kernel, id, day) {
-                Ok((d, conns)) if !idle && conns == 0 && d.is_idle() => {
+            match table.get(id) {
+                Some((d, conns)) if !idle && conns == 0 && d.is_idle() => {
                     skipped += 1;
                 }
-                Ok((d, conns)) => info!(
+                Some((d, conns)) => info!(
                     event,
                     day = %date,
                     org = name,
@@ -660,9 +687,7 @@ impl Daemon {
                     concurrency_breaches = d.concurrency_breaches,
                     "day totals"
                 ),
-                Err(e) => {
-                    error!(event = "fault", org = name, error = %e, "reading counters failed")
-                }
+                None => error!(event = "fault", org = name, "no counters for this org id"),
             }
         }
         if skipped > 0 {
@@ -739,11 +764,21 @@ impl Daemon {
         }
     }
 
+    /// What the maps hold: the tables of the config in force (CONFIG is rewritten by every
+    /// apply, so the clock it was written with does not matter).
+    fn in_force(&self) -> anyhow::Result<Applied> {
+        let mut a = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
+        if let Some(kc) = a.kernel_config.as_mut() {
+            kc.addr_gen = self.addr_gen;
+        }
+        Ok(a)
+    }
+
     fn write_clock(&mut self) -> anyhow::Result<()> {
+        let old = self.in_force()?;
         let mut new = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
-        new.carry_generation(&self.applied);
-        counters::apply(&mut self.kernel, &self.applied, &new)?;
-        self.applied = new;
+        new.carry_generation(&old);
+        counters::apply(&mut self.kernel, &old, &new)?;
         Ok(())
     }
 
@@ -878,8 +913,9 @@ impl Daemon {
             )
         })?;
         let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
+        let old = self.in_force()?;
         let mut new = Applied::desired(&new_cfg, &ids, &clock)?;
-        new.carry_generation(&self.applied);
+        new.carry_generation(&old);
         let old_names: std::collections::BTreeSet<&str> =
             self.cfg.orgs.iter().map(|o| o.name.as_str()).collect();
         let new_names: std::collections::BTreeSet<&str> =
@@ -892,13 +928,14 @@ impl Daemon {
             .difference(&new_names)
             .map(|s| s.to_string())
             .collect();
+        let before: HashMap<&str, &crate::config::Org> =
+            self.cfg.orgs.iter().map(|o| (o.name.as_str(), o)).collect();
         let changed: Vec<String> = new_cfg
             .orgs
             .iter()
             .filter(|n| {
-                self.cfg.orgs.iter().any(|o| {
-                    o.name == n.name
-                        && (o.cidrs != n.cidrs || self.cfg.limits_for(o) != new_cfg.limits_for(n))
+                before.get(n.name.as_str()).is_some_and(|o| {
+                    o.cidrs != n.cidrs || self.cfg.limits_for(o) != new_cfg.limits_for(n)
                 })
             })
             .map(|o| o.name.clone())
@@ -911,13 +948,13 @@ impl Daemon {
                 counters::prepare_day(&mut self.kernel, id, day + 1)?;
             }
         }
-        let stats = match counters::apply(&mut self.kernel, &self.applied, &new) {
+        let stats = match counters::apply(&mut self.kernel, &old, &new) {
             Ok(stats) => stats,
             Err(e) => {
                 // A map write failed midway: put back what was in force, so the kernel and the
                 // daemon agree again, and report the failure.
                 let rolled_back = counters::read_applied(&self.kernel)
-                    .and_then(|actual| counters::apply(&mut self.kernel, &actual, &self.applied));
+                    .and_then(|actual| counters::apply(&mut self.kernel, &actual, &old));
                 if let Err(r) = rolled_back {
                     error!(event = "fault", error = %r, "rolling back a failed reload failed");
                 }
@@ -956,9 +993,20 @@ impl Daemon {
         );
         self.cfg = new_cfg;
         self.ids = ids;
-        self.applied = new;
+        self.addr_gen = new.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
         self.clock = clock;
+        drop((old, new));
+        release_freed_memory();
         Ok(serde_json::json!({ "added": added, "removed": removed, "changed": changed }))
+    }
+}
+
+/// Hands freed heap back to the kernel: building a million orgs' tables leaves hundreds of MB
+/// free but resident otherwise.
+fn release_freed_memory() {
+    // SAFETY: glibc's malloc_trim only releases free memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

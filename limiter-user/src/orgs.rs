@@ -110,6 +110,11 @@ impl OrgIds {
         self.names.get(id as usize)?.as_deref()
     }
 
+    /// The highest id in use (0 when there are no orgs).
+    pub fn max_id(&self) -> u32 {
+        self.names.len().saturating_sub(1) as u32
+    }
+
     /// (id, name) of every org, in id order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
         self.names
@@ -160,7 +165,10 @@ mod tests {
         assert_eq!(b.name(2), None);
         assert_eq!(b.name(0), Some(UNMAPPED_NAME));
         // The positional guess never overrides the real id.
-        assert_eq!((b.id_at(0, "c"), b.id_at(1, "d"), b.id_at(2, "a")), (Some(3), Some(4), Some(1)));
+        assert_eq!(
+            (b.id_at(0, "c"), b.id_at(1, "d"), b.id_at(2, "a")),
+            (Some(3), Some(4), Some(1))
+        );
         assert_eq!(a.id_at(1, "b"), Some(2));
         assert_eq!(a.id_at(7, "zz"), None);
         assert_eq!(

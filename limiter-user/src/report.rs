@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::Clock,
     config::Config,
-    counters::{self, CountersError},
+    counters::{self, CountersError, UsageTable},
     loader::Kernel,
     orgs::OrgIds,
     snapshot::DaySnapshot,
@@ -97,14 +97,22 @@ pub fn build(
     platform: Option<&Platform>,
 ) -> Result<Report, CountersError> {
     let mut orgs = Vec::new();
-    for org in &cfg.orgs {
+    // All orgs: one batch read; one org: two lookups.
+    let table = match only {
+        None => Some(UsageTable::read(kernel, ids.max_id(), day)?),
+        Some(_) => None,
+    };
+    for (index, org) in cfg.orgs.iter().enumerate() {
         if only.is_some_and(|o| o != org.name) {
             continue;
         }
-        let Some(id) = ids.id(&org.name) else {
+        let Some(id) = ids.id_at(index, &org.name) else {
             continue;
         };
-        let (d, conns) = counters::usage(kernel, id, day)?;
+        let (d, conns) = match table.as_ref().and_then(|t| t.get(id)) {
+            Some(u) => u,
+            None => counters::usage(kernel, id, day)?,
+        };
         let l = cfg.limits_for(org);
         let mut r = OrgReport::new(
             &org.name,
@@ -265,8 +273,16 @@ mod tests {
         snap.orgs.insert("acme".into(), d);
         snap.idle.push("initech".into());
         let r = from_snapshot(&cfg, &snap, None);
-        let got: Vec<(&str, u64)> = r.orgs.iter().map(|o| (o.org.as_str(), o.requests)).collect();
-        assert_eq!(got, [("acme", 5), ("initech", 0)], "newco was not configured that day");
+        let got: Vec<(&str, u64)> = r
+            .orgs
+            .iter()
+            .map(|o| (o.org.as_str(), o.requests))
+            .collect();
+        assert_eq!(
+            got,
+            [("acme", 5), ("initech", 0)],
+            "newco was not configured that day"
+        );
         assert_eq!(from_snapshot(&cfg, &snap, Some("initech")).orgs.len(), 1);
     }
 
