@@ -590,7 +590,9 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     };
     println!(
         "kernel cost: verdict {:.0} ns per passing request, {:.0} ns per refused request (429 writer included), sock_ops {:.0} ns per run",
-        kernel_cost.verdict_ns_per_run, kernel_cost.refused_ns_per_run, kernel_cost.sock_ops_ns_per_run
+        kernel_cost.verdict_ns_per_run,
+        kernel_cost.refused_ns_per_run,
+        kernel_cost.sock_ops_ns_per_run
     );
 
     let mut scale = Vec::new();

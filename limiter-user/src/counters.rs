@@ -54,6 +54,16 @@ pub struct Applied {
 impl Applied {
     /// The map contents a config asks for.
     pub fn desired(cfg: &Config, ids: &OrgIds, clock: &Clock) -> Result<Self, CountersError> {
+        Self::desired_with(cfg, clock, |index, name| ids.id_at(index, name))
+    }
+
+    /// [`Applied::desired`] with the org ids given by `id_of(index in the config, name)`: a first
+    /// start knows them without the id table (org `i` gets id `i + 1`), so both are built at once.
+    pub fn desired_with(
+        cfg: &Config,
+        clock: &Clock,
+        id_of: impl Fn(usize, &str) -> Option<u32>,
+    ) -> Result<Self, CountersError> {
         let mut kc = KernelConfig::empty();
         kc.clock_offset_ns = clock.offset_ns();
         kc.day_len_ns = clock.day_len_ns;
@@ -71,7 +81,7 @@ impl Applied {
             ..Applied::default()
         };
         for (index, org) in cfg.orgs.iter().enumerate() {
-            let Some(id) = ids.id_at(index, &org.name) else {
+            let Some(id) = id_of(index, &org.name) else {
                 continue;
             };
             out.limits
@@ -179,8 +189,8 @@ pub fn apply(
             v.extend_from_slice(bytemuck::bytes_of(*l));
         })
     };
-    let write_hosts = || {
-        batched(ro, names::ORG_BY_HOST, &hosts, |((_, addr), id), k, v| {
+    let write_hosts = |hosts: &[((u32, AddrKey), u32)]| {
+        batched(ro, names::ORG_BY_HOST, hosts, |((_, addr), id), k, v| {
             k.extend_from_slice(addr);
             v.extend_from_slice(&id.to_ne_bytes());
         })
@@ -194,19 +204,20 @@ pub fn apply(
     };
     // A first start (the kernel ignores traffic until CONFIG is written, last) fills the three
     // tables at once; a reload keeps limits before addresses, so no new address meets stale limits.
+    // The host table's inserts are the slowest; its buckets have their own locks, so two
+    // threads fill it.
     let (limits_ok, hosts_ok, nets_ok) = if old.kernel_config.is_none() {
+        let (first, second) = hosts.split_at(hosts.len() / 2);
         std::thread::scope(|s| {
-            let hosts = s.spawn(write_hosts);
+            let first = s.spawn(|| write_hosts(first));
+            let second = s.spawn(|| write_hosts(second));
             let nets = s.spawn(write_nets);
             let limits = write_limits();
-            (
-                limits,
-                hosts.join().unwrap_or(false),
-                nets.join().unwrap_or(false),
-            )
+            let hosts = first.join().unwrap_or(false) & second.join().unwrap_or(false);
+            (limits, hosts, nets.join().unwrap_or(false))
         })
     } else {
-        (write_limits(), write_hosts(), write_nets())
+        (write_limits(), write_hosts(&hosts), write_nets())
     };
     if !limits_ok {
         for (id, l) in &limits {

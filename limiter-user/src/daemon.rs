@@ -126,17 +126,22 @@ impl Daemon {
         // While the kernel verifies the programs and creates the maps, a second thread builds
         // the tables of a first start (ids and map contents): with a million orgs each takes
         // about a second. A restart that finds its maps pinned redoes the ids from the kernel's.
-        let fresh_tables = || -> anyhow::Result<(OrgIds, Applied, u64)> {
+        // The ids of a first start follow the config's order, so the id table and the map
+        // contents are built at the same time too.
+        let fresh_ids = || {
             let t = Instant::now();
             let names = cfg.orgs.iter().map(|o| o.name.as_str());
-            let ids = OrgIds::assign(names, None, cap.orgs)?;
-            let desired = Applied::desired(&cfg, &ids, &clock)?;
-            Ok((ids, desired, t.elapsed().as_millis() as u64))
+            OrgIds::assign(names, None, cap.orgs).map(|ids| (ids, t.elapsed()))
         };
-        let (kernel, fresh) = std::thread::scope(|s| {
-            let tables = std::thread::Builder::new()
-                .name("limiter-tables".into())
-                .spawn_scoped(s, fresh_tables);
+        let fresh_desired = || {
+            let t = Instant::now();
+            Applied::desired_with(&cfg, &clock, |index, _| Some(index as u32 + 1))
+                .map(|d| (d, t.elapsed()))
+        };
+        let (kernel, ids, desired) = std::thread::scope(|s| {
+            let spawn = |name: &str| std::thread::Builder::new().name(name.into());
+            let ids = spawn("limiter-ids").spawn_scoped(s, fresh_ids);
+            let desired = spawn("limiter-tables").spawn_scoped(s, fresh_desired);
             let kernel = Kernel::load(
                 &cfg.daemon.pin_dir,
                 cap,
@@ -144,18 +149,24 @@ impl Daemon {
                 &cfg.api.interfaces,
                 cfg.api.netns.as_deref(),
             );
-            let fresh = match tables {
-                Ok(t) => t
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("building the org tables panicked"))),
-                // No second thread: build them here.
-                Err(_) => fresh_tables(),
+            // Without a second thread (spawn failed) they are built here.
+            let ids = match ids {
+                Ok(t) => t.join().ok(),
+                Err(_) => Some(fresh_ids()),
             };
-            (kernel, fresh)
+            let desired = match desired {
+                Ok(t) => t.join().ok(),
+                Err(_) => Some(fresh_desired()),
+            };
+            (kernel, ids, desired)
         });
         let mut kernel = kernel.context("loading the kernel programs")?;
         let load_ms = started.elapsed().as_millis() as u64;
-        let (fresh_ids, fresh_desired, tables_ms) = fresh?;
+        let (fresh_ids, ids_time) =
+            ids.ok_or_else(|| anyhow::anyhow!("building the org id table panicked"))??;
+        let (fresh_desired, desired_time) =
+            desired.ok_or_else(|| anyhow::anyhow!("building the map contents panicked"))??;
+        let tables_ms = ids_time.max(desired_time).as_millis() as u64;
         let day = clock.today();
         // A restarted daemon finds the kernel's ids, map contents and counts as they are.
         let (ids, old, desired) = if kernel.resumed {

@@ -370,31 +370,7 @@ pub async fn http_requests(
 /// Connects from `src`, writes `bytes`, half-closes, and returns whatever comes back until EOF,
 /// a reset or [`RAW_READ_TIMEOUT`] (for garbage, TLS-looking bytes and hand-made requests).
 pub async fn send_raw(src: IpAddr, dst: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
-    let mut s = bounded(
-        || format!("connecting from {src} to {dst}"),
-        connect_from(Some(src), dst),
-    )
-    .await?;
-    let _ = s.set_nodelay(true);
-    // Errors while writing are not fatal: the answer (or the close) is what the caller wants.
-    if bounded(|| "sending raw bytes".into(), async {
-        Ok(s.write_all(bytes).await?)
-    })
-    .await
-    .is_ok()
-    {
-        let _ = s.shutdown().await;
-    }
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + RAW_READ_TIMEOUT;
-    let mut tmp = [0u8; 16 * 1024];
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut tmp)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&tmp[..n]),
-            _ => break,
-        }
-    }
-    Ok(out)
+    raw(src, dst, bytes, true).await
 }
 
 /// How long [`exchange_raw`] keeps listening after a complete `Connection: close` response, to
@@ -406,6 +382,10 @@ pub const RAW_GRACE: Duration = Duration::from_millis(300);
 /// reset or [`RAW_READ_TIMEOUT`]. Unlike [`send_raw`] it never half-closes first: an app that
 /// sees the client's FIN may close before the kernel's 429 has left (README, known gaps).
 pub async fn exchange_raw(src: IpAddr, dst: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
+    raw(src, dst, bytes, false).await
+}
+
+async fn raw(src: IpAddr, dst: SocketAddr, bytes: &[u8], half_close: bool) -> Result<Vec<u8>> {
     let mut s = bounded(
         || format!("connecting from {src} to {dst}"),
         connect_from(Some(src), dst),
@@ -413,13 +393,16 @@ pub async fn exchange_raw(src: IpAddr, dst: SocketAddr, bytes: &[u8]) -> Result<
     .await?;
     let _ = s.set_nodelay(true);
     // Errors while writing are not fatal: the answer (or the close) is what the caller wants.
-    let _ = bounded(|| "sending raw bytes".into(), async {
+    let sent = bounded(|| "sending raw bytes".into(), async {
         Ok(s.write_all(bytes).await?)
     })
     .await;
+    if half_close && sent.is_ok() {
+        let _ = s.shutdown().await;
+    }
     let mut out = Vec::new();
     let mut deadline = tokio::time::Instant::now() + RAW_READ_TIMEOUT;
-    let mut closing = false;
+    let mut closing = half_close;
     let mut tmp = [0u8; 16 * 1024];
     loop {
         match tokio::time::timeout_at(deadline, s.read(&mut tmp)).await {
