@@ -1,6 +1,6 @@
 //! Writing the config into the kernel maps and reading the counters back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
@@ -45,9 +45,11 @@ fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> CountersError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
     pub ports: BTreeSet<u16>,
-    /// (prefix length, key) → org id.
-    pub cidrs: foldhash::HashMap<(u32, AddrKey), u32>,
-    pub limits: BTreeMap<u32, OrgLimits>,
+    /// ((prefix length, key), org id), each key once. Lists, not maps: building maps of a
+    /// million entries was most of a first start's table time; [`apply`] indexes the old side.
+    pub cidrs: Vec<((u32, AddrKey), u32)>,
+    /// (org id, limits), each id once.
+    pub limits: Vec<(u32, OrgLimits)>,
     pub kernel_config: Option<KernelConfig>,
 }
 
@@ -77,7 +79,8 @@ impl Applied {
         let mut out = Applied {
             ports: cfg.api.ports.iter().copied().collect(),
             kernel_config: Some(kc),
-            cidrs: foldhash::HashMap::with_capacity_and_hasher(cidrs, Default::default()),
+            cidrs: Vec::with_capacity(cidrs),
+            limits: Vec::with_capacity(cfg.orgs.len()),
             ..Applied::default()
         };
         for (index, org) in cfg.orgs.iter().enumerate() {
@@ -85,9 +88,9 @@ impl Applied {
                 continue;
             };
             out.limits
-                .insert(id, kernel_limits(&org.name, &cfg.limits_for(org)));
+                .push((id, kernel_limits(&org.name, &cfg.limits_for(org))));
             for net in &org.cidrs {
-                out.cidrs.insert(lpm_key(net), id);
+                out.cidrs.push((lpm_key(net), id));
             }
         }
         Ok(out)
@@ -118,7 +121,13 @@ impl Applied {
     /// kernel re-attributes connections made under the old table.
     pub fn carry_generation(&mut self, old: &Applied) {
         let prev = old.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
-        let changed = old.cidrs != self.cidrs;
+        let sorted = |c: &[((u32, AddrKey), u32)]| {
+            let mut v = c.to_vec();
+            v.sort_unstable();
+            v
+        };
+        let changed =
+            old.cidrs.len() != self.cidrs.len() || sorted(&old.cidrs) != sorted(&self.cidrs);
         if let Some(kc) = self.kernel_config.as_mut() {
             kc.addr_gen = if changed { prev.wrapping_add(1) } else { prev };
         }
@@ -168,18 +177,22 @@ pub fn apply(
             .insert(port, 1, 0)
             .map_err(map_err(format!("API port {port}")))?;
     }
+    // Only the old side is indexed: on a first start it is empty and nothing is hashed.
+    let old_limits: foldhash::HashMap<u32, &OrgLimits> =
+        old.limits.iter().map(|(id, l)| (*id, l)).collect();
+    let old_cidrs: foldhash::HashMap<(u32, AddrKey), u32> = old.cidrs.iter().copied().collect();
     let limits: Vec<(u32, &OrgLimits)> = new
         .limits
         .iter()
-        .filter(|(id, l)| old.limits.get(id) != Some(*l))
+        .filter(|(id, l)| old_limits.get(id) != Some(&l))
         .map(|(id, l)| (*id, l))
         .collect();
     stats.limits_written = limits.len();
     let (hosts, nets): (Vec<_>, Vec<_>) = new
         .cidrs
         .iter()
-        .filter(|(k, id)| old.cidrs.get(k) != Some(id))
-        .map(|(k, id)| (*k, *id))
+        .filter(|(k, id)| old_cidrs.get(k) != Some(id))
+        .copied()
         .partition(|((len, _), _)| *len == HOST_PREFIX_LEN);
     stats.cidrs_written = hosts.len() + nets.len();
     let ro: &Kernel = kernel;
@@ -243,8 +256,13 @@ pub fn apply(
                 .map_err(map_err(format!("address table entry for org id {id}")))?;
         }
     }
-    for &(len, addr) in old.cidrs.keys() {
-        if !new.cidrs.contains_key(&(len, addr)) {
+    let new_cidrs: foldhash::HashSet<(u32, AddrKey)> = if old.cidrs.is_empty() {
+        Default::default()
+    } else {
+        new.cidrs.iter().map(|(k, _)| *k).collect()
+    };
+    for &((len, addr), _) in &old.cidrs {
+        if !new_cidrs.contains(&(len, addr)) {
             let removed = if len == HOST_PREFIX_LEN {
                 kernel.org_by_host.remove(&addr)
             } else {
@@ -257,8 +275,13 @@ pub fn apply(
             stats.cidrs_removed += 1;
         }
     }
-    for id in old.limits.keys() {
-        if !new.limits.contains_key(id) {
+    let new_ids: foldhash::HashSet<u32> = if old.limits.is_empty() {
+        Default::default()
+    } else {
+        new.limits.iter().map(|(id, _)| *id).collect()
+    };
+    for (id, _) in &old.limits {
+        if !new_ids.contains(id) {
             kernel
                 .org_limits
                 .set(*id, OrgLimits::default(), 0)
@@ -427,16 +450,16 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
     }
     for entry in kernel.org_by_addr.iter() {
         let (key, id) = entry.map_err(map_err("reading the address table"))?;
-        out.cidrs.insert((key.prefix_len(), key.data()), id);
+        out.cidrs.push(((key.prefix_len(), key.data()), id));
     }
     for entry in kernel.org_by_host.iter() {
         let (addr, id) = entry.map_err(map_err("reading the host table"))?;
-        out.cidrs.insert((HOST_PREFIX_LEN, addr), id);
+        out.cidrs.push(((HOST_PREFIX_LEN, addr), id));
     }
     for (id, l) in kernel.org_limits.iter().enumerate() {
         let l = l.map_err(map_err("reading org limits"))?;
         if l.flags & ORG_F_ACTIVE != 0 {
-            out.limits.insert(id as u32, l);
+            out.limits.push((id as u32, l));
         }
     }
     out.kernel_config = Some(
@@ -477,4 +500,44 @@ pub fn faults(kernel: &Kernel) -> Vec<(&'static str, u64)> {
             Some((*name, kernel.faults.get(&i, 0).unwrap_or(0)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_gen(cidrs: Vec<((u32, AddrKey), u32)>, addr_gen: u32) -> Applied {
+        let mut kc = KernelConfig::empty();
+        kc.addr_gen = addr_gen;
+        Applied {
+            cidrs,
+            kernel_config: Some(kc),
+            ..Applied::default()
+        }
+    }
+
+    fn gen_of(a: &Applied) -> u32 {
+        a.kernel_config.map(|c| c.addr_gen).unwrap_or(0)
+    }
+
+    #[test]
+    fn address_generation_moves_only_when_the_table_changes() {
+        let a = ((120, limiter_common::v4_mapped([10, 0, 0, 0])), 1);
+        let b = ((128, limiter_common::v4_mapped([10, 0, 1, 7])), 2);
+        let old = with_gen(vec![a, b], 7);
+        // The same entries in another order (a reordered config, or read back from the kernel).
+        let mut same = with_gen(vec![b, a], 0);
+        same.carry_generation(&old);
+        assert_eq!(gen_of(&same), 7);
+        // Another org for an address, an address less, or a first start: a new generation.
+        let mut moved = with_gen(vec![a, (b.0, 3)], 0);
+        moved.carry_generation(&old);
+        assert_eq!(gen_of(&moved), 8);
+        let mut fewer = with_gen(vec![a], 0);
+        fewer.carry_generation(&old);
+        assert_eq!(gen_of(&fewer), 8);
+        let mut first = with_gen(vec![a], 0);
+        first.carry_generation(&Applied::default());
+        assert_eq!(gen_of(&first), 1);
+    }
 }
