@@ -1012,6 +1012,15 @@ impl Daemon {
     }
 }
 
+/// One malloc arena for all threads: the startup helpers' arenas kept about 10 % of a
+/// million-org daemon's heap resident. Call before any thread starts.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only changes glibc's allocator settings; no thread allocates yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Hands freed heap back to the kernel: building a million orgs' tables leaves hundreds of MB
 /// free but resident otherwise.
 fn release_freed_memory() {

@@ -138,6 +138,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run => {
+            daemon::tune_allocator();
             let started = std::time::Instant::now();
             let cfg = Config::load(&cli.config)?;
             let parse_ms = started.elapsed().as_millis() as u64;
