@@ -81,7 +81,6 @@ impl Applied {
             kernel_config: Some(kc),
             cidrs: Vec::with_capacity(cidrs),
             limits: Vec::with_capacity(cfg.orgs.len()),
-            ..Applied::default()
         };
         for (index, org) in cfg.orgs.iter().enumerate() {
             let Some(id) = id_of(index, &org.name) else {
