@@ -101,7 +101,10 @@ pub struct KernelCost {
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleRow {
     pub orgs: usize,
+    /// Median (min, max) over every start of this size: the first and one per ratio run.
     pub load_secs: f64,
+    pub load_min_secs: f64,
+    pub load_max_secs: f64,
     pub map_memory_mib: f64,
     pub daemon_rss_mib: f64,
     pub passing_ratio: f64,
@@ -113,6 +116,8 @@ impl ScaleRow {
         ScaleRow {
             orgs,
             load_secs: 0.0,
+            load_min_secs: 0.0,
+            load_max_secs: 0.0,
             map_memory_mib: 0.0,
             daemon_rss_mib: 0.0,
             passing_ratio: 0.0,
@@ -429,7 +434,7 @@ fn markdown(r: &Results) -> String {
     s.push_str(&format!(
         "\nKernel cost (bpf_stats, separate runs): verdict {:.0} ns per passing request over {} runs; \
          verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs.\n\n\
-         | orgs | load (s) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
+         | orgs | load (s), median (min–max) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
         r.kernel_cost.verdict_ns_per_run,
         r.kernel_cost.verdict_runs,
         r.kernel_cost.refused_ns_per_run,
@@ -439,8 +444,15 @@ fn markdown(r: &Results) -> String {
     ));
     for x in &r.scale {
         s.push_str(&format!(
-            "| {} | {:.2} | {:.1} | {:.1} | {:.3} | {} |\n",
-            x.orgs, x.load_secs, x.map_memory_mib, x.daemon_rss_mib, x.passing_ratio, x.note
+            "| {} | {:.2} ({:.2}–{:.2}) | {:.1} | {:.1} | {:.3} | {} |\n",
+            x.orgs,
+            x.load_secs,
+            x.load_min_secs,
+            x.load_max_secs,
+            x.map_memory_mib,
+            x.daemon_rss_mib,
+            x.passing_ratio,
+            x.note
         ));
     }
     s
@@ -615,20 +627,24 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
                 let (mem, rss) = memory_of(pid);
                 let load = l("/", 64, true, false);
                 let (mut va, mut vb) = (Vec::new(), Vec::new());
+                let mut loads = vec![took.as_secs_f64()];
                 for _ in 0..reps {
-                    b.start(&cfg)?;
+                    loads.push(b.start(&cfg)?.as_secs_f64());
                     vb.push(b.wrk(&load)?);
                     b.stop();
                     va.push(b.wrk(&load)?);
                 }
                 let ratio = median_min_max(&vb).0 / median_min_max(&va).0.max(1.0);
+                let (load, load_min, load_max) = median_min_max(&loads);
                 println!(
-                    "scale {orgs:>9} orgs: load {:.2} s, map memory {mem:.1} MiB, daemon RSS {rss:.1} MiB, passing ratio {ratio:.3}",
-                    took.as_secs_f64()
+                    "scale {orgs:>9} orgs: load {load:.2} s ({load_min:.2}–{load_max:.2} over {} starts), map memory {mem:.1} MiB, daemon RSS {rss:.1} MiB, passing ratio {ratio:.3}",
+                    loads.len()
                 );
                 scale.push(ScaleRow {
                     orgs,
-                    load_secs: took.as_secs_f64(),
+                    load_secs: load,
+                    load_min_secs: load_min,
+                    load_max_secs: load_max,
                     map_memory_mib: mem,
                     daemon_rss_mib: rss,
                     passing_ratio: ratio,
