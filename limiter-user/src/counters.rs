@@ -326,36 +326,33 @@ pub struct UsageTable {
     conns: Vec<i64>,
 }
 
+/// The first `count` values of the pinned array map `name`, read in batches.
+fn read_array<T: bytemuck::Pod>(
+    kernel: &Kernel,
+    name: &str,
+    count: usize,
+) -> Result<Vec<T>, CountersError> {
+    let mut out = Vec::new();
+    crate::pins::obj_get(&kernel.pin_dir.join(name))
+        .and_then(|fd| crate::pins::array_read(&fd, size_of::<T>(), count, &mut out))
+        .map_err(|e| CountersError::Batch {
+            what: name.to_string(),
+            source: e,
+        })?;
+    Ok(out
+        .chunks_exact(size_of::<T>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect())
+}
+
 impl UsageTable {
     /// Reads the counters of org ids `0..=max_id` for `day`.
     pub fn read(kernel: &Kernel, max_id: u32, day: u64) -> Result<Self, CountersError> {
-        let read = |name: &str, size: usize, count: usize| -> Result<Vec<u8>, CountersError> {
-            let mut out = Vec::new();
-            crate::pins::obj_get(&kernel.pin_dir.join(name))
-                .and_then(|fd| crate::pins::array_read(&fd, size, count, &mut out))
-                .map_err(|e| CountersError::Batch {
-                    what: name.to_string(),
-                    source: e,
-                })?;
-            Ok(out)
-        };
         let orgs = max_id as usize + 1;
-        let day_bytes = read(
-            names::ORG_DAYS,
-            size_of::<DayCounters>(),
-            orgs * DAY_SLOTS as usize,
-        )?;
-        let conn_bytes = read(names::ORG_CONNS, size_of::<i64>(), orgs)?;
         Ok(UsageTable {
             day,
-            days: day_bytes
-                .chunks_exact(size_of::<DayCounters>())
-                .map(bytemuck::pod_read_unaligned)
-                .collect(),
-            conns: conn_bytes
-                .chunks_exact(size_of::<i64>())
-                .map(bytemuck::pod_read_unaligned)
-                .collect(),
+            days: read_array(kernel, names::ORG_DAYS, orgs * DAY_SLOTS as usize)?,
+            conns: read_array(kernel, names::ORG_CONNS, orgs)?,
         })
     }
 
@@ -391,11 +388,30 @@ pub fn prepare_day(kernel: &mut Kernel, id: u32, day: u64) -> Result<(), Counter
     Ok(())
 }
 
-/// Prepares `day` for the unmapped slot and every org id in use.
+/// Prepares `day` for the unmapped slot and every org id in use: one batch read, and one batch
+/// write of the slots still tagged with another day (a million single writes took seconds).
 pub fn prepare_day_all(kernel: &mut Kernel, ids: &OrgIds, day: u64) -> Result<(), CountersError> {
-    prepare_day(kernel, UNMAPPED_ORG, day)?;
-    for (id, _) in ids.iter() {
-        prepare_day(kernel, id, day)?;
+    let slots: Vec<DayCounters> = read_array(
+        kernel,
+        names::ORG_DAYS,
+        (ids.max_id() as usize + 1) * DAY_SLOTS as usize,
+    )?;
+    let stale: Vec<u32> = std::iter::once(UNMAPPED_ORG)
+        .chain(ids.iter().map(|(id, _)| id))
+        .map(|id| day_index(id, day))
+        .filter(|&idx| slots.get(idx as usize).is_none_or(|s| s.day != day))
+        .collect();
+    let fresh = DayCounters::for_day(day);
+    if !batched(kernel, names::ORG_DAYS, &stale, |idx, k, v| {
+        k.extend_from_slice(&idx.to_ne_bytes());
+        v.extend_from_slice(bytemuck::bytes_of(&fresh));
+    }) {
+        for idx in stale {
+            kernel
+                .org_days
+                .set(idx, fresh, 0)
+                .map_err(map_err(format!("preparing day {day} in slot {idx}")))?;
+        }
     }
     Ok(())
 }
@@ -427,8 +443,9 @@ pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
 /// The org ids and names the kernel holds (ORG_LIMITS entries marked active).
 pub fn ids_from_kernel(kernel: &Kernel) -> Result<OrgIds, CountersError> {
     let mut pairs = Vec::new();
-    for (id, l) in kernel.org_limits.iter().enumerate() {
-        let l = l.map_err(map_err("reading org limits"))?;
+    let all: Vec<OrgLimits> =
+        read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
+    for (id, l) in all.iter().enumerate() {
         if l.flags & ORG_F_ACTIVE != 0 {
             let n = (l.name_len as usize).min(l.name.len());
             pairs.push((
@@ -451,12 +468,25 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
         let (key, id) = entry.map_err(map_err("reading the address table"))?;
         out.cidrs.push(((key.prefix_len(), key.data()), id));
     }
-    for entry in kernel.org_by_host.iter() {
-        let (addr, id) = entry.map_err(map_err("reading the host table"))?;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let hosts = crate::pins::obj_get(&kernel.pin_dir.join(names::ORG_BY_HOST))
+        .and_then(|fd| crate::pins::hash_read(&fd, size_of::<AddrKey>(), 4, &mut keys, &mut values))
+        .map_err(|e| CountersError::Batch {
+            what: names::ORG_BY_HOST.to_string(),
+            source: e,
+        })?;
+    for (key, value) in keys
+        .chunks_exact(size_of::<AddrKey>())
+        .zip(values.chunks_exact(4))
+        .take(hosts)
+    {
+        let addr: AddrKey = bytemuck::pod_read_unaligned(key);
+        let id: u32 = bytemuck::pod_read_unaligned(value);
         out.cidrs.push(((HOST_PREFIX_LEN, addr), id));
     }
-    for (id, l) in kernel.org_limits.iter().enumerate() {
-        let l = l.map_err(map_err("reading org limits"))?;
+    let all: Vec<OrgLimits> =
+        read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
+    for (id, l) in all.into_iter().enumerate() {
         if l.flags & ORG_F_ACTIVE != 0 {
             out.limits.push((id as u32, l));
         }

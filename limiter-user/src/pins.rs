@@ -326,6 +326,57 @@ pub fn array_read(
     Ok(())
 }
 
+/// Every (key, value) of a hash map, packed into `keys` and `values`, read in batches
+/// (BPF_MAP_LOOKUP_BATCH): a restart reads back a million single-address entries.
+pub fn hash_read(
+    map: &OwnedFd,
+    key_size: usize,
+    value_size: usize,
+    keys: &mut Vec<u8>,
+    values: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
+    const CHUNK: usize = 16_384;
+    keys.clear();
+    values.clear();
+    let mut kbuf = vec![0u8; CHUNK * key_size];
+    let mut vbuf = vec![0u8; CHUNK * value_size];
+    let (mut token, mut next) = (0u32, 0u32);
+    let mut first = true;
+    let mut total = 0;
+    loop {
+        let mut attr = [0u8; 128];
+        if !first {
+            attr[..8].copy_from_slice(&(&token as *const u32 as u64).to_ne_bytes());
+        }
+        attr[8..16].copy_from_slice(&(&mut next as *mut u32 as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(kbuf.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..32].copy_from_slice(&(vbuf.as_mut_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&(CHUNK as u32).to_ne_bytes());
+        attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let mut did = [0u8; 4];
+        did.copy_from_slice(&attr[32..36]);
+        let did = u32::from_ne_bytes(did) as usize;
+        let end = match r {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        keys.extend_from_slice(&kbuf[..did * key_size]);
+        values.extend_from_slice(&vbuf[..did * value_size]);
+        total += did;
+        if end {
+            return Ok(total);
+        }
+        if did == 0 {
+            return Err(std::io::Error::other("batch lookup made no progress"));
+        }
+        token = next;
+        first = false;
+    }
+}
+
 /// The cgroup id (the cgroup directory's inode) a pinned cgroup link is attached to.
 pub fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
