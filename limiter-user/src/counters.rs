@@ -388,9 +388,16 @@ pub fn prepare_day(kernel: &mut Kernel, id: u32, day: u64) -> Result<(), Counter
     Ok(())
 }
 
-/// Prepares `day` for the unmapped slot and every org id in use: one batch read, and one batch
-/// write of the slots still tagged with another day (a million single writes took seconds).
-pub fn prepare_day_all(kernel: &mut Kernel, ids: &OrgIds, day: u64) -> Result<(), CountersError> {
+/// Prepares `day` for the unmapped slot and every org id in use: one batch read finds the slots
+/// still tagged with another day (a million single reads took seconds). A future day's slots,
+/// which the kernel does not touch yet, are written in one batch; for a day the kernel may be
+/// counting (`live`), each slot is re-checked just before its write, as [`prepare_day`] does.
+pub fn prepare_day_all(
+    kernel: &mut Kernel,
+    ids: &OrgIds,
+    day: u64,
+    live: bool,
+) -> Result<(), CountersError> {
     let slots: Vec<DayCounters> = read_array(
         kernel,
         names::ORG_DAYS,
@@ -399,9 +406,20 @@ pub fn prepare_day_all(kernel: &mut Kernel, ids: &OrgIds, day: u64) -> Result<()
     let stale: Vec<u32> = std::iter::once(UNMAPPED_ORG)
         .chain(ids.iter().map(|(id, _)| id))
         .map(|id| day_index(id, day))
-        .filter(|&idx| slots.get(idx as usize).is_none_or(|s| s.day != day))
+        // A never-used slot (tag 0, all zero) is taken over by the kernel as it is.
+        .filter(|&idx| {
+            slots
+                .get(idx as usize)
+                .is_none_or(|s| s.day != day && s.day != 0)
+        })
         .collect();
     let fresh = DayCounters::for_day(day);
+    if live {
+        for idx in stale {
+            prepare_day(kernel, idx / DAY_SLOTS, day)?;
+        }
+        return Ok(());
+    }
     if !batched(kernel, names::ORG_DAYS, &stale, |idx, k, v| {
         k.extend_from_slice(&idx.to_ne_bytes());
         v.extend_from_slice(bytemuck::bytes_of(&fresh));

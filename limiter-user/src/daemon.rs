@@ -190,8 +190,8 @@ impl Daemon {
         // Fresh maps are all zero (tag 0), which the kernel takes over without clearing; only
         // reused slots of older days need preparing.
         if kernel.resumed {
-            counters::prepare_day_all(&mut kernel, &ids, day)?;
-            counters::prepare_day_all(&mut kernel, &ids, day + 1)?;
+            counters::prepare_day_all(&mut kernel, &ids, day, true)?;
+            counters::prepare_day_all(&mut kernel, &ids, day + 1, false)?;
         }
         // Fresh maps (first start, or after a reboot): today's counts come from the snapshot,
         // before the kernel starts counting (CONFIG is marked ready by the apply below).
@@ -655,7 +655,7 @@ impl Daemon {
             self.log_totals("day_end", ended, true);
             self.write_snapshot(ended);
         }
-        if let Err(e) = counters::prepare_day_all(&mut self.kernel, &self.ids, today + 1) {
+        if let Err(e) = counters::prepare_day_all(&mut self.kernel, &self.ids, today + 1, false) {
             error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
         }
         info!(
