@@ -309,12 +309,16 @@ pub fn usage(kernel: &Kernel, id: u32, day: u64) -> Result<(DayCounters, i64), C
         .org_conns
         .get(&id, 0)
         .map_err(map_err(format!("reading connections of org id {id}")))?;
-    let slot = if slot.day == day {
+    Ok((of_day(slot, day), conns.max(0)))
+}
+
+/// A day slot's counters if it holds `day`; zeros if it still holds another day.
+fn of_day(slot: DayCounters, day: u64) -> DayCounters {
+    if slot.day == day {
         slot
     } else {
         DayCounters::for_day(day)
-    };
-    Ok((slot, conns.max(0)))
+    }
 }
 
 /// Every org's counters for one day and open connections, read in a few batch syscalls: for the
@@ -332,17 +336,31 @@ fn read_array<T: bytemuck::Pod>(
     name: &str,
     count: usize,
 ) -> Result<Vec<T>, CountersError> {
-    let mut out = Vec::new();
+    let (_, values) = read_map(kernel, name, 4, size_of::<T>(), count)?;
+    Ok(values
+        .chunks_exact(size_of::<T>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect())
+}
+
+/// Up to `max` (key, value) pairs of the pinned map `name`, packed, read in batches.
+fn read_map(
+    kernel: &Kernel,
+    name: &str,
+    key_size: usize,
+    value_size: usize,
+    max: usize,
+) -> Result<(Vec<u8>, Vec<u8>), CountersError> {
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
     crate::pins::obj_get(&kernel.pin_dir.join(name))
-        .and_then(|fd| crate::pins::array_read(&fd, size_of::<T>(), count, &mut out))
+        .and_then(|fd| {
+            crate::pins::lookup_batch(&fd, key_size, value_size, max, &mut keys, &mut values)
+        })
         .map_err(|e| CountersError::Batch {
             what: name.to_string(),
             source: e,
         })?;
-    Ok(out
-        .chunks_exact(size_of::<T>())
-        .map(bytemuck::pod_read_unaligned)
-        .collect())
+    Ok((keys, values))
 }
 
 impl UsageTable {
@@ -360,12 +378,7 @@ impl UsageTable {
     pub fn get(&self, id: u32) -> Option<(DayCounters, i64)> {
         let slot = *self.days.get(day_index(id, self.day) as usize)?;
         let conns = *self.conns.get(id as usize)?;
-        let slot = if slot.day == self.day {
-            slot
-        } else {
-            DayCounters::for_day(self.day)
-        };
-        Some((slot, conns.max(0)))
+        Some((of_day(slot, self.day), conns.max(0)))
     }
 }
 
@@ -486,17 +499,16 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
         let (key, id) = entry.map_err(map_err("reading the address table"))?;
         out.cidrs.push(((key.prefix_len(), key.data()), id));
     }
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    let hosts = crate::pins::obj_get(&kernel.pin_dir.join(names::ORG_BY_HOST))
-        .and_then(|fd| crate::pins::hash_read(&fd, size_of::<AddrKey>(), 4, &mut keys, &mut values))
-        .map_err(|e| CountersError::Batch {
-            what: names::ORG_BY_HOST.to_string(),
-            source: e,
-        })?;
+    let (keys, values) = read_map(
+        kernel,
+        names::ORG_BY_HOST,
+        size_of::<AddrKey>(),
+        4,
+        kernel.capacity.cidrs as usize,
+    )?;
     for (key, value) in keys
         .chunks_exact(size_of::<AddrKey>())
         .zip(values.chunks_exact(4))
-        .take(hosts)
     {
         let addr: AddrKey = bytemuck::pod_read_unaligned(key);
         let id: u32 = bytemuck::pod_read_unaligned(value);

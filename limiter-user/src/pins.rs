@@ -240,6 +240,39 @@ pub fn link_update(link: &OwnedFd, prog: &impl AsRawFd) -> std::io::Result<()> {
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
+/// Elements per BPF_MAP_*_BATCH syscall.
+const BATCH_CHUNK: usize = 16_384;
+
+/// The `batch` attribute of BPF_MAP_{LOOKUP,UPDATE}_BATCH.
+fn batch_attr(
+    map: &OwnedFd,
+    in_batch: Option<&u32>,
+    out_batch: Option<&mut u32>,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> [u8; 128] {
+    let mut attr = [0u8; 128];
+    if let Some(t) = in_batch {
+        attr[..8].copy_from_slice(&(t as *const u32 as u64).to_ne_bytes());
+    }
+    if let Some(t) = out_batch {
+        attr[8..16].copy_from_slice(&(t as *mut u32 as u64).to_ne_bytes());
+    }
+    attr[16..24].copy_from_slice(&(keys as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(values as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&(count as u32).to_ne_bytes());
+    attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    attr
+}
+
+/// How many elements the kernel says a batch command did.
+fn batch_done(attr: &[u8; 128]) -> usize {
+    let mut did = [0u8; 4];
+    did.copy_from_slice(&attr[32..36]);
+    u32::from_ne_bytes(did) as usize
+}
+
 /// Writes many elements with one syscall per chunk (BPF_MAP_UPDATE_BATCH): loading a million
 /// orgs element by element costs seconds in syscalls alone. `keys` and `values` hold `count`
 /// packed elements each.
@@ -254,20 +287,13 @@ pub fn update_batch(
         return Ok(());
     }
     let (ksz, vsz) = (keys.len() / count, values.len() / count);
-    const CHUNK: usize = 65_536;
     let mut done = 0;
     while done < count {
-        let n = (count - done).min(CHUNK);
-        let mut attr = [0u8; 128];
-        attr[16..24].copy_from_slice(&(keys[done * ksz..].as_ptr() as u64).to_ne_bytes());
-        attr[24..32].copy_from_slice(&(values[done * vsz..].as_ptr() as u64).to_ne_bytes());
-        attr[32..36].copy_from_slice(&(n as u32).to_ne_bytes());
-        attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+        let n = (count - done).min(BATCH_CHUNK);
+        let (k, v) = (keys[done * ksz..].as_ptr(), values[done * vsz..].as_ptr());
+        let mut attr = batch_attr(map, None, None, k, v, n);
         bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-        // The kernel writes back how many it did.
-        let mut did = [0u8; 4];
-        did.copy_from_slice(&attr[32..36]);
-        let did = u32::from_ne_bytes(did) as usize;
+        let did = batch_done(&attr);
         if did == 0 {
             return Err(std::io::Error::other("batch update made no progress"));
         }
@@ -276,88 +302,40 @@ pub fn update_batch(
     Ok(())
 }
 
-/// Reads the first `count` values of an array map (BPF_MAP_LOOKUP_BATCH, a chunk per syscall)
-/// into `out` (`count × value_size` bytes): reading a million orgs' counters one lookup at a
-/// time cost seconds of syscalls per snapshot, report or cluster sync.
-pub fn array_read(
-    map: &OwnedFd,
-    value_size: usize,
-    count: usize,
-    out: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
-    const CHUNK: usize = 16_384;
-    out.clear();
-    out.resize(count * value_size, 0);
-    let mut keys = vec![0u32; CHUNK];
-    let mut next: u32 = 0;
-    let mut done = 0;
-    while done < count {
-        let n = (count - done).min(CHUNK);
-        let mut attr = [0u8; 128];
-        let prev = next;
-        if done > 0 {
-            attr[..8].copy_from_slice(&(&prev as *const u32 as u64).to_ne_bytes());
-        }
-        attr[8..16].copy_from_slice(&(&mut next as *mut u32 as u64).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(keys.as_mut_ptr() as u64).to_ne_bytes());
-        attr[24..32].copy_from_slice(&(out[done * value_size..].as_mut_ptr() as u64).to_ne_bytes());
-        attr[32..36].copy_from_slice(&(n as u32).to_ne_bytes());
-        attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let mut did = [0u8; 4];
-        did.copy_from_slice(&attr[32..36]);
-        let did = u32::from_ne_bytes(did) as usize;
-        match r {
-            Ok(_) => {}
-            // The end of the array: what was read is all there is.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                done += did;
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-        if did == 0 {
-            return Err(std::io::Error::other("batch lookup made no progress"));
-        }
-        done += did;
-    }
-    out.truncate(done * value_size);
-    Ok(())
-}
-
-/// Every (key, value) of a hash map, packed into `keys` and `values`, read in batches
-/// (BPF_MAP_LOOKUP_BATCH): a restart reads back a million single-address entries.
-pub fn hash_read(
+/// Reads up to `max` elements of a map (BPF_MAP_LOOKUP_BATCH, a chunk per syscall; an array in
+/// index order) into `keys` and `values`, packed, and returns how many there were: reading a
+/// million orgs' counters one lookup at a time cost seconds of syscalls per snapshot, report,
+/// cluster sync or restart.
+pub fn lookup_batch(
     map: &OwnedFd,
     key_size: usize,
     value_size: usize,
+    max: usize,
     keys: &mut Vec<u8>,
     values: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
-    const CHUNK: usize = 16_384;
     keys.clear();
     values.clear();
-    let mut kbuf = vec![0u8; CHUNK * key_size];
-    let mut vbuf = vec![0u8; CHUNK * value_size];
+    let mut kbuf = vec![0u8; BATCH_CHUNK * key_size];
+    let mut vbuf = vec![0u8; BATCH_CHUNK * value_size];
+    // The kernel's position token (an array index or a hash bucket), handed back each call.
     let (mut token, mut next) = (0u32, 0u32);
-    let mut first = true;
     let mut total = 0;
-    loop {
-        let mut attr = [0u8; 128];
-        if !first {
-            attr[..8].copy_from_slice(&(&token as *const u32 as u64).to_ne_bytes());
-        }
-        attr[8..16].copy_from_slice(&(&mut next as *mut u32 as u64).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(kbuf.as_mut_ptr() as u64).to_ne_bytes());
-        attr[24..32].copy_from_slice(&(vbuf.as_mut_ptr() as u64).to_ne_bytes());
-        attr[32..36].copy_from_slice(&(CHUNK as u32).to_ne_bytes());
-        attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    while total < max {
+        let n = (max - total).min(BATCH_CHUNK);
+        let in_batch = (total > 0).then_some(&token);
+        let mut attr = batch_attr(
+            map,
+            in_batch,
+            Some(&mut next),
+            kbuf.as_mut_ptr(),
+            vbuf.as_mut_ptr(),
+            n,
+        );
         let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let mut did = [0u8; 4];
-        did.copy_from_slice(&attr[32..36]);
-        let did = u32::from_ne_bytes(did) as usize;
+        let did = batch_done(&attr);
+        // ENOENT: the end of the map; what this call read still counts.
         let end = match r {
             Ok(_) => false,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
@@ -367,14 +345,14 @@ pub fn hash_read(
         values.extend_from_slice(&vbuf[..did * value_size]);
         total += did;
         if end {
-            return Ok(total);
+            break;
         }
         if did == 0 {
             return Err(std::io::Error::other("batch lookup made no progress"));
         }
         token = next;
-        first = false;
     }
+    Ok(total)
 }
 
 /// The cgroup id (the cgroup directory's inode) a pinned cgroup link is attached to.

@@ -43,6 +43,74 @@ fn kill_9_and_restart_lose_nothing() -> Result<()> {
     Ok(())
 }
 
+/// Thousands of orgs take the batch paths: the map writes, the counter reads and a restart's
+/// read-back of ids, limits and the single-address table. After a SIGKILL restart every org has
+/// its limit and counts, the restarted daemon finds nothing to rewrite, and the snapshot names
+/// the idle orgs.
+#[test]
+fn thousands_of_orgs_survive_a_restart() -> Result<()> {
+    const FILLER: usize = 3000;
+    let mut w = World::new("many", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let mut orgs = org_toml("acme", &[cidr(acme)], "daily_requests = 20");
+    for i in 0..FILLER {
+        orgs.push_str(&org_toml(
+            &format!("f{i}"),
+            &[format!("100.64.{}.{}/32", i / 256, i % 256)],
+            &format!("daily_requests = {}", 1000 + i),
+        ));
+    }
+    w.write_config("", &orgs)?;
+    w.start_daemon()?;
+    assert!(statuses(&w, acme, 5)?.iter().all(|s| *s == 200));
+    w.kill_daemon()?;
+    w.start_daemon()?;
+    let log = w.daemon_log();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("limiter started"))
+        .collect();
+    assert_eq!(starts.len(), 2, "{log}");
+    assert!(
+        starts[0].contains(&format!(" cidrs={} ", FILLER + 1)),
+        "{}",
+        starts[0]
+    );
+    // The second daemon read back every table as it was: not one address rewritten.
+    assert!(
+        starts[1].contains("resumed=true") && starts[1].contains(" cidrs=0 "),
+        "{}",
+        starts[1]
+    );
+    let st = statuses(&w, acme, 16)?;
+    assert_eq!(st.iter().filter(|s| **s == 200).count(), 15, "{st:?}");
+    let report = w.report()?;
+    let entries = report["orgs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(entries.len(), FILLER + 1);
+    for e in &entries {
+        let name = e["org"].as_str().unwrap_or_default();
+        if name == "acme" {
+            assert_eq!((n(e, "requests"), n(e, "rejected")), (20, 1), "{e}");
+        } else {
+            let i: u64 = name.trim_start_matches('f').parse()?;
+            assert_eq!(n(e, "daily_limit"), 1000 + i, "{e}");
+            assert_eq!(n(e, "requests"), 0, "{e}");
+        }
+    }
+    w.stop_daemon()?;
+    let day = report["day"].as_str().unwrap_or_default().to_string();
+    let snap: Value = serde_json::from_str(&std::fs::read_to_string(
+        w.tb.dir().join("state/days").join(format!("{day}.json")),
+    )?)?;
+    assert_eq!(
+        snap["idle"].as_array().map(Vec::len),
+        Some(FILLER),
+        "idle orgs by name"
+    );
+    assert_eq!(snap["orgs"]["acme"]["requests"], 20);
+    Ok(())
+}
+
 /// A reboot loses the maps; today's counts come back from the snapshot the daemon wrote. Past
 /// days stay reportable from their snapshots.
 #[test]
