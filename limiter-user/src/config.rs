@@ -359,6 +359,16 @@ impl Config {
         parse_text(text, file, max_orgs, true)
     }
 
+    /// The limits of an org without overrides.
+    pub fn default_limits(&self) -> EffectiveLimits {
+        EffectiveLimits {
+            daily_requests: self.limits.daily_requests,
+            concurrent_connections: self.limits.concurrent_connections,
+            concurrency_mode: self.limits.concurrency_mode,
+            quota_mode: self.limits.quota_mode,
+        }
+    }
+
     /// The limits of `org` after its overrides.
     pub fn limits_for(&self, org: &Org) -> EffectiveLimits {
         EffectiveLimits {

@@ -8,7 +8,8 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::value::RawValue;
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
@@ -34,21 +35,25 @@ pub enum Request {
     AdvanceClock { secs: i64 },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub data: serde_json::Value,
+    /// Kept as JSON text: a report of a million orgs as a `serde_json::Value` took gigabytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
 }
 
 impl Response {
-    pub fn ok(data: serde_json::Value) -> Self {
-        Response {
-            ok: true,
-            error: None,
-            data,
+    pub fn ok(data: impl Serialize) -> Self {
+        match serde_json::value::to_raw_value(&data) {
+            Ok(raw) => Response {
+                ok: true,
+                error: None,
+                data: Some(raw),
+            },
+            Err(e) => Response::err(format!("encoding the answer: {e}")),
         }
     }
 
@@ -56,8 +61,13 @@ impl Response {
         Response {
             ok: false,
             error: Some(msg.into()),
-            data: serde_json::Value::Null,
+            data: None,
         }
+    }
+
+    /// The answer's data as `T` (JSON `null` when there is none).
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.data.as_deref().map_or("null", RawValue::get))
     }
 }
 
@@ -217,7 +227,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(resp.ok);
-        assert_eq!(resp.data["echo"], "Reload");
+        assert_eq!(resp.parse::<serde_json::Value>().unwrap()["echo"], "Reload");
         // A second daemon must not take over a live daemon's socket.
         let path3 = path.clone();
         let second = tokio::task::spawn_blocking(move || bind(&path3).map(|_| ()))

@@ -33,6 +33,8 @@ pub enum CountersError {
     },
     #[error("media prefix {0:?} does not fit the kernel table")]
     Prefix(String),
+    #[error("the org names in the kernel's maps: {0}")]
+    Ids(#[from] crate::orgs::OrgIdError),
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> CountersError {
@@ -131,6 +133,41 @@ impl Applied {
             kc.addr_gen = if changed { prev.wrapping_add(1) } else { prev };
         }
     }
+}
+
+/// The ids whose addresses or limits differ between `old` and `new`, each once, in order (ids
+/// present on one side only are included: the caller tells added and removed orgs apart).
+pub fn orgs_changed(old: &Applied, new: &Applied) -> Vec<u32> {
+    let mut changed = Vec::new();
+    let old_limits: foldhash::HashMap<u32, &OrgLimits> =
+        old.limits.iter().map(|(id, l)| (*id, l)).collect();
+    let new_limits: foldhash::HashMap<u32, &OrgLimits> =
+        new.limits.iter().map(|(id, l)| (*id, l)).collect();
+    for (id, l) in &new.limits {
+        if old_limits.get(id) != Some(&l) {
+            changed.push(*id);
+        }
+    }
+    for (id, _) in &old.limits {
+        if !new_limits.contains_key(id) {
+            changed.push(*id);
+        }
+    }
+    let old_cidrs: foldhash::HashSet<((u32, AddrKey), u32)> = old.cidrs.iter().copied().collect();
+    let new_cidrs: foldhash::HashSet<((u32, AddrKey), u32)> = new.cidrs.iter().copied().collect();
+    for entry in &new.cidrs {
+        if !old_cidrs.contains(entry) {
+            changed.push(entry.1);
+        }
+    }
+    for entry in &old.cidrs {
+        if !new_cidrs.contains(entry) {
+            changed.push(entry.1);
+        }
+    }
+    changed.sort_unstable();
+    changed.dedup();
+    changed
 }
 
 /// Writes `items` into the pinned map `name` in batches; false when there are few (not worth it)
@@ -473,19 +510,14 @@ pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
 
 /// The org ids and names the kernel holds (ORG_LIMITS entries marked active).
 pub fn ids_from_kernel(kernel: &Kernel) -> Result<OrgIds, CountersError> {
-    let mut pairs = Vec::new();
     let all: Vec<OrgLimits> =
         read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
-    for (id, l) in all.iter().enumerate() {
-        if l.flags & ORG_F_ACTIVE != 0 {
-            let n = (l.name_len as usize).min(l.name.len());
-            pairs.push((
-                id as u32,
-                String::from_utf8_lossy(&l.name[..n]).into_owned(),
-            ));
-        }
-    }
-    Ok(OrgIds::from_pairs(pairs))
+    let pairs = all.iter().enumerate().filter_map(|(id, l)| {
+        let n = (l.name_len as usize).min(l.name.len());
+        let name = std::str::from_utf8(&l.name[..n]).ok()?;
+        (l.flags & ORG_F_ACTIVE != 0).then_some((id as u32, name))
+    });
+    OrgIds::from_pairs(pairs).map_err(CountersError::Ids)
 }
 
 /// What the maps hold now, so a restarted daemon applies only the differences.
@@ -577,6 +609,25 @@ mod tests {
 
     fn gen_of(a: &Applied) -> u32 {
         a.kernel_config.map(|c| c.addr_gen).unwrap_or(0)
+    }
+
+    #[test]
+    fn changed_orgs_are_those_whose_addresses_or_limits_differ() {
+        let net = |last: u8, id| ((128, limiter_common::v4_mapped([10, 0, 0, last])), id);
+        let lim = |q| OrgLimits::new(b"x", q, 3, ORG_F_ACTIVE);
+        let old = Applied {
+            cidrs: vec![net(1, 1), net(2, 2), net(3, 3), net(4, 4)],
+            limits: vec![(1, lim(10)), (2, lim(10)), (3, lim(10)), (4, lim(10))],
+            ..Applied::default()
+        };
+        let new = Applied {
+            // 2 moves to another address, 3 gets another limit, 4 is gone, 5 is new.
+            cidrs: vec![net(1, 1), net(9, 2), net(3, 3), net(5, 5)],
+            limits: vec![(1, lim(10)), (2, lim(10)), (3, lim(20)), (5, lim(10))],
+            ..Applied::default()
+        };
+        assert_eq!(orgs_changed(&old, &new), [2, 3, 4, 5]);
+        assert_eq!(orgs_changed(&old, &old), [] as [u32; 0]);
     }
 
     #[test]

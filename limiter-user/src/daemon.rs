@@ -29,7 +29,7 @@ use crate::{
     counters::{self, Applied, UsageTable},
     loader::Kernel,
     metrics::{self, Metrics},
-    orgs::{OrgIds, UNMAPPED_NAME},
+    orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
     pins, report,
     snapshot::{self, DaySnapshot},
     sync::{self, Platform},
@@ -48,12 +48,12 @@ struct BreachLog {
 
 pub struct Daemon {
     config_path: PathBuf,
+    /// The config in force, without its org list (`orgs` is emptied once applied): what the
+    /// daemon needs of the orgs is in `ids` and `limits`, and the addresses are in the kernel's
+    /// maps. The org list was most of a million-org daemon's memory.
     cfg: Config,
     ids: OrgIds,
-    /// Address-table generation in force (see `Applied::carry_generation`). The rest of what the
-    /// maps hold follows from `cfg`, `ids` and `clock` ([`Daemon::in_force`]): a copy of it was a
-    /// few hundred MB with a million orgs.
-    addr_gen: u32,
+    limits: OrgLimitTable,
     clock: Clock,
     kernel: Kernel,
     /// The day the daemon last rolled to.
@@ -119,7 +119,7 @@ fn restore_snapshot(
 
 impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
-    pub fn start(config_path: &Path, cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
+    pub fn start(config_path: &Path, mut cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
         let clock = Clock::new(cfg.limits.day_start_secs);
         let started = Instant::now();
         let cap = pins::Capacity::for_counts(cfg.orgs.len(), total_cidrs(&cfg));
@@ -204,17 +204,19 @@ impl Daemon {
         applied.carry_generation(&old);
         let before_apply = Instant::now();
         let stats = counters::apply(&mut kernel, &old, &applied)?;
-        let addr_gen = applied.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
         drop((applied, old));
-        release_freed_memory();
-        let apply_ms = before_apply.elapsed().as_millis() as u64;
-        let startup_ms = started.elapsed().as_millis() as u64;
+        let limits = OrgLimitTable::new(&cfg, &ids);
+        let org_count = cfg.orgs.len();
         let delay_without_gate = cfg.api.interfaces.is_empty()
             && (cfg.limits.concurrency_mode == ConcurrencyMode::Delay
                 || cfg
                     .orgs
                     .iter()
                     .any(|o| o.concurrency_mode == Some(ConcurrencyMode::Delay)));
+        cfg.orgs = Vec::new();
+        release_freed_memory();
+        let apply_ms = before_apply.elapsed().as_millis() as u64;
+        let startup_ms = started.elapsed().as_millis() as u64;
         if delay_without_gate {
             warn!(
                 event = "config",
@@ -227,7 +229,7 @@ impl Daemon {
             interfaces = ?cfg.api.interfaces,
             cgroup = %cfg.api.cgroup.display(),
             ports = ?cfg.api.ports,
-            orgs = cfg.orgs.len(),
+            orgs = org_count,
             cidrs = stats.cidrs_written,
             media_get_prefixes = ?cfg.api.media_get_prefixes,
             day = %clock.date(day),
@@ -245,7 +247,7 @@ impl Daemon {
             config_path: config_path.to_path_buf(),
             cfg,
             ids,
-            addr_gen,
+            limits,
             clock,
             kernel,
             day,
@@ -408,12 +410,15 @@ impl Daemon {
         if let Err(e) = snapshot::write(&self.cfg.daemon.state_dir, &snap) {
             error!(event = "fault", error = %e, "writing the day snapshot failed; counts stay in the kernel");
         }
+        drop(snap);
+        release_freed_memory();
     }
 
     /// Runs until SIGTERM or SIGINT.
     pub async fn run(mut self) -> anyhow::Result<()> {
         if self.kernel.resumed {
             self.close_missed_days();
+            release_freed_memory();
         }
         let listener = control::bind(&self.cfg.daemon.control_socket).with_context(|| {
             format!(
@@ -484,6 +489,7 @@ impl Daemon {
                     let stop = matches!(p.request, Request::Shutdown { .. });
                     let resp = self.handle(p.request);
                     let _ = p.reply.send(resp);
+                    release_freed_memory();
                     if stop {
                         break;
                     }
@@ -542,14 +548,7 @@ impl Daemon {
     /// The kernel reports an org's first refusal of each day once.
     fn quota_exhausted(&self, ev: &Event) {
         let name = self.ids.name(ev.org).unwrap_or("?");
-        let mode = self
-            .cfg
-            .orgs
-            .iter()
-            .find(|o| o.name == name)
-            .map(|o| self.cfg.limits_for(o).quota_mode)
-            .unwrap_or(self.cfg.limits.quota_mode);
-        match mode {
+        match self.limits.get(ev.org).quota_mode {
             QuotaMode::Enforce => warn!(
                 event = "quota_exhausted",
                 org = name,
@@ -579,16 +578,8 @@ impl Daemon {
                 continue;
             }
             let name = self.ids.name(org).unwrap_or("?");
-            let limits = self
-                .cfg
-                .orgs
-                .iter()
-                .find(|o| o.name == name)
-                .map(|o| self.cfg.limits_for(o));
-            let limit = limits.map(|l| l.concurrent_connections).unwrap_or(0);
-            let mode = limits
-                .map(|l| l.concurrency_mode)
-                .unwrap_or(self.cfg.limits.concurrency_mode);
+            let limits = self.limits.get(org);
+            let (limit, mode) = (limits.concurrent_connections, limits.concurrency_mode);
             let total = counters::usage(&self.kernel, org, self.day)
                 .map(|(d, _)| d.concurrency_breaches)
                 .unwrap_or(0);
@@ -630,8 +621,8 @@ impl Daemon {
                 .filter(|p| p.date == self.clock.date(day));
             if let Ok(r) = report::build(
                 &self.kernel,
-                &self.cfg,
                 &self.ids,
+                &self.limits,
                 &self.clock,
                 day,
                 None,
@@ -775,27 +766,18 @@ impl Daemon {
         }
     }
 
-    /// What the maps hold: the tables of the config in force (CONFIG is rewritten by every
-    /// apply, so the clock it was written with does not matter).
-    fn in_force(&self) -> anyhow::Result<Applied> {
-        let mut a = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
-        if let Some(kc) = a.kernel_config.as_mut() {
-            kc.addr_gen = self.addr_gen;
-        }
-        Ok(a)
-    }
-
+    /// Rewrites the clock fields of CONFIG (the rest of it stays as applied).
     fn write_clock(&mut self) -> anyhow::Result<()> {
-        let old = self.in_force()?;
-        let mut new = Applied::desired(&self.cfg, &self.ids, &self.clock)?;
-        new.carry_generation(&old);
-        counters::apply(&mut self.kernel, &old, &new)?;
+        let mut kc = self.kernel.config.get(&0, 0).context("reading CONFIG")?;
+        kc.clock_offset_ns = self.clock.offset_ns();
+        kc.day_len_ns = self.clock.day_len_ns;
+        self.kernel.config.set(0, kc, 0).context("writing CONFIG")?;
         Ok(())
     }
 
     fn report(&self, org: Option<&str>, day: Option<&str>) -> Response {
         if let Some(o) = org
-            && !self.cfg.orgs.iter().any(|c| c.name == o)
+            && self.ids.id(o).is_none()
         {
             return Response::err(format!(
                 "no org named {o:?} in {}",
@@ -811,10 +793,9 @@ impl Daemon {
                 Some(d) => d,
                 None => {
                     return match snapshot::read(&self.cfg.daemon.state_dir, date) {
-                        Ok(Some(snap)) => Response::ok(
-                            serde_json::to_value(report::from_snapshot(&self.cfg, &snap, org))
-                                .unwrap_or_default(),
-                        ),
+                        Ok(Some(snap)) => {
+                            Response::ok(report::from_snapshot(&self.ids, &self.limits, &snap, org))
+                        }
                         Ok(None) => Response::err(format!("no counts kept for {date}")),
                         Err(e) => Response::err(e.to_string()),
                     };
@@ -827,14 +808,14 @@ impl Daemon {
             .filter(|p| p.date == self.clock.date(day));
         match report::build(
             &self.kernel,
-            &self.cfg,
             &self.ids,
+            &self.limits,
             &self.clock,
             day,
             org,
             platform,
         ) {
-            Ok(r) => Response::ok(serde_json::to_value(r).unwrap_or_default()),
+            Ok(r) => Response::ok(&r),
             Err(e) => Response::err(e.to_string()),
         }
     }
@@ -924,32 +905,28 @@ impl Daemon {
             )
         })?;
         let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
-        let old = self.in_force()?;
+        // The old side is what the maps hold: the daemon keeps no copy of it.
+        let old = counters::read_applied(&self.kernel)?;
         let mut new = Applied::desired(&new_cfg, &ids, &clock)?;
         new.carry_generation(&old);
-        let old_names: std::collections::BTreeSet<&str> =
-            self.cfg.orgs.iter().map(|o| o.name.as_str()).collect();
-        let new_names: std::collections::BTreeSet<&str> =
-            new_cfg.orgs.iter().map(|o| o.name.as_str()).collect();
-        let added: Vec<String> = new_names
-            .difference(&old_names)
-            .map(|s| s.to_string())
-            .collect();
-        let removed: Vec<String> = old_names
-            .difference(&new_names)
-            .map(|s| s.to_string())
-            .collect();
-        let before: HashMap<&str, &crate::config::Org> =
-            self.cfg.orgs.iter().map(|o| (o.name.as_str(), o)).collect();
-        let changed: Vec<String> = new_cfg
-            .orgs
+        let added: Vec<String> = ids
             .iter()
-            .filter(|n| {
-                before.get(n.name.as_str()).is_some_and(|o| {
-                    o.cidrs != n.cidrs || self.cfg.limits_for(o) != new_cfg.limits_for(n)
-                })
+            .filter(|(_, name)| self.ids.id(name).is_none())
+            .map(|(_, name)| name.to_string())
+            .collect();
+        let removed: Vec<String> = self
+            .ids
+            .iter()
+            .filter(|(_, name)| ids.id(name).is_none())
+            .map(|(_, name)| name.to_string())
+            .collect();
+        // Orgs that stay keep their ids; those whose addresses or limits differ changed.
+        let changed: Vec<String> = counters::orgs_changed(&old, &new)
+            .into_iter()
+            .filter_map(|id| {
+                let name = ids.name(id)?;
+                (self.ids.id(name) == Some(id)).then(|| name.to_string())
             })
-            .map(|o| o.name.clone())
             .collect();
         for name in &added {
             if let Some(id) = ids.id(name) {
@@ -1002,9 +979,12 @@ impl Daemon {
             limits_written = stats.limits_written,
             "config reloaded"
         );
-        self.cfg = new_cfg;
+        self.limits = OrgLimitTable::new(&new_cfg, &ids);
+        self.cfg = Config {
+            orgs: Vec::new(),
+            ..new_cfg
+        };
         self.ids = ids;
-        self.addr_gen = new.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
         self.clock = clock;
         drop((old, new));
         release_freed_memory();

@@ -187,7 +187,7 @@ fn ask_report(socket: &Path) -> Result<Report> {
     if !resp.ok {
         bail!("report failed: {}", resp.error.unwrap_or_default());
     }
-    Ok(serde_json::from_value(resp.data)?)
+    Ok(resp.parse()?)
 }
 
 fn spawn_daemon(exe: &Path, config: &Path) -> Result<Child> {

@@ -169,16 +169,19 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 },
             )?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&resp.data)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&resp.parse::<serde_json::Value>()?)?
+                );
             } else {
-                let report: Report = serde_json::from_value(resp.data)?;
+                let report: Report = resp.parse()?;
                 print!("{}", report.table());
             }
         }
         Command::Reload => {
-            let resp = ask(cli, &Request::Reload)?;
+            let data: serde_json::Value = ask(cli, &Request::Reload)?.parse()?;
             for key in ["added", "removed", "changed"] {
-                let list = resp.data[key]
+                let list = data[key]
                     .as_array()
                     .map(|a| {
                         a.iter()
@@ -197,7 +200,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     org: if a.all { None } else { a.org.clone() },
                 },
             )?;
-            println!("reset: {}", resp.data["reset"]);
+            println!("reset: {}", resp.parse::<serde_json::Value>()?["reset"]);
         }
         Command::Stop => {
             ask(cli, &Request::Shutdown { unload: false })?;
@@ -228,7 +231,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => return limiter_user::bench::run(a),
         Command::Debug(DebugCommand::AdvanceClock { secs }) => {
             let resp = ask(cli, &Request::AdvanceClock { secs: *secs })?;
-            println!("{}", resp.data);
+            println!("{}", resp.parse::<serde_json::Value>()?);
         }
         Command::Testbed(cmd) => testbed::run_command(cmd.clone())?,
     }

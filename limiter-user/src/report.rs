@@ -7,10 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::Clock,
-    config::Config,
     counters::{self, CountersError, UsageTable},
     loader::Kernel,
-    orgs::OrgIds,
+    orgs::{OrgIds, OrgLimitTable},
     snapshot::DaySnapshot,
     sync::Platform,
 };
@@ -86,11 +85,11 @@ impl OrgReport {
     }
 }
 
-/// Reads the counters of `day` for every configured org (or only `only`).
+/// Reads the counters of `day` for every configured org (or only `only`), in id order.
 pub fn build(
     kernel: &Kernel,
-    cfg: &Config,
     ids: &OrgIds,
+    limits: &OrgLimitTable,
     clock: &Clock,
     day: u64,
     only: Option<&str>,
@@ -102,35 +101,23 @@ pub fn build(
         None => Some(UsageTable::read(kernel, ids.max_id(), day)?),
         Some(_) => None,
     };
-    for (index, org) in cfg.orgs.iter().enumerate() {
-        if only.is_some_and(|o| o != org.name) {
-            continue;
-        }
-        let Some(id) = ids.id_at(index, &org.name) else {
-            continue;
-        };
+    let chosen: Box<dyn Iterator<Item = (u32, &str)>> = match only {
+        None => Box::new(ids.iter()),
+        Some(name) => Box::new(ids.id(name).map(|id| (id, name)).into_iter()),
+    };
+    for (id, name) in chosen {
         let (d, conns) = match table.as_ref().and_then(|t| t.get(id)) {
             Some(u) => u,
             None => counters::usage(kernel, id, day)?,
         };
-        let l = cfg.limits_for(org);
-        let mut r = OrgReport::new(
-            &org.name,
-            &d,
-            conns,
-            l.daily_requests,
-            l.concurrent_connections,
-        );
+        let l = limits.get(id);
+        let mut r = OrgReport::new(name, &d, conns, l.daily_requests, l.concurrent_connections);
         if let Some(p) = platform {
-            let total = r.requests + p.others.get(&org.name).copied().unwrap_or(0);
+            let total = r.requests + p.others.get(name).copied().unwrap_or(0);
             r.platform_requests = Some(total);
             r.remaining = r.daily_limit.saturating_sub(total);
-            r.platform_connections = Some(
-                p.connections
-                    .get(&org.name)
-                    .copied()
-                    .unwrap_or(r.connections),
-            );
+            r.platform_connections =
+                Some(p.connections.get(name).copied().unwrap_or(r.connections));
         }
         orgs.push(r);
     }
@@ -152,26 +139,32 @@ pub fn build(
     })
 }
 
-/// A past day's report from its snapshot (connections are not kept for past days).
-/// Orgs the snapshot lists as idle report zeros; orgs it does not know are left out.
-pub fn from_snapshot(cfg: &Config, snap: &DaySnapshot, only: Option<&str>) -> Report {
+/// A past day's report from its snapshot (connections are not kept for past days), with the
+/// limits in force now. Orgs the snapshot lists as idle report zeros; orgs it does not know, or
+/// that are no longer configured, are left out.
+pub fn from_snapshot(
+    ids: &OrgIds,
+    limits: &OrgLimitTable,
+    snap: &DaySnapshot,
+    only: Option<&str>,
+) -> Report {
     let idle: std::collections::HashSet<&str> = snap.idle.iter().map(String::as_str).collect();
     let zero = DayCounters::for_day(snap.day);
     let mut orgs = Vec::new();
-    for org in &cfg.orgs {
-        if only.is_some_and(|o| o != org.name) {
+    for (id, name) in ids.iter() {
+        if only.is_some_and(|o| o != name) {
             continue;
         }
         let Some(c) = snap
             .orgs
-            .get(&org.name)
-            .or_else(|| idle.contains(org.name.as_str()).then_some(&zero))
+            .get(name)
+            .or_else(|| idle.contains(name).then_some(&zero))
         else {
             continue;
         };
-        let l = cfg.limits_for(org);
+        let l = limits.get(id);
         orgs.push(OrgReport::new(
-            &org.name,
+            name,
             c,
             0,
             l.daily_requests,
@@ -253,12 +246,13 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn past_days_report_idle_orgs_as_zero_and_skip_unknown_ones() {
         let cfg = Config::parse(
             "[api]\nports = [8080]\n[[orgs]]\nname = \"acme\"\ncidrs = [\"10.0.0.0/24\"]\n\
-             [[orgs]]\nname = \"initech\"\ncidrs = [\"10.0.1.0/24\"]\n\
+             [[orgs]]\nname = \"initech\"\ncidrs = [\"10.0.1.0/24\"]\ndaily_requests = 7\n\
              [[orgs]]\nname = \"newco\"\ncidrs = [\"10.0.2.0/24\"]\n",
             std::path::Path::new("t.toml"),
         )
@@ -272,18 +266,25 @@ mod tests {
         d.requests = 5;
         snap.orgs.insert("acme".into(), d);
         snap.idle.push("initech".into());
-        let r = from_snapshot(&cfg, &snap, None);
-        let got: Vec<(&str, u64)> = r
+        let ids = OrgIds::assign(cfg.orgs.iter().map(|o| o.name.as_str()), None, 10).unwrap();
+        let limits = OrgLimitTable::new(&cfg, &ids);
+        let r = from_snapshot(&ids, &limits, &snap, None);
+        let got: Vec<(&str, u64, u64)> = r
             .orgs
             .iter()
-            .map(|o| (o.org.as_str(), o.requests))
+            .map(|o| (o.org.as_str(), o.requests, o.daily_limit))
             .collect();
         assert_eq!(
             got,
-            [("acme", 5), ("initech", 0)],
+            [("acme", 5, 2500), ("initech", 0, 7)],
             "newco was not configured that day"
         );
-        assert_eq!(from_snapshot(&cfg, &snap, Some("initech")).orgs.len(), 1);
+        assert_eq!(
+            from_snapshot(&ids, &limits, &snap, Some("initech"))
+                .orgs
+                .len(),
+            1
+        );
     }
 
     #[test]
