@@ -16,6 +16,7 @@ pub mod names {
     pub const ORG_DAYS: &str = "ORG_DAYS";
     pub const ORG_REMOTE: &str = "ORG_REMOTE";
     pub const SOCK_STATE: &str = "SOCK_STATE";
+    pub const SOCK_SLOTS: &str = "SOCK_SLOTS";
     pub const API_SOCKS: &str = "API_SOCKS";
     pub const PUSH_SOCKS: &str = "PUSH_SOCKS";
     pub const EVENTS: &str = "EVENTS";
@@ -44,6 +45,9 @@ pub const MAX_CIDRS: u32 = 262_144;
 pub const HOST_PREFIX_LEN: u32 = 128;
 /// Tracked sockets (inbound API connections plus outbound push connections) at once.
 pub const MAX_SOCKETS: u32 = 262_144;
+/// Name of the eBPF global that says which low bits of a socket cookie pick its SOCK_SLOTS
+/// entry (`MAX_SOCKETS - 1`; the tests narrow it so that sockets share slots).
+pub const SOCK_SLOT_MASK_GLOBAL: &str = "SOCK_SLOT_MASK";
 pub const MAX_API_PORTS: u32 = 64;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -237,6 +241,15 @@ pub struct SockState {
     pub addr_gen: u32,
 }
 
+/// One entry of SOCK_SLOTS: the state of the socket whose cookie is `cookie` (0: free).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockSlot {
+    pub cookie: u64,
+    pub state: SockState,
+    pub _pad: u32,
+}
+
 pub const SOCK_F_INBOUND: u32 = 1;
 /// Arrived while its org was at its concurrency limit in reject mode: its first request is refused.
 pub const SOCK_F_OVER_LIMIT: u32 = 4;
@@ -297,6 +310,7 @@ mod pod {
     unsafe impl aya::Pod for DayCounters {}
     unsafe impl aya::Pod for RemoteCount {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for Event {}
 }
 

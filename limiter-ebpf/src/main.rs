@@ -41,7 +41,8 @@ use limiter_common::{
     FAULT_NO_SOCK_STATE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS,
     MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT,
     ORG_F_DRY_RUN, OrgLimits, PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED,
-    RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day, day_index,
+    RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockSlot, SockState, UNMAPPED_ORG, day,
+    day_index,
     http::{self, Class, HEAD_BLOCK, HEAD_BLOCKS, Method, PEEK_LEN},
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     v4_mapped,
@@ -70,8 +71,17 @@ static ORG_CONNS: Array<i64> = Array::with_max_entries(MAX_ORGS, 0);
 static ORG_DAYS: Array<DayCounters> = Array::with_max_entries(MAX_ORGS * DAY_SLOTS, 0);
 #[map]
 static ORG_REMOTE: Array<RemoteCount> = Array::with_max_entries(MAX_ORGS * DAY_SLOTS, 0);
+/// Sockets' state, found by the low bits of the socket cookie: an array lookup the verifier
+/// inlines, where a hash lookup cost a call and a hash on every request. Cookies are handed out in
+/// sequence, so live sockets rarely share bits; one whose slot is taken keeps its state in
+/// SOCK_STATE instead.
+#[map]
+static SOCK_SLOTS: Array<SockSlot> = Array::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static SOCK_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+/// Which cookie bits pick a slot (set at load; the tests narrow it so sockets share slots).
+#[unsafe(no_mangle)]
+static SOCK_SLOT_MASK: u32 = MAX_SOCKETS - 1;
 #[map]
 static API_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
@@ -193,6 +203,56 @@ fn raise_to(p: *mut u64, v: u64) {
 ///
 /// The daemon normally prepares tomorrow's slot in advance, so the reset here only runs when the
 /// daemon was away at rollover. Returns None for a straggler from a day whose slot is reused.
+/// The slot a socket's state goes to first.
+#[inline(always)]
+fn sock_slot(cookie: u64) -> Option<*mut SockSlot> {
+    // SAFETY: a read of a load-time constant.
+    let mask = unsafe { core::ptr::read_volatile(&SOCK_SLOT_MASK) };
+    SOCK_SLOTS.get_ptr_mut(cookie as u32 & mask)
+}
+
+/// The state of the socket with `cookie`: in its slot, or in SOCK_STATE when the slot is another's.
+#[inline(always)]
+fn sock_state(cookie: u64) -> Option<*mut SockState> {
+    if let Some(slot) = sock_slot(cookie)
+        // SAFETY: valid map value.
+        && load(unsafe { &raw mut (*slot).cookie }) == cookie
+    {
+        // SAFETY: as above.
+        return Some(unsafe { &raw mut (*slot).state });
+    }
+    SOCK_STATE.get_ptr_mut(&cookie)
+}
+
+/// Stores a new socket's state: it claims its slot when free, else goes to SOCK_STATE. False
+/// when neither has room.
+#[inline(always)]
+fn add_sock_state(cookie: u64, state: &SockState) -> bool {
+    if let Some(slot) = sock_slot(cookie)
+        // SAFETY: valid map value; the claim is atomic.
+        && cas(unsafe { &raw mut (*slot).cookie }, 0, cookie).is_ok()
+    {
+        // SAFETY: the slot is ours; no verdict reads it before this socket is in API_SOCKS.
+        unsafe { (*slot).state = *state };
+        return true;
+    }
+    SOCK_STATE
+        .insert(&cookie, state, BPF_NOEXIST as u64)
+        .is_ok()
+}
+
+/// Frees a closed socket's state, wherever it is.
+#[inline(always)]
+fn remove_sock_state(cookie: u64) {
+    if let Some(slot) = sock_slot(cookie)
+        // SAFETY: valid map value; only the owner frees its slot.
+        && cas(unsafe { &raw mut (*slot).cookie }, cookie, 0).is_ok()
+    {
+        return;
+    }
+    let _ = SOCK_STATE.remove(&cookie);
+}
+
 #[inline(always)]
 fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     let Some(slot) = ORG_DAYS.get_ptr_mut(day_index(org, day)) else {
@@ -364,17 +424,14 @@ fn on_inbound(ctx: &SockOpsContext) {
         phase: PHASE_NEW,
         addr_gen: c.addr_gen,
     };
-    if SOCK_STATE
-        .insert(&cookie, &state, BPF_NOEXIST as u64)
-        .is_err()
-    {
+    if !add_sock_state(cookie, &state) {
         // Without state the connection cannot be un-counted exactly on close, so it is not counted;
         // its requests are still counted (the verdict falls back to the address).
         fault(FAULT_SOCK_STATE_FULL);
     } else {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         if connection_opened(org, c).is_some_and(|flags| flags & ORG_F_CONC_REJECT != 0)
-            && let Some(st) = SOCK_STATE.get_ptr_mut(&cookie)
+            && let Some(st) = sock_state(cookie)
         {
             // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
             unsafe { (*st).kind |= SOCK_F_OVER_LIMIT };
@@ -445,7 +502,7 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
         return;
     }
     let cookie = cookie_of_ops(ctx);
-    let Some(st) = SOCK_STATE.get_ptr_mut(&cookie) else {
+    let Some(st) = sock_state(cookie) else {
         return;
     };
     // SAFETY: valid map value; `open` is only ever swapped atomically.
@@ -460,7 +517,7 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
         add_i64(conns, -1);
     }
     if new_state == TCP_CLOSE {
-        let _ = SOCK_STATE.remove(&cookie);
+        remove_sock_state(cookie);
     }
 }
 
@@ -498,7 +555,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
 
     // SAFETY: stream verdict programs may ask for their socket's cookie.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let st = SOCK_STATE.get_ptr_mut(&cookie);
+    let st = sock_state(cookie);
     let (org, phase, kind) = match st {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
         Some(st) => unsafe {
@@ -802,7 +859,7 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
         fault(FAULT_REPLY);
         return SK_DROP;
     };
-    let st = SOCK_STATE.get_ptr_mut(&args.cookie);
+    let st = sock_state(args.cookie);
     let len = ctx.len() as usize;
     let org_len = if (l.name_len as usize) < NAME_MAX {
         l.name_len as usize

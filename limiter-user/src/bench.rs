@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// Short runs (under two minutes in all), for checks.
     #[arg(long)]
     pub quick: bool,
+    /// Only the kernel-cost runs (bpf_stats), for tuning the programs: no comparisons and no
+    /// scale rows.
+    #[arg(long)]
+    pub cost_only: bool,
     /// Where bench.json and bench.md go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -534,6 +538,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "== limiter bench: nginx in a namespace and cgroup, wrk from another; {secs} s per run, {reps} runs per side, alternating\n"
     );
     let mut rows = Vec::new();
+    let comparisons = if args.cost_only { 0 } else { usize::MAX };
     for (scenario, load) in [
         ("passing, keep-alive, 1 conn", l("/", 1, true, false)),
         ("passing, keep-alive, 64 conns", l("/", 64, true, false)),
@@ -542,7 +547,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             "passing, conn per request, 64 conns",
             l("/", 64, false, false),
         ),
-    ] {
+    ]
+    .into_iter()
+    .take(comparisons)
+    {
         rows.push(b.compare(
             scenario,
             (Side2::Nginx, load.clone()),
@@ -553,7 +561,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     for (scenario, padded, keep) in [
         ("429s, keep-alive, 64 conns", true, true),
         ("429s, conn per request, 64 conns", false, false),
-    ] {
+    ]
+    .into_iter()
+    .take(comparisons)
+    {
         rows.push(b.compare(
             scenario,
             (Side2::Nginx, l("/nginx429", 64, keep, padded)),
@@ -561,12 +572,14 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             cfgs,
         )?);
     }
-    rows.push(b.compare(
-        "per-client limiting, keep-alive, 64 conns",
-        (Side2::Nginx, l("/nginx-limited", 64, true, false)),
-        (Side2::Limiter, l("/", 64, true, false)),
-        cfgs,
-    )?);
+    if !args.cost_only {
+        rows.push(b.compare(
+            "per-client limiting, keep-alive, 64 conns",
+            (Side2::Nginx, l("/nginx-limited", 64, true, false)),
+            (Side2::Limiter, l("/", 64, true, false)),
+            cfgs,
+        )?);
+    }
     // The programs' own cost, from bpf_stats (run_time_ns / run_cnt), in runs of their own.
     let kernel_cost = {
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -608,7 +621,9 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     );
 
     let mut scale = Vec::new();
-    let sizes: &[usize] = if args.quick {
+    let sizes: &[usize] = if args.cost_only {
+        &[]
+    } else if args.quick {
         &[10, 10_000]
     } else {
         &[10, 10_000, 1_000_000]

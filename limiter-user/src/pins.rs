@@ -14,7 +14,7 @@ use std::{
 use aya::maps::MapInfo;
 use limiter_common::{
     AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, MAX_API_PORTS, MAX_CIDRS,
-    MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockState, names, reply::Scratch,
+    MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState, names, reply::Scratch,
 };
 use thiserror::Error;
 
@@ -111,6 +111,7 @@ pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
             sz(size_of::<SockState>()),
             MAX_SOCKETS,
         ),
+        (names::SOCK_SLOTS, 4, sz(size_of::<SockSlot>()), MAX_SOCKETS),
         (names::API_SOCKS, 8, 4, MAX_SOCKETS),
         (names::PUSH_SOCKS, 8, 4, MAX_SOCKETS),
         (names::EVENTS, 0, 0, EVENTS_BYTES),

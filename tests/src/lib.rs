@@ -31,6 +31,8 @@ pub struct World {
     daemon: Option<Child>,
     /// Extra `[daemon]` lines for the next `write_config`.
     pub daemon_extra: String,
+    /// Extra environment of the daemon (test hooks).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 /// Fails loudly rather than skipping: the integration tests are meaningless without root.
@@ -72,6 +74,7 @@ impl World {
             server_log,
             daemon: None,
             daemon_extra: String::new(),
+            daemon_env: Vec::new(),
         })
     }
 
@@ -145,6 +148,7 @@ impl World {
             .open(&self.daemon_log)?;
         let child = Command::new(&self.exe)
             .env("LIMITER_TEST_HOOKS", "1")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .arg("--config")
             .arg(&self.config)

@@ -524,3 +524,68 @@ fn refused_connections_close_cleanly() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every socket's state lives in a slot picked by its cookie, or in a hash when that slot is
+/// taken. With one slot for all (a test hook), one connection takes it and the others go to the
+/// hash: all of them are counted, refused and released exactly, and a freed slot is taken again.
+#[test]
+fn sockets_that_share_a_slot_are_tracked_exactly() -> Result<()> {
+    let mut w = World::new("slots", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.daemon_env
+        .push(("LIMITER_TEST_SOCK_SLOTS".into(), "1".into()));
+    w.write_config(
+        "concurrent_connections = 100",
+        &org_toml("acme", &[cidr(acme)], "daily_requests = 12"),
+    )?;
+    w.start_daemon()?;
+    let api = w.api4();
+    // Long enough for a keep-alive 429, so each connection is refused and stays usable.
+    let path = format!("/api/{}", "x".repeat(900));
+    let get = Request::get(path.as_str());
+    // The connections live in the client's runtime; the reports are read from inside it.
+    let wr = &w;
+    w.client(|| async move {
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(HttpConn::connect(Some(acme), api).await?);
+        }
+        for round in 0..3 {
+            for c in conns.iter_mut() {
+                assert_eq!(c.send(&get, true).await?.status, 200, "round {round}");
+            }
+        }
+        let org = wr.wait_org("acme", |o| o["connections"] == 4)?;
+        assert_eq!(n(&org, "requests"), 12, "{org}");
+        // Over quota now: every connection, whichever table holds it, gets the kernel's 429.
+        for c in conns.iter_mut() {
+            let r = c.send(&get, true).await?;
+            assert_daily_429(&r, "acme", 12);
+            assert_eq!(r.header("Connection"), Some("keep-alive"));
+        }
+        drop(conns);
+        let org = wr.wait_org("acme", |o| o["connections"] == 0)?;
+        assert_eq!((n(&org, "requests"), n(&org, "rejected")), (12, 4), "{org}");
+        assert_eq!(n(&org, "peak_connections"), 4, "{org}");
+        // The slot is free again: new connections are tracked as before.
+        let mut a = HttpConn::connect(Some(acme), api).await?;
+        let mut b = HttpConn::connect(Some(acme), api).await?;
+        assert_eq!(a.send(&get, true).await?.status, 429);
+        assert_eq!(b.send(&get, true).await?.status, 429);
+        wr.wait_org("acme", |o| o["connections"] == 2)?;
+        Ok(())
+    })?;
+    let org = w.wait_org("acme", |o| o["connections"] == 0)?;
+    assert_eq!(n(&org, "rejected"), 6, "{org}");
+    assert_eq!(
+        w.served_from(acme)?.len(),
+        12,
+        "nothing refused reached the server"
+    );
+    let log = w.daemon_log();
+    assert!(
+        !log.contains("no_sock_state") && !log.contains("sock_state_full"),
+        "every socket had its state: {log}"
+    );
+    Ok(())
+}

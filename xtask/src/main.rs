@@ -71,6 +71,9 @@ enum Cmd {
         /// Short runs, under two minutes.
         #[arg(long)]
         quick: bool,
+        /// Only the kernel-cost runs (bpf_stats), for tuning the programs.
+        #[arg(long)]
+        cost_only: bool,
     },
 }
 
@@ -82,7 +85,7 @@ fn main() -> ExitCode {
         Cmd::Build => build(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { args } => demo(&args),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, cost_only } => bench(quick, cost_only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -352,7 +355,7 @@ fn demo(args: &[OsString]) -> Result<()> {
     Err(error).with_context(|| format!("cannot run {}", ebpf::describe(&cmd)))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, cost_only: bool) -> Result<()> {
     setup()?;
     run(cargo().args(["build", "--release", "-p", "limiter-user"]))?;
     let mut cmd = Command::new(target_dir().join("release").join("limiter"));
@@ -361,6 +364,9 @@ fn bench(quick: bool) -> Result<()> {
         .arg(target_dir().join("bench"));
     if quick {
         cmd.arg("--quick");
+    }
+    if cost_only {
+        cmd.arg("--cost-only");
     }
     run(&mut cmd)
 }
