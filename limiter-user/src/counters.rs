@@ -358,15 +358,6 @@ fn of_day(slot: DayCounters, day: u64) -> DayCounters {
     }
 }
 
-/// Every org's counters for one day and open connections, read in a few batch syscalls: for the
-/// loops over all orgs (reports, snapshots, day totals, the cluster sync).
-pub struct UsageTable {
-    day: u64,
-    /// Indexed by `day_index(id, day) - first`: only the slots of orgs up to the highest id.
-    days: Vec<DayCounters>,
-    conns: Vec<i64>,
-}
-
 /// The first `count` values of the pinned array map `name`, read in batches.
 fn read_array<T: bytemuck::Pod>(
     kernel: &Kernel,
@@ -400,23 +391,45 @@ fn read_map(
     Ok((keys, values))
 }
 
-impl UsageTable {
-    /// Reads the counters of org ids `0..=max_id` for `day`.
-    pub fn read(kernel: &Kernel, max_id: u32, day: u64) -> Result<Self, CountersError> {
-        let orgs = max_id as usize + 1;
-        Ok(UsageTable {
-            day,
-            days: read_array(kernel, names::ORG_DAYS, orgs * DAY_SLOTS as usize)?,
-            conns: read_array(kernel, names::ORG_CONNS, orgs)?,
+/// Calls `f(id, counters of day, open connections)` for org ids `0..=max_id` in order, from a
+/// few batch syscalls: for the loops over all orgs (reports, snapshots, day totals, the cluster
+/// sync). The day slots are read a chunk at a time and only `day`'s is kept: a table of every
+/// org's three slots was hundreds of MB at a million orgs, at every snapshot.
+pub fn each_usage(
+    kernel: &Kernel,
+    max_id: u32,
+    day: u64,
+    mut f: impl FnMut(u32, DayCounters, i64),
+) -> Result<(), CountersError> {
+    let orgs = max_id as usize + 1;
+    let conns: Vec<i64> = read_array(kernel, names::ORG_CONNS, orgs)?;
+    let value_size = size_of::<DayCounters>();
+    crate::pins::obj_get(&kernel.pin_dir.join(names::ORG_DAYS))
+        .and_then(|fd| {
+            crate::pins::lookup_batch_chunks(
+                &fd,
+                4,
+                value_size,
+                orgs * DAY_SLOTS as usize,
+                |keys, values| {
+                    for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(value_size)) {
+                        let idx: u32 = bytemuck::pod_read_unaligned(key);
+                        let id = idx / DAY_SLOTS;
+                        if idx != day_index(id, day) {
+                            continue;
+                        }
+                        let slot: DayCounters = bytemuck::pod_read_unaligned(value);
+                        let open = conns.get(id as usize).copied().unwrap_or(0);
+                        f(id, of_day(slot, day), open.max(0));
+                    }
+                },
+            )
         })
-    }
-
-    /// What [`usage`] returns for `id`.
-    pub fn get(&self, id: u32) -> Option<(DayCounters, i64)> {
-        let slot = *self.days.get(day_index(id, self.day) as usize)?;
-        let conns = *self.conns.get(id as usize)?;
-        Some((of_day(slot, self.day), conns.max(0)))
-    }
+        .map_err(|e| CountersError::Batch {
+            what: names::ORG_DAYS.to_string(),
+            source: e,
+        })?;
+    Ok(())
 }
 
 /// Makes sure org `id`'s slot for `day` is tagged with `day` (zeroed if it held another day).

@@ -26,7 +26,7 @@ use crate::{
     clock::Clock,
     config::{ConcurrencyMode, Config, QuotaMode},
     control::{self, Pending, Request, Response},
-    counters::{self, Applied, UsageTable},
+    counters::{self, Applied},
     loader::Kernel,
     metrics::{self, Metrics},
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
@@ -109,7 +109,7 @@ fn restore_snapshot(
     )?;
     let mut n = 0;
     for (name, counts) in &snap.orgs {
-        if let Some(id) = ids.id(name) {
+        if let Some(id) = ids.id(name.as_ref()) {
             counters::write_day(kernel, id, DayCounters { day, ..*counts })?;
             n += 1;
         }
@@ -300,23 +300,21 @@ impl Daemon {
     /// This host's counts of today, for the cluster sync.
     fn local_counts(&self) -> sync::Local {
         let day = self.clock.today().max(self.day);
-        let table = match UsageTable::read(&self.kernel, self.ids.max_id(), day) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                error!(event = "fault", error = %e, "reading the counters for the cluster sync failed");
-                None
+        let mut orgs = Vec::new();
+        let read = counters::each_usage(&self.kernel, self.ids.max_id(), day, |id, d, conns| {
+            if id != UNMAPPED_ORG
+                && let Some(name) = self.ids.name(id)
+            {
+                orgs.push((name.to_string(), d.requests, conns as u64));
             }
-        };
+        });
+        if let Err(e) = read {
+            error!(event = "fault", error = %e, "reading the counters for the cluster sync failed");
+            orgs.clear();
+        }
         sync::Local {
             date: self.clock.date(day),
-            orgs: self
-                .ids
-                .iter()
-                .filter_map(|(id, name)| {
-                    let (d, conns) = table.as_ref()?.get(id)?;
-                    Some((name.to_string(), d.requests, conns as u64))
-                })
-                .collect(),
+            orgs,
         }
     }
 
@@ -372,7 +370,7 @@ impl Daemon {
     }
 
     /// Today's (or another kernel-held day's) counts of every org, by name.
-    fn snapshot(&self, day: u64) -> DaySnapshot {
+    fn snapshot(&self, day: u64) -> DaySnapshot<'_> {
         let mut snap = DaySnapshot {
             day,
             date: self.clock.date(day),
@@ -382,24 +380,21 @@ impl Daemon {
                 .unwrap_or(0),
             ..DaySnapshot::default()
         };
-        let table = match UsageTable::read(&self.kernel, self.ids.max_id(), day) {
-            Ok(t) => t,
-            Err(e) => {
-                error!(event = "fault", error = %e, "reading the counters for a snapshot failed");
-                return snap;
-            }
-        };
-        if let Some((d, _)) = table.get(UNMAPPED_ORG) {
-            snap.unmapped = d;
-        }
-        for (id, name) in self.ids.iter() {
-            match table.get(id) {
-                Some((d, _)) if d.is_idle() => snap.idle.push(name.to_string()),
-                Some((d, _)) => {
-                    snap.orgs.insert(name.to_string(), d);
+        // Names are borrowed from the id table: a million idle orgs made a million strings.
+        let ids = &self.ids;
+        let read = counters::each_usage(&self.kernel, ids.max_id(), day, |id, d, _| {
+            if id == UNMAPPED_ORG {
+                snap.unmapped = d;
+            } else if let Some(name) = ids.name(id) {
+                if d.is_idle() {
+                    snap.idle.push(name.into());
+                } else {
+                    snap.orgs.insert(name.into(), d);
                 }
-                None => {}
             }
+        });
+        if let Err(e) = read {
+            error!(event = "fault", error = %e, "reading the counters for a snapshot failed");
         }
         snap
     }
@@ -664,33 +659,30 @@ impl Daemon {
     fn log_totals(&self, event: &str, day: u64, idle: bool) {
         let date = self.clock.date(day);
         let mut skipped = 0u64;
-        let table = match UsageTable::read(&self.kernel, self.ids.max_id(), day) {
-            Ok(t) => t,
-            Err(e) => {
-                error!(event = "fault", error = %e, "reading the day totals failed");
+        let read = counters::each_usage(&self.kernel, self.ids.max_id(), day, |id, d, conns| {
+            let Some(name) = self.ids.name(id) else {
+                return;
+            };
+            if !idle && conns == 0 && d.is_idle() {
+                skipped += 1;
                 return;
             }
-        };
-        for (id, name) in std::iter::once((UNMAPPED_ORG, UNMAPPED_NAME)).chain(self.ids.iter()) {
-            match table.get(id) {
-                Some((d, conns)) if !idle && conns == 0 && d.is_idle() => {
-                    skipped += 1;
-                }
-                Some((d, conns)) => info!(
-                    event,
-                    day = %date,
-                    org = name,
-                    requests = d.requests,
-                    rejected = d.rejected,
-                    exempt_media_gets = d.exempt_media_gets,
-                    exempt_pushes = d.exempt_pushes,
-                    unparsed = d.unparsed,
-                    peak_connections = d.peak_connections.max(conns as u64),
-                    concurrency_breaches = d.concurrency_breaches,
-                    "day totals"
-                ),
-                None => error!(event = "fault", org = name, "no counters for this org id"),
-            }
+            info!(
+                event,
+                day = %date,
+                org = name,
+                requests = d.requests,
+                rejected = d.rejected,
+                exempt_media_gets = d.exempt_media_gets,
+                exempt_pushes = d.exempt_pushes,
+                unparsed = d.unparsed,
+                peak_connections = d.peak_connections.max(conns as u64),
+                concurrency_breaches = d.concurrency_breaches,
+                "day totals"
+            );
+        });
+        if let Err(e) = read {
+            error!(event = "fault", error = %e, "reading the day totals failed");
         }
         if skipped > 0 {
             info!(event, day = %date, orgs = skipped, "orgs without traffic (totals all zero)");

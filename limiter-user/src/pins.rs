@@ -315,9 +315,24 @@ pub fn lookup_batch(
     keys: &mut Vec<u8>,
     values: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
     keys.clear();
     values.clear();
+    lookup_batch_chunks(map, key_size, value_size, max, |k, v| {
+        keys.extend_from_slice(k);
+        values.extend_from_slice(v);
+    })
+}
+
+/// [`lookup_batch`] handing each chunk's packed keys and values to `each` instead of keeping
+/// them: the caller keeps what it needs, and memory stays at one chunk.
+pub fn lookup_batch_chunks(
+    map: &OwnedFd,
+    key_size: usize,
+    value_size: usize,
+    max: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> std::io::Result<usize> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
     let mut kbuf = vec![0u8; BATCH_CHUNK * key_size];
     let mut vbuf = vec![0u8; BATCH_CHUNK * value_size];
     // The kernel's position token (an array index or a hash bucket), handed back each call.
@@ -342,8 +357,7 @@ pub fn lookup_batch(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e),
         };
-        keys.extend_from_slice(&kbuf[..did * key_size]);
-        values.extend_from_slice(&vbuf[..did * value_size]);
+        each(&kbuf[..did * key_size], &vbuf[..did * value_size]);
         total += did;
         if end {
             break;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::Clock,
-    counters::{self, CountersError, UsageTable},
+    counters::{self, CountersError},
     loader::Kernel,
     orgs::{OrgIds, OrgLimitTable},
     snapshot::DaySnapshot,
@@ -96,20 +96,7 @@ pub fn build(
     platform: Option<&Platform>,
 ) -> Result<Report, CountersError> {
     let mut orgs = Vec::new();
-    // All orgs: one batch read; one org: two lookups.
-    let table = match only {
-        None => Some(UsageTable::read(kernel, ids.max_id(), day)?),
-        Some(_) => None,
-    };
-    let chosen: Box<dyn Iterator<Item = (u32, &str)>> = match only {
-        None => Box::new(ids.iter()),
-        Some(name) => Box::new(ids.id(name).map(|id| (id, name)).into_iter()),
-    };
-    for (id, name) in chosen {
-        let (d, conns) = match table.as_ref().and_then(|t| t.get(id)) {
-            Some(u) => u,
-            None => counters::usage(kernel, id, day)?,
-        };
+    let mut push = |id: u32, name: &str, d: DayCounters, conns: i64| {
         let l = limits.get(id);
         let mut r = OrgReport::new(name, &d, conns, l.daily_requests, l.concurrent_connections);
         if let Some(p) = platform {
@@ -120,6 +107,22 @@ pub fn build(
                 Some(p.connections.get(name).copied().unwrap_or(r.connections));
         }
         orgs.push(r);
+    };
+    // All orgs: a few batch reads; one org: two lookups.
+    match only {
+        None => counters::each_usage(kernel, ids.max_id(), day, |id, d, conns| {
+            if id != UNMAPPED_ORG
+                && let Some(name) = ids.name(id)
+            {
+                push(id, name, d, conns);
+            }
+        })?,
+        Some(name) => {
+            if let Some(id) = ids.id(name) {
+                let (d, conns) = counters::usage(kernel, id, day)?;
+                push(id, name, d, conns);
+            }
+        }
     }
     let (u, conns) = counters::usage(kernel, UNMAPPED_ORG, day)?;
     Ok(Report {
@@ -145,10 +148,10 @@ pub fn build(
 pub fn from_snapshot(
     ids: &OrgIds,
     limits: &OrgLimitTable,
-    snap: &DaySnapshot,
+    snap: &DaySnapshot<'_>,
     only: Option<&str>,
 ) -> Report {
-    let idle: std::collections::HashSet<&str> = snap.idle.iter().map(String::as_str).collect();
+    let idle: std::collections::HashSet<&str> = snap.idle.iter().map(|n| n.as_ref()).collect();
     let zero = DayCounters::for_day(snap.day);
     let mut orgs = Vec::new();
     for (id, name) in ids.iter() {

@@ -5,8 +5,8 @@
 //! fsync, rename, fsync of the directory.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -30,9 +30,10 @@ pub enum SnapshotError {
     },
 }
 
-/// Everything counted on this host on one quota day.
+/// Everything counted on this host on one quota day. Names are borrowed when the daemon takes a
+/// snapshot (from its id table) and owned when one is read back.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DaySnapshot {
+pub struct DaySnapshot<'a> {
     /// Day number (quota days since 1970-01-01).
     pub day: u64,
     /// The date the day starts on (UTC).
@@ -40,11 +41,11 @@ pub struct DaySnapshot {
     /// Unix seconds when taken.
     pub taken_at: u64,
     /// Orgs with traffic that day.
-    pub orgs: BTreeMap<String, DayCounters>,
+    pub orgs: BTreeMap<Cow<'a, str>, DayCounters>,
     /// Orgs configured that day without any traffic, by name only: a million idle orgs made
     /// a 280 MB snapshot with their counters spelled out.
     #[serde(default)]
-    pub idle: Vec<String>,
+    pub idle: Vec<Cow<'a, str>>,
     pub unmapped: DayCounters,
 }
 
@@ -60,17 +61,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 /// Writes the snapshot atomically, replacing an older one of the same day.
-pub fn write(state_dir: &Path, snap: &DaySnapshot) -> Result<PathBuf, SnapshotError> {
+pub fn write(state_dir: &Path, snap: &DaySnapshot<'_>) -> Result<PathBuf, SnapshotError> {
     let target = path(state_dir, &snap.date);
     let dir = target.parent().unwrap_or(state_dir).to_path_buf();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let tmp = dir.join(format!(".{}.tmp", snap.date));
-    let body = serde_json::to_vec_pretty(snap).map_err(|e| SnapshotError::Parse {
+    let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    // Written as it is encoded: a million orgs' snapshot is not held in memory twice.
+    let mut out = std::io::BufWriter::new(f);
+    serde_json::to_writer_pretty(&mut out, snap).map_err(|e| SnapshotError::Parse {
         path: tmp.display().to_string(),
         source: e,
     })?;
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&body).map_err(io(&tmp))?;
+    let f = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &target).map_err(io(&target))?;
     std::fs::File::open(&dir)
@@ -80,7 +83,7 @@ pub fn write(state_dir: &Path, snap: &DaySnapshot) -> Result<PathBuf, SnapshotEr
 }
 
 /// The snapshot of `date`, if one was written.
-pub fn read(state_dir: &Path, date: &str) -> Result<Option<DaySnapshot>, SnapshotError> {
+pub fn read(state_dir: &Path, date: &str) -> Result<Option<DaySnapshot<'static>>, SnapshotError> {
     let p = path(state_dir, date);
     match std::fs::read(&p) {
         Ok(bytes) => {
