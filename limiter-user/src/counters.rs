@@ -364,11 +364,24 @@ fn read_array<T: bytemuck::Pod>(
     name: &str,
     count: usize,
 ) -> Result<Vec<T>, CountersError> {
-    let (_, values) = read_map(kernel, name, 4, size_of::<T>(), count)?;
-    Ok(values
-        .chunks_exact(size_of::<T>())
-        .map(bytemuck::pod_read_unaligned)
-        .collect())
+    let size = size_of::<T>();
+    let mut out = Vec::with_capacity(count);
+    crate::pins::obj_get(&kernel.pin_dir.join(name))
+        .and_then(|fd| {
+            // Decoded chunk by chunk: no second copy of a map that can be hundreds of MB.
+            crate::pins::lookup_batch_chunks(&fd, 4, size, count, |_, values| {
+                out.extend(
+                    values
+                        .chunks_exact(size)
+                        .map(bytemuck::pod_read_unaligned::<T>),
+                );
+            })
+        })
+        .map_err(|e| CountersError::Batch {
+            what: name.to_string(),
+            source: e,
+        })?;
+    Ok(out)
 }
 
 /// Up to `max` (key, value) pairs of the pinned map `name`, packed, read in batches.
@@ -393,37 +406,50 @@ fn read_map(
 
 /// Calls `f(id, counters of day, open connections)` for org ids `0..=max_id` in order, from a
 /// few batch syscalls: for the loops over all orgs (reports, snapshots, day totals, the cluster
-/// sync). The day slots are read a chunk at a time and only `day`'s is kept: a table of every
-/// org's three slots was hundreds of MB at a million orgs, at every snapshot.
+/// sync).
 pub fn each_usage(
     kernel: &Kernel,
     max_id: u32,
     day: u64,
     mut f: impl FnMut(u32, DayCounters, i64),
 ) -> Result<(), CountersError> {
-    let orgs = max_id as usize + 1;
-    let conns: Vec<i64> = read_array(kernel, names::ORG_CONNS, orgs)?;
-    let value_size = size_of::<DayCounters>();
+    let conns: Vec<i64> = read_array(kernel, names::ORG_CONNS, max_id as usize + 1)?;
+    each_day_slot(kernel, max_id, day, |id, slot| {
+        let open = conns.get(id as usize).copied().unwrap_or(0);
+        f(id, of_day(slot, day), open.max(0));
+    })
+}
+
+/// Whether the kernel still has counters of `day` for any org id up to `max_id` (after a reboot,
+/// past days are only in snapshots).
+pub fn holds_day(kernel: &Kernel, max_id: u32, day: u64) -> Result<bool, CountersError> {
+    let mut held = false;
+    each_day_slot(kernel, max_id, day, |_, slot| held |= slot.day == day)?;
+    Ok(held)
+}
+
+/// Calls `f(id, slot)` with the ORG_DAYS slot that `day` uses, as it is, for org ids
+/// `0..=max_id` in order. The slots are read a chunk at a time and only `day`'s is kept: a table
+/// of every org's three slots was hundreds of MB at a million orgs, at every snapshot.
+fn each_day_slot(
+    kernel: &Kernel,
+    max_id: u32,
+    day: u64,
+    mut f: impl FnMut(u32, DayCounters),
+) -> Result<(), CountersError> {
+    let size = size_of::<DayCounters>();
+    let count = (max_id as usize + 1) * DAY_SLOTS as usize;
     crate::pins::obj_get(&kernel.pin_dir.join(names::ORG_DAYS))
         .and_then(|fd| {
-            crate::pins::lookup_batch_chunks(
-                &fd,
-                4,
-                value_size,
-                orgs * DAY_SLOTS as usize,
-                |keys, values| {
-                    for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(value_size)) {
-                        let idx: u32 = bytemuck::pod_read_unaligned(key);
-                        let id = idx / DAY_SLOTS;
-                        if idx != day_index(id, day) {
-                            continue;
-                        }
-                        let slot: DayCounters = bytemuck::pod_read_unaligned(value);
-                        let open = conns.get(id as usize).copied().unwrap_or(0);
-                        f(id, of_day(slot, day), open.max(0));
+            crate::pins::lookup_batch_chunks(&fd, 4, size, count, |keys, values| {
+                for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(size)) {
+                    let idx: u32 = bytemuck::pod_read_unaligned(key);
+                    let id = idx / DAY_SLOTS;
+                    if idx == day_index(id, day) {
+                        f(id, bytemuck::pod_read_unaligned(value));
                     }
-                },
-            )
+                }
+            })
         })
         .map_err(|e| CountersError::Batch {
             what: names::ORG_DAYS.to_string(),
@@ -451,7 +477,7 @@ pub fn prepare_day(kernel: &mut Kernel, id: u32, day: u64) -> Result<(), Counter
     Ok(())
 }
 
-/// Prepares `day` for the unmapped slot and every org id in use: one batch read finds the slots
+/// Prepares `day` for the unmapped slot and every org id in use: a streamed batch read finds the slots
 /// still tagged with another day (a million single reads took seconds). A future day's slots,
 /// which the kernel does not touch yet, are written in one batch; for a day the kernel may be
 /// counting (`live`), each slot is re-checked just before its write, as [`prepare_day`] does.
@@ -461,21 +487,14 @@ pub fn prepare_day_all(
     day: u64,
     live: bool,
 ) -> Result<(), CountersError> {
-    let slots: Vec<DayCounters> = read_array(
-        kernel,
-        names::ORG_DAYS,
-        (ids.max_id() as usize + 1) * DAY_SLOTS as usize,
-    )?;
-    let stale: Vec<u32> = std::iter::once(UNMAPPED_ORG)
-        .chain(ids.iter().map(|(id, _)| id))
-        .map(|id| day_index(id, day))
+    let mut stale: Vec<u32> = Vec::new();
+    each_day_slot(kernel, ids.max_id(), day, |id, slot| {
         // A never-used slot (tag 0, all zero) is taken over by the kernel as it is.
-        .filter(|&idx| {
-            slots
-                .get(idx as usize)
-                .is_none_or(|s| s.day != day && s.day != 0)
-        })
-        .collect();
+        let in_use = id == UNMAPPED_ORG || ids.name(id).is_some();
+        if in_use && slot.day != day && slot.day != 0 {
+            stale.push(day_index(id, day));
+        }
+    })?;
     let fresh = DayCounters::for_day(day);
     if live {
         for idx in stale {

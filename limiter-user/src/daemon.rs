@@ -266,14 +266,7 @@ impl Daemon {
     /// Whether the kernel still has counters of `day` (after a reboot, past days are only in
     /// snapshots).
     fn kernel_holds(&self, day: u64) -> bool {
-        std::iter::once(UNMAPPED_ORG)
-            .chain(self.ids.iter().map(|(id, _)| id))
-            .any(|id| {
-                self.kernel
-                    .org_days
-                    .get(&limiter_common::day_index(id, day), 0)
-                    .is_ok_and(|d| d.day == day)
-            })
+        counters::holds_day(&self.kernel, self.ids.max_id(), day).unwrap_or(false)
     }
 
     /// After a restart: the days that ended while the daemon was away get their final
