@@ -423,6 +423,14 @@ pub fn each_usage(
 /// Whether the kernel still has counters of `day` for any org id up to `max_id` (after a reboot,
 /// past days are only in snapshots).
 pub fn holds_day(kernel: &Kernel, max_id: u32, day: u64) -> Result<bool, CountersError> {
+    // The unmapped slot is prepared for every day the daemon saw: the usual answer, in one lookup.
+    if kernel
+        .org_days
+        .get(&day_index(UNMAPPED_ORG, day), 0)
+        .is_ok_and(|d| d.day == day)
+    {
+        return Ok(true);
+    }
     let mut held = false;
     each_day_slot(kernel, max_id, day, |_, slot| held |= slot.day == day)?;
     Ok(held)
@@ -544,10 +552,13 @@ pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
 pub fn ids_from_kernel(kernel: &Kernel) -> Result<OrgIds, CountersError> {
     let all: Vec<OrgLimits> =
         read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
+    // A name twice (maps left inconsistent by a crash mid-write) keeps its first id; the other
+    // entry is then no org's and the next apply clears it.
+    let mut seen = foldhash::HashSet::default();
     let pairs = all.iter().enumerate().filter_map(|(id, l)| {
         let n = (l.name_len as usize).min(l.name.len());
         let name = std::str::from_utf8(&l.name[..n]).ok()?;
-        (l.flags & ORG_F_ACTIVE != 0).then_some((id as u32, name))
+        (l.flags & ORG_F_ACTIVE != 0 && seen.insert(name)).then_some((id as u32, name))
     });
     OrgIds::from_pairs(pairs).map_err(CountersError::Ids)
 }

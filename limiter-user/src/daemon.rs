@@ -120,7 +120,7 @@ fn restore_snapshot(
 impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, mut cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
-        let clock = Clock::new(cfg.limits.day_start_secs);
+        let clock = test_clock_shift(Clock::new(cfg.limits.day_start_secs));
         let started = Instant::now();
         let cap = pins::Capacity::for_counts(cfg.orgs.len(), total_cidrs(&cfg));
         // While the kernel verifies the programs and creates the maps, a second thread builds
@@ -189,9 +189,10 @@ impl Daemon {
         };
         // Fresh maps are all zero (tag 0), which the kernel takes over without clearing; only
         // reused slots of older days need preparing.
+        // Tomorrow's slots are prepared in `run`, once the days missed while the daemon was away
+        // are closed: tomorrow's slot is the one of the day before yesterday.
         if kernel.resumed {
             counters::prepare_day_all(&mut kernel, &ids, day, true)?;
-            counters::prepare_day_all(&mut kernel, &ids, day + 1, false)?;
         }
         // Fresh maps (first start, or after a reboot): today's counts come from the snapshot,
         // before the kernel starts counting (CONFIG is marked ready by the apply below).
@@ -276,7 +277,9 @@ impl Daemon {
             if !self.kernel_holds(day) {
                 continue;
             }
-            let snap = self.snapshot(day);
+            let Some(snap) = self.snapshot(day) else {
+                continue;
+            };
             let stored = snapshot::read(&self.cfg.daemon.state_dir, &snap.date)
                 .ok()
                 .flatten();
@@ -363,7 +366,9 @@ impl Daemon {
     }
 
     /// Today's (or another kernel-held day's) counts of every org, by name.
-    fn snapshot(&self, day: u64) -> DaySnapshot<'_> {
+    /// None when the counters could not be read (logged): a partial snapshot must not replace a
+    /// whole one.
+    fn snapshot(&self, day: u64) -> Option<DaySnapshot<'_>> {
         let mut snap = DaySnapshot {
             day,
             date: self.clock.date(day),
@@ -386,19 +391,22 @@ impl Daemon {
                 }
             }
         });
-        if let Err(e) = read {
-            error!(event = "fault", error = %e, "reading the counters for a snapshot failed");
+        match read {
+            Ok(()) => Some(snap),
+            Err(e) => {
+                error!(event = "fault", error = %e, "reading the counters for a snapshot failed; the last snapshot stays");
+                None
+            }
         }
-        snap
     }
 
     fn write_snapshot(&mut self, day: u64) {
         self.snapshot_taken = Instant::now();
-        let snap = self.snapshot(day);
-        if let Err(e) = snapshot::write(&self.cfg.daemon.state_dir, &snap) {
+        if let Some(snap) = self.snapshot(day)
+            && let Err(e) = snapshot::write(&self.cfg.daemon.state_dir, &snap)
+        {
             error!(event = "fault", error = %e, "writing the day snapshot failed; counts stay in the kernel");
         }
-        drop(snap);
         release_freed_memory();
     }
 
@@ -406,6 +414,11 @@ impl Daemon {
     pub async fn run(mut self) -> anyhow::Result<()> {
         if self.kernel.resumed {
             self.close_missed_days();
+            if let Err(e) =
+                counters::prepare_day_all(&mut self.kernel, &self.ids, self.day + 1, false)
+            {
+                error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
+            }
             release_freed_memory();
         }
         let listener = control::bind(&self.cfg.daemon.control_socket).with_context(|| {
@@ -974,6 +987,21 @@ impl Daemon {
         drop((old, new));
         release_freed_memory();
         Ok(serde_json::json!({ "added": added, "removed": removed, "changed": changed }))
+    }
+}
+
+/// Test hook: with `LIMITER_TEST_HOOKS`, `LIMITER_TEST_CLOCK_SHIFT_SECS=n` starts the daemon's
+/// quota clock `n` seconds ahead, as if the daemon had been away that long.
+fn test_clock_shift(clock: Clock) -> Clock {
+    if std::env::var_os("LIMITER_TEST_HOOKS").is_none() {
+        return clock;
+    }
+    match std::env::var("LIMITER_TEST_CLOCK_SHIFT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        Some(secs) => clock.shifted(secs.clamp(0, 400 * 86_400) * 1_000_000_000),
+        None => clock,
     }
 }
 

@@ -145,21 +145,6 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
     move |source| LoadError::Program { name, source }
 }
 
-/// Which socket-cookie bits pick a socket's slot: all slots, unless a test asks for fewer with
-/// `LIMITER_TEST_SOCK_SLOTS=n` (a power of two; only with `LIMITER_TEST_HOOKS`) so that sockets
-/// share slots and the fallback table is used.
-fn sock_slot_mask() -> u32 {
-    let all = limiter_common::MAX_SOCKETS - 1;
-    if std::env::var_os("LIMITER_TEST_HOOKS").is_none() {
-        return all;
-    }
-    std::env::var("LIMITER_TEST_SOCK_SLOTS")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|n| n.is_power_of_two() && *n <= limiter_common::MAX_SOCKETS)
-        .map_or(all, |n| n - 1)
-}
-
 /// Loads the object into the kernel without attaching anything (used by `limiter check` too).
 pub fn load_object() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(EBPF_OBJECT)?)
@@ -209,7 +194,7 @@ impl Kernel {
             pins::unload_others(pin_dir, &dir)?;
         }
         let mut loader = EbpfLoader::new();
-        let slot_mask = sock_slot_mask();
+        let slot_mask = pins::sock_slot_mask();
         loader.override_global(limiter_common::SOCK_SLOT_MASK_GLOBAL, &slot_mask, true);
         for (name, _, _, max) in pins::expected_maps(cap) {
             if [

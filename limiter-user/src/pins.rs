@@ -136,7 +136,29 @@ pub fn layout_version(cap: Capacity) -> String {
         eat(&v.to_le_bytes());
         eat(&m.to_le_bytes());
     }
+    // Sockets sit in the slot their cookie picks under the mask they were admitted with: a
+    // program with another mask must not take over those maps.
+    let mask = sock_slot_mask();
+    if mask != MAX_SOCKETS - 1 {
+        eat(b"sock_slot_mask");
+        eat(&mask.to_le_bytes());
+    }
     format!("v1-{:08x}", h as u32)
+}
+
+/// Which socket-cookie bits pick a socket's slot: all slots, unless a test asks for fewer with
+/// `LIMITER_TEST_SOCK_SLOTS=n` (a power of two; only with `LIMITER_TEST_HOOKS`) so that sockets
+/// share slots and the fallback table is used.
+pub fn sock_slot_mask() -> u32 {
+    let all = MAX_SOCKETS - 1;
+    if std::env::var_os("LIMITER_TEST_HOOKS").is_none() {
+        return all;
+    }
+    std::env::var("LIMITER_TEST_SOCK_SLOTS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| n.is_power_of_two() && *n <= MAX_SOCKETS)
+        .map_or(all, |n| n - 1)
 }
 
 /// The directory of this build's pins under `pin_dir`.

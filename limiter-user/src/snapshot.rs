@@ -66,15 +66,17 @@ pub fn write(state_dir: &Path, snap: &DaySnapshot<'_>) -> Result<PathBuf, Snapsh
     let dir = target.parent().unwrap_or(state_dir).to_path_buf();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let tmp = dir.join(format!(".{}.tmp", snap.date));
-    let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     // Written as it is encoded: a million orgs' snapshot is not held in memory twice.
-    let mut out = std::io::BufWriter::new(f);
-    serde_json::to_writer_pretty(&mut out, snap).map_err(|e| SnapshotError::Parse {
-        path: tmp.display().to_string(),
-        source: e,
-    })?;
-    let f = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-    f.sync_all().map_err(io(&tmp))?;
+    let written = std::fs::File::create(&tmp).and_then(|f| {
+        let mut out = std::io::BufWriter::new(f);
+        serde_json::to_writer_pretty(&mut out, snap).map_err(std::io::Error::from)?;
+        let f = out.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
+    }
     std::fs::rename(&tmp, &target).map_err(io(&target))?;
     std::fs::File::open(&dir)
         .and_then(|d| d.sync_all())

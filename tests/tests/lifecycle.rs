@@ -43,6 +43,46 @@ fn kill_9_and_restart_lose_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A daemon that was away over two day changes closes both days when it comes back: their totals
+/// are logged (`day_end`) and snapshotted. The older day shares its slot with tomorrow, so it
+/// must be closed before tomorrow's slots are prepared.
+#[test]
+fn days_missed_while_away_are_closed_on_restart() -> Result<()> {
+    let mut w = World::new("missed", 1, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    w.write_config("", &org_toml("acme", &[cidr(acme)], ""))?;
+    w.start_daemon()?;
+    assert!(statuses(&w, acme, 7)?.iter().all(|s| *s == 200));
+    let day0 = w.report()?["day"].as_str().unwrap_or_default().to_string();
+    // Killed: no shutdown snapshot; the kernel alone holds the day's counts.
+    w.kill_daemon()?;
+    w.daemon_env.push((
+        "LIMITER_TEST_CLOCK_SHIFT_SECS".into(),
+        (2 * 86_400).to_string(),
+    ));
+    w.start_daemon()?;
+    let today = w.report()?;
+    assert_ne!(today["day"], day0.as_str(), "{today}");
+    assert_eq!(n(&today["orgs"][0], "requests"), 0, "{today}");
+    let log = w.daemon_log();
+    assert!(
+        log.lines().any(|l| l.contains("day_end")
+            && l.contains(&format!("day={day0}"))
+            && l.contains("org=\"acme\"")
+            && l.contains("requests=7")),
+        "the missed day's totals are logged: {log}"
+    );
+    let out = w.cli(&["report", "--json", "--day", &day0])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let past: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(n(&past["orgs"][0], "requests"), 7, "{past}");
+    Ok(())
+}
+
 /// Thousands of orgs take the batch paths: the map writes, the counter reads and a restart's
 /// read-back of ids, limits and the single-address table. After a SIGKILL restart every org has
 /// its limit and counts, the restarted daemon finds nothing to rewrite, and the snapshot names
