@@ -199,10 +199,6 @@ fn raise_to(p: *mut u64, v: u64) {
     }
 }
 
-/// The org's counters for `day`, reset lazily when the slot still holds an older day.
-///
-/// The daemon normally prepares tomorrow's slot in advance, so the reset here only runs when the
-/// daemon was away at rollover. Returns None for a straggler from a day whose slot is reused.
 /// The slot a socket's state goes to first.
 #[inline(always)]
 fn sock_slot(cookie: u64) -> Option<*mut SockSlot> {
@@ -253,6 +249,10 @@ fn remove_sock_state(cookie: u64) {
     let _ = SOCK_STATE.remove(&cookie);
 }
 
+/// The org's counters for `day`, reset lazily when the slot still holds an older day.
+///
+/// The daemon normally prepares tomorrow's slot in advance, so the reset here only runs when the
+/// daemon was away at rollover. Returns None for a straggler from a day whose slot is reused.
 #[inline(always)]
 fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     let Some(slot) = ORG_DAYS.get_ptr_mut(day_index(org, day)) else {
