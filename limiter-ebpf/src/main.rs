@@ -220,21 +220,21 @@ fn sock_state(cookie: u64) -> Option<*mut SockState> {
     SOCK_STATE.get_ptr_mut(&cookie)
 }
 
-/// Stores a new socket's state: it claims its slot when free, else goes to SOCK_STATE. False
-/// when neither has room.
+/// Stores a new socket's state and returns where it went: its slot when free, else SOCK_STATE.
+/// None when neither has room.
 #[inline(always)]
-fn add_sock_state(cookie: u64, state: &SockState) -> bool {
+fn add_sock_state(cookie: u64, state: &SockState) -> Option<*mut SockState> {
     if let Some(slot) = sock_slot(cookie)
         // SAFETY: valid map value; the claim is atomic.
         && cas(unsafe { &raw mut (*slot).cookie }, 0, cookie).is_ok()
     {
         // SAFETY: the slot is ours; no verdict reads it before this socket is in API_SOCKS.
         unsafe { (*slot).state = *state };
-        return true;
+        // SAFETY: as above.
+        return Some(unsafe { &raw mut (*slot).state });
     }
-    SOCK_STATE
-        .insert(&cookie, state, BPF_NOEXIST as u64)
-        .is_ok()
+    SOCK_STATE.insert(&cookie, state, BPF_NOEXIST as u64).ok()?;
+    SOCK_STATE.get_ptr_mut(&cookie)
 }
 
 /// Frees a closed socket's state, wherever it is.
@@ -424,17 +424,16 @@ fn on_inbound(ctx: &SockOpsContext) {
         phase: PHASE_NEW,
         addr_gen: c.addr_gen,
     };
-    if !add_sock_state(cookie, &state) {
+    match add_sock_state(cookie, &state) {
         // Without state the connection cannot be un-counted exactly on close, so it is not counted;
         // its requests are still counted (the verdict falls back to the address).
-        fault(FAULT_SOCK_STATE_FULL);
-    } else {
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        if connection_opened(org, c).is_some_and(|flags| flags & ORG_F_CONC_REJECT != 0)
-            && let Some(st) = sock_state(cookie)
-        {
-            // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
-            unsafe { (*st).kind |= SOCK_F_OVER_LIMIT };
+        None => fault(FAULT_SOCK_STATE_FULL),
+        Some(st) => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if connection_opened(org, c).is_some_and(|flags| flags & ORG_F_CONC_REJECT != 0) {
+                // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
+                unsafe { (*st).kind |= SOCK_F_OVER_LIMIT };
+            }
         }
     }
     let mut key = cookie;

@@ -537,48 +537,39 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     println!(
         "== limiter bench: nginx in a namespace and cgroup, wrk from another; {secs} s per run, {reps} runs per side, alternating\n"
     );
-    let mut rows = Vec::new();
-    let comparisons = if args.cost_only { 0 } else { usize::MAX };
-    for (scenario, load) in [
-        ("passing, keep-alive, 1 conn", l("/", 1, true, false)),
-        ("passing, keep-alive, 64 conns", l("/", 64, true, false)),
-        ("passing, conn per request, 1 conn", l("/", 1, false, false)),
+    let passing = |conns, keep_alive| {
         (
-            "passing, conn per request, 64 conns",
-            l("/", 64, false, false),
-        ),
-    ]
-    .into_iter()
-    .take(comparisons)
-    {
-        rows.push(b.compare(
-            scenario,
-            (Side2::Nginx, load.clone()),
-            (Side2::Limiter, load),
-            cfgs,
-        )?);
-    }
-    for (scenario, padded, keep) in [
-        ("429s, keep-alive, 64 conns", true, true),
-        ("429s, conn per request, 64 conns", false, false),
-    ]
-    .into_iter()
-    .take(comparisons)
-    {
-        rows.push(b.compare(
-            scenario,
-            (Side2::Nginx, l("/nginx429", 64, keep, padded)),
-            (Side2::KernelRefuses, l("/", 64, keep, padded)),
-            cfgs,
-        )?);
-    }
-    if !args.cost_only {
-        rows.push(b.compare(
+            (Side2::Nginx, l("/", conns, keep_alive, false)),
+            (Side2::Limiter, l("/", conns, keep_alive, false)),
+        )
+    };
+    // A kernel 429 can stay keep-alive only when the request is at least as long as it.
+    let refused = |keep_alive| {
+        (
+            (Side2::Nginx, l("/nginx429", 64, keep_alive, keep_alive)),
+            (Side2::KernelRefuses, l("/", 64, keep_alive, keep_alive)),
+        )
+    };
+    let comparisons = [
+        ("passing, keep-alive, 1 conn", passing(1, true)),
+        ("passing, keep-alive, 64 conns", passing(64, true)),
+        ("passing, conn per request, 1 conn", passing(1, false)),
+        ("passing, conn per request, 64 conns", passing(64, false)),
+        ("429s, keep-alive, 64 conns", refused(true)),
+        ("429s, conn per request, 64 conns", refused(false)),
+        (
             "per-client limiting, keep-alive, 64 conns",
-            (Side2::Nginx, l("/nginx-limited", 64, true, false)),
-            (Side2::Limiter, l("/", 64, true, false)),
-            cfgs,
-        )?);
+            (
+                (Side2::Nginx, l("/nginx-limited", 64, true, false)),
+                (Side2::Limiter, l("/", 64, true, false)),
+            ),
+        ),
+    ];
+    let mut rows = Vec::new();
+    if !args.cost_only {
+        for (scenario, (side_a, side_b)) in comparisons {
+            rows.push(b.compare(scenario, side_a, side_b, cfgs)?);
+        }
     }
     // The programs' own cost, from bpf_stats (run_time_ns / run_cnt), in runs of their own.
     let kernel_cost = {

@@ -114,15 +114,9 @@ pub fn run(config_path: &Path) -> Vec<Check> {
     if let Ok(cfg) = &cfg {
         out.push(check(
             "bpffs",
-            crate::pins::prepare(
-                &cfg.daemon.pin_dir,
-                crate::pins::Capacity::for_counts(
-                    cfg.orgs.len(),
-                    cfg.orgs.iter().map(|o| o.cidrs.len()).sum(),
-                ),
-            )
-            .map(|dir| format!("pins go to {}", dir.display()))
-            .map_err(|e| e.to_string()),
+            crate::pins::prepare(&cfg.daemon.pin_dir, crate::pins::Capacity::for_config(cfg))
+                .map(|dir| format!("pins go to {}", dir.display()))
+                .map_err(|e| e.to_string()),
         ));
     }
     let programs = loader::load_object().and_then(|mut ebpf| loader::load_programs(&mut ebpf));

@@ -54,6 +54,11 @@ impl Clock {
         }
     }
 
+    /// The clock `secs` ahead (0 to 400 days; for the test hooks that move the day on).
+    pub fn ahead_secs(self, secs: i64) -> Self {
+        self.shifted(secs.clamp(0, 400 * 86_400) * NS_PER_SEC as i64)
+    }
+
     pub fn shifted(self, by_ns: i64) -> Self {
         Clock {
             shift_ns: self.shift_ns + by_ns,

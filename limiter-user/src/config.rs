@@ -359,6 +359,11 @@ impl Config {
         parse_text(text, file, max_orgs, true)
     }
 
+    /// How many CIDRs the orgs list in all (entries of the kernel's address tables).
+    pub fn cidr_count(&self) -> usize {
+        self.orgs.iter().map(|o| o.cidrs.len()).sum()
+    }
+
     /// The limits of an org without overrides.
     pub fn default_limits(&self) -> EffectiveLimits {
         EffectiveLimits {

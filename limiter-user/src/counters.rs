@@ -77,7 +77,7 @@ impl Applied {
                 return Err(CountersError::Prefix(p.clone()));
             }
         }
-        let cidrs = cfg.orgs.iter().map(|o| o.cidrs.len()).sum();
+        let cidrs = cfg.cidr_count();
         let mut out = Applied {
             ports: cfg.api.ports.iter().copied().collect(),
             kernel_config: Some(kc),
@@ -117,57 +117,101 @@ pub fn kernel_limits(name: &str, l: &EffectiveLimits) -> OrgLimits {
     )
 }
 
-impl Applied {
-    /// Keeps the address generation of `old`, bumped when the address table differs, so the
-    /// kernel re-attributes connections made under the old table.
-    pub fn carry_generation(&mut self, old: &Applied) {
-        let prev = old.kernel_config.map(|c| c.addr_gen).unwrap_or(0);
-        let sorted = |c: &[((u32, AddrKey), u32)]| {
-            let mut v = c.to_vec();
-            v.sort_unstable();
-            v
-        };
-        let changed =
-            old.cidrs.len() != self.cidrs.len() || sorted(&old.cidrs) != sorted(&self.cidrs);
-        if let Some(kc) = self.kernel_config.as_mut() {
-            kc.addr_gen = if changed { prev.wrapping_add(1) } else { prev };
-        }
-    }
+/// What it takes to bring the maps from `old` to `new`: the one comparison behind [`apply`] and
+/// the reload's list of changed orgs. Only the old side is indexed, so a first start (old empty)
+/// hashes nothing.
+struct Diff<'a> {
+    /// Limits to write: new orgs' and changed ones.
+    limits: Vec<(u32, &'a OrgLimits)>,
+    /// Address entries to write (new, or now another org's): single addresses and networks.
+    hosts: Vec<((u32, AddrKey), u32)>,
+    nets: Vec<((u32, AddrKey), u32)>,
+    /// Orgs that lost an address to another org.
+    moved_from: Vec<u32>,
+    /// Address entries no org has any more.
+    removed_cidrs: Vec<((u32, AddrKey), u32)>,
+    /// Orgs no longer configured.
+    removed_ids: Vec<u32>,
 }
 
-/// The ids whose addresses or limits differ between `old` and `new`, each once, in order (ids
-/// present on one side only are included: the caller tells added and removed orgs apart).
-pub fn orgs_changed(old: &Applied, new: &Applied) -> Vec<u32> {
-    let mut changed = Vec::new();
-    let old_limits: foldhash::HashMap<u32, &OrgLimits> =
-        old.limits.iter().map(|(id, l)| (*id, l)).collect();
-    let new_limits: foldhash::HashMap<u32, &OrgLimits> =
-        new.limits.iter().map(|(id, l)| (*id, l)).collect();
-    for (id, l) in &new.limits {
-        if old_limits.get(id) != Some(&l) {
-            changed.push(*id);
+impl<'a> Diff<'a> {
+    fn new(old: &Applied, new: &'a Applied) -> Self {
+        let old_limits: foldhash::HashMap<u32, &OrgLimits> =
+            old.limits.iter().map(|(id, l)| (*id, l)).collect();
+        let old_cidrs: foldhash::HashMap<(u32, AddrKey), u32> = old.cidrs.iter().copied().collect();
+        let limits = new
+            .limits
+            .iter()
+            .filter(|(id, l)| old_limits.get(id) != Some(&l))
+            .map(|(id, l)| (*id, l))
+            .collect();
+        let mut moved_from = Vec::new();
+        let (hosts, nets) = new
+            .cidrs
+            .iter()
+            .filter(|(k, id)| match old_cidrs.get(k) {
+                Some(was) if was == id => false,
+                Some(was) => {
+                    moved_from.push(*was);
+                    true
+                }
+                None => true,
+            })
+            .partition(|((len, _), _)| *len == HOST_PREFIX_LEN);
+        let (mut removed_cidrs, mut removed_ids) = (Vec::new(), Vec::new());
+        if !old.cidrs.is_empty() {
+            let kept: foldhash::HashSet<(u32, AddrKey)> =
+                new.cidrs.iter().map(|(k, _)| *k).collect();
+            removed_cidrs = old
+                .cidrs
+                .iter()
+                .filter(|(k, _)| !kept.contains(k))
+                .copied()
+                .collect();
+        }
+        if !old.limits.is_empty() {
+            let kept: foldhash::HashSet<u32> = new.limits.iter().map(|(id, _)| *id).collect();
+            removed_ids = old
+                .limits
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !kept.contains(id))
+                .collect();
+        }
+        Diff {
+            limits,
+            hosts,
+            nets,
+            moved_from,
+            removed_cidrs,
+            removed_ids,
         }
     }
-    for (id, _) in &old.limits {
-        if !new_limits.contains_key(id) {
-            changed.push(*id);
-        }
+
+    fn addresses_changed(&self) -> bool {
+        !(self.hosts.is_empty() && self.nets.is_empty() && self.removed_cidrs.is_empty())
     }
-    let old_cidrs: foldhash::HashSet<((u32, AddrKey), u32)> = old.cidrs.iter().copied().collect();
-    let new_cidrs: foldhash::HashSet<((u32, AddrKey), u32)> = new.cidrs.iter().copied().collect();
-    for entry in &new.cidrs {
-        if !old_cidrs.contains(entry) {
-            changed.push(entry.1);
-        }
+
+    /// The ids whose addresses or limits differ, each once, in order (ids on one side only
+    /// included: the caller tells added and removed orgs apart).
+    fn orgs(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .limits
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(
+                self.hosts
+                    .iter()
+                    .chain(&self.nets)
+                    .chain(&self.removed_cidrs)
+                    .map(|(_, id)| *id),
+            )
+            .chain(self.moved_from.iter().chain(&self.removed_ids).copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
-    for entry in &old.cidrs {
-        if !new_cidrs.contains(entry) {
-            changed.push(entry.1);
-        }
-    }
-    changed.sort_unstable();
-    changed.dedup();
-    changed
 }
 
 /// Writes `items` into the pinned map `name` in batches; false when there are few (not worth it)
@@ -191,49 +235,37 @@ fn batched<T>(
         .is_ok()
 }
 
-/// Counts of what an apply changed, for the log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What an apply changed, for the log and the reload's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub cidrs_written: usize,
     pub cidrs_removed: usize,
     pub limits_written: usize,
+    /// Ids whose addresses or limits changed (orgs on one side only included); left empty on a
+    /// first start, where every org is new.
+    pub orgs_changed: Vec<u32>,
 }
 
 /// Brings the maps from `old` to `new`: additions and changes first, removals last, so no address
-/// is ever without its org in between. CONFIG (with the ready flag) is written last.
+/// is ever without its org in between. CONFIG (with the ready flag) is written last, with
+/// `old`'s address generation, moved on when the address table changed so the kernel
+/// re-attributes connections made under the old table.
 pub fn apply(
     kernel: &mut Kernel,
     old: &Applied,
     new: &Applied,
 ) -> Result<ApplyStats, CountersError> {
-    let mut stats = ApplyStats::default();
+    let diff = Diff::new(old, new);
     for port in new.ports.difference(&old.ports) {
         kernel
             .ports
             .insert(port, 1, 0)
             .map_err(map_err(format!("API port {port}")))?;
     }
-    // Only the old side is indexed: on a first start it is empty and nothing is hashed.
-    let old_limits: foldhash::HashMap<u32, &OrgLimits> =
-        old.limits.iter().map(|(id, l)| (*id, l)).collect();
-    let old_cidrs: foldhash::HashMap<(u32, AddrKey), u32> = old.cidrs.iter().copied().collect();
-    let limits: Vec<(u32, &OrgLimits)> = new
-        .limits
-        .iter()
-        .filter(|(id, l)| old_limits.get(id) != Some(&l))
-        .map(|(id, l)| (*id, l))
-        .collect();
-    stats.limits_written = limits.len();
-    let (hosts, nets): (Vec<_>, Vec<_>) = new
-        .cidrs
-        .iter()
-        .filter(|(k, id)| old_cidrs.get(k) != Some(id))
-        .copied()
-        .partition(|((len, _), _)| *len == HOST_PREFIX_LEN);
-    stats.cidrs_written = hosts.len() + nets.len();
+    let first_start = old.kernel_config.is_none();
     let ro: &Kernel = kernel;
     let write_limits = || {
-        batched(ro, names::ORG_LIMITS, &limits, |(id, l), k, v| {
+        batched(ro, names::ORG_LIMITS, &diff.limits, |(id, l), k, v| {
             k.extend_from_slice(&id.to_ne_bytes());
             v.extend_from_slice(bytemuck::bytes_of(*l));
         })
@@ -245,18 +277,23 @@ pub fn apply(
         })
     };
     let write_nets = || {
-        batched(ro, names::ORG_BY_ADDR, &nets, |((len, addr), id), k, v| {
-            k.extend_from_slice(&len.to_ne_bytes());
-            k.extend_from_slice(addr);
-            v.extend_from_slice(&id.to_ne_bytes());
-        })
+        batched(
+            ro,
+            names::ORG_BY_ADDR,
+            &diff.nets,
+            |((len, addr), id), k, v| {
+                k.extend_from_slice(&len.to_ne_bytes());
+                k.extend_from_slice(addr);
+                v.extend_from_slice(&id.to_ne_bytes());
+            },
+        )
     };
     // A first start (the kernel ignores traffic until CONFIG is written, last) fills the three
     // tables at once; a reload keeps limits before addresses, so no new address meets stale limits.
     // The host table's inserts are the slowest; its buckets have their own locks, so two
     // threads fill it.
-    let (limits_ok, hosts_ok, nets_ok) = if old.kernel_config.is_none() {
-        let (first, second) = hosts.split_at(hosts.len() / 2);
+    let (limits_ok, hosts_ok, nets_ok) = if first_start {
+        let (first, second) = diff.hosts.split_at(diff.hosts.len() / 2);
         std::thread::scope(|s| {
             let first = s.spawn(|| write_hosts(first));
             let second = s.spawn(|| write_hosts(second));
@@ -266,10 +303,10 @@ pub fn apply(
             (limits, hosts, nets.join().unwrap_or(false))
         })
     } else {
-        (write_limits(), write_hosts(&hosts), write_nets())
+        (write_limits(), write_hosts(&diff.hosts), write_nets())
     };
     if !limits_ok {
-        for (id, l) in &limits {
+        for (id, l) in &diff.limits {
             kernel
                 .org_limits
                 .set(*id, *l, 0)
@@ -277,7 +314,7 @@ pub fn apply(
         }
     }
     if !hosts_ok {
-        for &((_, addr), id) in &hosts {
+        for &((_, addr), id) in &diff.hosts {
             kernel
                 .org_by_host
                 .insert(addr, id, 0)
@@ -285,44 +322,29 @@ pub fn apply(
         }
     }
     if !nets_ok {
-        for &((len, addr), id) in &nets {
+        for &((len, addr), id) in &diff.nets {
             kernel
                 .org_by_addr
                 .insert(&Key::new(len, addr), id, 0)
                 .map_err(map_err(format!("address table entry for org id {id}")))?;
         }
     }
-    let new_cidrs: foldhash::HashSet<(u32, AddrKey)> = if old.cidrs.is_empty() {
-        Default::default()
-    } else {
-        new.cidrs.iter().map(|(k, _)| *k).collect()
-    };
-    for &((len, addr), _) in &old.cidrs {
-        if !new_cidrs.contains(&(len, addr)) {
-            let removed = if len == HOST_PREFIX_LEN {
-                kernel.org_by_host.remove(&addr)
-            } else {
-                kernel.org_by_addr.remove(&Key::new(len, addr))
-            };
-            match removed {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("address table removal")(e)),
-            }
-            stats.cidrs_removed += 1;
+    for &((len, addr), _) in &diff.removed_cidrs {
+        let removed = if len == HOST_PREFIX_LEN {
+            kernel.org_by_host.remove(&addr)
+        } else {
+            kernel.org_by_addr.remove(&Key::new(len, addr))
+        };
+        match removed {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("address table removal")(e)),
         }
     }
-    let new_ids: foldhash::HashSet<u32> = if old.limits.is_empty() {
-        Default::default()
-    } else {
-        new.limits.iter().map(|(id, _)| *id).collect()
-    };
-    for (id, _) in &old.limits {
-        if !new_ids.contains(id) {
-            kernel
-                .org_limits
-                .set(*id, OrgLimits::default(), 0)
-                .map_err(map_err(format!("limits of removed org id {id}")))?;
-        }
+    for id in &diff.removed_ids {
+        kernel
+            .org_limits
+            .set(*id, OrgLimits::default(), 0)
+            .map_err(map_err(format!("limits of removed org id {id}")))?;
     }
     for port in old.ports.difference(&new.ports) {
         match kernel.ports.remove(port) {
@@ -330,10 +352,21 @@ pub fn apply(
             Err(e) => return Err(map_err(format!("API port {port}"))(e)),
         }
     }
-    if let Some(kc) = &new.kernel_config {
+    if let Some(mut kc) = new.kernel_config {
+        let prev = old.kernel_config.map_or(0, |c| c.addr_gen);
+        kc.addr_gen = if diff.addresses_changed() {
+            prev.wrapping_add(1)
+        } else {
+            prev
+        };
         kernel.config.set(0, kc, 0).map_err(map_err("CONFIG"))?;
     }
-    Ok(stats)
+    Ok(ApplyStats {
+        cidrs_written: diff.hosts.len() + diff.nets.len(),
+        cidrs_removed: diff.removed_cidrs.len(),
+        limits_written: diff.limits.len(),
+        orgs_changed: if first_start { Vec::new() } else { diff.orgs() },
+    })
 }
 
 /// One org's counters for `day` and its open connections.
@@ -358,7 +391,27 @@ fn of_day(slot: DayCounters, day: u64) -> DayCounters {
     }
 }
 
-/// The first `count` values of the pinned array map `name`, read in batches.
+/// Up to `max` elements of the pinned map `name`, read in batches and handed to `each` a chunk
+/// at a time as packed keys and values.
+fn read_batches(
+    kernel: &Kernel,
+    name: &str,
+    key_size: usize,
+    value_size: usize,
+    max: usize,
+    each: impl FnMut(&[u8], &[u8]),
+) -> Result<(), CountersError> {
+    crate::pins::obj_get(&kernel.pin_dir.join(name))
+        .and_then(|fd| crate::pins::lookup_batch_chunks(&fd, key_size, value_size, max, each))
+        .map(|_| ())
+        .map_err(|e| CountersError::Batch {
+            what: name.to_string(),
+            source: e,
+        })
+}
+
+/// The first `count` values of the pinned array map `name`, decoded chunk by chunk: no second
+/// copy of a map that can be hundreds of MB.
 fn read_array<T: bytemuck::Pod>(
     kernel: &Kernel,
     name: &str,
@@ -366,42 +419,14 @@ fn read_array<T: bytemuck::Pod>(
 ) -> Result<Vec<T>, CountersError> {
     let size = size_of::<T>();
     let mut out = Vec::with_capacity(count);
-    crate::pins::obj_get(&kernel.pin_dir.join(name))
-        .and_then(|fd| {
-            // Decoded chunk by chunk: no second copy of a map that can be hundreds of MB.
-            crate::pins::lookup_batch_chunks(&fd, 4, size, count, |_, values| {
-                out.extend(
-                    values
-                        .chunks_exact(size)
-                        .map(bytemuck::pod_read_unaligned::<T>),
-                );
-            })
-        })
-        .map_err(|e| CountersError::Batch {
-            what: name.to_string(),
-            source: e,
-        })?;
+    read_batches(kernel, name, 4, size, count, |_, values| {
+        out.extend(
+            values
+                .chunks_exact(size)
+                .map(bytemuck::pod_read_unaligned::<T>),
+        );
+    })?;
     Ok(out)
-}
-
-/// Up to `max` (key, value) pairs of the pinned map `name`, packed, read in batches.
-fn read_map(
-    kernel: &Kernel,
-    name: &str,
-    key_size: usize,
-    value_size: usize,
-    max: usize,
-) -> Result<(Vec<u8>, Vec<u8>), CountersError> {
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    crate::pins::obj_get(&kernel.pin_dir.join(name))
-        .and_then(|fd| {
-            crate::pins::lookup_batch(&fd, key_size, value_size, max, &mut keys, &mut values)
-        })
-        .map_err(|e| CountersError::Batch {
-            what: name.to_string(),
-            source: e,
-        })?;
-    Ok((keys, values))
 }
 
 /// Calls `f(id, counters of day, open connections)` for org ids `0..=max_id` in order, from a
@@ -447,23 +472,15 @@ fn each_day_slot(
 ) -> Result<(), CountersError> {
     let size = size_of::<DayCounters>();
     let count = (max_id as usize + 1) * DAY_SLOTS as usize;
-    crate::pins::obj_get(&kernel.pin_dir.join(names::ORG_DAYS))
-        .and_then(|fd| {
-            crate::pins::lookup_batch_chunks(&fd, 4, size, count, |keys, values| {
-                for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(size)) {
-                    let idx: u32 = bytemuck::pod_read_unaligned(key);
-                    let id = idx / DAY_SLOTS;
-                    if idx == day_index(id, day) {
-                        f(id, bytemuck::pod_read_unaligned(value));
-                    }
-                }
-            })
-        })
-        .map_err(|e| CountersError::Batch {
-            what: names::ORG_DAYS.to_string(),
-            source: e,
-        })?;
-    Ok(())
+    read_batches(kernel, names::ORG_DAYS, 4, size, count, |keys, values| {
+        for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(size)) {
+            let idx: u32 = bytemuck::pod_read_unaligned(key);
+            let id = idx / DAY_SLOTS;
+            if idx == day_index(id, day) {
+                f(id, bytemuck::pod_read_unaligned(value));
+            }
+        }
+    })
 }
 
 /// Makes sure org `id`'s slot for `day` is tagged with `day` (zeroed if it held another day).
@@ -574,21 +591,22 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
         let (key, id) = entry.map_err(map_err("reading the address table"))?;
         out.cidrs.push(((key.prefix_len(), key.data()), id));
     }
-    let (keys, values) = read_map(
+    let key_size = size_of::<AddrKey>();
+    let max = kernel.capacity.cidrs as usize;
+    read_batches(
         kernel,
         names::ORG_BY_HOST,
-        size_of::<AddrKey>(),
+        key_size,
         4,
-        kernel.capacity.cidrs as usize,
+        max,
+        |keys, values| {
+            for (key, value) in keys.chunks_exact(key_size).zip(values.chunks_exact(4)) {
+                let addr: AddrKey = bytemuck::pod_read_unaligned(key);
+                out.cidrs
+                    .push(((HOST_PREFIX_LEN, addr), bytemuck::pod_read_unaligned(value)));
+            }
+        },
     )?;
-    for (key, value) in keys
-        .chunks_exact(size_of::<AddrKey>())
-        .zip(values.chunks_exact(4))
-    {
-        let addr: AddrKey = bytemuck::pod_read_unaligned(key);
-        let id: u32 = bytemuck::pod_read_unaligned(value);
-        out.cidrs.push(((HOST_PREFIX_LEN, addr), id));
-    }
     let all: Vec<OrgLimits> =
         read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
     for (id, l) in all.into_iter().enumerate() {
@@ -640,18 +658,11 @@ pub fn faults(kernel: &Kernel) -> Vec<(&'static str, u64)> {
 mod tests {
     use super::*;
 
-    fn with_gen(cidrs: Vec<((u32, AddrKey), u32)>, addr_gen: u32) -> Applied {
-        let mut kc = KernelConfig::empty();
-        kc.addr_gen = addr_gen;
+    fn with_cidrs(cidrs: Vec<((u32, AddrKey), u32)>) -> Applied {
         Applied {
             cidrs,
-            kernel_config: Some(kc),
             ..Applied::default()
         }
-    }
-
-    fn gen_of(a: &Applied) -> u32 {
-        a.kernel_config.map(|c| c.addr_gen).unwrap_or(0)
     }
 
     #[test]
@@ -659,38 +670,45 @@ mod tests {
         let net = |last: u8, id| ((128, limiter_common::v4_mapped([10, 0, 0, last])), id);
         let lim = |q| OrgLimits::new(b"x", q, 3, ORG_F_ACTIVE);
         let old = Applied {
-            cidrs: vec![net(1, 1), net(2, 2), net(3, 3), net(4, 4)],
-            limits: vec![(1, lim(10)), (2, lim(10)), (3, lim(10)), (4, lim(10))],
+            cidrs: vec![net(1, 1), net(2, 2), net(3, 3), net(4, 4), net(6, 6)],
+            limits: vec![
+                (1, lim(10)),
+                (2, lim(10)),
+                (3, lim(10)),
+                (4, lim(10)),
+                (6, lim(10)),
+            ],
             ..Applied::default()
         };
         let new = Applied {
-            // 2 moves to another address, 3 gets another limit, 4 is gone, 5 is new.
-            cidrs: vec![net(1, 1), net(9, 2), net(3, 3), net(5, 5)],
-            limits: vec![(1, lim(10)), (2, lim(10)), (3, lim(20)), (5, lim(10))],
+            // 2 moves to another address, 3 gets another limit, 4 is gone, 5 is new, and 6's
+            // address is now 1's (both changed).
+            cidrs: vec![net(1, 1), net(9, 2), net(3, 3), net(5, 5), net(6, 1)],
+            limits: vec![
+                (1, lim(10)),
+                (2, lim(10)),
+                (3, lim(20)),
+                (5, lim(10)),
+                (6, lim(10)),
+            ],
             ..Applied::default()
         };
-        assert_eq!(orgs_changed(&old, &new), [2, 3, 4, 5]);
-        assert_eq!(orgs_changed(&old, &old), [] as [u32; 0]);
+        assert_eq!(Diff::new(&old, &new).orgs(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(Diff::new(&old, &old).orgs(), [] as [u32; 0]);
     }
 
     #[test]
-    fn address_generation_moves_only_when_the_table_changes() {
+    fn the_address_generation_moves_only_when_the_table_changes() {
         let a = ((120, limiter_common::v4_mapped([10, 0, 0, 0])), 1);
         let b = ((128, limiter_common::v4_mapped([10, 0, 1, 7])), 2);
-        let old = with_gen(vec![a, b], 7);
+        let old = with_cidrs(vec![a, b]);
+        let changed = |new: Vec<_>| Diff::new(&old, &with_cidrs(new)).addresses_changed();
         // The same entries in another order (a reordered config, or read back from the kernel).
-        let mut same = with_gen(vec![b, a], 0);
-        same.carry_generation(&old);
-        assert_eq!(gen_of(&same), 7);
+        assert!(!changed(vec![b, a]));
         // Another org for an address, an address less, or a first start: a new generation.
-        let mut moved = with_gen(vec![a, (b.0, 3)], 0);
-        moved.carry_generation(&old);
-        assert_eq!(gen_of(&moved), 8);
-        let mut fewer = with_gen(vec![a], 0);
-        fewer.carry_generation(&old);
-        assert_eq!(gen_of(&fewer), 8);
-        let mut first = with_gen(vec![a], 0);
-        first.carry_generation(&Applied::default());
-        assert_eq!(gen_of(&first), 1);
+        assert!(changed(vec![a, (b.0, 3)]));
+        assert!(changed(vec![a]));
+        assert!(Diff::new(&Applied::default(), &old).addresses_changed());
+        assert!(!Diff::new(&Applied::default(), &Applied::default()).addresses_changed());
     }
 }

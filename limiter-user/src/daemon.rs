@@ -27,6 +27,7 @@ use crate::{
     config::{ConcurrencyMode, Config, QuotaMode},
     control::{self, Pending, Request, Response},
     counters::{self, Applied},
+    hooks,
     loader::Kernel,
     metrics::{self, Metrics},
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
@@ -70,10 +71,6 @@ pub struct Daemon {
     /// Since when the cluster's Redis has been unreachable, and when that was last logged.
     cluster_down: Option<(Instant, Instant)>,
     metrics: Option<Metrics>,
-}
-
-fn total_cidrs(cfg: &Config) -> usize {
-    cfg.orgs.iter().map(|o| o.cidrs.len()).sum()
 }
 
 /// Writes today's snapshot counts into fresh maps; returns how many orgs were restored.
@@ -120,9 +117,11 @@ fn restore_snapshot(
 impl Daemon {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, mut cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
-        let clock = test_clock_shift(Clock::new(cfg.limits.day_start_secs));
+        // Test hook: start as if the daemon had been away this long.
+        let away = hooks::value("LIMITER_TEST_CLOCK_SHIFT_SECS").unwrap_or(0);
+        let clock = Clock::new(cfg.limits.day_start_secs).ahead_secs(away);
         let started = Instant::now();
-        let cap = pins::Capacity::for_counts(cfg.orgs.len(), total_cidrs(&cfg));
+        let cap = pins::Capacity::for_config(&cfg);
         // While the kernel verifies the programs and creates the maps, a second thread builds
         // the tables of a first start (ids and map contents): with a million orgs each takes
         // about a second. A restart that finds its maps pinned redoes the ids from the kernel's.
@@ -201,11 +200,9 @@ impl Daemon {
         } else {
             restore_snapshot(&mut kernel, &cfg, &ids, &clock, day)?
         };
-        let mut applied = desired;
-        applied.carry_generation(&old);
         let before_apply = Instant::now();
-        let stats = counters::apply(&mut kernel, &old, &applied)?;
-        drop((applied, old));
+        let stats = counters::apply(&mut kernel, &old, &desired)?;
+        drop((desired, old));
         let limits = OrgLimitTable::new(&cfg, &ids);
         let org_count = cfg.orgs.len();
         let delay_without_gate = cfg.api.interfaces.is_empty()
@@ -659,9 +656,8 @@ impl Daemon {
         self.day = today;
     }
 
-    /// One line per org (and unmapped) with its totals of `day`.
-    /// One line per org with its totals of `day`; with `idle` false, orgs without any traffic
-    /// that day are left out and counted in one closing line.
+    /// One line per org (and unmapped) with its totals of `day`; with `idle` false, orgs without
+    /// any traffic that day are left out and counted in one closing line.
     fn log_totals(&self, event: &str, day: u64, idle: bool) {
         let date = self.clock.date(day);
         let mut skipped = 0u64;
@@ -744,15 +740,11 @@ impl Daemon {
                 self.unload = unload;
                 Response::ok(serde_json::json!({ "unload": unload }))
             }
-            Request::AdvanceClock { .. } if std::env::var_os("LIMITER_TEST_HOOKS").is_none() => {
-                Response::err(
-                    "advance-clock is a test hook: start the daemon with LIMITER_TEST_HOOKS=1",
-                )
-            }
+            Request::AdvanceClock { .. } if !hooks::enabled() => Response::err(
+                "advance-clock is a test hook: start the daemon with LIMITER_TEST_HOOKS=1",
+            ),
             Request::AdvanceClock { secs } => {
-                self.clock = self
-                    .clock
-                    .shifted(secs.clamp(0, 400 * 86_400) * 1_000_000_000);
+                self.clock = self.clock.ahead_secs(secs);
                 match self.write_clock() {
                     Ok(()) => {
                         self.tick();
@@ -883,11 +875,11 @@ impl Daemon {
                 changed.join(", ")
             );
         }
-        if total_cidrs(&new_cfg) > self.kernel.capacity.cidrs as usize {
+        if new_cfg.cidr_count() > self.kernel.capacity.cidrs as usize {
             anyhow::bail!(
                 "{}: {} CIDRs do not fit the kernel's address table ({}): restart the daemon to resize it",
                 self.config_path.display(),
-                total_cidrs(&new_cfg),
+                new_cfg.cidr_count(),
                 self.kernel.capacity.cidrs
             );
         }
@@ -905,8 +897,7 @@ impl Daemon {
         let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
         // The old side is what the maps hold: the daemon keeps no copy of it.
         let old = counters::read_applied(&self.kernel)?;
-        let mut new = Applied::desired(&new_cfg, &ids, &clock)?;
-        new.carry_generation(&old);
+        let new = Applied::desired(&new_cfg, &ids, &clock)?;
         let added: Vec<String> = ids
             .iter()
             .filter(|(_, name)| self.ids.id(name).is_none())
@@ -917,14 +908,6 @@ impl Daemon {
             .iter()
             .filter(|(_, name)| ids.id(name).is_none())
             .map(|(_, name)| name.to_string())
-            .collect();
-        // Orgs that stay keep their ids; those whose addresses or limits differ changed.
-        let changed: Vec<String> = counters::orgs_changed(&old, &new)
-            .into_iter()
-            .filter_map(|id| {
-                let name = ids.name(id)?;
-                (self.ids.id(name) == Some(id)).then(|| name.to_string())
-            })
             .collect();
         for name in &added {
             if let Some(id) = ids.id(name) {
@@ -950,6 +933,15 @@ impl Daemon {
                 ));
             }
         };
+        // Orgs that stay keep their ids; those whose addresses or limits differ changed.
+        let changed: Vec<String> = stats
+            .orgs_changed
+            .iter()
+            .filter_map(|&id| {
+                let name = ids.name(id)?;
+                (self.ids.id(name) == Some(id)).then(|| name.to_string())
+            })
+            .collect();
         // After the apply: nothing new is attributed to a removed org from here on.
         for name in &removed {
             if let Some(id) = self.ids.id(name)
@@ -987,21 +979,6 @@ impl Daemon {
         drop((old, new));
         release_freed_memory();
         Ok(serde_json::json!({ "added": added, "removed": removed, "changed": changed }))
-    }
-}
-
-/// Test hook: with `LIMITER_TEST_HOOKS`, `LIMITER_TEST_CLOCK_SHIFT_SECS=n` starts the daemon's
-/// quota clock `n` seconds ahead, as if the daemon had been away that long.
-fn test_clock_shift(clock: Clock) -> Clock {
-    if std::env::var_os("LIMITER_TEST_HOOKS").is_none() {
-        return clock;
-    }
-    match std::env::var("LIMITER_TEST_CLOCK_SHIFT_SECS")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-    {
-        Some(secs) => clock.shifted(secs.clamp(0, 400 * 86_400) * 1_000_000_000),
-        None => clock,
     }
 }
 

@@ -3,7 +3,7 @@
 //! One module per concern: `config` (the TOML file), `clock` (quota days), `orgs` (org ids and address table), `loader`
 //! (the kernel programs and maps), `counters` (reading and writing usage), `report` (the usage
 //! report), `control` (the CLI ↔ daemon socket), `daemon` (`limiter run`), `logging` (text/JSON
-//! log lines), `check` (`limiter check`), `testbed` (namespaces, cgroup, bpffs, test HTTP server and
+//! log lines), `check` (`limiter check`), `hooks` (test hooks), `testbed` (namespaces, cgroup, bpffs, test HTTP server and
 //! clients, for the demo and the integration tests) and `demo` (`limiter demo`).
 
 pub mod bench;
@@ -14,6 +14,7 @@ pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod demo;
+pub mod hooks;
 pub mod loader;
 pub mod logging;
 pub mod metrics;

@@ -196,26 +196,15 @@ impl Kernel {
         let mut loader = EbpfLoader::new();
         let slot_mask = pins::sock_slot_mask();
         loader.override_global(limiter_common::SOCK_SLOT_MASK_GLOBAL, &slot_mask, true);
-        for (name, _, _, max) in pins::expected_maps(cap) {
-            if [
-                names::ORG_LIMITS,
-                names::ORG_CONNS,
-                names::ORG_DAYS,
-                names::ORG_REMOTE,
-                names::ORG_BY_ADDR,
-                names::ORG_BY_HOST,
-            ]
-            .contains(&name)
-            {
-                loader.map_max_entries(name, max);
-            }
-        }
+        // Every map sized and pinned as `expected_maps` says (the org and address tables follow
+        // the config's counts).
         let expected = pins::expected_maps(cap);
-        let paths: Vec<(&str, PathBuf)> = expected
+        let paths: Vec<(&str, u32, PathBuf)> = expected
             .iter()
-            .map(|(name, ..)| (*name, dir.join(name)))
+            .map(|(name, _, _, max)| (*name, *max, dir.join(name)))
             .collect();
-        for (name, path) in &paths {
+        for (name, max, path) in &paths {
+            loader.map_max_entries(name, *max);
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;

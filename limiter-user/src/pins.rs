@@ -69,6 +69,11 @@ impl Default for Capacity {
 }
 
 impl Capacity {
+    /// What `cfg`'s orgs and CIDRs need.
+    pub fn for_config(cfg: &crate::config::Config) -> Self {
+        Self::for_counts(cfg.orgs.len(), cfg.cidr_count())
+    }
+
     pub fn for_counts(orgs: usize, cidrs: usize) -> Self {
         let up = |n: usize, min: u32| (n.max(1).next_power_of_two() as u32).max(min);
         Capacity {
@@ -150,15 +155,9 @@ pub fn layout_version(cap: Capacity) -> String {
 /// `LIMITER_TEST_SOCK_SLOTS=n` (a power of two; only with `LIMITER_TEST_HOOKS`) so that sockets
 /// share slots and the fallback table is used.
 pub fn sock_slot_mask() -> u32 {
-    let all = MAX_SOCKETS - 1;
-    if std::env::var_os("LIMITER_TEST_HOOKS").is_none() {
-        return all;
-    }
-    std::env::var("LIMITER_TEST_SOCK_SLOTS")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
+    crate::hooks::value::<u32>("LIMITER_TEST_SOCK_SLOTS")
         .filter(|n| n.is_power_of_two() && *n <= MAX_SOCKETS)
-        .map_or(all, |n| n - 1)
+        .map_or(MAX_SOCKETS - 1, |n| n - 1)
 }
 
 /// The directory of this build's pins under `pin_dir`.
@@ -325,28 +324,10 @@ pub fn update_batch(
     Ok(())
 }
 
-/// Reads up to `max` elements of a map (BPF_MAP_LOOKUP_BATCH, a chunk per syscall; an array in
-/// index order) into `keys` and `values`, packed, and returns how many there were: reading a
-/// million orgs' counters one lookup at a time cost seconds of syscalls per snapshot, report,
-/// cluster sync or restart.
-pub fn lookup_batch(
-    map: &OwnedFd,
-    key_size: usize,
-    value_size: usize,
-    max: usize,
-    keys: &mut Vec<u8>,
-    values: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    keys.clear();
-    values.clear();
-    lookup_batch_chunks(map, key_size, value_size, max, |k, v| {
-        keys.extend_from_slice(k);
-        values.extend_from_slice(v);
-    })
-}
-
-/// [`lookup_batch`] handing each chunk's packed keys and values to `each` instead of keeping
-/// them: the caller keeps what it needs, and memory stays at one chunk.
+/// Reads up to `max` elements of a map (BPF_MAP_LOOKUP_BATCH; an array in index order) a chunk
+/// per syscall, handing each chunk's packed keys and values to `each`, and returns how many there
+/// were. One lookup per element cost seconds of syscalls per snapshot, report, cluster sync or
+/// restart with a million orgs; keeping only what the caller needs keeps memory at one chunk.
 pub fn lookup_batch_chunks(
     map: &OwnedFd,
     key_size: usize,

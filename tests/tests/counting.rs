@@ -388,30 +388,3 @@ fn metrics_show_per_org_usage() -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
-
-/// Thousands of orgs (written to the kernel in batches): the last one configured is attributed
-/// and limited like the first.
-#[test]
-fn thousands_of_orgs_load_and_attribute() -> Result<()> {
-    let mut w = World::new("manyorgs", 1, 0)?;
-    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
-    let mut orgs = String::new();
-    for i in 0..3000u32 {
-        let o = (0x6440_0000u32 + i).to_be_bytes();
-        orgs.push_str(&org_toml(
-            &format!("filler{i}"),
-            &[format!("{}.{}.{}.{}/32", o[0], o[1], o[2], o[3])],
-            "",
-        ));
-    }
-    orgs.push_str(&org_toml("acme", &[cidr(acme)], "daily_requests = 5"));
-    w.write_config("", &orgs)?;
-    w.start_daemon()?;
-    let api = w.api4();
-    let st = w.client(|| async move { http_requests(acme, api, &gets("/api/", 7), true).await })?;
-    let codes: Vec<u16> = st.iter().map(|r| r.status).collect();
-    assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429]);
-    let org = w.org("acme")?;
-    assert_eq!((n(&org, "requests"), n(&org, "rejected")), (5, 2), "{org}");
-    Ok(())
-}

@@ -527,7 +527,8 @@ fn refused_connections_close_cleanly() -> Result<()> {
 
 /// Every socket's state lives in a slot picked by its cookie, or in a hash when that slot is
 /// taken. With one slot for all (a test hook), one connection takes it and the others go to the
-/// hash: all of them are counted, refused and released exactly, and a freed slot is taken again.
+/// hash: all of them are counted, refused and released exactly, and connections opened after
+/// they closed get their state too.
 #[test]
 fn sockets_that_share_a_slot_are_tracked_exactly() -> Result<()> {
     let mut w = World::new("slots", 1, 0)?;
@@ -567,7 +568,7 @@ fn sockets_that_share_a_slot_are_tracked_exactly() -> Result<()> {
         let org = wr.wait_org("acme", |o| o["connections"] == 0)?;
         assert_eq!((n(&org, "requests"), n(&org, "rejected")), (12, 4), "{org}");
         assert_eq!(n(&org, "peak_connections"), 4, "{org}");
-        // The slot is free again: new connections are tracked as before.
+        // Opened after the others closed (their slot and hash entries freed): tracked as before.
         let mut a = HttpConn::connect(Some(acme), api).await?;
         let mut b = HttpConn::connect(Some(acme), api).await?;
         assert_eq!(a.send(&get, true).await?.status, 429);
