@@ -8,5 +8,6 @@ pub mod day;
 pub mod http;
 pub mod maps;
 pub mod reply;
+pub mod stream;
 
 pub use maps::*;

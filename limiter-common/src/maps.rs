@@ -23,6 +23,8 @@ pub mod names {
     pub const FAULTS: &str = "FAULTS";
     pub const REFUSE: &str = "REFUSE";
     pub const SCRATCH: &str = "SCRATCH";
+    pub const MEDIA_MATCH: &str = "MEDIA_MATCH";
+    pub const WALK: &str = "WALK";
 }
 
 /// Program names (the Rust function names in limiter-ebpf).
@@ -226,7 +228,7 @@ pub struct RemoteCount {
     pub requests: u64,
 }
 
-/// Per-socket state in SOCK_STATE, keyed by socket cookie.
+/// Per-socket state in SOCK_SLOTS (or SOCK_STATE), keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockState {
@@ -235,10 +237,10 @@ pub struct SockState {
     pub kind: u32,
     /// 1 while the connection counts as open; swapped to 0 exactly once on close.
     pub open: u32,
-    /// `PHASE_*`: what the next inbound chunk is expected to be.
-    pub phase: u32,
     /// `Config::addr_gen` when `org` was looked up.
     pub addr_gen: u32,
+    /// Where the inbound byte stream stands (see [`crate::stream`]).
+    pub stream: crate::stream::Stream,
 }
 
 /// One entry of SOCK_SLOTS: the state of the socket whose cookie is `cookie` (0: free).
@@ -247,23 +249,11 @@ pub struct SockState {
 pub struct SockSlot {
     pub cookie: u64,
     pub state: SockState,
-    pub _pad: u32,
 }
 
 pub const SOCK_F_INBOUND: u32 = 1;
-/// Arrived while its org was at its concurrency limit in reject mode: its first request is refused.
+/// Arrived while its org was at its concurrency limit in reject mode: its requests are refused.
 pub const SOCK_F_OVER_LIMIT: u32 = 4;
-
-/// Nothing received yet.
-pub const PHASE_NEW: u32 = 0;
-/// At least one HTTP request started: chunks that do not start a request are its body.
-pub const PHASE_HTTP: u32 = 1;
-/// The stream opened with bytes that are not HTTP/1.x (already counted as unparsed).
-pub const PHASE_OPAQUE: u32 = 2;
-/// A 429 with `Connection: close` was sent: everything that follows is dropped.
-pub const PHASE_REFUSED: u32 = 3;
-/// A keep-alive 429 was sent: what follows is dropped until the next request starts.
-pub const PHASE_AFTER_429: u32 = 4;
 
 /// Key of ORG_BY_ADDR (an LPM trie): IPv6 address, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
 pub type AddrKey = [u8; 16];
@@ -291,15 +281,18 @@ pub const FAULT_NO_SOCK_STATE: u32 = 3;
 pub const FAULT_BAD_ORG: u32 = 4;
 /// A 429 could not be written (skb too long to pad, or a helper failed); the request passed.
 pub const FAULT_REPLY: u32 = 5;
+/// A chunk's bytes could not be loaded for the stream parser; the chunk passed.
+pub const FAULT_PARSE: u32 = 6;
 pub const FAULT_COUNT: u32 = 8;
 
-pub const FAULT_NAMES: [&str; 6] = [
+pub const FAULT_NAMES: [&str; 7] = [
     "sock_state_full",
     "sockhash_full",
     "events_full",
     "no_sock_state",
     "bad_org",
     "reply_failed",
+    "parse_failed",
 ];
 
 #[cfg(feature = "user")]

@@ -25,6 +25,9 @@ pub enum Policy {
     Daily,
     /// The concurrency limit (`concurrency_mode = "reject"`).
     Concurrency,
+    /// Not a limit: the connection's framing cannot be followed, so it is closed with a 400
+    /// (see [`crate::stream`]).
+    BadRequest,
 }
 
 /// What goes into one reply.
@@ -109,6 +112,24 @@ const H_CONN: &[u8] = b"\r\nConnection: ";
 const H_LEN: &[u8] = b"\r\nContent-Length: ";
 const H_PAD: &[u8] = b"\r\nX-Pad: ";
 const END: &[u8] = b"\r\n\r\n";
+const BAD_HEAD: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\nX-Pad: ";
+/// The shortest 400 (no padding).
+pub const BAD_REQUEST_MIN: usize = BAD_HEAD.len() + END.len();
+
+/// Renders the 400 padded to exactly `total` bytes (at least [`BAD_REQUEST_MIN`]).
+#[inline(always)]
+pub fn render_bad_request(total: usize, sink: &mut impl Sink) -> bool {
+    if total < BAD_REQUEST_MIN {
+        return false;
+    }
+    let pad = total - BAD_REQUEST_MIN;
+    let mut ok = sink.put(0, BAD_HEAD);
+    if pad > 0 {
+        ok &= sink.spaces(BAD_HEAD.len(), pad);
+    }
+    ok & sink.put(BAD_HEAD.len() + pad, END)
+}
 
 const DAILY_PARTS: &[&[u8]] = &[
     H_STATUS,
@@ -160,9 +181,9 @@ pub struct RefuseArgs {
     pub org: u32,
     /// `Policy as u32`.
     pub policy: u32,
-    /// The chunk is exactly one request head (its first `\r\n\r\n` ends it) and not a HEAD
-    /// request, so a 429 may keep the connection open. Found by the verdict: scanning in the
-    /// writer multiplied the verifier's paths through the renderer past its limit.
+    /// The chunk is exactly one whole request, from a request boundary to the next, and not a
+    /// HEAD request, so a 429 may keep the connection open (the stream stays in step). Found by
+    /// the verdict's stream parser.
     pub keep_alive_ok: bool,
     pub _pad: [u8; 7],
 }
@@ -173,8 +194,6 @@ pub struct Scratch {
     pub args: RefuseArgs,
     pub work: [u8; WORK],
     pub num: [u8; W],
-    /// For the kernel's scan of the request head (it does not fit the stack beside the rest).
-    pub scan: [u8; 64],
 }
 
 impl Scratch {
@@ -189,7 +208,6 @@ impl Scratch {
             },
             work: [0; WORK],
             num: [0; W],
-            scan: [0; 64],
         }
     }
 }
@@ -263,13 +281,16 @@ impl Reply<'_> {
     pub const fn head_len(&self) -> usize {
         match self.policy {
             Policy::Daily => DAILY_HEAD_LEN,
-            Policy::Concurrency => CONC_HEAD_LEN,
+            Policy::Concurrency | Policy::BadRequest => CONC_HEAD_LEN,
         }
     }
 
     /// The shortest this reply can be (no padding).
     pub const fn min_len(&self) -> usize {
-        self.head_len() + END.len() + BODY_LEN
+        match self.policy {
+            Policy::BadRequest => BAD_REQUEST_MIN,
+            _ => self.head_len() + END.len() + BODY_LEN,
+        }
     }
 
     /// Renders the reply padded to exactly `total` bytes (at least [`Reply::min_len`]).
@@ -281,6 +302,9 @@ impl Reply<'_> {
     /// length-dependent branches.
     #[inline(always)]
     pub fn render(&self, total: usize, scratch: &mut Scratch, sink: &mut impl Sink) -> bool {
+        if self.policy == Policy::BadRequest {
+            return render_bad_request(total, sink);
+        }
         let min = self.min_len();
         if total < min {
             return false;
@@ -288,11 +312,11 @@ impl Reply<'_> {
         let pad = total - min;
         let (template, at): (&[u8], [usize; 4]) = match self.policy {
             Policy::Daily => (&DAILY_HEAD, DAILY_SLOTS),
-            Policy::Concurrency => (&CONC_HEAD, CONC_SLOTS),
+            Policy::Concurrency | Policy::BadRequest => (&CONC_HEAD, CONC_SLOTS),
         };
         let retry = match self.policy {
             Policy::Daily => self.reset_secs,
-            Policy::Concurrency => 1,
+            Policy::Concurrency | Policy::BadRequest => 1,
         };
         let mut ok = sink.put(0, template);
         left_aligned(retry, &mut scratch.work, &mut scratch.num);
@@ -320,7 +344,7 @@ impl Reply<'_> {
         ok &= sink.put(off + BODY_START.len(), self.org);
         let (mid, end): (&[u8], &[u8]) = match self.policy {
             Policy::Daily => (DAILY_MID, DAILY_END),
-            Policy::Concurrency => (CONC_MID, CONC_END),
+            Policy::Concurrency | Policy::BadRequest => (CONC_MID, CONC_END),
         };
         let o = off + BODY_START.len() + min_branchless(self.org_len, NAME_MAX);
         ok &= sink.put(o, mid);
@@ -464,6 +488,25 @@ mod tests {
             "initech already has 3 concurrent API connections open"
         );
         assert_eq!(v["violated-policies"][0], "concurrency");
+    }
+
+    #[test]
+    fn bad_request_closes_and_pads_exactly() {
+        for total in [BAD_REQUEST_MIN, BAD_REQUEST_MIN + 1, 700, 70_000] {
+            let mut s = VecSink(Vec::new());
+            assert!(render_bad_request(total, &mut s));
+            let text = String::from_utf8(s.0).unwrap();
+            assert_eq!(text.len(), total);
+            let (status, headers, body) = parse(&text);
+            assert_eq!(status, "HTTP/1.1 400 Bad Request");
+            assert_eq!(header(&headers, "Connection"), Some("close"));
+            assert_eq!(header(&headers, "Content-Length"), Some("0"));
+            assert!(body.is_empty());
+        }
+        assert!(!render_bad_request(
+            BAD_REQUEST_MIN - 1,
+            &mut VecSink(Vec::new())
+        ));
     }
 
     #[test]

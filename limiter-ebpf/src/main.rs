@@ -22,14 +22,14 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        __sk_buff, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::{SK_DROP, SK_PASS},
         xdp_action,
     },
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_msg_pull_data, bpf_sk_redirect_hash,
-        bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
+        bpf_get_socket_cookie, bpf_ktime_get_tai_ns, bpf_loop, bpf_msg_pull_data,
+        bpf_sk_redirect_hash, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     macros::{map, sk_msg, sock_ops, stream_verdict, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash, lpm_trie::Key},
@@ -38,13 +38,15 @@ use aya_ebpf::{
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config, DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH,
     EVENT_QUOTA_EXHAUSTED, EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL,
-    FAULT_NO_SOCK_STATE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, MAX_API_PORTS,
-    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT,
-    ORG_F_DRY_RUN, OrgLimits, PHASE_AFTER_429, PHASE_HTTP, PHASE_NEW, PHASE_OPAQUE, PHASE_REFUSED,
-    RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockSlot, SockState, UNMAPPED_ORG, day,
-    day_index,
-    http::{self, Class, HEAD_BLOCK, HEAD_BLOCKS, Method, PEEK_LEN},
+    FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
+    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY,
+    ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits, RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT,
+    SockSlot, SockState, UNMAPPED_ORG, day, day_index, http,
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
+    stream::{
+        MEDIA_MATCH_ENTRIES, MediaPrefixes, S_CLOSED, S_OPAQUE, Stream, Tally, WALK_SLOTS, WIN,
+        WalkSlot, media_match_index,
+    },
     v4_mapped,
 };
 
@@ -93,6 +95,13 @@ static FAULTS: Array<u64> = Array::with_max_entries(FAULT_COUNT, 0);
 /// Where a 429 is assembled before it is stored into the skb.
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// The media prefixes as a table: which prefixes stay possible for a path byte at a position
+/// (see `stream::MediaPrefixes`), written by the daemon with CONFIG.
+#[map]
+static MEDIA_MATCH: Array<u8> = Array::with_max_entries(MEDIA_MATCH_ENTRIES, 0);
+/// Where the verdict walks a chunk (see `WalkSlot`).
+#[map]
+static WALK: PerCpuArray<WalkSlot> = PerCpuArray::with_max_entries(WALK_SLOTS, 0);
 /// Slot 0: `limiter_refuse`, tail-called to write a 429.
 #[map]
 static REFUSE: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -316,6 +325,11 @@ enum Counter {
 
 #[inline(always)]
 fn count(org: u32, c: &Config, what: Counter) {
+    count_n(org, c, what, 1);
+}
+
+#[inline(always)]
+fn count_n(org: u32, c: &Config, what: Counter, n: u64) {
     let Some(slot) = day_counters(org, today(c)) else {
         return;
     };
@@ -327,7 +341,7 @@ fn count(org: u32, c: &Config, what: Counter) {
             Counter::Unparsed => &raw mut (*slot).unparsed,
         }
     };
-    add(field, 1);
+    add(field, n);
 }
 
 /// The org owning an address (IPv4 as IPv4-mapped IPv6), or the unmapped slot.
@@ -421,7 +435,7 @@ fn on_inbound(ctx: &SockOpsContext) {
         org,
         kind: SOCK_F_INBOUND,
         open: 1,
-        phase: PHASE_NEW,
+        stream: Stream::new(),
         addr_gen: c.addr_gen,
     };
     match add_sock_state(cookie, &state) {
@@ -524,117 +538,282 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
 // stream verdict: inbound requests
 // ---------------------------------------------------------------------------------------------
 
+/// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
+/// everything that changes lives in map memory, where the verifier does not follow values.
+#[repr(C)]
+struct Walk {
+    skb: *mut __sk_buff,
+    cfg: *const Config,
+    slot: *mut WalkSlot,
+    stream: *mut Stream,
+}
+
+/// One `bpf_loop` iteration: one [`Stream::step`].
+#[inline(never)]
+extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the verdict's `Walk`, on its stack for the whole loop; its pointers are
+    // map values (this CPU's walk slot, the socket's stream, CONFIG) and the program's context.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    try_walk_step(w.skb, slot, stream, cfg)
+}
+
+#[inline(always)]
+fn try_walk_step(skb: *mut __sk_buff, w: &mut WalkSlot, stream: &mut Stream, cfg: &Config) -> i64 {
+    if w.pos >= w.len {
+        return 1;
+    }
+    if stream.needs_bytes() && !(w.pos >= w.win_off && w.pos < w.win_off + w.win_n) {
+        // Always a whole window, so the load's length is a constant: a length that followed
+        // `pos` would make the verifier track `pos`. (Chunks shorter than a window are loaded
+        // whole before the loop.)
+        let win = WIN as u64;
+        if w.len < win {
+            w.failed = 1;
+            return 1;
+        }
+        let off = if w.pos + win <= w.len {
+            w.pos
+        } else {
+            w.len - win
+        };
+        // SAFETY: `w.win` holds WIN_BUF >= WIN bytes, and off + WIN <= len.
+        if unsafe {
+            bpf_skb_load_bytes(
+                skb as *const c_void,
+                off as u32,
+                w.win.as_mut_ptr() as *mut c_void,
+                WIN as u32,
+            )
+        } != 0
+        {
+            w.failed = 1;
+            return 1;
+        }
+        w.win_off = off;
+        w.win_n = win;
+    }
+    let at = (w.pos - w.win_off) as usize;
+    let count = cfg.media_prefix_count;
+    let all = if count >= 8 {
+        0xff
+    } else {
+        ((1u32 << count) - 1) as u8
+    };
+    let used = stream.step(
+        &w.win,
+        at & (WIN - 1),
+        w.win_n as usize,
+        w.len - w.pos,
+        &KernelMedia(all),
+        &mut w.tally,
+    );
+    if used == 0 {
+        return 1;
+    }
+    w.pos += used;
+    0
+}
+
+/// The media prefixes through MEDIA_MATCH; `0` holds the configured prefixes' bits.
+struct KernelMedia(u8);
+
+impl MediaPrefixes for KernelMedia {
+    #[inline(always)]
+    fn all(&self) -> u8 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn matching(&self, pos: u8, c: u8) -> u8 {
+        MEDIA_MATCH
+            .get(media_match_index(pos, c))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
+const WALK_MAX: u64 = 1 << 23;
+
+/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot. None when it could not be
+/// followed to its end (a fault; the chunk passes).
+#[inline(always)]
+fn walk_chunk(ctx: &SkBuffContext, c: &Config, stream: *mut Stream, len: u64) -> Option<Tally> {
+    let top = WALK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot 0. A verdict that interrupts this one runs to its end before this
+    // one goes on, so a plain read and write of the depth cannot interleave with another.
+    let depth = unsafe { (*top).depth };
+    if depth >= WALK_SLOTS as u64 {
+        return None;
+    }
+    let slot = WALK.get_ptr_mut(depth as u32)?;
+    // SAFETY: as above.
+    unsafe { (*top).depth = depth + 1 };
+    let tally = walk_in(ctx, c, stream, len, slot);
+    // SAFETY: as above.
+    unsafe { (*top).depth = depth };
+    tally
+}
+
+#[inline(always)]
+fn walk_in(
+    ctx: &SkBuffContext,
+    c: &Config,
+    stream: *mut Stream,
+    len: u64,
+    slot: *mut WalkSlot,
+) -> Option<Tally> {
+    // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back.
+    let w = unsafe { &mut *slot };
+    w.pos = 0;
+    w.len = len;
+    w.win_off = 0;
+    w.win_n = 0;
+    w.failed = 0;
+    w.tally = Tally::default();
+    if len < WIN as u64 {
+        // SAFETY: `w.win` holds WIN_BUF > len bytes; the verifier sees 1 <= len < WIN.
+        if unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const c_void,
+                0,
+                w.win.as_mut_ptr() as *mut c_void,
+                len as u32,
+            )
+        } != 0
+        {
+            return None;
+        }
+        w.win_n = len;
+    }
+    let mut walk = Walk {
+        skb: ctx.skb.skb,
+        cfg: c as *const Config,
+        slot,
+        stream,
+    };
+    let loops = if len < WALK_MAX { len } else { WALK_MAX };
+    // SAFETY: `walk_step` is a static function of this program; `walk` outlives the loop.
+    unsafe {
+        bpf_loop(
+            loops as u32,
+            walk_step as *const () as *mut c_void,
+            &mut walk as *mut Walk as *mut c_void,
+            0,
+        )
+    };
+    (w.failed == 0).then_some(w.tally)
+}
+
 #[inline(always)]
 fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let Some(c) = config() else { return SK_PASS };
-    // Not zeroed first: that memset was a byte loop costing more than the rest of the verdict.
-    let mut buf = core::mem::MaybeUninit::<[u8; PEEK_LEN]>::uninit();
-    let len = ctx.len() as usize;
+    let len = ctx.len() as u64;
     if len == 0 {
         return SK_PASS;
     }
-    let n = if len < PEEK_LEN { len } else { PEEK_LEN };
-    // SAFETY: `buf` holds PEEK_LEN bytes and 1 <= n <= PEEK_LEN (the verifier checks this too).
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            0,
-            buf.as_mut_ptr() as *mut c_void,
-            n as u32,
-        )
-    };
-    if ret != 0 {
-        return SK_PASS;
-    }
-    // SAFETY: the helper wrote the first `n` bytes, and only those are read.
-    let Some(bytes) = (unsafe { buf.assume_init_ref() }).get(..n) else {
-        return SK_PASS;
-    };
-    let class = http::classify(bytes, c);
-
     // SAFETY: stream verdict programs may ask for their socket's cookie.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
     let st = sock_state(cookie);
-    let (org, phase, kind) = match st {
+    let (org, kind, stream) = match st {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
         Some(st) => unsafe {
             if (*st).addr_gen != c.addr_gen {
                 reattribute(ctx, st, c.addr_gen);
             }
-            ((*st).org, (*st).phase, (*st).kind)
+            ((*st).org, (*st).kind, &raw mut (*st).stream)
         },
         None => {
+            // Nothing to follow the stream with: each chunk is read as if it began the
+            // connection (a fault, counted), in the walk slot's own stream.
             fault(FAULT_NO_SOCK_STATE);
+            let Some(w) = WALK.get_ptr_mut(WALK_SLOTS - 1) else {
+                return SK_PASS;
+            };
             let addr = peer_addr!(ctx.skb.skb);
-            (addr.map(org_of).unwrap_or(UNMAPPED_ORG), PHASE_HTTP, 0)
+            // SAFETY: this CPU's last walk slot's stream, used only here.
+            unsafe { (*w).stream = Stream::new() };
+            (
+                addr.map(org_of).unwrap_or(UNMAPPED_ORG),
+                0,
+                // SAFETY: as above.
+                unsafe { &raw mut (*w).stream },
+            )
         }
     };
-    let set_phase = |p: u32| {
-        if let Some(st) = st {
-            // SAFETY: as above.
-            unsafe { (*st).phase = p };
-        }
-    };
-    if phase == PHASE_REFUSED {
-        // After a `Connection: close` 429 nothing more reaches the app.
-        return SK_DROP;
+    // SAFETY: a map value, as above.
+    let (state, from_boundary) = unsafe { ((*stream).state, (*stream).at_boundary()) };
+    match state {
+        // After a `Connection: close` reply or broken framing nothing more reaches the app.
+        S_CLOSED => return SK_DROP,
+        S_OPAQUE => return SK_PASS,
+        _ => {}
     }
-    let method = match class {
-        Class::NotRequest => {
-            match phase {
-                // A stream that opens with non-HTTP bytes is counted once as unparsed.
-                PHASE_NEW => {
-                    set_phase(PHASE_OPAQUE);
-                    count(org, c, Counter::Unparsed);
-                }
-                // The rest of a refused request's body.
-                PHASE_AFTER_429 => return SK_DROP,
-                // Bytes after a request started are its body.
-                _ => {}
-            }
-            return SK_PASS;
-        }
-        Class::ExemptMedia => {
-            set_phase(PHASE_HTTP);
-            count(org, c, Counter::ExemptMedia);
-            return SK_PASS;
-        }
-        Class::Counted(m) => m,
+    let Some(t) = walk_chunk(ctx, c, stream, len) else {
+        // The stream cannot be followed past here: fail open.
+        fault(FAULT_PARSE);
+        return SK_PASS;
     };
-    set_phase(PHASE_HTTP);
+    if t.opaque {
+        count(org, c, Counter::Unparsed);
+        return SK_PASS;
+    }
+    if t.media > 0 {
+        count_n(org, c, Counter::ExemptMedia, t.media as u64);
+    }
+    if t.broken {
+        count(org, c, Counter::Unparsed);
+    }
+    if t.counted == 0 && !t.broken {
+        return SK_PASS;
+    }
     let day = today(c);
     let Some(slot) = day_counters(org, day) else {
         return SK_PASS;
     };
     let limits = ORG_LIMITS.get(org);
-    // One call site for both refusals: the verifier walks the 429 path once, not per policy.
-    let policy = if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() {
+    let n = t.counted as u64;
+    // One call site for every refusal: the verifier walks the 429 path once, not per policy.
+    let policy = if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() && n > 0 {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
+        add(unsafe { &raw mut (*slot).rejected }, n);
         Policy::Concurrency
     } else {
-        match daily_verdict(org, day, slot, limits) {
+        match daily_verdict(org, day, slot, limits, n) {
             Some(p) => p,
+            None if t.broken => Policy::BadRequest,
             None => return SK_PASS,
         }
     };
-    // The 429 writer sets the phase once its reply is committed.
-    refuse(ctx, cookie, org, policy, method)
+    // A 429 may keep the connection only when the chunk was exactly one whole request.
+    let keep_alive_ok = from_boundary
+        && t.starts == 1
+        && !t.broken
+        && !t.head_method
+        // SAFETY: a map value, as above.
+        && unsafe { (*stream).at_boundary() };
+    refuse(ctx, cookie, org, policy, keep_alive_ok)
 }
 
-/// The daily quota's decision for a counted request: None lets it through (counted), Some
-/// refuses it (counted as rejected).
+/// The daily quota's decision for the `n` counted requests of a chunk: None lets them through
+/// (counted), Some refuses them all (counted as rejected).
 #[inline(always)]
 fn daily_verdict(
     org: u32,
     day: u64,
     slot: *mut DayCounters,
     limits: Option<&OrgLimits>,
+    n: u64,
 ) -> Option<Policy> {
     // SAFETY: valid map value.
     let requests = unsafe { &raw mut (*slot).requests };
+    if n == 0 {
+        return None;
+    }
     let Some(l) = limits.filter(|l| org != UNMAPPED_ORG && l.flags & ORG_F_ACTIVE != 0) else {
-        add(requests, 1);
+        add(requests, n);
         return None;
     };
     // In a cluster the other hosts' count of today counts against the same limit.
@@ -643,12 +822,12 @@ fn daily_verdict(
         .filter(|r| r.day == day)
         .map(|r| r.requests)
         .unwrap_or(0);
-    if take_quota(requests, remote, l.daily_requests) {
+    if take_quota(requests, remote, l.daily_requests, n) {
         return None;
     }
-    // Over quota: the request goes to `rejected`, not `requests`.
+    // Over quota: the requests go to `rejected`, not `requests`.
     // SAFETY: valid map value.
-    if add(unsafe { &raw mut (*slot).rejected }, 1) == 0 {
+    if add(unsafe { &raw mut (*slot).rejected }, n) == 0 {
         emit(EVENT_QUOTA_EXHAUSTED, org, l.daily_requests, day);
     }
     if l.flags & ORG_F_DRY_RUN != 0 {
@@ -657,25 +836,25 @@ fn daily_verdict(
     Some(Policy::Daily)
 }
 
-/// Counts one request against the quota if there is room: a compare-and-swap from below the
-/// limit, so exactly `limit` requests pass across CPUs and a refusal never touches the count (a
-/// reset or day change landing meanwhile cannot make it wrap). Under heavy contention the bounded
-/// loop gives up and lets the request through, counted (fail open).
+/// Counts `n` requests against the quota if all fit: a compare-and-swap from below the limit,
+/// so the limit is never passed across CPUs and a refusal never touches the count (a reset or
+/// day change landing meanwhile cannot make it wrap). Under heavy contention the bounded loop
+/// gives up and lets the requests through, counted (fail open).
 #[inline(always)]
-fn take_quota(requests: *mut u64, remote: u64, limit: u64) -> bool {
+fn take_quota(requests: *mut u64, remote: u64, limit: u64, n: u64) -> bool {
     let mut cur = load(requests);
     let mut i = 0;
     while i < 16 {
-        if cur.saturating_add(remote) >= limit {
+        if cur.saturating_add(remote).saturating_add(n) > limit {
             return false;
         }
-        match cas(requests, cur, cur + 1) {
+        match cas(requests, cur, cur + n) {
             Ok(()) => return true,
             Err(now) => cur = now,
         }
         i += 1;
     }
-    add(requests, 1);
+    add(requests, n);
     true
 }
 
@@ -761,66 +940,21 @@ impl Sink for SkbSink<'_> {
     }
 }
 
-/// Offset just past the first `\r\n\r\n` of the skb, within its first `HEAD_BLOCKS` blocks:
-/// [`http::head_end`]'s loop, loading each block from the skb.
-#[inline(always)]
-fn header_end(ctx: &SkBuffContext, len: usize, buf: &mut [u8; HEAD_BLOCK]) -> Option<usize> {
-    let mut tail = 0;
-    let mut b = 0;
-    while b < HEAD_BLOCKS {
-        let off = b * HEAD_BLOCK;
-        if off >= len {
-            return None;
-        }
-        let n = if len - off < HEAD_BLOCK {
-            len - off
-        } else {
-            HEAD_BLOCK
-        };
-        // SAFETY: 1 <= n <= HEAD_BLOCK bytes into `buf`.
-        if unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb as *const c_void,
-                off as u32,
-                buf.as_mut_ptr() as *mut c_void,
-                n as u32,
-            )
-        } != 0
-        {
-            return None;
-        }
-        if let Some(end) = http::head_end_in_block(tail, buf, n) {
-            return Some(off + end);
-        }
-        if n < HEAD_BLOCK {
-            return None;
-        }
-        tail = http::head_block_tail(buf);
-        b += 1;
-    }
-    None
-}
-
 /// Hands a refusal to `limiter_refuse` (a tail call: the 429 writer is verified as a program
 /// of its own, apart from the paths of the parser and counters that lead to it).
 #[inline(always)]
-fn refuse(ctx: &SkBuffContext, cookie: u64, org: u32, policy: Policy, method: Method) -> u32 {
+fn refuse(ctx: &SkBuffContext, cookie: u64, org: u32, policy: Policy, keep_alive_ok: bool) -> u32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         fault(FAULT_REPLY);
         return SK_PASS;
     };
-    let len = ctx.len() as usize;
     // SAFETY: this CPU's scratch value; the tail call runs next on this same CPU.
-    let one_head = method != Method::Head
-        && len <= HEAD_BLOCK * HEAD_BLOCKS
-        && header_end(ctx, len, unsafe { &mut (*scratch).scan }) == Some(len);
-    // SAFETY: as above.
     unsafe {
         (*scratch).args = RefuseArgs {
             cookie,
             org,
             policy: policy as u32,
-            keep_alive_ok: one_head,
+            keep_alive_ok,
             _pad: [0; 7],
         };
         REFUSE.tail_call(ctx, 0);
@@ -867,6 +1001,8 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     };
     let (policy, limit) = if args.policy == Policy::Concurrency as u32 {
         (Policy::Concurrency, l.concurrent_connections as u64)
+    } else if args.policy == Policy::BadRequest as u32 {
+        (Policy::BadRequest, 0)
     } else {
         (Policy::Daily, l.daily_requests)
     };
@@ -897,15 +1033,11 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     } else {
         len
     };
-    if let Some(st) = st {
+    if let Some(st) = st
+        && !reply.keep_alive
+    {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
-        unsafe {
-            (*st).phase = if reply.keep_alive {
-                PHASE_AFTER_429
-            } else {
-                PHASE_REFUSED
-            }
-        };
+        unsafe { (*st).stream.state = S_CLOSED };
     }
     if !reply.render(total, scratch, &mut SkbSink { ctx }) {
         // Half-written: never hand it to the app.

@@ -7,6 +7,7 @@ use limiter_common::{
     AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
     FAULT_NAMES, HOST_PREFIX_LEN, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN,
     OrgLimits, RemoteCount, UNMAPPED_ORG, day_index, names,
+    stream::{MEDIA_MATCH_ENTRIES, media_match_entry},
 };
 use thiserror::Error;
 
@@ -250,6 +251,17 @@ pub struct ApplyStats {
 /// is ever without its org in between. CONFIG (with the ready flag) is written last, with
 /// `old`'s address generation, moved on when the address table changed so the kernel
 /// re-attributes connections made under the old table.
+/// Fills MEDIA_MATCH from the config's media prefixes (before CONFIG says how many there are).
+fn write_media_match(kernel: &mut Kernel, kc: &KernelConfig) -> Result<(), CountersError> {
+    for index in 0..MEDIA_MATCH_ENTRIES {
+        kernel
+            .media_match
+            .set(index, media_match_entry(kc, index), 0)
+            .map_err(map_err("MEDIA_MATCH"))?;
+    }
+    Ok(())
+}
+
 pub fn apply(
     kernel: &mut Kernel,
     old: &Applied,
@@ -359,6 +371,11 @@ pub fn apply(
         } else {
             prev
         };
+        let prefixes =
+            |c: &KernelConfig| (c.media_prefix_count, c.media_prefix_len, c.media_prefixes);
+        if old.kernel_config.as_ref().map(prefixes) != Some(prefixes(&kc)) {
+            write_media_match(kernel, &kc)?;
+        }
         kernel.config.set(0, kc, 0).map_err(map_err("CONFIG"))?;
     }
     Ok(ApplyStats {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, ProgramArray, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode, links::FdLink,
@@ -81,6 +81,8 @@ pub struct Kernel {
     pub org_days: Array<MapData, DayCounters>,
     pub org_remote: Array<MapData, RemoteCount>,
     pub faults: Array<MapData, u64>,
+    /// The media prefixes as the verdict compares them (see `stream::MediaPrefixes`).
+    pub media_match: Array<MapData, u8>,
     /// Taken by the event reader task.
     pub events: Option<RingBuf<MapData>>,
     /// Pinned maps of an earlier daemon were reused: the kernel's counts are current.
@@ -145,6 +147,17 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
     move |source| LoadError::Program { name, source }
 }
 
+/// How much the verifier says when a program is refused: `LIMITER_VERIFIER_LOG=stats` keeps
+/// only its statistics and verdict (a full log of a large program fills any buffer and hides
+/// the verdict at its end), `verbose` adds the state at every instruction.
+fn verifier_log_level() -> VerifierLogLevel {
+    match std::env::var("LIMITER_VERIFIER_LOG").as_deref() {
+        Ok("stats") => VerifierLogLevel::STATS,
+        Ok("verbose") => VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS,
+        _ => VerifierLogLevel::default(),
+    }
+}
+
 /// Loads the object into the kernel without attaching anything (used by `limiter check` too).
 pub fn load_object() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(EBPF_OBJECT)?)
@@ -194,6 +207,7 @@ impl Kernel {
             pins::unload_others(pin_dir, &dir)?;
         }
         let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(verifier_log_level());
         let slot_mask = pins::sock_slot_mask();
         loader.override_global(limiter_common::SOCK_SLOT_MASK_GLOBAL, &slot_mask, true);
         // Every map sized and pinned as `expected_maps` says (the org and address tables follow
@@ -280,6 +294,7 @@ impl Kernel {
             org_days: take(&mut ebpf, names::ORG_DAYS)?,
             org_remote: take(&mut ebpf, names::ORG_REMOTE)?,
             faults: take(&mut ebpf, names::FAULTS)?,
+            media_match: take(&mut ebpf, names::MEDIA_MATCH)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
             resumed,
             capacity: cap,

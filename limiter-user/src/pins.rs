@@ -14,7 +14,9 @@ use std::{
 use aya::maps::MapInfo;
 use limiter_common::{
     AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, MAX_API_PORTS, MAX_CIDRS,
-    MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState, names, reply::Scratch,
+    MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState, names,
+    reply::Scratch,
+    stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
 use thiserror::Error;
 
@@ -122,6 +124,8 @@ pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
         (names::EVENTS, 0, 0, EVENTS_BYTES),
         (names::FAULTS, 4, 8, FAULT_COUNT),
         (names::SCRATCH, 4, sz(size_of::<Scratch>()), 1),
+        (names::MEDIA_MATCH, 4, 1, MEDIA_MATCH_ENTRIES),
+        (names::WALK, 4, sz(size_of::<WalkSlot>()), WALK_SLOTS),
         (names::REFUSE, 4, 4, 1),
     ]
 }

@@ -235,9 +235,11 @@ fn garbage_and_tls_pass_through_as_unparsed() -> Result<()> {
         assert_eq!(r[0].status, 200);
         Ok(())
     })?;
+    // `get / http/1.1` is a request line (a method token, a space, a target): some servers
+    // take lowercase methods, so it is counted, never waved through as unparsed.
     let org = w.org("acme")?;
-    assert_eq!(n(&org, "unparsed"), 3, "{org}");
-    assert_eq!(n(&org, "requests"), 1, "{org}");
+    assert_eq!(n(&org, "unparsed"), 2, "{org}");
+    assert_eq!(n(&org, "requests"), 2, "{org}");
     assert_eq!(n(&w.org("unmapped")?, "unparsed"), 1);
     // The server got every byte stream (it logs non-HTTP input as GARBAGE).
     let garbage = w

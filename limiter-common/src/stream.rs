@@ -1,0 +1,917 @@
+//! Following an inbound connection as an HTTP/1.x byte stream.
+//!
+//! Clients frame their bytes as they like: a request head may arrive split at any byte, several
+//! requests may share one chunk (pipelining), empty lines may come before a request line, and a
+//! body may look like a request. So the verdict keeps a [`Stream`] per socket and feeds it every
+//! inbound chunk, a window of bytes at a time. It finds every request line, skips bodies by
+//! `Content-Length` and by the chunked coding, and decides for each request whether it is counted
+//! or an exempt media GET ([`media`](Stream) normalisation below). Where the framing cannot be
+//! followed (both `Content-Length` and `Transfer-Encoding`, differing lengths, a malformed chunk
+//! size, bytes that cannot start a request where one must start) the stream is marked broken and
+//! the kernel closes the connection with a 400, as nginx does: never more permissive than the
+//! server.
+//!
+//! The same code runs in the kernel (one [`Stream::step`] per `bpf_loop` iteration, so the
+//! verifier checks it once) and in the host tests ([`Stream::feed`]). Every index is masked or
+//! checked: the verifier rejects anything it cannot bound.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::http::byte_eq_mask;
+use crate::maps::{Config, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX};
+
+/// The media prefixes as the stream compares them, a byte at a time.
+pub trait MediaPrefixes {
+    /// Bits of every configured prefix.
+    fn all(&self) -> u8;
+    /// Bits of the prefixes still possible when the normalised path has `c` at `pos`: those
+    /// with `c` there and those already wholly matched. `c == 0` (never a path byte) asks for
+    /// the wholly matched ones alone.
+    fn matching(&self, pos: u8, c: u8) -> u8;
+}
+
+/// Entries of the kernel's MEDIA_MATCH table: one row of 256 per position below
+/// [`MEDIA_PREFIX_MAX`], and a last row for every position from there on.
+pub const MEDIA_MATCH_ENTRIES: u32 = (MEDIA_PREFIX_MAX as u32 + 1) * 256;
+
+/// Where [`MediaPrefixes::matching`]`(pos, c)` is in MEDIA_MATCH.
+#[inline(always)]
+pub const fn media_match_index(pos: u8, c: u8) -> u32 {
+    let row = if (pos as usize) < MEDIA_PREFIX_MAX {
+        pos as u32
+    } else {
+        MEDIA_PREFIX_MAX as u32
+    };
+    row * 256 + c as u32
+}
+
+/// The MEDIA_MATCH entry at `index`, from the config's prefixes (the daemon fills the table with
+/// it; the host tests use it directly).
+pub fn media_match_entry(cfg: &Config, index: u32) -> u8 {
+    let pos = (index / 256) as usize;
+    let c = (index % 256) as u8;
+    let mut bits = 0u8;
+    let n = (cfg.media_prefix_count as usize).min(MAX_MEDIA_PREFIXES);
+    for p in 0..n {
+        let len = cfg.media_prefix_len[p] as usize;
+        let wholly = len > 0 && len <= pos;
+        let here = c != 0 && pos < len && cfg.media_prefixes[p][pos] == c;
+        if wholly || here {
+            bits |= 1 << p;
+        }
+    }
+    bits
+}
+
+impl MediaPrefixes for Config {
+    fn all(&self) -> u8 {
+        media_bits(self)
+    }
+
+    fn matching(&self, pos: u8, c: u8) -> u8 {
+        media_match_entry(self, media_match_index(pos, c))
+    }
+}
+
+/// Bytes of a chunk the kernel loads at a time.
+pub const WIN: usize = 64;
+/// The window buffer: [`WIN`] bytes plus room for an 8-byte load at any masked index.
+pub const WIN_BUF: usize = WIN + 8;
+
+/// Between requests (leading empty lines are skipped); a new connection starts here.
+pub const S_IDLE: u8 = 0;
+/// In the method token.
+pub const S_METHOD: u8 = 1;
+/// After the method's space: the target's first byte is next.
+pub const S_TARGET: u8 = 2;
+/// In the path of a GET that may still be under a media prefix.
+pub const S_PATH: u8 = 3;
+/// The rest of the request line.
+pub const S_LINE: u8 = 4;
+/// At the start of a header line.
+pub const S_HDR: u8 = 5;
+/// In a header name that may be one the framing depends on.
+pub const S_NAME: u8 = 6;
+/// The rest of a header line that does not matter.
+pub const S_SKIP: u8 = 7;
+/// A CR at the start of a header line: the head ends with the LF.
+pub const S_EOH: u8 = 8;
+/// In a `Content-Length` value.
+pub const S_CL: u8 = 9;
+/// In a `Transfer-Encoding` value.
+pub const S_TE: u8 = 10;
+/// In a body of known length.
+pub const S_BODY: u8 = 11;
+/// In a chunk-size line.
+pub const S_CSIZE: u8 = 12;
+/// In a chunk extension (skipped to the end of the line).
+pub const S_CEXT: u8 = 13;
+/// In chunk data.
+pub const S_CDATA: u8 = 14;
+/// After chunk data: CRLF next.
+pub const S_CCR: u8 = 15;
+/// After chunk data and its CR: LF next.
+pub const S_CLF: u8 = 16;
+/// At the start of a trailer line (after the last chunk).
+pub const S_TRL: u8 = 17;
+/// The rest of a trailer line.
+pub const S_TSKIP: u8 = 18;
+/// A CR at the start of a trailer line: the message ends with the LF.
+pub const S_TCR: u8 = 19;
+/// The connection did not open with HTTP/1.x (TLS, HTTP/2, garbage): passed untouched.
+pub const S_OPAQUE: u8 = 20;
+/// Refused or broken: nothing more reaches the application.
+pub const S_CLOSED: u8 = 21;
+
+/// The connection has carried an HTTP request (so bytes that do not start one are an error, not
+/// an opaque protocol).
+pub const F_HTTP: u8 = 1;
+/// The current request had a `Content-Length`.
+pub const F_CL: u8 = 2;
+/// The current request's `Transfer-Encoding` is `chunked`.
+pub const F_CHUNKED: u8 = 4;
+/// The current request had a `Transfer-Encoding` that is not exactly `chunked`, or two of them.
+pub const F_TE_BAD: u8 = 8;
+/// The last header line was `Content-Length` or `Transfer-Encoding` (a folded line after it
+/// would change the framing).
+pub const F_FRAMING_LINE: u8 = 16;
+/// The current line had a CR, so only an LF may follow.
+pub const F_CR: u8 = 32;
+
+/// Longest method token followed.
+pub const METHOD_MAX: u8 = 32;
+/// Largest `Content-Length` accepted (beyond it the framing is called broken).
+pub const CONTENT_LENGTH_MAX: u64 = 1 << 50;
+/// Most hex digits in a chunk size.
+pub const CHUNK_DIGITS_MAX: u8 = 12;
+
+/// The framing state of one connection (kept in the socket's state in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Stream {
+    /// Bytes left in the current body or chunk; the number being read in a chunk-size line or a
+    /// `Content-Length` line.
+    pub remaining: u64,
+    /// The current request's `Content-Length`.
+    pub length: u64,
+    /// The method's first 8 bytes, little-endian.
+    pub method: u64,
+    /// `S_*`.
+    pub state: u8,
+    /// Position within the current token or value.
+    pub sub: u8,
+    /// `F_*`.
+    pub flags: u8,
+    /// Header names the current name may still be (bits of [`HEADER_NAMES`]).
+    pub names: u8,
+    /// Media prefixes the path may still be under (bit per prefix).
+    pub media: u8,
+    /// Bytes of normalised path compared so far.
+    pub mpos: u8,
+    /// Dot-segment state of the path: `SEG_*`.
+    pub seg: u8,
+    /// Percent-decoding state: 0, [`PCT_OPEN`] after `%`, or [`PCT_HALF`] | first hex digit.
+    pub pct: u8,
+}
+
+const SEG_START: u8 = 0;
+const SEG_DOT: u8 = 1;
+const SEG_NAME: u8 = 2;
+const PCT_OPEN: u8 = 0x40;
+const PCT_HALF: u8 = 0x80;
+
+/// What one chunk held.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Requests that use quota.
+    pub counted: u32,
+    /// Exempt media GETs.
+    pub media: u32,
+    /// Request lines that started in the chunk.
+    pub starts: u32,
+    /// The last request started was a HEAD (its 429 must not carry a body it does not expect).
+    pub head_method: bool,
+    /// The connection turned out not to be HTTP/1.x (first bytes).
+    pub opaque: bool,
+    /// The framing broke: the connection must be closed.
+    pub broken: bool,
+}
+
+/// The kernel's working space for walking one chunk (a per-CPU map value: the verifier tracks
+/// nothing stored in map memory, so every `bpf_loop` iteration starts from the same unknown
+/// state and the loop is verified in a few passes instead of value by value).
+#[repr(C)]
+pub struct WalkSlot {
+    /// Next byte of the chunk to look at.
+    pub pos: u64,
+    pub len: u64,
+    /// Where the window's bytes start in the chunk, and how many it holds.
+    pub win_off: u64,
+    pub win_n: u64,
+    /// A load failed: the chunk could not be followed to its end.
+    pub failed: u64,
+    /// Verdicts running on this CPU (a softirq can interrupt one in process context): which
+    /// slot the next one takes. Used in slot 0 only.
+    pub depth: u64,
+    pub tally: Tally,
+    /// The stream of a socket whose state could not be stored (followed one chunk at a time).
+    pub stream: Stream,
+    pub win: [u8; WIN_BUF],
+}
+
+/// Walk slots per CPU: a verdict and one that interrupts it.
+pub const WALK_SLOTS: u32 = 2;
+
+/// Header names the framing depends on (lowercase) and their lengths.
+pub const HEADER_NAMES: [[u8; 32]; 2] = [pad32(b"content-length"), pad32(b"transfer-encoding")];
+const HEADER_LENS: [u8; 2] = [14, 17];
+const NAME_CL: u8 = 1;
+const NAME_TE: u8 = 2;
+const CHUNKED: &[u8; 8] = b"chunked\0";
+
+const fn pad32(name: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < name.len() {
+        out[i] = name[i];
+        i += 1;
+    }
+    out
+}
+
+/// `tchar` of RFC 9110 (method and header-name bytes).
+#[inline(always)]
+pub const fn is_tchar(b: u8) -> bool {
+    matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'
+        | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
+}
+
+#[inline(always)]
+const fn lower(b: u8) -> u8 {
+    if b.is_ascii_uppercase() { b | 0x20 } else { b }
+}
+
+#[inline(always)]
+const fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Unreserved characters other than `.` (RFC 3986): decoding their escapes cannot change how a
+/// path splits into segments.
+#[inline(always)]
+const fn is_plain_unreserved(b: u8) -> bool {
+    matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'~')
+}
+
+const GET: u64 = u64::from_le_bytes(*b"GET\0\0\0\0\0");
+const HEAD: u64 = u64::from_le_bytes(*b"HEAD\0\0\0\0");
+const PRI: u64 = u64::from_le_bytes(*b"PRI\0\0\0\0\0");
+const CONNECT: u64 = u64::from_le_bytes(*b"CONNECT\0");
+
+/// 8 bytes of the window from `at` (masked into the buffer), little-endian.
+#[inline(always)]
+fn word(win: &[u8; WIN_BUF], at: usize) -> u64 {
+    let at = at & (WIN - 1);
+    let mut w = [0u8; 8];
+    if let Some(s) = win.get(at..at + 8) {
+        w.copy_from_slice(s);
+    }
+    u64::from_le_bytes(w)
+}
+
+/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one).
+#[inline(always)]
+fn first_marked(m: u64) -> usize {
+    // A branch ladder: BPF has no count-trailing-zeros instruction.
+    if m & 0x8080_8080 != 0 {
+        if m & 0x8080 != 0 {
+            if m & 0x80 != 0 { 0 } else { 1 }
+        } else if m & 0x80_0000 != 0 {
+            2
+        } else {
+            3
+        }
+    } else if m & 0x8080_0000_0000 != 0 {
+        if m & 0x80_0000_0000 != 0 { 4 } else { 5 }
+    } else if m & 0x80_0000_0000_0000 != 0 {
+        6
+    } else {
+        7
+    }
+}
+
+/// Offset of the first `\n` in `win[at..n]`, eight bytes at a time.
+#[inline(always)]
+pub fn find_lf(win: &[u8; WIN_BUF], at: usize, n: usize) -> Option<usize> {
+    let mut k = 0;
+    while k < WIN / 8 {
+        let o = at + k * 8;
+        if o >= n || o >= WIN {
+            return None;
+        }
+        let mut m = byte_eq_mask(word(win, o), b'\n');
+        let valid = n - o;
+        if valid < 8 {
+            // Bytes past `n` are stale.
+            m &= (1u64 << (valid * 8)) - 1;
+        }
+        if m != 0 {
+            return Some(o + first_marked(m));
+        }
+        k += 1;
+    }
+    None
+}
+
+impl Stream {
+    /// The state of a new connection.
+    pub const fn new() -> Self {
+        Stream {
+            remaining: 0,
+            length: 0,
+            method: 0,
+            state: S_IDLE,
+            sub: 0,
+            flags: 0,
+            names: 0,
+            media: 0,
+            mpos: 0,
+            seg: 0,
+            pct: 0,
+        }
+    }
+
+    /// Whether the next step reads bytes (else it only skips `remaining` of them).
+    #[inline(always)]
+    pub const fn needs_bytes(&self) -> bool {
+        !matches!(self.state, S_BODY | S_CDATA | S_OPAQUE | S_CLOSED)
+    }
+
+    /// Nothing more of this connection needs looking at (opaque or closed).
+    #[inline(always)]
+    pub const fn is_done(&self) -> bool {
+        matches!(self.state, S_OPAQUE | S_CLOSED)
+    }
+
+    /// Between requests: what comes next starts a new one.
+    #[inline(always)]
+    pub const fn at_boundary(&self) -> bool {
+        self.state == S_IDLE
+    }
+
+    /// Consumes bytes of the chunk: `win[at..n]` are its next bytes and `left` (≥ 1) how many
+    /// remain in it from `at` on (body skips need no window). Returns how many were consumed (0
+    /// only when the stream is done).
+    #[inline(always)]
+    pub fn step(
+        &mut self,
+        win: &[u8; WIN_BUF],
+        at: usize,
+        n: usize,
+        left: u64,
+        cfg: &impl MediaPrefixes,
+        t: &mut Tally,
+    ) -> u64 {
+        match self.state {
+            S_BODY | S_CDATA => {
+                let take = if self.remaining < left {
+                    self.remaining
+                } else {
+                    left
+                };
+                self.remaining -= take;
+                if self.remaining == 0 {
+                    self.state = if self.state == S_BODY { S_IDLE } else { S_CCR };
+                }
+                take
+            }
+            S_OPAQUE | S_CLOSED => 0,
+            S_LINE | S_SKIP | S_TSKIP | S_CEXT => self.skip_line(win, at, n),
+            _ => {
+                let b = win[at & (WIN - 1)];
+                self.byte(b, win, at, n, cfg, t)
+            }
+        }
+    }
+
+    /// Skips to the end of the current line (its LF consumed), then moves on.
+    #[inline(always)]
+    fn skip_line(&mut self, win: &[u8; WIN_BUF], at: usize, n: usize) -> u64 {
+        let Some(lf) = find_lf(win, at, n) else {
+            return (n - at) as u64;
+        };
+        match self.state {
+            S_LINE | S_SKIP => self.state = S_HDR,
+            S_TSKIP => self.state = S_TRL,
+            _ => self.chunk_size_line_end(),
+        }
+        (lf + 1 - at) as u64
+    }
+
+    /// One byte of a state that looks at each byte. Consumes it (and, where a line is then
+    /// skipped, the rest of that line in the window).
+    #[inline(always)]
+    fn byte(
+        &mut self,
+        b: u8,
+        win: &[u8; WIN_BUF],
+        at: usize,
+        n: usize,
+        cfg: &impl MediaPrefixes,
+        t: &mut Tally,
+    ) -> u64 {
+        match self.state {
+            S_IDLE => self.idle(b, t),
+            S_METHOD => self.method_byte(b, t),
+            S_TARGET => self.target_byte(b, cfg, t),
+            S_PATH => self.path_byte(b, cfg, t),
+            S_HDR => {
+                if self.header_start(b, t) {
+                    // An uninteresting header: skip its line in the same step.
+                    return 1 + self.skip_rest(win, at + 1, n);
+                }
+            }
+            S_NAME => self.name_byte(b),
+            S_EOH => {
+                if b == b'\n' {
+                    self.head_end(t);
+                } else {
+                    self.broken(t);
+                }
+            }
+            S_CL => self.length_byte(b, t),
+            S_TE => self.te_byte(b, t),
+            S_CSIZE => self.chunk_size_byte(b, t),
+            S_CCR => match b {
+                b'\r' => self.state = S_CLF,
+                b'\n' => self.start_chunk_size(),
+                _ => self.broken(t),
+            },
+            S_CLF => {
+                if b == b'\n' {
+                    self.start_chunk_size();
+                } else {
+                    self.broken(t);
+                }
+            }
+            S_TRL => match b {
+                b'\r' => self.state = S_TCR,
+                b'\n' => self.state = S_IDLE,
+                _ => self.state = S_TSKIP,
+            },
+            S_TCR => {
+                if b == b'\n' {
+                    self.state = S_IDLE;
+                } else {
+                    self.broken(t);
+                }
+            }
+            _ => return 0,
+        }
+        1
+    }
+
+    /// [`Self::skip_line`] from `at` when the window still has bytes there.
+    #[inline(always)]
+    fn skip_rest(&mut self, win: &[u8; WIN_BUF], at: usize, n: usize) -> u64 {
+        if at >= n {
+            return 0;
+        }
+        self.skip_line(win, at, n)
+    }
+
+    #[inline(always)]
+    fn broken(&mut self, t: &mut Tally) {
+        self.state = S_CLOSED;
+        t.broken = true;
+    }
+
+    /// Bytes that cannot start a request: on a new connection, an opaque protocol; after HTTP,
+    /// broken framing.
+    #[inline(always)]
+    fn not_http(&mut self, t: &mut Tally) {
+        if self.flags & F_HTTP == 0 {
+            self.state = S_OPAQUE;
+            t.opaque = true;
+        } else {
+            self.broken(t);
+        }
+    }
+
+    #[inline(always)]
+    fn idle(&mut self, b: u8, t: &mut Tally) {
+        if b == b'\r' || b == b'\n' {
+            return;
+        }
+        if !is_tchar(b) {
+            self.not_http(t);
+            return;
+        }
+        self.state = S_METHOD;
+        self.method = b as u64;
+        self.sub = 1;
+    }
+
+    #[inline(always)]
+    fn method_byte(&mut self, b: u8, t: &mut Tally) {
+        if b == b' ' {
+            self.state = S_TARGET;
+            return;
+        }
+        if !is_tchar(b) || self.sub >= METHOD_MAX {
+            self.not_http(t);
+            return;
+        }
+        if self.sub < 8 {
+            self.method |= (b as u64) << ((self.sub as u64 & 7) * 8);
+        }
+        self.sub += 1;
+    }
+
+    /// The first byte of the target decides that this is a request (on a new connection it must
+    /// look like one: origin form, `*`, absolute form, or CONNECT's authority).
+    #[inline(always)]
+    fn target_byte(&mut self, b: u8, cfg: &impl MediaPrefixes, t: &mut Tally) {
+        if b == b' ' {
+            return;
+        }
+        let method = if self.sub <= 8 { self.method } else { 0 };
+        if self.flags & F_HTTP == 0 {
+            let plausible = if method == CONNECT {
+                b > b' ' && b < 0x7f
+            } else {
+                matches!(b, b'/' | b'*' | b'h' | b'H')
+            };
+            // `PRI * HTTP/2.0`: the HTTP/2 connection preface.
+            if !plausible || (method == PRI && b == b'*') {
+                self.not_http(t);
+                return;
+            }
+        }
+        self.flags |= F_HTTP;
+        t.starts += 1;
+        t.head_method = method == HEAD;
+        let all = cfg.all();
+        if method == GET && b == b'/' && all != 0 {
+            self.state = S_PATH;
+            self.media = all;
+            self.mpos = 0;
+            self.seg = SEG_START;
+            self.pct = 0;
+            self.emit(b'/', cfg);
+            return;
+        }
+        t.counted += 1;
+        self.state = if b == b'\n' { S_HDR } else { S_LINE };
+    }
+
+    /// One byte of a GET's path, normalised (RFC 3986 dot segments removed, escapes of
+    /// unreserved characters decoded) and compared with the media prefixes as it goes. Anything
+    /// the normaliser cannot settle (`..`, an escaped `.` or `/`, a backslash, a bad escape,
+    /// control bytes) makes the request counted.
+    #[inline(always)]
+    fn path_byte(&mut self, b: u8, cfg: &impl MediaPrefixes, t: &mut Tally) {
+        if self.pct != 0 {
+            let Some(h) = hex(b) else {
+                return self.path_settled(false, b, t);
+            };
+            if self.pct == PCT_OPEN {
+                self.pct = PCT_HALF | h;
+                return;
+            }
+            let c = ((self.pct & 0x0f) << 4) | h;
+            self.pct = 0;
+            if is_plain_unreserved(c) {
+                return self.path_char(c, cfg, t);
+            }
+            if c == b'.' || c == b'/' || c == b'\\' || c < 0x20 || c == 0x7f {
+                return self.path_settled(false, b, t);
+            }
+            // Another escape stays as it is (servers decode it into a byte that cannot change
+            // the segments): compare it as the three bytes `%XY`, uppercase.
+            self.path_char(b'%', cfg, t);
+            self.path_char(upper_hex(c >> 4), cfg, t);
+            return self.path_char(upper_hex(c & 0xf), cfg, t);
+        }
+        match b {
+            b' ' | b'?' | b'#' | b'\r' | b'\n' => {
+                // The path ends: a pending `.` segment is dropped, and the prefixes that were
+                // wholly matched decide.
+                let matched = self.media & cfg.matching(self.mpos, 0);
+                self.path_settled(matched != 0, b, t)
+            }
+            b'%' => self.pct = PCT_OPEN,
+            b'\\' => self.path_settled(false, b, t),
+            _ if b < 0x20 || b == 0x7f => self.path_settled(false, b, t),
+            _ => self.path_char(b, cfg, t),
+        }
+    }
+
+    /// A (decoded) path byte: segment bookkeeping, then the comparison.
+    #[inline(always)]
+    fn path_char(&mut self, c: u8, cfg: &impl MediaPrefixes, t: &mut Tally) {
+        if self.state != S_PATH {
+            return;
+        }
+        match (self.seg, c) {
+            (_, b'/') => {
+                // A `.` segment is dropped: the `/` before it is already out.
+                if self.seg != SEG_DOT {
+                    self.emit(b'/', cfg);
+                }
+                self.seg = SEG_START;
+            }
+            (SEG_START, b'.') => self.seg = SEG_DOT,
+            // `..`: climbing out of a prefix is what an attacker would try.
+            (SEG_DOT, b'.') => self.path_settled(false, c, t),
+            (SEG_DOT, _) => {
+                self.emit(b'.', cfg);
+                self.emit(c, cfg);
+                self.seg = SEG_NAME;
+            }
+            _ => {
+                self.emit(c, cfg);
+                self.seg = SEG_NAME;
+            }
+        }
+        if self.state == S_PATH && self.media == 0 {
+            // No prefix can match any more: counted, and the rest of the line skipped.
+            self.path_settled(false, c, t);
+        }
+    }
+
+    /// Compares one normalised byte with every prefix still possible (a table lookup: a loop
+    /// over the prefixes multiplied the verifier's paths).
+    #[inline(always)]
+    fn emit(&mut self, c: u8, cfg: &impl MediaPrefixes) {
+        self.media &= cfg.matching(self.mpos, c);
+        self.mpos = self.mpos.saturating_add(1);
+    }
+
+    /// The media decision for the current GET is made: exempt or counted. `b` is the byte that
+    /// made it; the request line goes on to its end.
+    #[inline(always)]
+    fn path_settled(&mut self, exempt: bool, b: u8, t: &mut Tally) {
+        if exempt {
+            t.media += 1;
+        } else {
+            t.counted += 1;
+        }
+        self.media = 0;
+        self.pct = 0;
+        self.state = if b == b'\n' { S_HDR } else { S_LINE };
+    }
+
+    /// The first byte of a header line. True when the line is to be skipped from here.
+    #[inline(always)]
+    fn header_start(&mut self, b: u8, t: &mut Tally) -> bool {
+        let framing_line = self.flags & F_FRAMING_LINE != 0;
+        self.flags &= !(F_FRAMING_LINE | F_CR);
+        match b {
+            b'\r' => self.state = S_EOH,
+            b'\n' => self.head_end(t),
+            b' ' | b'\t' => {
+                // A folded continuation line: harmless unless it continues a framing header.
+                if framing_line {
+                    self.broken(t);
+                } else {
+                    self.state = S_SKIP;
+                    return true;
+                }
+            }
+            _ => {
+                let l = lower(b);
+                let mut names = 0;
+                if l == HEADER_NAMES[0][0] {
+                    names |= NAME_CL;
+                }
+                if l == HEADER_NAMES[1][0] {
+                    names |= NAME_TE;
+                }
+                if names == 0 || !is_tchar(b) {
+                    self.state = S_SKIP;
+                    return true;
+                }
+                self.names = names;
+                self.sub = 1;
+                self.state = S_NAME;
+            }
+        }
+        false
+    }
+
+    #[inline(always)]
+    fn name_byte(&mut self, b: u8) {
+        let pos = self.sub as usize;
+        if b == b':' {
+            let cl = self.names & NAME_CL != 0 && pos == HEADER_LENS[0] as usize;
+            let te = self.names & NAME_TE != 0 && pos == HEADER_LENS[1] as usize;
+            self.sub = 0;
+            self.remaining = 0;
+            if cl {
+                self.state = S_CL;
+                self.flags |= F_FRAMING_LINE;
+            } else if te {
+                self.state = S_TE;
+                // A second Transfer-Encoding is not followed.
+                if self.flags & (F_CHUNKED | F_TE_BAD) != 0 {
+                    self.flags |= F_TE_BAD;
+                }
+                self.flags |= F_FRAMING_LINE;
+            } else {
+                self.state = S_SKIP;
+            }
+            return;
+        }
+        let l = lower(b);
+        let mut i = 0;
+        while i < 2 {
+            if self.names & (1 << i) != 0
+                && (pos >= HEADER_LENS[i] as usize || HEADER_NAMES[i][pos & 31] != l)
+            {
+                self.names &= !(1 << i);
+            }
+            i += 1;
+        }
+        if self.names == 0 {
+            self.state = S_SKIP;
+        }
+        self.sub = self.sub.saturating_add(1);
+    }
+
+    /// `Content-Length: OWS digits OWS`. Anything else, or a second header with another value,
+    /// breaks the framing.
+    #[inline(always)]
+    fn length_byte(&mut self, b: u8, t: &mut Tally) {
+        if self.flags & F_CR != 0 && b != b'\n' {
+            return self.broken(t);
+        }
+        match b {
+            b' ' | b'\t' => {
+                if self.sub == 1 {
+                    self.sub = 2;
+                }
+            }
+            b'0'..=b'9' if self.sub <= 1 => {
+                self.sub = 1;
+                self.remaining = self.remaining * 10 + (b - b'0') as u64;
+                if self.remaining > CONTENT_LENGTH_MAX {
+                    self.broken(t);
+                }
+            }
+            b'\r' => self.flags |= F_CR,
+            b'\n' => {
+                if self.sub == 0 || (self.flags & F_CL != 0 && self.length != self.remaining) {
+                    return self.broken(t);
+                }
+                self.flags = (self.flags & !F_CR) | F_CL;
+                self.length = self.remaining;
+                self.remaining = 0;
+                self.state = S_HDR;
+            }
+            _ => self.broken(t),
+        }
+    }
+
+    /// `Transfer-Encoding: OWS chunked OWS` (any case); any other value is not followed.
+    #[inline(always)]
+    fn te_byte(&mut self, b: u8, t: &mut Tally) {
+        if self.flags & F_CR != 0 && b != b'\n' {
+            return self.broken(t);
+        }
+        match b {
+            b'\r' => self.flags |= F_CR,
+            b'\n' => {
+                if self.sub != 7 && self.sub != 8 {
+                    self.flags |= F_TE_BAD;
+                }
+                self.flags = (self.flags & !F_CR) | F_CHUNKED;
+                self.state = S_HDR;
+            }
+            b' ' | b'\t' => match self.sub {
+                0 | 8 => {}
+                7 => self.sub = 8,
+                _ => {
+                    self.flags |= F_TE_BAD;
+                    self.sub = 9;
+                }
+            },
+            _ => {
+                if self.sub < 7 && lower(b) == CHUNKED[self.sub as usize & 7] {
+                    self.sub += 1;
+                } else {
+                    self.flags |= F_TE_BAD;
+                    self.sub = 9;
+                }
+            }
+        }
+    }
+
+    /// The empty line after the headers: the body's framing is known now.
+    #[inline(always)]
+    fn head_end(&mut self, t: &mut Tally) {
+        let f = self.flags;
+        self.flags = f & F_HTTP;
+        self.remaining = 0;
+        self.sub = 0;
+        if f & F_TE_BAD != 0 || (f & F_CHUNKED != 0 && f & F_CL != 0) {
+            self.broken(t);
+        } else if f & F_CHUNKED != 0 {
+            self.start_chunk_size();
+        } else if f & F_CL != 0 && self.length > 0 {
+            self.remaining = self.length;
+            self.state = S_BODY;
+        } else {
+            self.state = S_IDLE;
+        }
+        self.length = 0;
+    }
+
+    #[inline(always)]
+    fn start_chunk_size(&mut self) {
+        self.state = S_CSIZE;
+        self.sub = 0;
+        self.remaining = 0;
+        self.flags &= !F_CR;
+    }
+
+    /// `chunk-size [BWS ; ext] CRLF`, hex digits first.
+    #[inline(always)]
+    fn chunk_size_byte(&mut self, b: u8, t: &mut Tally) {
+        if self.flags & F_CR != 0 && b != b'\n' {
+            return self.broken(t);
+        }
+        if let Some(h) = hex(b)
+            && self.sub < CHUNK_DIGITS_MAX
+        {
+            self.remaining = (self.remaining << 4) | h as u64;
+            self.sub += 1;
+            return;
+        }
+        if self.sub == 0 || hex(b).is_some() {
+            return self.broken(t);
+        }
+        match b {
+            b';' | b' ' | b'\t' => self.state = S_CEXT,
+            b'\r' => self.flags |= F_CR,
+            b'\n' => self.chunk_size_line_end(),
+            _ => self.broken(t),
+        }
+    }
+
+    /// The chunk-size line ended: data follows, or (size 0) the trailer.
+    #[inline(always)]
+    fn chunk_size_line_end(&mut self) {
+        self.flags &= !F_CR;
+        self.sub = 0;
+        self.state = if self.remaining == 0 { S_TRL } else { S_CDATA };
+    }
+
+    /// Feeds a whole chunk, a window at a time, as the kernel does (host side and tests).
+    pub fn feed(&mut self, bytes: &[u8], cfg: &impl MediaPrefixes) -> Tally {
+        let mut t = Tally::default();
+        let mut win = [0u8; WIN_BUF];
+        let (mut win_off, mut win_n) = (0usize, 0usize);
+        let mut pos = 0usize;
+        while pos < bytes.len() {
+            if self.needs_bytes() && !(pos >= win_off && pos < win_off + win_n) {
+                win_off = pos;
+                win_n = (bytes.len() - pos).min(WIN);
+                win = [0xaa; WIN_BUF];
+                win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
+            }
+            let at = pos.wrapping_sub(win_off);
+            let used = self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t);
+            if used == 0 {
+                break;
+            }
+            pos += used as usize;
+        }
+        t
+    }
+}
+
+#[inline(always)]
+const fn upper_hex(v: u8) -> u8 {
+    if v < 10 { b'0' + v } else { b'A' + v - 10 }
+}
+
+/// Bits of the configured media prefixes.
+#[inline(always)]
+fn media_bits(cfg: &Config) -> u8 {
+    let n = cfg.media_prefix_count as usize;
+    if n >= MAX_MEDIA_PREFIXES {
+        0xff
+    } else {
+        ((1u32 << n) - 1) as u8
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,633 @@
+extern crate std;
+
+use std::{format, string::String, vec, vec::Vec};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn config(prefixes: &[&str]) -> Config {
+    let mut c = Config::empty();
+    for p in prefixes {
+        assert!(c.push_media_prefix(p.as_bytes()));
+    }
+    c
+}
+
+fn media() -> Config {
+    config(&["/media/", "/files/dl/"])
+}
+
+/// Feeds `chunks` one after the other; the sum of their tallies and the final stream.
+fn feed_chunks(chunks: &[&[u8]], cfg: &Config) -> (Tally, Stream) {
+    let mut s = Stream::new();
+    let mut sum = Tally::default();
+    for c in chunks {
+        let t = s.feed(c, cfg);
+        sum.counted += t.counted;
+        sum.media += t.media;
+        sum.starts += t.starts;
+        if t.starts > 0 {
+            sum.head_method = t.head_method;
+        }
+        sum.opaque |= t.opaque;
+        sum.broken |= t.broken;
+    }
+    (sum, s)
+}
+
+fn feed_all(bytes: &[u8], cfg: &Config) -> (Tally, Stream) {
+    feed_chunks(&[bytes], cfg)
+}
+
+fn requests(t: &Tally) -> u32 {
+    t.counted + t.media
+}
+
+const GET: &[u8] = b"GET /api/v1/items HTTP/1.1\r\nHost: api.example\r\nUser-Agent: t\r\n\r\n";
+
+#[test]
+fn one_get_in_one_chunk() {
+    let (t, s) = feed_all(GET, &media());
+    assert_eq!((t.counted, t.media, t.starts), (1, 0, 1));
+    assert!(!t.broken && !t.opaque);
+    assert!(s.at_boundary());
+}
+
+#[test]
+fn every_split_of_a_head_counts_once() {
+    let cfg = media();
+    for at in 0..=GET.len() {
+        let (t, s) = feed_chunks(&[&GET[..at], &GET[at..]], &cfg);
+        assert_eq!(requests(&t), 1, "split at {at}");
+        assert!(s.at_boundary(), "split at {at}");
+        assert!(!t.broken && !t.opaque);
+    }
+}
+
+#[test]
+fn byte_at_a_time_counts_once() {
+    let two = [GET, b"GET /media/a.png HTTP/1.1\r\n\r\n"].concat();
+    let chunks: Vec<&[u8]> = two.chunks(1).collect();
+    let (t, s) = feed_chunks(&chunks, &media());
+    assert_eq!((t.counted, t.media), (1, 1));
+    assert!(s.at_boundary());
+}
+
+#[test]
+fn pipelined_requests_all_count() {
+    let many: Vec<u8> = (0..50).flat_map(|_| GET.iter().copied()).collect();
+    let (t, s) = feed_all(&many, &media());
+    assert_eq!((t.counted, t.starts), (50, 50));
+    assert!(s.at_boundary());
+}
+
+#[test]
+fn leading_empty_lines_are_skipped() {
+    let bytes = [&b"\r\n\r\n\n"[..], GET, b"\r\n", GET].concat();
+    let (t, _) = feed_all(&bytes, &media());
+    assert_eq!(t.counted, 2);
+    assert!(!t.opaque);
+}
+
+#[test]
+fn a_body_that_looks_like_a_request_is_body() {
+    let body = GET;
+    let post = format!(
+        "POST /api/x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    for split in [0, 5, post.len(), post.len() + 3] {
+        let bytes = [post.as_bytes(), body, GET].concat();
+        let (t, s) = feed_chunks(&[&bytes[..split], &bytes[split..]], &media());
+        assert_eq!(t.counted, 2, "split {split}");
+        assert!(s.at_boundary());
+    }
+}
+
+#[test]
+fn chunked_bodies_with_extensions_and_trailers() {
+    let body = b"POST /up HTTP/1.1\r\ntransfer-ENCODING:  Chunked \r\n\r\n\
+        5;name=\"v\"\r\nGET /\r\n\
+        1A\r\nGET /api HTTP/1.1\r\n\r\nxxxx\r\n\
+        0\r\nTrailer: GET / HTTP/1.1\r\n\r\n";
+    let bytes = [&body[..], GET].concat();
+    for split in 0..bytes.len() {
+        let (t, s) = feed_chunks(&[&bytes[..split], &bytes[split..]], &media());
+        assert_eq!(t.counted, 2, "split {split}");
+        assert!(!t.broken, "split {split}");
+        assert!(s.at_boundary(), "split {split}");
+    }
+}
+
+#[test]
+fn http10_lf_only_and_absolute_form() {
+    let bytes = b"GET http://h/media/x HTTP/1.0\nHost: h\n\nOPTIONS * HTTP/1.1\r\n\r\nCONNECT h:443 HTTP/1.1\r\n\r\n";
+    let (t, s) = feed_all(bytes, &media());
+    // Absolute-form targets are never exempt.
+    assert_eq!((t.counted, t.media), (3, 0));
+    assert!(s.at_boundary());
+}
+
+#[test]
+fn expect_continue_body_in_a_later_chunk() {
+    let head = b"PUT /api/f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n";
+    let (t, s) = feed_chunks(&[head, b"GET / HTTP", GET], &media());
+    assert_eq!(t.counted, 2);
+    assert!(s.at_boundary());
+}
+
+#[test]
+fn unfollowable_framing_breaks() {
+    for bad in [
+        &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcdeXX",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1234567890123\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\n 6\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n\x16\x03\x01",
+        b"GET / HTTP/1.1\r\n\r\nget\x00",
+    ] {
+        let (t, s) = feed_all(bad, &media());
+        assert!(t.broken, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(s.state, S_CLOSED);
+        // A broken stream stays closed: later chunks are not looked at.
+        let mut s2 = s;
+        assert_eq!(s2.feed(GET, &media()), Tally::default());
+    }
+}
+
+#[test]
+fn equal_duplicate_lengths_are_followed() {
+    let bytes = b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length:3 \r\n\r\nabcGET / HTTP/1.1\r\n\r\n";
+    let (t, s) = feed_all(bytes, &media());
+    assert_eq!(t.counted, 2);
+    assert!(!t.broken && s.at_boundary());
+}
+
+#[test]
+fn opaque_protocols_pass() {
+    for first in [
+        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"\x00\x01\x02garbage",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"{\"json\":1}",
+    ] {
+        let (t, s) = feed_chunks(&[first, GET], &media());
+        assert!(t.opaque, "{first:?}");
+        assert_eq!(requests(&t), 0, "{first:?}");
+        assert_eq!(s.state, S_OPAQUE);
+    }
+}
+
+/// The media normaliser's answers, with nginx's view of each target in the comment.
+#[test]
+fn media_exemption_by_the_served_path() {
+    let cfg = media();
+    for (target, exempt) in [
+        ("/media/a.png", true),
+        ("/media/", true),
+        ("/media", false),
+        ("/mediax/a", false),
+        ("/media/../api/v1/items", false),
+        ("/media/x/../../api", false),
+        ("/media/%2e%2e/api", false),
+        ("/media/%2E./api", false),
+        ("/media%2fa", false),
+        ("/media/a\\..\\..\\api", false),
+        ("/%6Dedia/a.png", true),
+        ("/%6d%65dia/a.png", true),
+        ("/media/./a.png", true),
+        ("/./media/a.png", true),
+        ("/media/.", true),
+        ("/media/.well-known", true),
+        ("/media/..hidden", false),
+        ("/media/a%20b.png", true),
+        ("/media/a%00b", false),
+        ("/media/a%zz", false),
+        ("/media/a%2", false),
+        ("/media/a.png?x=/../../api", true),
+        ("/files/dl/x", true),
+        ("/files/%64l/x", true),
+        ("//media/a", false),
+        ("/api/media/a", false),
+    ] {
+        let line = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+        let (t, s) = feed_all(line.as_bytes(), &cfg);
+        assert_eq!(
+            (t.media, t.counted),
+            if exempt { (1, 0) } else { (0, 1) },
+            "{target}"
+        );
+        assert!(s.at_boundary(), "{target}");
+        // Split inside the target too.
+        for at in 4..line.len() {
+            let (t2, _) = feed_chunks(&[&line.as_bytes()[..at], &line.as_bytes()[at..]], &cfg);
+            assert_eq!(
+                (t2.media, t2.counted),
+                (t.media, t.counted),
+                "{target} at {at}"
+            );
+        }
+    }
+    // Only GETs are exempt.
+    let (t, _) = feed_all(b"HEAD /media/a.png HTTP/1.1\r\n\r\n", &cfg);
+    assert_eq!((t.media, t.counted, t.head_method), (0, 1, true));
+}
+
+#[test]
+fn find_lf_every_position() {
+    for n in 1..=WIN {
+        for at in 0..n {
+            for lf in 0..n {
+                let mut w = [b'a'; WIN_BUF];
+                w[lf] = b'\n';
+                // A stale LF past `n` is never found.
+                if n < WIN {
+                    w[n] = b'\n';
+                }
+                let want = (lf >= at).then_some(lf);
+                assert_eq!(find_lf(&w, at, n), want, "n {n} at {at} lf {lf}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differential: a reference framer on httparse, over generated request sequences and splits.
+// ---------------------------------------------------------------------------------------------
+
+/// What the reference makes of a byte stream: (counted, media) or None if it cannot frame it.
+fn reference(mut bytes: &[u8], prefixes: &[&str]) -> Option<(u32, u32)> {
+    let (mut counted, mut exempt) = (0, 0);
+    loop {
+        while let [b'\r' | b'\n', rest @ ..] = bytes {
+            bytes = rest;
+        }
+        if bytes.is_empty() {
+            return Some((counted, exempt));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(n) = req.parse(bytes).ok()? else {
+            return None;
+        };
+        let method = req.method?;
+        let path = req.path?;
+        if method == "GET" && reference_exempt(path, prefixes) {
+            exempt += 1;
+        } else {
+            counted += 1;
+        }
+        let mut length = 0usize;
+        let mut chunked = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+            }
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = true;
+            }
+        }
+        bytes = &bytes[n..];
+        if chunked {
+            loop {
+                let httparse::Status::Complete((used, size)) =
+                    httparse::parse_chunk_size(bytes).ok()?
+                else {
+                    return None;
+                };
+                bytes = &bytes[used..];
+                if size == 0 {
+                    let mut trailers = [httparse::EMPTY_HEADER; 16];
+                    let httparse::Status::Complete((used, _)) =
+                        httparse::parse_headers(bytes, &mut trailers).ok()?
+                    else {
+                        return None;
+                    };
+                    bytes = &bytes[used..];
+                    break;
+                }
+                bytes = bytes.get(size as usize + 2..)?;
+            }
+        } else {
+            bytes = bytes.get(length..)?;
+        }
+    }
+}
+
+/// The media rule written plainly: decode escapes of unreserved characters, refuse what could
+/// change the segments, drop `.` segments, refuse `..`, compare the prefix.
+fn reference_exempt(target: &str, prefixes: &[&str]) -> bool {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with('/') {
+        return false;
+    }
+    let raw = path.as_bytes();
+    let mut decoded = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b == b'\\' || b < 0x20 || b == 0x7f {
+            return false;
+        }
+        if b == b'%' {
+            let Some(hex) = raw.get(i + 1..i + 3) else {
+                return false;
+            };
+            let Ok(c) = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("x"), 16) else {
+                return false;
+            };
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return false;
+            }
+            if matches!(c, b'.' | b'/' | b'\\') || c < 0x20 || c == 0x7f {
+                return false;
+            }
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'~') {
+                decoded.push(c);
+            } else {
+                decoded.extend(format!("%{c:02X}").bytes());
+            }
+            i += 3;
+            continue;
+        }
+        decoded.push(b);
+        i += 1;
+    }
+    let mut out = Vec::new();
+    for (k, seg) in decoded.split(|b| *b == b'/').enumerate() {
+        if k == 0 {
+            continue;
+        }
+        if seg.starts_with(b"..") {
+            return false;
+        }
+        if seg == b"." {
+            continue;
+        }
+        out.push(b'/');
+        out.extend_from_slice(seg);
+    }
+    // A trailing `/` (or one after a dropped `.`) stays.
+    if decoded.ends_with(b"/") || decoded.ends_with(b"/.") {
+        out.push(b'/');
+    }
+    prefixes.iter().any(|p| out.starts_with(p.as_bytes()))
+}
+
+#[test]
+fn reference_agrees_on_the_fixed_cases() {
+    assert!(reference_exempt("/media/./a", &["/media/"]));
+    assert!(!reference_exempt("/media/../a", &["/media/"]));
+    assert!(reference_exempt("/media/.", &["/media/"]));
+    assert_eq!(reference(GET, &["/media/"]), Some((1, 0)));
+}
+
+fn arb_path() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("/media/"),
+        Just("/files/dl/"),
+        Just("/api/v1/"),
+        Just("/"),
+        Just("."),
+        Just(".."),
+        Just("%2e"),
+        Just("%6d"),
+        Just("%6D"),
+        Just("%20"),
+        Just("%2F"),
+        Just("%"),
+        Just("\\"),
+        Just("?q=/../"),
+        Just("media"),
+        Just("x"),
+        Just("a.png"),
+    ];
+    proptest::collection::vec(piece, 0..8).prop_map(|v| {
+        let mut s = String::from("/");
+        for p in v {
+            s.push_str(p);
+        }
+        s
+    })
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    None,
+    Length(Vec<u8>),
+    Chunked(Vec<Vec<u8>>, bool),
+}
+
+#[derive(Debug, Clone)]
+struct Req {
+    method: &'static str,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Body,
+    lf_only: bool,
+    leading_crlf: usize,
+}
+
+fn arb_body() -> impl Strategy<Value = Body> {
+    let bytes = proptest::collection::vec(
+        prop_oneof![Just(b'G'), Just(b'\r'), Just(b'\n'), any::<u8>()],
+        0..300,
+    );
+    prop_oneof![
+        Just(Body::None),
+        bytes.clone().prop_map(Body::Length),
+        (proptest::collection::vec(bytes, 0..4), any::<bool>())
+            .prop_map(|(c, t)| Body::Chunked(c, t)),
+    ]
+}
+
+fn arb_req() -> impl Strategy<Value = Req> {
+    (
+        prop_oneof![
+            Just("GET"),
+            Just("GET"),
+            Just("POST"),
+            Just("PUT"),
+            Just("HEAD"),
+            Just("DELETE"),
+            Just("PURGE"),
+            Just("M-SEARCH"),
+        ],
+        arb_path(),
+        proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("Host"),
+                    Just("Content-Type"),
+                    Just("Content-Len"),
+                    Just("X-Content-Length"),
+                    Just("Transfer"),
+                    Just("Accept"),
+                ],
+                "[ -~]{0,40}",
+            ),
+            0..5,
+        ),
+        arb_body(),
+        any::<bool>(),
+        0usize..3,
+    )
+        .prop_map(|(method, path, headers, body, lf_only, leading_crlf)| Req {
+            method,
+            path,
+            headers: headers
+                .into_iter()
+                .map(|(n, v)| (n.into(), v.trim().into()))
+                .collect(),
+            body,
+            lf_only,
+            leading_crlf,
+        })
+}
+
+fn render(r: &Req) -> Vec<u8> {
+    let eol = if r.lf_only { "\n" } else { "\r\n" };
+    let mut s = String::new();
+    for _ in 0..r.leading_crlf {
+        s.push_str("\r\n");
+    }
+    s.push_str(&format!("{} {} HTTP/1.1{eol}", r.method, r.path));
+    for (n, v) in &r.headers {
+        s.push_str(&format!("{n}: {v}{eol}"));
+    }
+    let mut out;
+    match &r.body {
+        Body::None => {
+            s.push_str(eol);
+            out = s.into_bytes();
+        }
+        Body::Length(b) => {
+            s.push_str(&format!("cOnTeNt-LeNgTh:  {} {eol}{eol}", b.len()));
+            out = s.into_bytes();
+            out.extend_from_slice(b);
+        }
+        Body::Chunked(chunks, trailer) => {
+            s.push_str(&format!("Transfer-Encoding: chunked{eol}{eol}"));
+            out = s.into_bytes();
+            for c in chunks.iter().filter(|c| !c.is_empty()) {
+                out.extend(format!("{:x};ext=1\r\n", c.len()).bytes());
+                out.extend_from_slice(c);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n");
+            if *trailer {
+                out.extend_from_slice(b"X-Trailer: GET / HTTP/1.1\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+/// Cuts `bytes` at the given offsets (taken modulo its length).
+fn split_at_points(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut out = Vec::new();
+    let mut last = 0;
+    for p in points.into_iter().chain([bytes.len()]) {
+        if p > last {
+            out.push(bytes[last..p].to_vec());
+            last = p;
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(600))]
+
+    /// Any sequence of well-framed requests, cut anywhere: the stream counts exactly what the
+    /// httparse-based reference frames, request by request, media GETs included.
+    #[test]
+    fn matches_the_reference_over_any_split(
+        reqs in proptest::collection::vec(arb_req(), 1..12),
+        cuts in proptest::collection::vec(any::<usize>(), 0..40),
+    ) {
+        let prefixes = ["/media/", "/files/dl/"];
+        let cfg = config(&prefixes);
+        let bytes: Vec<u8> = reqs.iter().flat_map(render).collect();
+        let want = reference(&bytes, &prefixes);
+        prop_assume!(want.is_some());
+        let (counted, exempt) = want.unwrap_or_default();
+        prop_assert_eq!(counted + exempt, reqs.len() as u32);
+        let chunks = split_at_points(&bytes, &cuts);
+        let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+        let (t, s) = feed_chunks(&refs, &cfg);
+        prop_assert!(!t.broken && !t.opaque);
+        prop_assert_eq!((t.counted, t.media), (counted, exempt));
+        prop_assert!(s.at_boundary());
+    }
+
+    /// Byte at a time is just another split.
+    #[test]
+    fn byte_at_a_time_matches(reqs in proptest::collection::vec(arb_req(), 1..4)) {
+        let prefixes = ["/media/", "/files/dl/"];
+        let cfg = config(&prefixes);
+        let bytes: Vec<u8> = reqs.iter().flat_map(render).collect();
+        let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+        let (t, _) = feed_chunks(&chunks, &cfg);
+        prop_assert_eq!(t.counted + t.media, reqs.len() as u32);
+    }
+
+    /// Whatever the bytes, the stream never loops, never panics, and once it says closed or
+    /// opaque it stays so.
+    #[test]
+    fn total_on_any_bytes(
+        chunks in proptest::collection::vec(
+            proptest::collection::vec(prop_oneof![
+                Just(b'\r'), Just(b'\n'), Just(b' '), Just(b'G'), Just(b'/'), Just(b':'),
+                Just(b'0'), Just(b'c'), any::<u8>()
+            ], 0..200), 1..6),
+    ) {
+        let cfg = media();
+        let mut s = Stream::new();
+        for c in &chunks {
+            let before = s.state;
+            let t = s.feed(c, &cfg);
+            if before == S_OPAQUE || before == S_CLOSED {
+                prop_assert_eq!(s.state, before);
+                prop_assert_eq!(t, Tally::default());
+            }
+            prop_assert!(t.counted + t.media <= t.starts);
+        }
+    }
+
+    /// The media decision is the reference's for any generated path, however it is split.
+    #[test]
+    fn media_matches_the_reference(path in arb_path(), cut in any::<usize>()) {
+        let prefixes = ["/media/", "/files/dl/"];
+        let cfg = config(&prefixes);
+        let line = format!("GET {path} HTTP/1.1\r\n\r\n");
+        let want = reference_exempt(&path, &prefixes);
+        let chunks = split_at_points(line.as_bytes(), &[cut]);
+        let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+        let (t, _) = feed_chunks(&refs, &cfg);
+        prop_assert_eq!((t.media, t.counted), if want { (1, 0) } else { (0, 1) }, "{}", path);
+    }
+}
+
+#[test]
+fn split_points_cover_the_bytes() {
+    let v: Vec<u8> = (0..10).collect();
+    let parts = split_at_points(&v, &[3, 3, 25, 0]);
+    assert_eq!(parts.concat(), v);
+    assert_eq!(parts.len(), 2);
+    assert_eq!(split_at_points(&v, &[]), vec![v.clone()]);
+}
