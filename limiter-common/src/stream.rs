@@ -137,6 +137,11 @@ pub const F_TE_BAD: u8 = 8;
 pub const F_FRAMING_LINE: u8 = 16;
 /// The current line had a CR, so only an LF may follow.
 pub const F_CR: u8 = 32;
+/// A 429 with `Connection: close` was sent: the stream is still followed, so that what the
+/// client had already sent is counted (as refused), but nothing more reaches the application.
+pub const F_REFUSED: u8 = 64;
+/// Flags of the connection (the rest belong to the current request).
+const F_CONNECTION: u8 = F_HTTP | F_REFUSED;
 
 /// Longest method token followed.
 pub const METHOD_MAX: u8 = 32;
@@ -817,7 +822,7 @@ impl Stream {
     #[inline(always)]
     fn head_end(&mut self, t: &mut Tally) {
         let f = self.flags;
-        self.flags = f & F_HTTP;
+        self.flags = f & F_CONNECTION;
         self.remaining = 0;
         self.sub = 0;
         if f & F_TE_BAD != 0 || (f & F_CHUNKED != 0 && f & F_CL != 0) {

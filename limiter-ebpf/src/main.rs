@@ -44,8 +44,8 @@ use limiter_common::{
     SockSlot, SockState, UNMAPPED_ORG, day, day_index, http,
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     stream::{
-        MEDIA_MATCH_ENTRIES, MediaPrefixes, S_CLOSED, S_OPAQUE, Stream, Tally, WALK_SLOTS, WIN,
-        WalkSlot, media_match_index,
+        F_REFUSED, MEDIA_MATCH_ENTRIES, MediaPrefixes, S_CLOSED, S_OPAQUE, Stream, Tally,
+        WALK_SLOTS, WIN, WalkSlot, media_match_index,
     },
     v4_mapped,
 };
@@ -743,7 +743,8 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         }
     };
     // SAFETY: a map value, as above.
-    let (state, from_boundary) = unsafe { ((*stream).state, (*stream).at_boundary()) };
+    let (state, flags, from_boundary) =
+        unsafe { ((*stream).state, (*stream).flags, (*stream).at_boundary()) };
     match state {
         // After a `Connection: close` reply or broken framing nothing more reaches the app.
         S_CLOSED => return SK_DROP,
@@ -755,6 +756,18 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         fault(FAULT_PARSE);
         return SK_PASS;
     };
+    if flags & F_REFUSED != 0 {
+        // After a `Connection: close` 429: what the client still sent is counted (counted
+        // requests as refused) and dropped.
+        if let Some(slot) = day_counters(org, today(c)) {
+            // SAFETY: valid map value.
+            unsafe {
+                add(&raw mut (*slot).rejected, t.counted as u64);
+                add(&raw mut (*slot).exempt_media_gets, t.media as u64);
+            }
+        }
+        return SK_DROP;
+    }
     if t.opaque {
         count(org, c, Counter::Unparsed);
         return SK_PASS;
@@ -1037,7 +1050,13 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
         && !reply.keep_alive
     {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
-        unsafe { (*st).stream.state = S_CLOSED };
+        unsafe {
+            if policy == Policy::BadRequest {
+                (*st).stream.state = S_CLOSED;
+            } else {
+                (*st).stream.flags |= F_REFUSED;
+            }
+        }
     }
     if !reply.render(total, scratch, &mut SkbSink { ctx }) {
         // Half-written: never hand it to the app.
