@@ -17,3 +17,18 @@ pub fn value<T: std::str::FromStr>(name: &str) -> Option<T> {
     }
     std::env::var(name).ok()?.parse().ok()
 }
+
+/// When the hook variable `name` names a file: creates it and waits until the test removes it
+/// (at most a minute), so that a test can act at this exact point of the daemon's work.
+pub fn pause(name: &str) {
+    let Some(path) = value::<std::path::PathBuf>(name) else {
+        return;
+    };
+    if std::fs::write(&path, b"paused\n").is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
