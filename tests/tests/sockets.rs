@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use integration_tests::{World, cidr, n, org_toml};
-use limiter_user::testbed::{HttpConn, Request, open_idle};
+use integration_tests::{PUSH_PORT, World, cidr, n, org_toml};
+use limiter_user::testbed::{self, HttpConn, Request, ServeArgs, open_idle, push_on};
 use serde_json::Value;
 use tokio::{net::TcpStream, runtime::Runtime};
 
@@ -46,6 +46,17 @@ impl Held {
                 Ok(out)
             })
         })
+    }
+
+    /// A push connection from the API host (a socket in the observed cgroup) to `to`.
+    fn push_conn(&self, w: &World, to: std::net::SocketAddr) -> Result<HttpConn> {
+        let sock = w.tb.server_socket(false)?;
+        self.rt.block_on(HttpConn::connect_socket(sock, to))
+    }
+
+    /// `count` pushes on `conn`, each answered 200.
+    fn push(&self, conn: &mut HttpConn, count: usize) -> Result<()> {
+        self.rt.block_on(push_on(conn, count, "/hooks/event", 100))
     }
 
     /// Statuses of `count` keep-alive GETs on `conn`.
@@ -150,7 +161,7 @@ fn a_connection_accepted_while_the_daemon_starts_is_tracked() -> Result<()> {
 
 /// A keep-alive connection held across a restart whose config needs bigger org maps (a new
 /// layout, fresh org maps with other ids) keeps being counted and refused over quota, and its
-/// open connection moves to the new maps.
+/// open connection moves to the new maps; pushes on a connection held across it keep counting.
 #[test]
 fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()> {
     // More orgs than the smallest org maps hold (65,536 slots, slot 0 unmapped).
@@ -160,10 +171,24 @@ fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()>
     let acme_org = org_toml("acme", &[cidr(acme)], "daily_requests = 5");
     w.write_config("", &acme_org)?;
     w.start_daemon()?;
+    // acme's webhook receiver, in the client netns on acme's address.
+    let IpAddr::V4(acme4) = acme else {
+        bail!("acme has an IPv4 address")
+    };
+    let receiver = ServeArgs {
+        listen: vec![(acme4, PUSH_PORT).into()],
+        log: w.dir().join("receiver.log"),
+        body_bytes: 0,
+    };
+    w.tb.spawn_in_client(testbed::serve_command(&w.exe, &receiver))?;
+    w.tb.wait_listening(testbed::Side::Client, PUSH_PORT, Duration::from_secs(10))?;
     let held = Held::new()?;
     let mut conn = held.connect(&w, acme)?;
     assert_eq!(held.statuses(&mut conn, 2)?, [200, 200]);
-    wait_entry(&w, "acme", |o| o["connections"] == 1)?;
+    let mut pushes = held.push_conn(&w, (acme4, PUSH_PORT).into())?;
+    held.push(&mut pushes, 2)?;
+    let org = wait_entry(&w, "acme", |o| o["connections"] == 1)?;
+    assert_eq!(n(&org, "exempt_pushes"), 2, "{org}");
     let before = layouts(&w)?;
     w.stop_daemon()?;
 
@@ -186,17 +211,21 @@ fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()>
         "a new layout replaced the old one: {before:?} -> {after:?}"
     );
     assert_eq!(held.statuses(&mut conn, 4)?, [200, 200, 200, 429]);
+    held.push(&mut pushes, 3)?;
     let org = wait_entry(&w, "acme", |o| o["connections"] == 1)?;
     assert_eq!((n(&org, "requests"), n(&org, "rejected")), (5, 1), "{org}");
+    assert_eq!(n(&org, "exempt_pushes"), 5, "{org}");
     let f0 = org_entry(&w, "f0")?;
     assert_eq!((n(&f0, "requests"), n(&f0, "connections")), (0, 0), "{f0}");
-    drop(conn);
+    drop((conn, pushes));
     wait_entry(&w, "acme", |o| o["connections"] == 0)?;
     assert_eq!(
         w.served_from(acme)?.len(),
         5,
         "the refused request never reached the server"
     );
+    let pushed = testbed::read_access_log(&receiver.log)?;
+    assert_eq!(pushed.len(), 5, "{pushed:?}");
     Ok(())
 }
 
