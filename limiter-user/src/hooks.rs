@@ -1,6 +1,7 @@
 //! Test hooks: settings through which the integration tests reach what they cannot wait for (a
-//! day change, a daemon away for days, sockets that share a slot). All of them are ignored unless
-//! the daemon runs with `LIMITER_TEST_HOOKS=1`.
+//! day change, a daemon away for days, sockets that share a slot, socket tables that fill, a
+//! daemon held at one point of its start). All of them are ignored unless the daemon runs with
+//! `LIMITER_TEST_HOOKS=1`.
 
 /// The variable that turns the hooks on.
 pub const ENABLE: &str = "LIMITER_TEST_HOOKS";
