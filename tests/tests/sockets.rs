@@ -115,6 +115,20 @@ fn wait_entry(w: &World, name: &str, cond: impl Fn(&Value) -> bool) -> Result<Va
     }
 }
 
+/// API connections from `src` the server's TCP holds in ESTABLISHED.
+fn established_from(w: &World, src: IpAddr) -> Result<usize> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", w.tb.netns(testbed::Side::Server)])
+        .args(["ss", "-tanH", "state", "established", "sport", "=", ":8080"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let peer = [format!("{src}]:"), format!(" {src}:")];
+    Ok(text
+        .lines()
+        .filter(|l| peer.iter().any(|p| l.contains(p.as_str())))
+        .count())
+}
+
 /// The layout directories (not the shared socket tables) under the world's pin directory.
 fn layouts(w: &World) -> Result<Vec<String>> {
     let mut out: Vec<String> = std::fs::read_dir(w.tb.bpffs().join("limiter"))?
@@ -162,12 +176,15 @@ fn a_connection_accepted_while_the_daemon_starts_is_tracked() -> Result<()> {
 /// A keep-alive connection held across a restart whose config needs bigger org maps (a new
 /// layout, fresh org maps with other ids) keeps being counted and refused over quota, and its
 /// open connection moves to the new maps; pushes on a connection held across it keep counting.
+/// An idle connection that closes before its next request leaves the new maps' counts alone
+/// (beta, which gets acme's old id, keeps its connection).
 #[test]
 fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()> {
     // More orgs than the smallest org maps hold (65,536 slots, slot 0 unmapped).
     const FILLER: usize = 65_536;
-    let mut w = World::new("resize", 1, 0)?;
+    let mut w = World::new("resize", 2, 0)?;
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let beta = IpAddr::V4(w.tb.clients_v4()[1]);
     let acme_org = org_toml("acme", &[cidr(acme)], "daily_requests = 5");
     w.write_config("", &acme_org)?;
     w.start_daemon()?;
@@ -187,14 +204,15 @@ fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()>
     assert_eq!(held.statuses(&mut conn, 2)?, [200, 200]);
     let mut pushes = held.push_conn(&w, (acme4, PUSH_PORT).into())?;
     held.push(&mut pushes, 2)?;
-    let org = wait_entry(&w, "acme", |o| o["connections"] == 1)?;
+    let idle = held.idle(&w, acme, 1)?;
+    let org = wait_entry(&w, "acme", |o| o["connections"] == 2)?;
     assert_eq!(n(&org, "exempt_pushes"), 2, "{org}");
     let before = layouts(&w)?;
     w.stop_daemon()?;
 
-    // acme comes last: its id changes, so a socket still carrying its old id would count
-    // against another org.
-    let mut orgs = String::with_capacity(FILLER * 64);
+    // acme comes last: its id changes, and beta gets acme's old id, so a socket still carrying
+    // that id would count against beta.
+    let mut orgs = org_toml("beta", &[cidr(beta)], "");
     for i in 0..FILLER {
         orgs.push_str(&org_toml(
             &format!("f{i}"),
@@ -210,14 +228,22 @@ fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()>
         after.len() == 1 && before.len() == 1 && after != before,
         "a new layout replaced the old one: {before:?} -> {after:?}"
     );
+    let mut beta_conn = held.connect(&w, beta)?;
+    assert_eq!(held.statuses(&mut beta_conn, 1)?, [200]);
+    wait_entry(&w, "beta", |o| o["connections"] == 1)?;
+    drop(idle);
+    // The server's TCP has seen the close (sock_ops ran) once the connection left ESTABLISHED.
+    wait_for(&w, "the idle connection's close", || {
+        established_from(&w, acme).is_ok_and(|n| n == 1)
+    })?;
     assert_eq!(held.statuses(&mut conn, 4)?, [200, 200, 200, 429]);
     held.push(&mut pushes, 3)?;
     let org = wait_entry(&w, "acme", |o| o["connections"] == 1)?;
     assert_eq!((n(&org, "requests"), n(&org, "rejected")), (5, 1), "{org}");
     assert_eq!(n(&org, "exempt_pushes"), 5, "{org}");
-    let f0 = org_entry(&w, "f0")?;
-    assert_eq!((n(&f0, "requests"), n(&f0, "connections")), (0, 0), "{f0}");
-    drop((conn, pushes));
+    let b = org_entry(&w, "beta")?;
+    assert_eq!((n(&b, "requests"), n(&b, "connections")), (1, 1), "{b}");
+    drop((conn, pushes, beta_conn));
     wait_entry(&w, "acme", |o| o["connections"] == 0)?;
     assert_eq!(
         w.served_from(acme)?.len(),
