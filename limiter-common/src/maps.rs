@@ -19,6 +19,10 @@ pub mod names {
     pub const SOCK_SLOTS: &str = "SOCK_SLOTS";
     pub const API_SOCKS: &str = "API_SOCKS";
     pub const PUSH_SOCKS: &str = "PUSH_SOCKS";
+    pub const SOCK_COUNT: &str = "SOCK_COUNT";
+    pub const SOCK_GEN: &str = "SOCK_GEN";
+    pub const VERDICT_NEXT: &str = "VERDICT_NEXT";
+    pub const PUSH_NEXT: &str = "PUSH_NEXT";
     pub const EVENTS: &str = "EVENTS";
     pub const FAULTS: &str = "FAULTS";
     pub const REFUSE: &str = "REFUSE";
@@ -45,8 +49,25 @@ pub const MAX_CIDRS: u32 = 262_144;
 /// Prefix length of a single address in an [`AddrKey`] (IPv4 /32 is IPv4-mapped /128). Such
 /// entries go to ORG_BY_HOST, a hash: inserting a million of them into the LPM trie took seconds.
 pub const HOST_PREFIX_LEN: u32 = 128;
-/// Tracked sockets (inbound API connections plus outbound push connections) at once.
+/// Inbound API connections with state (counted, limited, framed) at once; outbound push
+/// connections have a table of this size of their own.
 pub const MAX_SOCKETS: u32 = 262_144;
+/// API_SOCKS holds this many times [`MAX_SOCKETS`]: an org's connection that finds the state
+/// tables full still gets the verdict, which counts and limits it by its address.
+pub const API_SOCKS_FACTOR: u32 = 2;
+/// Name of the eBPF global with the number of inbound connections that get state
+/// ([`MAX_SOCKETS`]; a test hook lowers it). Connections of no org get state only below 3/4 of
+/// it, so that orgs' connections always find room.
+pub const SOCK_CAPACITY_GLOBAL: &str = "SOCK_CAPACITY";
+/// Name of the eBPF global that tells the programs of one daemon start from another's (see
+/// SOCK_GEN): a socket keeps the programs it entered the socket map with, and those of an
+/// earlier start hand its traffic to the current ones.
+pub const GENERATION_GLOBAL: &str = "GENERATION";
+/// What [`SockState`] (the stream parser's state in it included) means. The socket tables
+/// outlive the org tables (they are shared by every map layout, so live connections survive a
+/// restart that resizes the org maps); a build that changes the meaning of a field or parser
+/// state bumps this, and its socket tables then start empty instead of misreading the old ones.
+pub const SOCK_FORMAT: u32 = 1;
 /// Name of the eBPF global that says which low bits of a socket cookie pick its SOCK_SLOTS
 /// entry (`MAX_SOCKETS - 1`; the tests narrow it so that sockets share slots).
 pub const SOCK_SLOT_MASK_GLOBAL: &str = "SOCK_SLOT_MASK";
@@ -72,7 +93,9 @@ pub struct Config {
     /// generation look their org up again on their next request.
     pub addr_gen: u32,
     pub media_prefix_count: u32,
-    pub _pad: u32,
+    /// Names the org ids of these maps: sockets whose state carries another epoch were attributed
+    /// under other org maps (a restart that resized them) and are attributed again.
+    pub org_epoch: u32,
     pub media_prefix_len: [u8; MAX_MEDIA_PREFIXES],
     pub media_prefixes: [[u8; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
 }
@@ -88,7 +111,7 @@ impl Config {
             flags: 0,
             addr_gen: 0,
             media_prefix_count: 0,
-            _pad: 0,
+            org_epoch: 0,
             media_prefix_len: [0; MAX_MEDIA_PREFIXES],
             media_prefixes: [[0; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
         }
@@ -239,6 +262,9 @@ pub struct SockState {
     pub open: u32,
     /// `Config::addr_gen` when `org` was looked up.
     pub addr_gen: u32,
+    /// `Config::org_epoch` when `org` was looked up (and the connection counted in ORG_CONNS).
+    pub org_epoch: u32,
+    pub _pad: u32,
     /// Where the inbound byte stream stands (see [`crate::stream`]).
     pub stream: crate::stream::Stream,
 }
@@ -283,9 +309,12 @@ pub const FAULT_BAD_ORG: u32 = 4;
 pub const FAULT_REPLY: u32 = 5;
 /// A chunk's bytes could not be loaded for the stream parser; the chunk passed.
 pub const FAULT_PARSE: u32 = 6;
+/// A connection of no org arrived while the state tables were 3/4 full: it is not tracked (its
+/// requests are not counted), so that orgs' connections keep room.
+pub const FAULT_UNMAPPED_UNTRACKED: u32 = 7;
 pub const FAULT_COUNT: u32 = 8;
 
-pub const FAULT_NAMES: [&str; 7] = [
+pub const FAULT_NAMES: [&str; 8] = [
     "sock_state_full",
     "sockhash_full",
     "events_full",
@@ -293,6 +322,7 @@ pub const FAULT_NAMES: [&str; 7] = [
     "bad_org",
     "reply_failed",
     "parse_failed",
+    "unmapped_untracked",
 ];
 
 #[cfg(feature = "user")]

@@ -6,6 +6,11 @@
 //!   before the application reads it.
 //! - `limiter_push_msg` (sk_msg on PUSH_SOCKS): counts requests the host pushes out to an org.
 //!
+//! The socket tables (SOCK_SLOTS, SOCK_STATE, API_SOCKS, PUSH_SOCKS and what goes with them) are
+//! shared by every map layout, so connections live across a restart that resizes the org maps
+//! stay tracked: a socket keeps the programs it entered its socket map with, and those of an
+//! earlier daemon start hand every chunk to the current ones (`forward`).
+//!
 //! Every entry point is a thin wrapper that always lets traffic through: a limiter fault is counted
 //! in FAULTS, never turned into a blocked connection.
 #![no_std]
@@ -21,6 +26,7 @@ use core::{
 };
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
         __sk_buff, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -36,12 +42,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockOpsContext, XdpContext},
 };
 use limiter_common::{
-    AddrKey, CONFIG_F_READY, Config, DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH,
-    EVENT_QUOTA_EXHAUSTED, EVENTS_BYTES, Event, FAULT_BAD_ORG, FAULT_COUNT, FAULT_EVENTS_FULL,
-    FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
-    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY,
-    ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits, RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT,
-    SockSlot, SockState, UNMAPPED_ORG, day, day_index, http,
+    API_SOCKS_FACTOR, AddrKey, CONFIG_F_READY, Config, DAY_SLOTS, DayCounters,
+    EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, EVENTS_BYTES, Event, FAULT_BAD_ORG,
+    FAULT_COUNT, FAULT_EVENTS_FULL, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY,
+    FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL, FAULT_UNMAPPED_UNTRACKED, MAX_API_PORTS, MAX_CIDRS,
+    MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN,
+    OrgLimits, RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockSlot, SockState, UNMAPPED_ORG,
+    day, day_index, http,
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     stream::{
         F_REFUSED, MEDIA_MATCH_ENTRIES, MediaPrefixes, S_CLOSED, S_OPAQUE, Stream, Tally,
@@ -84,10 +91,29 @@ static SOCK_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKE
 /// Which cookie bits pick a slot (set at load; the tests narrow it so sockets share slots).
 #[unsafe(no_mangle)]
 static SOCK_SLOT_MASK: u32 = MAX_SOCKETS - 1;
+/// Inbound sockets with state (the daemon lowers it only for tests).
+#[unsafe(no_mangle)]
+static SOCK_CAPACITY: u32 = MAX_SOCKETS;
+/// Inbound sockets holding state now, against SOCK_CAPACITY.
 #[map]
-static API_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+static SOCK_COUNT: Array<i64> = Array::with_max_entries(1, 0);
+/// Twice the state capacity: an org's socket that gets no state still gets the verdict.
+#[map]
+static API_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS * API_SOCKS_FACTOR, 0);
 #[map]
 static PUSH_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+/// This daemon start's programs (set at load, unique per start).
+#[unsafe(no_mangle)]
+static GENERATION: u64 = 0;
+/// The generation whose programs are current (0: none yet).
+#[map]
+static SOCK_GEN: Array<u64> = Array::with_max_entries(1, 0);
+/// The current verdict and push counter, for sockets that entered their map under an earlier
+/// generation.
+#[map]
+static VERDICT_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+static PUSH_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
@@ -118,13 +144,31 @@ pub fn limiter_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[stream_verdict]
 pub fn limiter_verdict(ctx: SkBuffContext) -> u32 {
+    forward(&ctx, &VERDICT_NEXT);
     try_verdict(&ctx)
 }
 
 #[sk_msg]
 pub fn limiter_push_msg(ctx: SkMsgContext) -> u32 {
+    forward(&ctx, &PUSH_NEXT);
     try_push_msg(&ctx);
     SK_PASS
+}
+
+/// A socket keeps the programs of the map it entered for life; when those are an earlier daemon
+/// start's, this hands the chunk to the current program (a tail call that does not return),
+/// whose maps the daemon reads. An empty slot or a failed call runs this program as before.
+#[inline(always)]
+fn forward<C: EbpfContext>(ctx: &C, next: &ProgramArray) {
+    // SAFETY: a read of a load-time constant.
+    let mine = unsafe { core::ptr::read_volatile(&GENERATION) };
+    if let Some(now) = SOCK_GEN.get(0)
+        && *now != 0
+        && *now != mine
+    {
+        // SAFETY: slot 0 holds a program of this one's type (the daemon puts it there).
+        let _ = unsafe { next.tail_call(ctx, 0) };
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -229,6 +273,36 @@ fn sock_state(cookie: u64) -> Option<*mut SockState> {
     SOCK_STATE.get_ptr_mut(&cookie)
 }
 
+/// Takes one of the SOCK_CAPACITY places for a new inbound socket's state. A socket of no org
+/// (never limited) gets one only below 3/4 of the capacity, so that orgs' sockets always find
+/// room however many idle connections others hold.
+#[inline(always)]
+fn reserve_sock_state(org: u32) -> bool {
+    let Some(count) = SOCK_COUNT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a read of a load-time constant.
+    let cap = i64::from(unsafe { core::ptr::read_volatile(&SOCK_CAPACITY) });
+    let room = if org == UNMAPPED_ORG {
+        cap - cap / 4
+    } else {
+        cap
+    };
+    if add_i64(count, 1) < room {
+        return true;
+    }
+    add_i64(count, -1);
+    false
+}
+
+/// Gives back a place taken by `reserve_sock_state`.
+#[inline(always)]
+fn release_sock_state() {
+    if let Some(count) = SOCK_COUNT.get_ptr_mut(0) {
+        add_i64(count, -1);
+    }
+}
+
 /// Stores a new socket's state and returns where it went: its slot when free, else SOCK_STATE.
 /// None when neither has room.
 #[inline(always)]
@@ -246,16 +320,19 @@ fn add_sock_state(cookie: u64, state: &SockState) -> Option<*mut SockState> {
     SOCK_STATE.get_ptr_mut(&cookie)
 }
 
-/// Frees a closed socket's state, wherever it is.
+/// Frees a closed socket's state, wherever it is, and its place in SOCK_COUNT.
 #[inline(always)]
 fn remove_sock_state(cookie: u64) {
     if let Some(slot) = sock_slot(cookie)
         // SAFETY: valid map value; only the owner frees its slot.
         && cas(unsafe { &raw mut (*slot).cookie }, cookie, 0).is_ok()
     {
+        release_sock_state();
         return;
     }
-    let _ = SOCK_STATE.remove(&cookie);
+    if SOCK_STATE.remove(&cookie).is_ok() {
+        release_sock_state();
+    }
 }
 
 /// The org's counters for `day`, reset lazily when the slot still holds an older day.
@@ -437,10 +514,26 @@ fn on_inbound(ctx: &SockOpsContext) {
         open: 1,
         stream: Stream::new(),
         addr_gen: c.addr_gen,
+        org_epoch: c.org_epoch,
+        ..SockState::default()
     };
-    match add_sock_state(cookie, &state) {
+    let added = if reserve_sock_state(org) {
+        let st = add_sock_state(cookie, &state);
+        if st.is_none() {
+            release_sock_state();
+        }
+        st
+    } else if org == UNMAPPED_ORG {
+        // Past the high-water mark a connection of no org is left alone: it would only take
+        // room from the orgs' connections.
+        fault(FAULT_UNMAPPED_UNTRACKED);
+        return;
+    } else {
+        None
+    };
+    match added {
         // Without state the connection cannot be un-counted exactly on close, so it is not counted;
-        // its requests are still counted (the verdict falls back to the address).
+        // its requests are still counted and limited (the verdict falls back to the address).
         None => fault(FAULT_SOCK_STATE_FULL),
         Some(st) => {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -519,12 +612,16 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
         return;
     };
     // SAFETY: valid map value; `open` is only ever swapped atomically.
-    let (was_open, org, kind) = unsafe {
+    let (was_open, org, kind, epoch) = unsafe {
         let open = atomic_xchg::<u32, { SeqCst }>(&raw mut (*st).open, 0);
-        (open, (*st).org, (*st).kind)
+        (open, (*st).org, (*st).kind, (*st).org_epoch)
     };
+    // A connection attributed under other org maps (before a restart that resized them) and not
+    // attributed again since is not in these maps' counts.
+    let here = CONFIG.get(0).map_or(0, |c| c.org_epoch);
     if was_open == 1
         && kind & SOCK_F_INBOUND != 0
+        && epoch == here
         && let Some(conns) = ORG_CONNS.get_ptr_mut(org)
     {
         add_i64(conns, -1);
@@ -719,8 +816,8 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let (org, kind, stream) = match st {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
         Some(st) => unsafe {
-            if (*st).addr_gen != c.addr_gen {
-                reattribute(ctx, st, c.addr_gen);
+            if (*st).addr_gen != c.addr_gen || (*st).org_epoch != c.org_epoch {
+                reattribute(ctx, st, c);
             }
             ((*st).org, (*st).kind, &raw mut (*st).stream)
         },
@@ -871,23 +968,28 @@ fn take_quota(requests: *mut u64, remote: u64, limit: u64, n: u64) -> bool {
     true
 }
 
-/// The address table changed (a reload) since this connection was attributed: look its org up
-/// again, and move its open-connection count along, so added and removed orgs take effect on
-/// existing keep-alive connections too.
+/// The address table changed (a reload) since this connection was attributed, or the org maps
+/// were replaced (a restart that resized them): look its org up again, and move its
+/// open-connection count along (or, from other org maps, count it here), so added and removed
+/// orgs take effect on existing keep-alive connections too.
 #[inline(always)]
-fn reattribute(ctx: &SkBuffContext, st: *mut SockState, addr_gen: u32) {
+fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &Config) {
     let org = peer_addr!(ctx.skb.skb).map(org_of).unwrap_or(UNMAPPED_ORG);
     // SAFETY: valid map value; verdicts of one socket run one at a time.
     unsafe {
         let old = (*st).org;
-        (*st).addr_gen = addr_gen;
-        if old == org {
+        let counted_here = (*st).org_epoch == c.org_epoch;
+        (*st).addr_gen = c.addr_gen;
+        (*st).org_epoch = c.org_epoch;
+        if counted_here && old == org {
             return;
         }
         if (*st).open == 1
-            && let (Some(from), Some(to)) = (ORG_CONNS.get_ptr_mut(old), ORG_CONNS.get_ptr_mut(org))
+            && let Some(to) = ORG_CONNS.get_ptr_mut(org)
         {
-            add_i64(from, -1);
+            if counted_here && let Some(from) = ORG_CONNS.get_ptr_mut(old) {
+                add_i64(from, -1);
+            }
             add_i64(to, 1);
         }
         (*st).org = org;

@@ -115,7 +115,7 @@ pub fn run(config_path: &Path) -> Vec<Check> {
         out.push(check(
             "bpffs",
             crate::pins::prepare(&cfg.daemon.pin_dir, crate::pins::Capacity::for_config(cfg))
-                .map(|dir| format!("pins go to {}", dir.display()))
+                .map(|dir| format!("pins go to {}", dir.layout.display()))
                 .map_err(|e| e.to_string()),
         ));
     }

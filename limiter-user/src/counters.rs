@@ -366,6 +366,13 @@ pub fn apply(
     }
     if let Some(mut kc) = new.kernel_config {
         let prev = old.kernel_config.map_or(0, |c| c.addr_gen);
+        // The epoch of these org maps: chosen when they are first written (0: not yet), kept
+        // after.
+        kc.org_epoch = old
+            .kernel_config
+            .map(|c| c.org_epoch)
+            .filter(|e| *e != 0)
+            .unwrap_or(kernel.org_epoch);
         kc.addr_gen = if diff.addresses_changed() {
             prev.wrapping_add(1)
         } else {

@@ -141,13 +141,7 @@ impl Daemon {
             let spawn = |name: &str| std::thread::Builder::new().name(name.into());
             let ids = spawn("limiter-ids").spawn_scoped(s, fresh_ids);
             let desired = spawn("limiter-tables").spawn_scoped(s, fresh_desired);
-            let kernel = Kernel::load(
-                &cfg.daemon.pin_dir,
-                cap,
-                &cfg.api.cgroup,
-                &cfg.api.interfaces,
-                cfg.api.netns.as_deref(),
-            );
+            let kernel = Kernel::load(&cfg.daemon.pin_dir, cap);
             // Without a second thread (spawn failed) they are built here.
             let ids = match ids {
                 Ok(t) => t.join().ok(),
@@ -203,6 +197,14 @@ impl Daemon {
         let before_apply = Instant::now();
         let stats = counters::apply(&mut kernel, &old, &desired)?;
         drop((desired, old));
+        // Only now, with the tables written and CONFIG ready, do sockets reach the programs.
+        kernel
+            .attach(
+                &cfg.api.cgroup,
+                &cfg.api.interfaces,
+                cfg.api.netns.as_deref(),
+            )
+            .context("attaching the kernel programs")?;
         let limits = OrgLimitTable::new(&cfg, &ids);
         let org_count = cfg.orgs.len();
         let delay_without_gate = cfg.api.interfaces.is_empty()

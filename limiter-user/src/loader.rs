@@ -89,10 +89,22 @@ pub struct Kernel {
     pub resumed: bool,
     /// This build's pin directory (`<pin_dir>/<layout>`).
     pub pin_dir: PathBuf,
+    /// The shared socket tables' directory.
+    pub sock_dir: PathBuf,
+    /// `daemon.pin_dir`, where other layouts' directories are found.
+    pin_root: PathBuf,
     pub capacity: pins::Capacity,
+    /// The org epoch a first start of these maps writes into CONFIG (a restart keeps the one
+    /// the maps have): it must differ from every other epoch in the shared socket state.
+    pub org_epoch: u32,
+    /// This start's programs (unique per start); see `attach`.
+    generation: u64,
     _refuse: ProgramArray<MapData>,
-    _api_socks: SockHash<MapData, u64>,
-    _push_socks: SockHash<MapData, u64>,
+    api_socks: SockHash<MapData, u64>,
+    push_socks: SockHash<MapData, u64>,
+    sock_gen: Array<MapData, u64>,
+    verdict_next: ProgramArray<MapData>,
+    push_next: ProgramArray<MapData>,
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
 }
@@ -158,6 +170,14 @@ fn verifier_log_level() -> VerifierLogLevel {
     }
 }
 
+/// A number no other daemon start used: the time in nanoseconds.
+fn new_generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        .max(1)
+}
+
 /// Loads the object into the kernel without attaching anything (used by `limiter check` too).
 pub fn load_object() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(EBPF_OBJECT)?)
@@ -184,38 +204,35 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
 }
 
 impl Kernel {
-    /// Loads the programs with their maps pinned under `pin_dir` and attaches them: sock_ops to
-    /// `cgroup`, the verdict to API_SOCKS, the push counter to PUSH_SOCKS, the 429 writer into the
-    /// tail-call slot, and the XDP SYN gate to `interfaces` (in `netns` when given).
+    /// Loads the programs with their maps pinned under `pin_dir` (nothing attached yet: the
+    /// daemon writes the tables first, then calls [`Kernel::attach`]).
     ///
-    /// Pinned maps that exist are reused and the attachments swapped to the new programs in
-    /// place (link update, sockmap program replace), so a restarted or upgraded daemon continues
-    /// with the kernel's counts and without a moment unattached. Everything stays attached after
-    /// the daemon exits; `limiter unload` removes it.
-    pub fn load(
-        pin_dir: &Path,
-        cap: pins::Capacity,
-        cgroup: &Path,
-        interfaces: &[String],
-        netns: Option<&Path>,
-    ) -> Result<Self, LoadError> {
-        let dir = pins::prepare(pin_dir, cap)?;
-        let resumed = pins::check_existing(&dir, cap)?;
-        if !resumed {
-            // Pins of another layout (an older build, other capacities) would keep their
-            // programs attached beside ours: counts carry over through the day snapshot instead.
-            pins::unload_others(pin_dir, &dir)?;
-        }
+    /// Pinned maps that exist are reused, so a restarted or upgraded daemon continues with the
+    /// kernel's counts. The socket tables are shared by every layout; the programs of another
+    /// layout keep running until `attach` swaps them out.
+    pub fn load(pin_dir: &Path, cap: pins::Capacity) -> Result<Self, LoadError> {
+        let dirs = pins::prepare(pin_dir, cap)?;
+        let dir = dirs.layout;
+        let resumed = pins::check_existing(&dir, &pins::layout_maps(cap))?;
+        pins::check_existing(&dirs.socks, &pins::socket_maps())?;
+        let generation = new_generation();
         let mut loader = EbpfLoader::new();
         loader.verifier_log_level(verifier_log_level());
         let slot_mask = pins::sock_slot_mask();
+        let sock_capacity = pins::sock_capacity();
         loader.override_global(limiter_common::SOCK_SLOT_MASK_GLOBAL, &slot_mask, true);
-        // Every map sized and pinned as `expected_maps` says (the org and address tables follow
-        // the config's counts).
-        let expected = pins::expected_maps(cap);
-        let paths: Vec<(&str, u32, PathBuf)> = expected
+        loader.override_global(limiter_common::SOCK_CAPACITY_GLOBAL, &sock_capacity, true);
+        loader.override_global(limiter_common::GENERATION_GLOBAL, &generation, true);
+        // Every map sized and pinned as the shapes say (the org and address tables follow the
+        // config's counts; the socket tables are the same for every layout).
+        let paths: Vec<(&str, u32, PathBuf)> = pins::layout_maps(cap)
             .iter()
             .map(|(name, _, _, max)| (*name, *max, dir.join(name)))
+            .chain(
+                pins::socket_maps()
+                    .iter()
+                    .map(|(name, _, _, max)| (*name, *max, dirs.socks.join(name))),
+            )
             .collect();
         for (name, max, path) in &paths {
             loader.map_max_entries(name, *max);
@@ -233,23 +250,90 @@ impl Kernel {
             name: names::REFUSE,
             source,
         })?;
+        Ok(Kernel {
+            config: take(&mut ebpf, names::CONFIG)?,
+            ports: take(&mut ebpf, names::API_PORTS)?,
+            org_by_addr: take(&mut ebpf, names::ORG_BY_ADDR)?,
+            org_by_host: take(&mut ebpf, names::ORG_BY_HOST)?,
+            org_limits: take(&mut ebpf, names::ORG_LIMITS)?,
+            org_conns: take(&mut ebpf, names::ORG_CONNS)?,
+            org_days: take(&mut ebpf, names::ORG_DAYS)?,
+            org_remote: take(&mut ebpf, names::ORG_REMOTE)?,
+            faults: take(&mut ebpf, names::FAULTS)?,
+            media_match: take(&mut ebpf, names::MEDIA_MATCH)?,
+            events: Some(take(&mut ebpf, names::EVENTS)?),
+            resumed,
+            capacity: cap,
+            pin_dir: dir,
+            sock_dir: dirs.socks,
+            pin_root: pin_dir.to_path_buf(),
+            org_epoch: (generation ^ (generation >> 32)) as u32 | 1,
+            generation,
+            _refuse: refuse,
+            api_socks: take(&mut ebpf, names::API_SOCKS)?,
+            push_socks: take(&mut ebpf, names::PUSH_SOCKS)?,
+            sock_gen: take(&mut ebpf, names::SOCK_GEN)?,
+            verdict_next: take(&mut ebpf, names::VERDICT_NEXT)?,
+            push_next: take(&mut ebpf, names::PUSH_NEXT)?,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Attaches the programs once the daemon has written the tables and marked CONFIG ready, so
+    /// that no connection meets a program without its config: the verdict to API_SOCKS, the push
+    /// counter to PUSH_SOCKS, then sock_ops to `cgroup` (which puts sockets into API_SOCKS), and
+    /// the XDP SYN gate to `interfaces` (in `netns` when given). Last, the pins of other layouts
+    /// are removed.
+    ///
+    /// Attachments that exist are swapped to the new programs in place (link update, sockmap
+    /// program replace, a link of another layout taken over), so there is no moment without
+    /// programs. Sockets already in the socket maps keep the programs they entered with; those
+    /// hand their traffic to these (`SOCK_GEN`, `VERDICT_NEXT`, `PUSH_NEXT`). Everything stays
+    /// attached after the daemon exits; `limiter unload` removes it.
+    pub fn attach(
+        &mut self,
+        cgroup: &Path,
+        interfaces: &[String],
+        netns: Option<&Path>,
+    ) -> Result<(), LoadError> {
         // Attaching to a sockmap replaces what a previous daemon attached; the attachments are
         // owned by the (pinned) maps from then on, not by this process.
-        let api_socks: SockHash<MapData, u64> = take(&mut ebpf, names::API_SOCKS)?;
-        let push_socks: SockHash<MapData, u64> = take(&mut ebpf, names::PUSH_SOCKS)?;
-        let verdict = program::<SkSkb>(&mut ebpf, programs::VERDICT)?;
+        let ebpf = &mut self._ebpf;
+        let verdict = program::<SkSkb>(ebpf, programs::VERDICT)?;
         let id = verdict
-            .attach(api_socks.fd())
+            .attach(self.api_socks.fd())
             .map_err(prog_err(programs::VERDICT))?;
         std::mem::forget(verdict.take_link(id).map_err(prog_err(programs::VERDICT))?);
-        let push = program::<SkMsg>(&mut ebpf, programs::PUSH_MSG)?;
+        let fd = verdict.fd().map_err(prog_err(programs::VERDICT))?;
+        self.verdict_next
+            .set(0, fd, 0)
+            .map_err(|source| LoadError::Map {
+                name: names::VERDICT_NEXT,
+                source,
+            })?;
+        let push = program::<SkMsg>(ebpf, programs::PUSH_MSG)?;
         let id = push
-            .attach(push_socks.fd())
+            .attach(self.push_socks.fd())
             .map_err(prog_err(programs::PUSH_MSG))?;
         std::mem::forget(push.take_link(id).map_err(prog_err(programs::PUSH_MSG))?);
+        let fd = push.fd().map_err(prog_err(programs::PUSH_MSG))?;
+        self.push_next
+            .set(0, fd, 0)
+            .map_err(|source| LoadError::Map {
+                name: names::PUSH_NEXT,
+                source,
+            })?;
+        // From here the programs of earlier starts hand their sockets' traffic to these.
+        self.sock_gen
+            .set(0, self.generation, 0)
+            .map_err(|source| LoadError::Map {
+                name: names::SOCK_GEN,
+                source,
+            })?;
 
-        let sock_ops = program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
-        let link = dir.join("link_sock_ops");
+        pins::adopt_links(&self.pin_root, &self.pin_dir)?;
+        let sock_ops = program::<SockOps>(ebpf, programs::SOCK_OPS)?;
+        let link = self.pin_dir.join("link_sock_ops");
         // A pinned link on another cgroup (api.cgroup changed): drop it, attach anew below.
         if link.exists() {
             let wanted = std::fs::metadata(cgroup)
@@ -284,28 +368,12 @@ impl Kernel {
                 .map_err(prog_err(programs::SOCK_OPS))?;
             pin_link(owned, &link)?;
         }
-        let mut kernel = Kernel {
-            config: take(&mut ebpf, names::CONFIG)?,
-            ports: take(&mut ebpf, names::API_PORTS)?,
-            org_by_addr: take(&mut ebpf, names::ORG_BY_ADDR)?,
-            org_by_host: take(&mut ebpf, names::ORG_BY_HOST)?,
-            org_limits: take(&mut ebpf, names::ORG_LIMITS)?,
-            org_conns: take(&mut ebpf, names::ORG_CONNS)?,
-            org_days: take(&mut ebpf, names::ORG_DAYS)?,
-            org_remote: take(&mut ebpf, names::ORG_REMOTE)?,
-            faults: take(&mut ebpf, names::FAULTS)?,
-            media_match: take(&mut ebpf, names::MEDIA_MATCH)?,
-            events: Some(take(&mut ebpf, names::EVENTS)?),
-            resumed,
-            capacity: cap,
-            pin_dir: dir,
-            _refuse: refuse,
-            _api_socks: api_socks,
-            _push_socks: push_socks,
-            _ebpf: ebpf,
-        };
-        kernel.attach_syn_gate(interfaces, netns)?;
-        Ok(kernel)
+        crate::hooks::pause("LIMITER_TEST_PAUSE_AFTER_ATTACH");
+        self.attach_syn_gate(interfaces, netns)?;
+        // Other layouts' programs are swapped out by now; their maps go (counts carry over
+        // through the day snapshot), the shared socket tables stay.
+        pins::unload_others(&self.pin_root, &[&self.pin_dir, &self.sock_dir])?;
+        Ok(())
     }
 
     /// Attaches the XDP SYN gate (`concurrency_mode = "delay"`) to `interfaces`, looked up in the

@@ -1,9 +1,13 @@
 //! The pin directory: where maps and program links live in bpffs so the kernel keeps counting and
 //! enforcing while the daemon restarts, and where a new daemon picks them up again.
 //!
-//! Layout: `<pin_dir>/<layout>/` with one file per map (by name) and one per link
+//! Layout: `<pin_dir>/<layout>/` with one file per org-side map (by name) and one per link
 //! (`link_sock_ops`, `link_xdp_<iface>`). `<layout>` names the map layout (types and sizes), so a
 //! build with another layout never reuses incompatible maps.
+//!
+//! The socket tables live apart in `<pin_dir>/v1-socks-<hash>/`: their sizes do not follow the
+//! config, so every layout shares them, and a restart that resizes the org maps keeps the live
+//! connections in them (see `limiter-ebpf`'s `forward`).
 
 use std::{
     ffi::CString,
@@ -13,8 +17,9 @@ use std::{
 
 use aya::maps::MapInfo;
 use limiter_common::{
-    AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, MAX_API_PORTS, MAX_CIDRS,
-    MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState, names,
+    API_SOCKS_FACTOR, AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT,
+    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SOCK_FORMAT, SockSlot,
+    SockState, names,
     reply::Scratch,
     stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
@@ -85,8 +90,19 @@ impl Capacity {
     }
 }
 
-/// (name, key size, value size, max entries) of every pinned map.
-pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
+/// (name, key size, value size, max entries) of a pinned map.
+pub type MapShape = (&'static str, u32, u32, u32);
+
+/// Every pinned map: the layout's and the shared socket tables.
+pub fn expected_maps(cap: Capacity) -> Vec<MapShape> {
+    let mut all = layout_maps(cap);
+    all.extend(socket_maps());
+    all
+}
+
+/// The maps of one layout (in its own directory): what the config's size decides, and what the
+/// programs of that layout own.
+pub fn layout_maps(cap: Capacity) -> Vec<MapShape> {
     let sz = |n: usize| n as u32;
     vec![
         (names::CONFIG, 4, sz(size_of::<Config>()), 1),
@@ -112,15 +128,6 @@ pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
             sz(size_of::<RemoteCount>()),
             cap.orgs * DAY_SLOTS,
         ),
-        (
-            names::SOCK_STATE,
-            8,
-            sz(size_of::<SockState>()),
-            MAX_SOCKETS,
-        ),
-        (names::SOCK_SLOTS, 4, sz(size_of::<SockSlot>()), MAX_SOCKETS),
-        (names::API_SOCKS, 8, 4, MAX_SOCKETS),
-        (names::PUSH_SOCKS, 8, 4, MAX_SOCKETS),
         (names::EVENTS, 0, 0, EVENTS_BYTES),
         (names::FAULTS, 4, 8, FAULT_COUNT),
         (names::SCRATCH, 4, sz(size_of::<Scratch>()), 1),
@@ -130,8 +137,28 @@ pub fn expected_maps(cap: Capacity) -> Vec<(&'static str, u32, u32, u32)> {
     ]
 }
 
-/// A short name for the map layout: a hash of the maps' names and sizes.
-pub fn layout_version(cap: Capacity) -> String {
+/// The socket tables, shared by every layout.
+pub fn socket_maps() -> Vec<MapShape> {
+    let cap = sock_capacity();
+    vec![
+        (names::SOCK_STATE, 8, size_of::<SockState>() as u32, cap),
+        (
+            names::SOCK_SLOTS,
+            4,
+            size_of::<SockSlot>() as u32,
+            MAX_SOCKETS,
+        ),
+        (names::SOCK_COUNT, 4, 8, 1),
+        (names::API_SOCKS, 8, 4, cap * API_SOCKS_FACTOR),
+        (names::PUSH_SOCKS, 8, 4, MAX_SOCKETS),
+        (names::SOCK_GEN, 4, 8, 1),
+        (names::VERDICT_NEXT, 4, 4, 1),
+        (names::PUSH_NEXT, 4, 4, 1),
+    ]
+}
+
+/// A short hash of map shapes and extra words.
+fn shape_hash(maps: &[MapShape], extra: &[u32]) -> u32 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |b: &[u8]| {
         for x in b {
@@ -139,20 +166,38 @@ pub fn layout_version(cap: Capacity) -> String {
             h = h.wrapping_mul(0x100_0000_01b3);
         }
     };
-    for (name, k, v, m) in expected_maps(cap) {
+    for (name, k, v, m) in maps {
         eat(name.as_bytes());
         eat(&k.to_le_bytes());
         eat(&v.to_le_bytes());
         eat(&m.to_le_bytes());
     }
-    // Sockets sit in the slot their cookie picks under the mask they were admitted with: a
-    // program with another mask must not take over those maps.
-    let mask = sock_slot_mask();
-    if mask != MAX_SOCKETS - 1 {
-        eat(b"sock_slot_mask");
-        eat(&mask.to_le_bytes());
+    for x in extra {
+        eat(&x.to_le_bytes());
     }
-    format!("v1-{:08x}", h as u32)
+    h as u32
+}
+
+/// A short name for the map layout: a hash of the layout's maps' names and sizes.
+pub fn layout_version(cap: Capacity) -> String {
+    format!("v1-{:08x}", shape_hash(&layout_maps(cap), &[]))
+}
+
+/// The name of the shared socket tables' directory. Sockets sit in the slot their cookie picks
+/// under the mask they were admitted with, and their state means what [`SOCK_FORMAT`] says: a
+/// program with another mask or format must not take over those maps.
+pub fn socket_version() -> String {
+    let extra = [sock_slot_mask(), sock_capacity(), SOCK_FORMAT];
+    format!("v1-socks-{:08x}", shape_hash(&socket_maps(), &extra))
+}
+
+/// How many inbound sockets get state: [`MAX_SOCKETS`], unless a test asks for fewer with
+/// `LIMITER_TEST_SOCK_CAPACITY=n` (only with `LIMITER_TEST_HOOKS`) so that a few dozen idle
+/// connections fill the tables.
+pub fn sock_capacity() -> u32 {
+    crate::hooks::value::<u32>("LIMITER_TEST_SOCK_CAPACITY")
+        .filter(|n| (4..=MAX_SOCKETS).contains(n))
+        .unwrap_or(MAX_SOCKETS)
 }
 
 /// Which socket-cookie bits pick a socket's slot: all slots, unless a test asks for fewer with
@@ -180,9 +225,18 @@ fn fs_magic(path: &Path) -> std::io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
-/// Makes sure `pin_dir` exists on bpffs. `/sys/fs/bpf` itself is mounted when it is not yet (as
-/// after a reboot on systems that do not mount it).
-pub fn prepare(pin_dir: &Path, cap: Capacity) -> Result<PathBuf, PinError> {
+/// Where one daemon's pins go.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// `<pin_dir>/<layout>`: the org-side maps and the links.
+    pub layout: PathBuf,
+    /// The shared socket tables.
+    pub socks: PathBuf,
+}
+
+/// Makes sure `pin_dir` and this build's directories exist on bpffs. `/sys/fs/bpf` itself is
+/// mounted when it is not yet (as after a reboot on systems that do not mount it).
+pub fn prepare(pin_dir: &Path, cap: Capacity) -> Result<Dirs, PinError> {
     let sys_bpf = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(sys_bpf) && fs_magic(sys_bpf).is_ok_and(|m| m != BPF_FS_MAGIC) {
         let (src, dst, ty) = (c"bpf", c"/sys/fs/bpf", c"bpf");
@@ -192,21 +246,26 @@ pub fn prepare(pin_dir: &Path, cap: Capacity) -> Result<PathBuf, PinError> {
             return Err(io(sys_bpf)(std::io::Error::last_os_error()));
         }
     }
-    let dir = layout_dir(pin_dir, cap);
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    if fs_magic(&dir).map_err(io(&dir))? != BPF_FS_MAGIC {
-        return Err(PinError::NotBpffs {
-            path: pin_dir.display().to_string(),
-        });
+    let dirs = Dirs {
+        layout: layout_dir(pin_dir, cap),
+        socks: pin_dir.join(socket_version()),
+    };
+    for dir in [&dirs.layout, &dirs.socks] {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if fs_magic(dir).map_err(io(dir))? != BPF_FS_MAGIC {
+            return Err(PinError::NotBpffs {
+                path: pin_dir.display().to_string(),
+            });
+        }
     }
-    Ok(dir)
+    Ok(dirs)
 }
 
-/// Checks every map already pinned in `dir` against this build; true when any was pinned (the
-/// daemon resumes from the kernel's state rather than starting fresh).
-pub fn check_existing(dir: &Path, cap: Capacity) -> Result<bool, PinError> {
+/// Checks every map of `maps` already pinned in `dir` against this build; true when any was
+/// pinned (the daemon resumes from the kernel's state rather than starting fresh).
+pub fn check_existing(dir: &Path, maps: &[MapShape]) -> Result<bool, PinError> {
     let mut any = false;
-    for (name, key, value, max) in expected_maps(cap) {
+    for &(name, key, value, max) in maps {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -394,8 +453,32 @@ pub fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
 
 /// Removes every pin directory under `pin_dir` except `keep` (another layout: an older build, or
 /// other capacities): their programs must not keep running beside the new ones.
-pub fn unload_others(pin_dir: &Path, keep: &Path) -> Result<Vec<String>, PinError> {
-    unload_matching(pin_dir, |d| d != keep)
+pub fn unload_others(pin_dir: &Path, keep: &[&Path]) -> Result<Vec<String>, PinError> {
+    unload_matching(pin_dir, |d| !keep.contains(&d))
+}
+
+/// Moves the links pinned by other layouts under `pin_dir` into `dir` where `dir` has none of
+/// that name, so that they are updated in place to this layout's programs (an atomic swap: no
+/// moment with neither or both attached) rather than detached and attached anew.
+pub fn adopt_links(pin_dir: &Path, dir: &Path) -> Result<(), PinError> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let other = entry.path();
+        if other == dir || !other.is_dir() || !entry.file_name().to_string_lossy().starts_with('v')
+        {
+            continue;
+        }
+        for f in std::fs::read_dir(&other).map_err(io(&other))?.flatten() {
+            let name = f.file_name();
+            let to = dir.join(&name);
+            if name.to_string_lossy().starts_with("link_") && !to.exists() {
+                std::fs::rename(f.path(), &to).map_err(io(&f.path()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes every pin directory (maps and links): the programs detach once nothing holds them.
@@ -434,6 +517,7 @@ mod tests {
         let cap = Capacity::default();
         assert_eq!(layout_version(cap), layout_version(cap));
         assert!(layout_version(cap).starts_with("v1-") && layout_version(cap).len() == 11);
+        assert!(socket_version().starts_with("v1-socks-"));
         assert_ne!(
             layout_version(cap),
             layout_version(Capacity::for_counts(1_000_000, 1_000_000))

@@ -141,6 +141,12 @@ impl World {
 
     /// Starts `limiter run` and waits until it answers.
     pub fn start_daemon(&mut self) -> Result<()> {
+        self.spawn_daemon()?;
+        self.wait_daemon()
+    }
+
+    /// Starts `limiter run` without waiting for it (a test hook may hold it mid-start).
+    pub fn spawn_daemon(&mut self) -> Result<()> {
         // Appended: a restarted daemon's lines follow the earlier ones.
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -158,6 +164,11 @@ impl World {
             .spawn()
             .context("starting limiter run")?;
         self.daemon = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the daemon started by [`World::spawn_daemon`] answers.
+    pub fn wait_daemon(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.cli(&["report", "--json"])?.status.success() {
