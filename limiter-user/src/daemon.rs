@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use limiter_common::{
-    DayCounters, EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG,
+    DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -64,6 +64,10 @@ pub struct Daemon {
     closed: BTreeSet<u64>,
     /// Days left by a step back, not over yet: they end when the clock moves forward past them.
     suspended: BTreeSet<u64>,
+    /// The day each of the three day slots (`day % 3`) last held for every org, as the daemon
+    /// made it (in force, or prepared; 0: not known). After a step to a day its slot did not
+    /// hold, a slot the kernel already tagged with that day holds only what it counted since.
+    slot_days: [u64; DAY_SLOTS as usize],
     breaches: HashMap<u32, BreachLog>,
     faults_seen: HashMap<&'static str, u64>,
     unmapped_seen: (u64, u64, u64),
@@ -256,6 +260,12 @@ impl Daemon {
             day,
             closed: BTreeSet::new(),
             suspended: BTreeSet::new(),
+            slot_days: {
+                let mut held = [0; DAY_SLOTS as usize];
+                held[slot_of(day.saturating_sub(1))] = day.saturating_sub(1);
+                held[slot_of(day)] = day;
+                held
+            },
             breaches: HashMap::new(),
             faults_seen: HashMap::new(),
             unmapped_seen: (0, 0, 0),
@@ -684,9 +694,10 @@ impl Daemon {
             if known.as_ref().is_some_and(|k| k.closed) {
                 self.closed.insert(to);
             }
-            // Yesterday's slots still hold it; any other day's slots the kernel claimed since the
-            // step hold only what it counted since.
-            let how = if to + 1 == from {
+            // Yesterday's slots still hold it, as may a day prepared as tomorrow before a step
+            // back; any other day's slots the kernel claimed since the step hold only what it
+            // counted since.
+            let how = if self.slot_days[slot_of(to)] == to {
                 Prepare::Live
             } else {
                 Prepare::Stepped
@@ -701,6 +712,7 @@ impl Daemon {
             self.closed.insert(to);
         }
         self.day = to;
+        self.slot_days[slot_of(to)] = to;
         self.prepare_tomorrow();
         if stepped {
             warn!(
@@ -739,13 +751,16 @@ impl Daemon {
     fn prepare_tomorrow(&mut self) {
         let tomorrow = self.day + 1;
         let known = self.known(tomorrow);
-        if let Err(e) = counters::prepare_day_all(
+        let prepared = counters::prepare_day_all(
             &mut self.kernel,
             &self.ids,
             tomorrow,
             Prepare::Ahead,
             known.as_ref(),
-        ) {
+        );
+        // Half prepared is not prepared: the slot is known to hold tomorrow only when all went.
+        self.slot_days[slot_of(tomorrow)] = if prepared.is_ok() { tomorrow } else { 0 };
+        if let Err(e) = prepared {
             error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
         }
     }
@@ -1121,6 +1136,11 @@ impl Daemon {
         release_freed_memory();
         Ok(serde_json::json!({ "added": added, "removed": removed, "changed": changed }))
     }
+}
+
+/// Which of an org's three day slots `day` uses (as `limiter_common::day_index` picks it).
+fn slot_of(day: u64) -> usize {
+    (day % DAY_SLOTS as u64) as usize
 }
 
 /// One malloc arena for all threads: the startup helpers' arenas kept about 10 % of a
