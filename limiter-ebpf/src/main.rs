@@ -254,8 +254,10 @@ fn remove_sock_state(cookie: u64) {
 /// The daemon normally prepares tomorrow's slot in advance, so the reset here only runs when the
 /// daemon was away at rollover or the clock was stepped. The slot of the current day is always
 /// claimed, whether it holds an older day or a later one (the clock was stepped back): a slot that
-/// held on to a later day would leave the day uncountable. Returns None only while another CPU
-/// resets the slot.
+/// held on to a later day would leave the day uncountable. (A CPU that read the clock just before
+/// a step of a multiple of three days may take the slot back for the old day once: the cost is
+/// the requests in flight at the step's instant.) Returns None only while another CPU resets the
+/// slot.
 #[inline(always)]
 fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     let Some(slot) = ORG_DAYS.get_ptr_mut(day_index(org, day)) else {
