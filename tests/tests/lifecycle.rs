@@ -162,40 +162,43 @@ fn clock_steps_move_the_quota_day_both_ways() -> Result<()> {
     let quota = format!("daily_requests = {limit}");
     w.write_config("", &org_toml("acme", &[cidr(acme)], &quota))?;
     w.start_daemon()?;
-    let used_up: Vec<u16> = [vec![200; limit], vec![429]].concat();
+    // `limit` requests pass, then `over` are refused: each day refuses a different number, so
+    // that one day's counts cannot pass for another's.
+    let used_up = |over: usize| -> Vec<u16> { [vec![200; limit], vec![429; over]].concat() };
     let counts = |w: &World| -> Result<(u64, u64)> {
         let org = w.org("acme")?;
         Ok((n(&org, "requests"), n(&org, "rejected")))
     };
+    let full = limit as u64;
     let day0 = w.report()?["day"].as_str().unwrap_or_default().to_string();
-    assert_eq!(statuses(&w, acme, limit + 1)?, used_up);
+    assert_eq!(statuses(&w, acme, limit + 1)?, used_up(1));
 
     advance_clock(&w, 2, true)?;
     assert_eq!(
-        statuses(&w, acme, limit + 1)?,
-        used_up,
+        statuses(&w, acme, limit + 2)?,
+        used_up(2),
         "two days on, the kernel counts a new quota"
     );
     let day2 = step_days(&w, 2)?;
     assert_eq!(day2, date_plus(&day0, 2));
-    assert_eq!(counts(&w)?, (limit as u64, 1));
+    assert_eq!(counts(&w)?, (full, 2));
 
-    wait_snapshot(&w, &day2, "acme", (limit as u64, 1))?;
+    wait_snapshot(&w, &day2, "acme", (full, 2))?;
     advance_clock(&w, -3, true)?;
     assert_eq!(
-        statuses(&w, acme, limit + 1)?,
-        used_up,
+        statuses(&w, acme, limit + 3)?,
+        used_up(3),
         "after the step back the kernel still counts and refuses"
     );
     let back = step_days(&w, -3)?;
     assert_eq!(back, date_plus(&day0, -1));
-    assert_eq!(counts(&w)?, (limit as u64, 1));
+    assert_eq!(counts(&w)?, (full, 3));
 
     // The normal rollover brings back the first day, whose quota was used up.
     assert_eq!(step_days(&w, 1)?, day0);
-    assert_eq!(counts(&w)?, (limit as u64, 1));
+    assert_eq!(counts(&w)?, (full, 1));
     assert_eq!(statuses(&w, acme, 1)?, [429]);
-    assert_eq!(counts(&w)?, (limit as u64, 2));
+    assert_eq!(counts(&w)?, (full, 2));
     // Two rollovers on, the day left by the step back comes round again and continues too.
     step_days(&w, 1)?;
     let out = w.cli(&["report", "--json", "--day", &day0])?;
@@ -205,11 +208,11 @@ fn clock_steps_move_the_quota_day_both_ways() -> Result<()> {
             n(&yesterday["orgs"][0], "requests"),
             n(&yesterday["orgs"][0], "rejected")
         ),
-        (limit as u64, 2),
+        (full, 2),
         "{yesterday}"
     );
     assert_eq!(step_days(&w, 1)?, day2);
-    assert_eq!(counts(&w)?, (limit as u64, 1));
+    assert_eq!(counts(&w)?, (full, 2));
     assert_eq!(statuses(&w, acme, 1)?, [429]);
     // The day the first step left has the counts of both its turns in its snapshot.
     let out = w.cli(&["report", "--json", "--day", &day0])?;
@@ -224,7 +227,7 @@ fn clock_steps_move_the_quota_day_both_ways() -> Result<()> {
             n(&past["orgs"][0], "requests"),
             n(&past["orgs"][0], "rejected")
         ),
-        (limit as u64, 2),
+        (full, 2),
         "{past}"
     );
 
@@ -244,15 +247,27 @@ fn clock_steps_move_the_quota_day_both_ways() -> Result<()> {
         steps[1].contains(&format!("from={day2}")) && steps[1].contains(&format!("to={back}")),
         "{log}"
     );
-    let day_end = |day: &str| {
+    // Each day's lines, once, with the totals it had when it first ended.
+    let day_end = |day: &str| -> Vec<&str> {
         log.lines()
             .filter(|l| {
                 l.contains("day_end") && l.contains(&format!("day={day}")) && l.contains("acme")
             })
-            .count()
+            .collect()
     };
-    assert_eq!(day_end(&day0), 1, "{log}");
-    assert_eq!(day_end(&back), 1, "{log}");
+    let jumped = date_plus(&day0, 1);
+    assert!(
+        day_end(&jumped).is_empty(),
+        "{jumped} was jumped over, never in force: {log}"
+    );
+    for (day, rejected) in [(&day0, 1), (&back, 3)] {
+        let lines = day_end(day);
+        assert_eq!(lines.len(), 1, "{day}: {log}");
+        assert!(
+            lines[0].contains(&format!("requests={limit} rejected={rejected} ")),
+            "{day}: {log}"
+        );
+    }
     Ok(())
 }
 
