@@ -335,10 +335,15 @@ fn remove_sock_state(cookie: u64) {
     }
 }
 
-/// The org's counters for `day`, reset lazily when the slot still holds an older day.
+/// The org's counters for `day`, reset lazily when the slot still holds another day.
 ///
 /// The daemon normally prepares tomorrow's slot in advance, so the reset here only runs when the
-/// daemon was away at rollover. Returns None for a straggler from a day whose slot is reused.
+/// daemon was away at rollover or the clock was stepped. The slot of the current day is always
+/// claimed, whether it holds an older day or a later one (the clock was stepped back): a slot that
+/// held on to a later day would leave the day uncountable. (A CPU that read the clock just before
+/// a step of a multiple of three days may take the slot back for the old day once: the cost is
+/// the requests in flight at the step's instant.) Returns None only while another CPU resets the
+/// slot.
 #[inline(always)]
 fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     let Some(slot) = ORG_DAYS.get_ptr_mut(day_index(org, day)) else {
@@ -351,8 +356,8 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
     if cur == day {
         return Some(slot);
     }
-    if cur > day {
-        return None;
+    if cur & RESETTING != 0 {
+        return day_slot_if(tag, slot, day);
     }
     // A slot never used (tag 0, all zero) needs no clearing.
     if cur == 0 {
@@ -361,8 +366,8 @@ fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
             .map(|()| slot)
             .or_else(|| day_slot_if(tag, slot, day));
     }
-    // Claim the reset with a marker first: other CPUs see a tag above `day` and count nothing
-    // (pass, uncounted) until the fields are zero and the tag is `day`.
+    // Claim the reset with a marker first: other CPUs see the marker and count nothing (pass,
+    // uncounted) until the fields are zero and the tag is `day`.
     if cas(tag, cur, day | RESETTING).is_ok() {
         let conns = ORG_CONNS.get(org).copied().unwrap_or(0);
         // SAFETY: as above; plain stores: the winner of the CAS owns the reset.

@@ -10,7 +10,8 @@ use limiter_common::day::{self, NS_PER_DAY, NS_PER_SEC};
 pub struct Clock {
     tai_minus_utc_ns: i64,
     day_start_secs: u32,
-    /// Test-only shift (`limiter debug advance-clock`), never set in production.
+    /// Test-only shift (`limiter debug advance-clock`, `LIMITER_TEST_CLOCK_SHIFT_SECS`), never
+    /// set in production.
     shift_ns: i64,
     pub day_len_ns: u64,
 }
@@ -57,6 +58,13 @@ impl Clock {
     /// The clock `secs` ahead (0 to 400 days; for the test hooks that move the day on).
     pub fn ahead_secs(self, secs: i64) -> Self {
         self.shifted(secs.clamp(0, 400 * 86_400) * NS_PER_SEC as i64)
+    }
+
+    /// The clock stepped `secs` forward or back (at most 400 days either way): the test hook
+    /// that emulates an NTP step or `date -s` without touching the host's clock.
+    pub fn stepped_secs(self, secs: i64) -> Self {
+        let max = 400 * 86_400;
+        self.shifted(secs.clamp(-max, max) * NS_PER_SEC as i64)
     }
 
     pub fn shifted(self, by_ns: i64) -> Self {
@@ -121,6 +129,19 @@ mod tests {
         let d = c.today();
         let s = c.shifted(NS_PER_DAY as i64);
         assert!(s.today() == d + 1 || s.today() == d + 2);
+    }
+
+    #[test]
+    fn a_step_back_undoes_a_step_forward() {
+        let c = Clock::new(0);
+        let there = c.stepped_secs(3 * 86_400);
+        assert_eq!(there.offset_ns() - c.offset_ns(), 3 * NS_PER_DAY as i64);
+        assert_eq!(there.stepped_secs(-3 * 86_400).offset_ns(), c.offset_ns());
+        // Bounded both ways.
+        assert_eq!(
+            c.stepped_secs(i64::MIN).offset_ns(),
+            c.stepped_secs(-400 * 86_400).offset_ns()
+        );
     }
 
     #[test]

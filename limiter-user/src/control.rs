@@ -31,8 +31,14 @@ pub enum Request {
     Reload,
     /// Stop the daemon; with `unload`, also remove everything it pinned (programs detach).
     Shutdown { unload: bool },
-    /// Test hook: move the daemon's clock (and so the kernel's day) forward.
-    AdvanceClock { secs: i64 },
+    /// Test hook: step the daemon's clock (and so the kernel's day) forward or back by `secs`.
+    /// With `kernel_only`, only the kernel's clock moves, as it does first on an NTP step; the
+    /// daemon sees the step once a later request moves its own clock by as much.
+    AdvanceClock {
+        secs: i64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        kernel_only: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,8 +209,13 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"cmd":"reset","org":"acme"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
-        let s = serde_json::to_string(&Request::AdvanceClock { secs: 86400 }).unwrap();
+        let r = Request::AdvanceClock {
+            secs: 86400,
+            kernel_only: false,
+        };
+        let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"cmd":"advance-clock","secs":86400}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! messages.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use limiter_common::{
-    DayCounters, EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG,
+    DAY_SLOTS, DayCounters, EVENT_CONCURRENCY_BREACH, EVENT_QUOTA_EXHAUSTED, Event, UNMAPPED_ORG,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -26,7 +26,7 @@ use crate::{
     clock::Clock,
     config::{ConcurrencyMode, Config, QuotaMode},
     control::{self, Pending, Request, Response},
-    counters::{self, Applied},
+    counters::{self, Applied, CountersError, Prepare},
     hooks,
     loader::Kernel,
     metrics::{self, Metrics},
@@ -57,8 +57,17 @@ pub struct Daemon {
     limits: OrgLimitTable,
     clock: Clock,
     kernel: Kernel,
-    /// The day the daemon last rolled to.
+    /// The day the daemon last rolled to (or the clock was stepped to).
     day: u64,
+    /// Days whose `day_end` lines were logged (also recorded in their snapshots): a day a clock
+    /// step brings back is not logged a second time.
+    closed: BTreeSet<u64>,
+    /// Days left by a step back, not over yet: they end when the clock moves forward past them.
+    suspended: BTreeSet<u64>,
+    /// The day each of the three day slots (`day % 3`) last held for every org, as the daemon
+    /// made it (in force, or prepared; 0: not known). After a step to a day its slot did not
+    /// hold, a slot the kernel already tagged with that day holds only what it counted since.
+    slot_days: [u64; DAY_SLOTS as usize],
     breaches: HashMap<u32, BreachLog>,
     faults_seen: HashMap<&'static str, u64>,
     unmapped_seen: (u64, u64, u64),
@@ -185,7 +194,7 @@ impl Daemon {
         // Tomorrow's slots are prepared in `run`, once the days missed while the daemon was away
         // are closed: tomorrow's slot is the one of the day before yesterday.
         if kernel.resumed {
-            counters::prepare_day_all(&mut kernel, &ids, day, true)?;
+            counters::prepare_day_all(&mut kernel, &ids, day, Prepare::Live, None)?;
         }
         // Fresh maps (first start, or after a reboot): today's counts come from the snapshot,
         // before the kernel starts counting (CONFIG is marked ready by the apply below).
@@ -251,6 +260,14 @@ impl Daemon {
             clock,
             kernel,
             day,
+            closed: BTreeSet::new(),
+            suspended: BTreeSet::new(),
+            slot_days: {
+                let mut held = [0; DAY_SLOTS as usize];
+                held[slot_of(day.saturating_sub(1))] = day.saturating_sub(1);
+                held[slot_of(day)] = day;
+                held
+            },
             breaches: HashMap::new(),
             faults_seen: HashMap::new(),
             unmapped_seen: (0, 0, 0),
@@ -286,8 +303,7 @@ impl Daemon {
                 s.orgs == snap.orgs && s.idle == snap.idle && s.unmapped == snap.unmapped
             });
             if !same {
-                self.log_totals("day_end", day, true);
-                self.write_snapshot(day);
+                self.close_day(day);
             }
         }
     }
@@ -377,9 +393,10 @@ impl Daemon {
                 .unwrap_or(0),
             ..DaySnapshot::default()
         };
+        snap.closed = self.closed.contains(&day);
         // Names are borrowed from the id table: a million idle orgs made a million strings.
         let ids = &self.ids;
-        let read = counters::each_usage(&self.kernel, ids.max_id(), day, |id, d, _| {
+        let read = self.each_known(day, |id, d, _| {
             if id == UNMAPPED_ORG {
                 snap.unmapped = d;
             } else if let Some(name) = ids.name(id) {
@@ -411,13 +428,13 @@ impl Daemon {
 
     /// Runs until SIGTERM or SIGINT.
     pub async fn run(mut self) -> anyhow::Result<()> {
+        // Today may be a day a clock step brought back after it had ended.
+        if snapshot::is_closed(&self.cfg.daemon.state_dir, &self.clock.date(self.day)) {
+            self.closed.insert(self.day);
+        }
         if self.kernel.resumed {
             self.close_missed_days();
-            if let Err(e) =
-                counters::prepare_day_all(&mut self.kernel, &self.ids, self.day + 1, false)
-            {
-                error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
-            }
+            self.prepare_tomorrow();
             release_freed_memory();
         }
         let listener = control::bind(&self.cfg.daemon.control_socket).with_context(|| {
@@ -603,14 +620,12 @@ impl Daemon {
                 event = "clock",
                 "the kernel's TAI offset changed; quota days follow it"
             );
-            if let Err(e) = self.write_clock() {
+            let clock = self.clock;
+            if let Err(e) = self.write_clock(&clock) {
                 error!(event = "fault", error = %e, "rewriting the clock offset failed");
             }
         }
-        let today = self.clock.today();
-        if today > self.day {
-            self.rollover(today);
-        }
+        self.follow_clock();
         self.flush_breaches();
         self.check_faults();
         if let Some(m) = &self.metrics {
@@ -641,21 +656,154 @@ impl Daemon {
         }
     }
 
-    fn rollover(&mut self, today: u64) {
-        for ended in self.day..today {
-            self.log_totals("day_end", ended, true);
-            self.write_snapshot(ended);
+    /// Moves the daemon's day to the clock's: the rollover at the end of a day, or a clock step
+    /// (NTP, `date -s`, the test hook) of any size in either direction.
+    fn follow_clock(&mut self) {
+        let today = self.clock.today();
+        if today != self.day {
+            self.move_to(today);
         }
-        if let Err(e) = counters::prepare_day_all(&mut self.kernel, &self.ids, today + 1, false) {
+    }
+
+    /// Leaves the day in force for `to`. Forward, the days the clock moved past end (logged and
+    /// snapshotted once); days it jumped over were never in force and get nothing, unless the
+    /// kernel counted on them (a daemon that stalled) or a step back left them unfinished. Back,
+    /// the day in force is not over: it is snapshotted and ends when the clock passes it again.
+    /// Either way the new day's slots and tomorrow's are prepared from what their snapshots
+    /// recorded, so a day the clock comes back to continues from its counts.
+    fn move_to(&mut self, to: u64) {
+        let from = self.day;
+        if to > from {
+            let mut ended: BTreeSet<u64> = self.suspended.range(from + 1..to).copied().collect();
+            ended.insert(from);
+            for day in to.saturating_sub(2).max(from + 1)..to {
+                if counters::counted_on(&self.kernel, self.ids.max_id(), day).unwrap_or(false) {
+                    ended.insert(day);
+                }
+            }
+            for day in ended {
+                self.close_day(day);
+                self.suspended.remove(&day);
+            }
+        } else {
+            self.write_snapshot(from);
+            self.suspended.insert(from);
+        }
+        let stepped = to != from + 1;
+        let mut restored = 0;
+        if stepped {
+            let known = self.known(to);
+            if known.as_ref().is_some_and(|k| k.closed) {
+                self.closed.insert(to);
+            }
+            // Yesterday's slots still hold it, as may a day prepared as tomorrow before a step
+            // back; any other day's slots the kernel claimed since the step hold only what it
+            // counted since.
+            let how = if self.slot_days[slot_of(to)] == to {
+                Prepare::Live
+            } else {
+                Prepare::Stepped
+            };
+            match counters::prepare_day_all(&mut self.kernel, &self.ids, to, how, known.as_ref()) {
+                Ok(n) => restored = n,
+                Err(e) => {
+                    error!(event = "fault", error = %e, "preparing the new day's counters failed; the kernel resets them lazily")
+                }
+            }
+        } else if snapshot::is_closed(&self.cfg.daemon.state_dir, &self.clock.date(to)) {
+            self.closed.insert(to);
+        }
+        self.day = to;
+        self.slot_days[slot_of(to)] = to;
+        self.prepare_tomorrow();
+        if stepped {
+            warn!(
+                event = "clock_step",
+                from = %self.clock.date(from),
+                to = %self.clock.date(to),
+                days = to as i64 - from as i64,
+                restored_orgs = restored,
+                resets_in_seconds = self.clock.resets_in_seconds(),
+                "the clock was stepped: the quota day follows it"
+            );
+        } else {
+            info!(
+                event = "rollover",
+                day = %self.clock.date(to),
+                resets_in_seconds = self.clock.resets_in_seconds(),
+                "new quota day"
+            );
+        }
+        release_freed_memory();
+    }
+
+    /// Ends `day`: its `day_end` lines, once per day (a day a clock step brought back had ended
+    /// before: only its snapshot follows the later counts), and its final snapshot.
+    fn close_day(&mut self, day: u64) {
+        let date = self.clock.date(day);
+        if !self.closed.contains(&day) && !snapshot::is_closed(&self.cfg.daemon.state_dir, &date) {
+            self.log_totals("day_end", day, true);
+        }
+        self.closed.insert(day);
+        self.write_snapshot(day);
+    }
+
+    /// Prepares tomorrow's slots (those of the day before yesterday, which must be closed by
+    /// now) from tomorrow's snapshot, if a clock step made one.
+    fn prepare_tomorrow(&mut self) {
+        let tomorrow = self.day + 1;
+        let known = self.known(tomorrow);
+        let prepared = counters::prepare_day_all(
+            &mut self.kernel,
+            &self.ids,
+            tomorrow,
+            Prepare::Ahead,
+            known.as_ref(),
+        );
+        // Half prepared is not prepared: the slot is known to hold tomorrow only when all went.
+        self.slot_days[slot_of(tomorrow)] = if prepared.is_ok() { tomorrow } else { 0 };
+        if let Err(e) = prepared {
             error!(event = "fault", error = %e, "preparing tomorrow's counters failed; the kernel will reset them lazily");
         }
-        info!(
-            event = "rollover",
-            day = %self.clock.date(today),
-            resets_in_seconds = self.clock.resets_in_seconds(),
-            "new quota day"
-        );
-        self.day = today;
+    }
+
+    /// The snapshot of `day`, if one was written and reads.
+    fn known(&self, day: u64) -> Option<DaySnapshot<'static>> {
+        snapshot::read(&self.cfg.daemon.state_dir, &self.clock.date(day))
+            .inspect_err(|e| error!(event = "fault", error = %e, "a day snapshot is unreadable; that day's counts start from the kernel's"))
+            .ok()
+            .flatten()
+    }
+
+    /// Calls `f(id, counts of day, open connections)` for every org id in order: the kernel's
+    /// counts where its slot holds `day`, else the day's snapshot's (a slot the kernel reused
+    /// for another day after a clock step must not read as zeros).
+    fn each_known(
+        &self,
+        day: u64,
+        mut f: impl FnMut(u32, DayCounters, i64),
+    ) -> Result<(), CountersError> {
+        let mut stored: Option<Option<DaySnapshot<'static>>> = None;
+        counters::each_slot_usage(&self.kernel, self.ids.max_id(), day, |id, slot, conns| {
+            // A never-used slot (tag 0) counted nothing.
+            let d = if slot.day == day || slot.day == 0 {
+                DayCounters { day, ..slot }
+            } else {
+                let snap = stored.get_or_insert_with(|| self.known(day));
+                let recorded = snap.as_ref().and_then(|s| {
+                    if id == UNMAPPED_ORG {
+                        Some(s.unmapped)
+                    } else {
+                        s.orgs.get(self.ids.name(id)?).copied()
+                    }
+                });
+                DayCounters {
+                    day,
+                    ..recorded.unwrap_or_default()
+                }
+            };
+            f(id, d, conns)
+        })
     }
 
     /// One line per org (and unmapped) with its totals of `day`; with `idle` false, orgs without
@@ -663,7 +811,7 @@ impl Daemon {
     fn log_totals(&self, event: &str, day: u64, idle: bool) {
         let date = self.clock.date(day);
         let mut skipped = 0u64;
-        let read = counters::each_usage(&self.kernel, self.ids.max_id(), day, |id, d, conns| {
+        let read = self.each_known(day, |id, d, conns| {
             let Some(name) = self.ids.name(id) else {
                 return;
             };
@@ -729,7 +877,11 @@ impl Daemon {
 
     fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Report { org, day } => self.report(org.as_deref(), day.as_deref()),
+            Request::Report { org, day } => {
+                // A step since the last tick: the report shows the clock's day.
+                self.follow_clock();
+                self.report(org.as_deref(), day.as_deref())
+            }
             Request::Reset { org } => self.reset(org.as_deref()),
             Request::Reload => match self.reload() {
                 Ok(summary) => Response::ok(summary),
@@ -745,24 +897,28 @@ impl Daemon {
             Request::AdvanceClock { .. } if !hooks::enabled() => Response::err(
                 "advance-clock is a test hook: start the daemon with LIMITER_TEST_HOOKS=1",
             ),
-            Request::AdvanceClock { secs } => {
-                self.clock = self.clock.ahead_secs(secs);
-                match self.write_clock() {
-                    Ok(()) => {
-                        self.tick();
-                        Response::ok(serde_json::json!({ "day": self.clock.date(self.day) }))
-                    }
-                    Err(e) => Response::err(e.to_string()),
+            Request::AdvanceClock { secs, kernel_only } => {
+                let stepped = self.clock.stepped_secs(secs);
+                if let Err(e) = self.write_clock(&stepped) {
+                    return Response::err(e.to_string());
                 }
+                if kernel_only {
+                    return Response::ok(
+                        serde_json::json!({ "kernel_day": stepped.date(stepped.today()) }),
+                    );
+                }
+                self.clock = stepped;
+                self.tick();
+                Response::ok(serde_json::json!({ "day": self.clock.date(self.day) }))
             }
         }
     }
 
-    /// Rewrites the clock fields of CONFIG (the rest of it stays as applied).
-    fn write_clock(&mut self) -> anyhow::Result<()> {
+    /// Rewrites the clock fields of CONFIG from `clock` (the rest of it stays as applied).
+    fn write_clock(&mut self, clock: &Clock) -> anyhow::Result<()> {
         let mut kc = self.kernel.config.get(&0, 0).context("reading CONFIG")?;
-        kc.clock_offset_ns = self.clock.offset_ns();
-        kc.day_len_ns = self.clock.day_len_ns;
+        kc.clock_offset_ns = clock.offset_ns();
+        kc.day_len_ns = clock.day_len_ns;
         self.kernel.config.set(0, kc, 0).context("writing CONFIG")?;
         Ok(())
     }
@@ -777,7 +933,7 @@ impl Daemon {
             ));
         }
         let day = match day {
-            None => self.day.max(self.clock.today()),
+            None => self.day,
             Some(date) => match (self.day.saturating_sub(1)..=self.day)
                 .find(|d| self.clock.date(*d) == date)
                 .filter(|d| *d == self.day || self.kernel_holds(*d))
@@ -982,6 +1138,11 @@ impl Daemon {
         release_freed_memory();
         Ok(serde_json::json!({ "added": added, "removed": removed, "changed": changed }))
     }
+}
+
+/// Which of an org's three day slots `day` uses (as `limiter_common::day_index` picks it).
+fn slot_of(day: u64) -> usize {
+    (day % DAY_SLOTS as u64) as usize
 }
 
 /// One malloc arena for all threads: the startup helpers' arenas kept about 10 % of a

@@ -78,8 +78,16 @@ struct ResetArgs {
 
 #[derive(Subcommand, Debug)]
 enum DebugCommand {
-    /// Move the daemon's quota clock forward (tests of day rollover).
-    AdvanceClock { secs: i64 },
+    /// Step the daemon's and the kernel's quota clock by SECS, forward or back (negative); tests of
+    /// rollover and clock steps.
+    AdvanceClock {
+        #[arg(allow_negative_numbers = true)]
+        secs: i64,
+        /// Move only the kernel's clock, as an NTP step reaches the kernel before the daemon's
+        /// next tick; the daemon follows once a later advance-clock moves its clock as far.
+        #[arg(long)]
+        kernel_only: bool,
+    },
 }
 
 /// The daemon's control socket per the config. A config that no longer validates (the case of a
@@ -229,8 +237,14 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo => return demo::run(),
         Command::Bench(a) => return limiter_user::bench::run(a),
-        Command::Debug(DebugCommand::AdvanceClock { secs }) => {
-            let resp = ask(cli, &Request::AdvanceClock { secs: *secs })?;
+        Command::Debug(DebugCommand::AdvanceClock { secs, kernel_only }) => {
+            let resp = ask(
+                cli,
+                &Request::AdvanceClock {
+                    secs: *secs,
+                    kernel_only: *kernel_only,
+                },
+            )?;
             println!("{}", resp.parse::<serde_json::Value>()?);
         }
         Command::Testbed(cmd) => testbed::run_command(cmd.clone())?,

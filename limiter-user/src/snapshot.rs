@@ -47,6 +47,11 @@ pub struct DaySnapshot<'a> {
     #[serde(default)]
     pub idle: Vec<Cow<'a, str>>,
     pub unmapped: DayCounters,
+    /// The day has ended and its `day_end` lines were logged. When a clock step brings the day
+    /// back, it continues from these counts, and the snapshot follows them, but its `day_end`
+    /// lines are not logged a second time.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 pub fn path(state_dir: &Path, date: &str) -> PathBuf {
@@ -101,6 +106,20 @@ pub fn read(state_dir: &Path, date: &str) -> Result<Option<DaySnapshot<'static>>
     }
 }
 
+/// Whether the snapshot of `date` says its day was closed. Reads the file without keeping it:
+/// a million orgs' snapshot is not decoded for one flag.
+pub fn is_closed(state_dir: &Path, date: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Flag {
+        #[serde(default)]
+        closed: bool,
+    }
+    std::fs::File::open(path(state_dir, date))
+        .ok()
+        .and_then(|f| serde_json::from_reader::<_, Flag>(std::io::BufReader::new(f)).ok())
+        .is_some_and(|f| f.closed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +141,11 @@ mod tests {
         let p = write(dir.path(), &snap).unwrap();
         assert!(p.ends_with("days/2026-11-28.json"));
         assert_eq!(read(dir.path(), "2026-11-28").unwrap(), Some(snap.clone()));
+        assert!(!is_closed(dir.path(), "2026-11-28"));
+        snap.closed = true;
+        write(dir.path(), &snap).unwrap();
+        assert!(is_closed(dir.path(), "2026-11-28"));
+        assert!(!is_closed(dir.path(), "2026-11-27"));
         // A second write replaces the first; no temporary file is left behind.
         snap.taken_at = 2;
         write(dir.path(), &snap).unwrap();

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::Result;
 use integration_tests::{World, cidr, gets, n, org_toml};
+use limiter_common::day::{civil_from_days, days_from_civil};
 use limiter_user::testbed::{HttpConn, Request, http_requests};
 use serde_json::Value;
 
@@ -80,6 +81,195 @@ fn days_missed_while_away_are_closed_on_restart() -> Result<()> {
     );
     let past: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(n(&past["orgs"][0], "requests"), 7, "{past}");
+    Ok(())
+}
+
+/// A date `days` after (or before) `date` (YYYY-MM-DD).
+fn date_plus(date: &str, days: i64) -> String {
+    let mut parts = date.split('-').map(|p| p.parse::<i64>().unwrap_or(0));
+    let (y, m, d) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    let (y, m, d) = civil_from_days(days_from_civil(y, m as u32, d as u32) + days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Steps the running daemon's clock by `days` (the offset it and the kernel share: the host's
+/// clock is not touched); returns the report's day afterwards.
+fn step_days(w: &World, days: i64) -> Result<String> {
+    advance_clock(w, days, false)?;
+    Ok(w.report()?["day"].as_str().unwrap_or_default().to_string())
+}
+
+/// `limiter debug advance-clock` by `days`; with `kernel_only`, only the kernel's clock moves, as
+/// an NTP step reaches the kernel before the daemon's next tick.
+fn advance_clock(w: &World, days: i64, kernel_only: bool) -> Result<()> {
+    let secs = (days * 86_400).to_string();
+    let mut args = vec!["debug", "advance-clock", secs.as_str()];
+    if kernel_only {
+        args.push("--kernel-only");
+    }
+    let out = w.cli(&args)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Polls the snapshot of `date` until org `org` has `(requests, rejected)` in it; fails after a
+/// generous deadline with what it last held.
+fn wait_snapshot(w: &World, date: &str, org: &str, want: (u64, u64)) -> Result<()> {
+    let path = w.dir().join("state/days").join(format!("{date}.json"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let snap: Value = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let o = &snap["orgs"][org];
+        if (o["requests"].as_u64(), o["rejected"].as_u64()) == (Some(want.0), Some(want.1)) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the snapshot of {date} never had {want:?} for {org}: {snap}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A clock step of days, forward or back, moves the quota day with it. Each step reaches the
+/// kernel first, as an NTP step does, and the daemon after some traffic: the kernel counts and
+/// refuses in the new day from zero on its own, then the daemon follows, keeps those counts and
+/// reports the new day. Forward two days: a fresh quota. Back three days, to a day whose slot held
+/// the later day: still counted and refused, not passed uncounted. The day the test began, when
+/// the normal rollover brings it back, continues from its counts (it was used up), and its
+/// `day_end` lines are not logged twice.
+///
+/// A step of three days gives the new day the slot of the day in force, so when the kernel sees
+/// it first it starts the new day over that day's counts: the day in force keeps what its last
+/// snapshot held, which the daemon, snapshotting every second here, is waited for to take.
+#[test]
+fn clock_steps_move_the_quota_day_both_ways() -> Result<()> {
+    let limit = 3;
+    let mut w = World::new("clkstep", 1, 0)?;
+    w.daemon_extra = "snapshot_interval_secs = 1".into();
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let quota = format!("daily_requests = {limit}");
+    w.write_config("", &org_toml("acme", &[cidr(acme)], &quota))?;
+    w.start_daemon()?;
+    // `limit` requests pass, then `over` are refused: each day refuses a different number, so
+    // that one day's counts cannot pass for another's.
+    let used_up = |over: usize| -> Vec<u16> { [vec![200; limit], vec![429; over]].concat() };
+    let counts = |w: &World| -> Result<(u64, u64)> {
+        let org = w.org("acme")?;
+        Ok((n(&org, "requests"), n(&org, "rejected")))
+    };
+    let full = limit as u64;
+    let day0 = w.report()?["day"].as_str().unwrap_or_default().to_string();
+    assert_eq!(statuses(&w, acme, limit + 1)?, used_up(1));
+
+    advance_clock(&w, 2, true)?;
+    assert_eq!(
+        statuses(&w, acme, limit + 2)?,
+        used_up(2),
+        "two days on, the kernel counts a new quota"
+    );
+    let day2 = step_days(&w, 2)?;
+    assert_eq!(day2, date_plus(&day0, 2));
+    let jumped = format!("day={}", date_plus(&day0, 1));
+    let log = w.daemon_log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("day_end") && l.contains(&jumped)),
+        "the day jumped over was never in force: {log}"
+    );
+    assert_eq!(counts(&w)?, (full, 2));
+
+    wait_snapshot(&w, &day2, "acme", (full, 2))?;
+    advance_clock(&w, -3, true)?;
+    assert_eq!(
+        statuses(&w, acme, limit + 3)?,
+        used_up(3),
+        "after the step back the kernel still counts and refuses"
+    );
+    let back = step_days(&w, -3)?;
+    assert_eq!(back, date_plus(&day0, -1));
+    assert_eq!(counts(&w)?, (full, 3));
+
+    // The normal rollover brings back the first day, whose quota was used up.
+    assert_eq!(step_days(&w, 1)?, day0);
+    assert_eq!(counts(&w)?, (full, 1));
+    assert_eq!(statuses(&w, acme, 1)?, [429]);
+    assert_eq!(counts(&w)?, (full, 2));
+    // Two rollovers on, the day left by the step back comes round again and continues too.
+    step_days(&w, 1)?;
+    let out = w.cli(&["report", "--json", "--day", &day0])?;
+    let yesterday: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        (
+            n(&yesterday["orgs"][0], "requests"),
+            n(&yesterday["orgs"][0], "rejected")
+        ),
+        (full, 2),
+        "{yesterday}"
+    );
+    assert_eq!(step_days(&w, 1)?, day2);
+    assert_eq!(counts(&w)?, (full, 2));
+    assert_eq!(statuses(&w, acme, 1)?, [429]);
+    // The day the first step left has the counts of both its turns in its snapshot.
+    let out = w.cli(&["report", "--json", "--day", &day0])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let past: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        (
+            n(&past["orgs"][0], "requests"),
+            n(&past["orgs"][0], "rejected")
+        ),
+        (full, 2),
+        "{past}"
+    );
+
+    assert_eq!(
+        w.served_from(acme)?.len(),
+        3 * limit,
+        "the server saw every passed request"
+    );
+    let log = w.daemon_log();
+    let steps: Vec<&str> = log.lines().filter(|l| l.contains("clock_step")).collect();
+    assert_eq!(steps.len(), 2, "{log}");
+    assert!(
+        steps[0].contains(&format!("from={day0}")) && steps[0].contains(&format!("to={day2}")),
+        "{log}"
+    );
+    assert!(
+        steps[1].contains(&format!("from={day2}")) && steps[1].contains(&format!("to={back}")),
+        "{log}"
+    );
+    // Each day's lines, once, with the totals it had when it first ended.
+    let day_end = |day: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| {
+                l.contains("day_end") && l.contains(&format!("day={day}")) && l.contains("acme")
+            })
+            .collect()
+    };
+    for (day, rejected) in [(&day0, 1), (&back, 3)] {
+        let lines = day_end(day);
+        assert_eq!(lines.len(), 1, "{day}: {log}");
+        assert!(
+            lines[0].contains(&format!("requests={limit} rejected={rejected} ")),
+            "{day}: {log}"
+        );
+    }
     Ok(())
 }
 
