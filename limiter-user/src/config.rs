@@ -2574,7 +2574,10 @@ quota_mode = "dry-run"
         assert_eq!(at("limits", Some("day_start")), format!("{file}:6:13"));
         assert_eq!(at("api", Some("ports")), format!("{file}:2:9"));
         // A key left out points at its table's header; a table left out at the start.
-        assert_eq!(at("limits", Some("concurrency_mode")), format!("{file}:4:1"));
+        assert_eq!(
+            at("limits", Some("concurrency_mode")),
+            format!("{file}:4:1")
+        );
         assert_eq!(at("daemon", Some("metrics")), format!("{file}:1:1"));
     }
 

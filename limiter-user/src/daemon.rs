@@ -37,7 +37,7 @@ use crate::{
     sync::{self, Platform},
 };
 
-/// Breach lines per org are at most one a minute (DESIGN.md §5.6).
+/// Breach lines per org are at most one a minute (README, Logs).
 const BREACH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often unmapped traffic is summarised, when it changed.
 const UNMAPPED_SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -889,15 +889,47 @@ impl Daemon {
         let (old, new) = (&self.cfg, &new_cfg);
         let restart_only = [
             ("api", Some("cgroup"), old.api.cgroup != new.api.cgroup),
-            ("api", Some("interfaces"), old.api.interfaces != new.api.interfaces),
+            (
+                "api",
+                Some("interfaces"),
+                old.api.interfaces != new.api.interfaces,
+            ),
             ("api", Some("netns"), old.api.netns != new.api.netns),
-            ("limits", Some("day_start"), old.limits.day_start_secs != new.limits.day_start_secs),
-            ("daemon", Some("pin_dir"), old.daemon.pin_dir != new.daemon.pin_dir),
-            ("daemon", Some("state_dir"), old.daemon.state_dir != new.daemon.state_dir),
-            ("daemon", Some("control_socket"), old.daemon.control_socket != new.daemon.control_socket),
-            ("daemon", Some("log_format"), old.daemon.log_format != new.daemon.log_format),
-            ("daemon", Some("snapshot_interval_secs"), old.daemon.snapshot_interval_secs != new.daemon.snapshot_interval_secs),
-            ("daemon", Some("metrics"), old.daemon.metrics != new.daemon.metrics),
+            (
+                "limits",
+                Some("day_start"),
+                old.limits.day_start_secs != new.limits.day_start_secs,
+            ),
+            (
+                "daemon",
+                Some("pin_dir"),
+                old.daemon.pin_dir != new.daemon.pin_dir,
+            ),
+            (
+                "daemon",
+                Some("state_dir"),
+                old.daemon.state_dir != new.daemon.state_dir,
+            ),
+            (
+                "daemon",
+                Some("control_socket"),
+                old.daemon.control_socket != new.daemon.control_socket,
+            ),
+            (
+                "daemon",
+                Some("log_format"),
+                old.daemon.log_format != new.daemon.log_format,
+            ),
+            (
+                "daemon",
+                Some("snapshot_interval_secs"),
+                old.daemon.snapshot_interval_secs != new.daemon.snapshot_interval_secs,
+            ),
+            (
+                "daemon",
+                Some("metrics"),
+                old.daemon.metrics != new.daemon.metrics,
+            ),
             ("cluster", None, old.cluster != new.cluster),
         ];
         let mut changed = restart_only.iter().filter(|(_, _, c)| *c);

@@ -1,4 +1,4 @@
-//! The `limiter` binary: daemon and CLI (DESIGN.md §5.1).
+//! The `limiter` binary: daemon and CLI (README, Commands).
 
 use std::{path::PathBuf, process::ExitCode};
 

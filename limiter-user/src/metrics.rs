@@ -250,7 +250,10 @@ async fn answer(mut stream: TcpStream, text: &Shared, limits: ServeLimits) {
         // Nothing sent in time, closed, or failed: no answer.
         _ => return,
     }
-    let body = text.lock().map(|t| Arc::clone(&t)).unwrap_or_else(|_| Arc::from(""));
+    let body = text
+        .lock()
+        .map(|t| Arc::clone(&t))
+        .unwrap_or_else(|_| Arc::from(""));
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -352,7 +355,10 @@ mod tests {
         tokio::spawn(serve_with(listener, m.text(), limits));
         let answer = get(addr).await;
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-        assert!(answer.contains("limiter_daily_limit{org=\"acme\"} 2500"), "{answer}");
+        assert!(
+            answer.contains("limiter_daily_limit{org=\"acme\"} 2500"),
+            "{answer}"
+        );
         // Two idle clients take both slots (accepted in order); the third is closed unanswered.
         let mut idle1 = TcpStream::connect(addr).await.unwrap();
         let _idle2 = TcpStream::connect(addr).await.unwrap();

@@ -165,7 +165,9 @@ pub fn sum_fresh_conns(fields: &HashMap<String, String>, now: u64) -> u64 {
 /// The integer fields of a count hash. A field that is not one (written by hand, or by
 /// something else sharing the Redis) is returned apart, to be logged and skipped: it must not
 /// stop the sync of every other org.
-pub fn parse_counts(fields: HashMap<String, String>) -> (HashMap<String, u64>, Vec<(String, String)>) {
+pub fn parse_counts(
+    fields: HashMap<String, String>,
+) -> (HashMap<String, u64>, Vec<(String, String)>) {
     let mut counts = HashMap::with_capacity(fields.len());
     let mut bad = Vec::new();
     for (host, value) in fields {
@@ -282,7 +284,10 @@ async fn exchange(
 /// [`OP_TIMEOUT`] per step: it runs once, before the kernel counts anything.
 pub fn own_counts(cluster: &Cluster, date: &str) -> Result<Vec<(String, u64)>, String> {
     let fail = |e: &dyn std::fmt::Display| {
-        redact_in(&format!("{}: {e}", redact_url(&cluster.redis)), &cluster.redis)
+        redact_in(
+            &format!("{}: {e}", redact_url(&cluster.redis)),
+            &cluster.redis,
+        )
     };
     let client = redis::Client::open(cluster.redis.as_str()).map_err(|e| fail(&e))?;
     let mut con = client
@@ -426,12 +431,24 @@ mod tests {
     fn passwords_are_redacted() {
         for (url, want) in [
             ("redis://10.0.0.5:6379", "redis://10.0.0.5:6379"),
-            ("redis://:s3cret@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
-            ("rediss://app:s3cret@redis.example:6380", "rediss://app:***@redis.example:6380"),
+            (
+                "redis://:s3cret@10.0.0.5:6379/0",
+                "redis://:***@10.0.0.5:6379/0",
+            ),
+            (
+                "rediss://app:s3cret@redis.example:6380",
+                "rediss://app:***@redis.example:6380",
+            ),
             ("redis://app@redis.example", "redis://app@redis.example"),
             ("valkey://u:p@ss:w@rd@host:1/2", "valkey://u:***@host:1/2"),
-            ("redis+unix:///run/redis.sock?db=1&pass=s3cret", "redis+unix:///run/redis.sock?db=1&pass=***"),
-            ("redis://u:s3cret@host/0?password=s3cret", "redis://u:***@host/0?password=***"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=s3cret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            (
+                "redis://u:s3cret@host/0?password=s3cret",
+                "redis://u:***@host/0?password=***",
+            ),
             ("u:s3cret@host", "u:***@host"),
         ] {
             assert_eq!(redact_url(url), want, "{url}");

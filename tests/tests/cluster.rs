@@ -165,8 +165,8 @@ fn a_host_without_its_snapshot_restores_its_count_from_redis() -> Result<()> {
     assert!(send(&a, ip, 7)?.iter().all(|s| *s == 200));
     let day = a.report()?["day"].as_str().unwrap_or_default().to_string();
     let key = format!("limiter:count:{day}:acme");
-    let mut con = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))?
-        .get_connection()?;
+    let mut con =
+        redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))?.get_connection()?;
     redis::cmd("HSET")
         .arg(&key)
         .arg("otherhost")
@@ -177,7 +177,10 @@ fn a_host_without_its_snapshot_restores_its_count_from_redis() -> Result<()> {
     // 7 here + 5 there: the bad field did not stop the sync.
     wait_platform(&a, "acme", 12)?;
     wait_log(&a, "a shared count is not an integer; skipped")?;
-    let own: Option<u64> = redis::cmd("HGET").arg(&key).arg("restore").query(&mut con)?;
+    let own: Option<u64> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("restore")
+        .query(&mut con)?;
     assert_eq!(own, Some(7));
 
     // A reboot: no pinned maps, and today's snapshot is damaged.

@@ -66,7 +66,9 @@ fn a_pin_directory_others_can_write_is_refused() -> Result<()> {
     let pin_dir = w.tb.bpffs().join("limiter");
     std::fs::create_dir_all(&pin_dir)?;
     std::fs::set_permissions(&pin_dir, std::fs::Permissions::from_mode(0o777))?;
-    let err = w.start_daemon().expect_err("the daemon must refuse the pin directory");
+    let err = w
+        .start_daemon()
+        .expect_err("the daemon must refuse the pin directory");
     let why = format!("{err:#}");
     assert!(
         why.contains(&pin_dir.display().to_string())
@@ -146,7 +148,10 @@ fn reload_refuses_restart_only_settings() -> Result<()> {
     );
     assert!(TcpStream::connect(("127.0.0.1", other)).is_err());
 
-    std::fs::write(&w.config, before.replace("daily_requests = 50", "daily_requests = 60"))?;
+    std::fs::write(
+        &w.config,
+        before.replace("daily_requests = 50", "daily_requests = 60"),
+    )?;
     let out = w.cli(&["reload"])?;
     assert!(
         out.status.success(),
@@ -154,7 +159,11 @@ fn reload_refuses_restart_only_settings() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let org = w.org("acme")?;
-    assert_eq!((n(&org, "requests"), n(&org, "daily_limit")), (3, 60), "{org}");
+    assert_eq!(
+        (n(&org, "requests"), n(&org, "daily_limit")),
+        (3, 60),
+        "{org}"
+    );
     Ok(())
 }
 
@@ -166,11 +175,19 @@ fn report_days_must_be_dates() -> Result<()> {
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
     w.write_config("", &org_toml("acme", &[cidr(acme)], ""))?;
     w.start_daemon()?;
-    for bad in ["../../../etc/passwd", "2026-11-28/../x", "2026-02-30", "today"] {
+    for bad in [
+        "../../../etc/passwd",
+        "2026-11-28/../x",
+        "2026-02-30",
+        "today",
+    ] {
         let out = w.cli(&["report", "--day", bad])?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{bad}");
-        assert!(err.contains("is not a date: expected YYYY-MM-DD"), "{bad}: {err}");
+        assert!(
+            err.contains("is not a date: expected YYYY-MM-DD"),
+            "{bad}: {err}"
+        );
     }
     let socket = w.dir().join("state/control.sock");
     let resp = control::call(
@@ -182,12 +199,17 @@ fn report_days_must_be_dates() -> Result<()> {
     )?;
     assert!(!resp.ok);
     assert!(
-        resp.error.as_deref().is_some_and(|e| e.contains("not a date")),
+        resp.error
+            .as_deref()
+            .is_some_and(|e| e.contains("not a date")),
         "{resp:?}"
     );
     let out = w.cli(&["report", "--json", "--day", "2001-01-01"])?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("no counts kept for 2001-01-01"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("no counts kept for 2001-01-01"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -207,20 +229,22 @@ fn systemd_hears_ready_and_state_stays_private() -> Result<()> {
     let socket_path = w.dir().join("notify.sock");
     let systemd = UnixDatagram::bind(&socket_path)?;
     systemd.set_read_timeout(Some(Duration::from_secs(30)))?;
-    w.daemon_env.push((
-        "NOTIFY_SOCKET".into(),
-        socket_path.display().to_string(),
-    ));
+    w.daemon_env
+        .push(("NOTIFY_SOCKET".into(), socket_path.display().to_string()));
     w.start_daemon()?;
     let mut buf = [0u8; 256];
-    let got = systemd.recv(&mut buf).context("no READY=1 from the daemon")?;
+    let got = systemd
+        .recv(&mut buf)
+        .context("no READY=1 from the daemon")?;
     assert_eq!(&buf[..got], b"READY=1");
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("days")), 0o700);
     assert!(statuses(&w, acme, 2)?.iter().all(|s| *s == 200));
     let day = w.report()?["day"].as_str().unwrap_or_default().to_string();
     w.stop_daemon()?;
-    let got = systemd.recv(&mut buf).context("no STOPPING=1 from the daemon")?;
+    let got = systemd
+        .recv(&mut buf)
+        .context("no STOPPING=1 from the daemon")?;
     assert_eq!(&buf[..got], b"STOPPING=1");
     let snap = state.join("days").join(format!("{day}.json"));
     assert_eq!(mode(&snap), 0o600);
@@ -265,7 +289,10 @@ fn metrics_connections_are_bounded() -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
-    assert!(page.contains("limiter_requests_today{org=\"acme\"}"), "{page}");
+    assert!(
+        page.contains("limiter_requests_today{org=\"acme\"}"),
+        "{page}"
+    );
     Ok(())
 }
 
@@ -273,11 +300,20 @@ fn metrics_connections_are_bounded() -> Result<()> {
 #[test]
 fn report_day_is_checked_by_the_cli() -> Result<()> {
     let out = Command::new(limiter_user::testbed::limiter_exe()?)
-        .args(["report", "--day", "../x", "--config", "/nonexistent/limiter.toml"])
+        .args([
+            "report",
+            "--day",
+            "../x",
+            "--config",
+            "/nonexistent/limiter.toml",
+        ])
         .stdin(Stdio::null())
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("\"../x\" is not a date: expected YYYY-MM-DD"), "{err}");
+    assert!(
+        err.contains("\"../x\" is not a date: expected YYYY-MM-DD"),
+        "{err}"
+    );
     Ok(())
 }

@@ -23,15 +23,27 @@ const UNIT_EXEC_PACKAGED: &str = "ExecStart=/usr/bin/limiter ";
 
 /// What goes where: (source relative to the workspace, path in the package, mode).
 const FILES: [(&str, &str, u32); 7] = [
-    ("packaging/limiter.service", "lib/systemd/system/limiter.service", 0o644),
+    (
+        "packaging/limiter.service",
+        "lib/systemd/system/limiter.service",
+        0o644,
+    ),
     ("packaging/limiter.toml", "etc/limiter/limiter.toml", 0o644),
     (
         "packaging/api-after-limiter.conf",
         "usr/share/doc/limiter/api-after-limiter.conf",
         0o644,
     ),
-    ("packaging/limiter.toml", "usr/share/doc/limiter/examples/limiter.toml", 0o644),
-    ("packaging/limiter.service", "usr/share/doc/limiter/limiter.service.example", 0o644),
+    (
+        "packaging/limiter.toml",
+        "usr/share/doc/limiter/examples/limiter.toml",
+        0o644,
+    ),
+    (
+        "packaging/limiter.service",
+        "usr/share/doc/limiter/limiter.service.example",
+        0o644,
+    ),
     ("README.md", "usr/share/doc/limiter/README.md", 0o644),
     ("LICENSE-NOTE", "usr/share/doc/limiter/copyright", 0o644),
 ];
@@ -62,8 +74,8 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// The version of limiter-user's manifest (the binary's `--version`).
 fn version(workspace: &Path) -> Result<String> {
     let manifest = workspace.join("limiter-user/Cargo.toml");
-    let text = fs::read_to_string(&manifest)
-        .with_context(|| format!("reading {}", manifest.display()))?;
+    let text =
+        fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
     text.lines()
         .find_map(|l| {
             let v = l.strip_prefix("version")?.trim_start().strip_prefix('=')?;
@@ -129,8 +141,7 @@ pub fn build(workspace: &Path, target: &Path) -> Result<PathBuf> {
         let text = if src == "LICENSE-NOTE" {
             copyright()
         } else {
-            fs::read_to_string(workspace.join(src))
-                .with_context(|| format!("reading {src}"))?
+            fs::read_to_string(workspace.join(src)).with_context(|| format!("reading {src}"))?
         };
         let text = if rel.starts_with("lib/systemd/") {
             ensure!(
@@ -209,10 +220,7 @@ fn data_files(stage: &Path) -> Result<Vec<(String, PathBuf)>> {
     while let Some(dir) = dirs.pop() {
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
-            let rel = path
-                .strip_prefix(stage)?
-                .to_string_lossy()
-                .into_owned();
+            let rel = path.strip_prefix(stage)?.to_string_lossy().into_owned();
             if rel == "DEBIAN" {
                 continue;
             }
@@ -303,8 +311,15 @@ pub fn verify(deb: &Path, scratch: &Path) -> Result<()> {
         ensure!(got == mode, "{path}: mode {got:o}, expected {mode:o}");
     }
     let unit = fs::read_to_string(at("/lib/systemd/system/limiter.service"))?;
-    for line in [UNIT_EXEC_PACKAGED.trim_end(), "Type=notify", "StateDirectoryMode=0700"] {
-        ensure!(unit.contains(line), "the installed unit lacks {line:?}:\n{unit}");
+    for line in [
+        UNIT_EXEC_PACKAGED.trim_end(),
+        "Type=notify",
+        "StateDirectoryMode=0700",
+    ] {
+        ensure!(
+            unit.contains(line),
+            "the installed unit lacks {line:?}:\n{unit}"
+        );
     }
     let dropin = fs::read_to_string(at("/usr/share/doc/limiter/api-after-limiter.conf"))?;
     ensure!(
@@ -353,6 +368,9 @@ pub fn verify(deb: &Path, scratch: &Path) -> Result<()> {
     ] {
         ensure!(!at(gone).exists(), "{gone} is still there after a purge");
     }
-    println!("package: {} installs, checks and purges cleanly", deb.display());
+    println!(
+        "package: {} installs, checks and purges cleanly",
+        deb.display()
+    );
     Ok(())
 }
