@@ -263,8 +263,9 @@ fn metrics_connections_are_bounded() -> Result<()> {
     w.daemon_extra = format!("metrics = \"127.0.0.1:{port}\"");
     w.write_config("", &org_toml("acme", &[cidr(acme)], ""))?;
     w.start_daemon()?;
-    // Idle connections take every slot (the default limit is 16).
-    let idle: Vec<TcpStream> = (0..16)
+    // Idle connections take every slot.
+    let slots = limiter_user::metrics::ServeLimits::default().max_connections;
+    let idle: Vec<TcpStream> = (0..slots)
         .map(|_| TcpStream::connect(("127.0.0.1", port)))
         .collect::<std::io::Result<_>>()?;
     let refused = scrape(port).or_else(|e| {
@@ -278,7 +279,7 @@ fn metrics_connections_are_bounded() -> Result<()> {
             Err(e)
         }
     })?;
-    assert_eq!(refused, "", "a 17th connection is closed unanswered");
+    assert_eq!(refused, "", "one connection more is closed unanswered");
     drop(idle);
     let mut page = String::new();
     for _ in 0..200 {
