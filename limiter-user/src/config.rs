@@ -315,13 +315,24 @@ impl ConfigError {
 }
 
 /// `[cluster]`: hosts share each org's daily count through Redis (or Valkey).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub redis: String,
     /// This host's name in the shared counters (default: the hostname).
     pub host_id: String,
     /// How often local counts are sent and platform totals read (default 250 ms).
     pub sync_interval_ms: u64,
+}
+
+/// The URL's password never reaches a log line through `{:?}`.
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("redis", &crate::sync::redact_url(&self.redis))
+            .field("host_id", &self.host_id)
+            .field("sync_interval_ms", &self.sync_interval_ms)
+            .finish()
+    }
 }
 
 pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 250;
@@ -393,6 +404,37 @@ pub fn default_cgroup() -> PathBuf {
         .ok()
         .and_then(|mounts| cgroup2_mount(&mounts))
         .unwrap_or_else(|| PathBuf::from(FALLBACK_CGROUP))
+}
+
+/// `FILE:LINE:COL` of `table.key` in a config file that validated, for messages about a valid
+/// value (a reload refusing a restart-only change). A key left out points at its table, and a
+/// table left out (or the whole file, when it cannot be read again) at 1:1.
+pub fn locate(file: &Path, table: &str, key: Option<&str>) -> String {
+    type Section = toml::Spanned<HashMap<String, toml::Spanned<toml::Value>>>;
+    /// The tables a reload can refuse a change in, with the position of every key.
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Doc {
+        api: Option<Section>,
+        limits: Option<Section>,
+        daemon: Option<Section>,
+        cluster: Option<Section>,
+    }
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let doc: Doc = toml::from_str(&text).unwrap_or_default();
+    let section = match table {
+        "api" => doc.api,
+        "limits" => doc.limits,
+        "daemon" => doc.daemon,
+        "cluster" => doc.cluster,
+        _ => None,
+    };
+    let pos = section.map(|t| {
+        key.and_then(|k| t.get_ref().get(k))
+            .map_or(t.span().start, |v| v.span().start)
+    });
+    let (line, column) = Src { file, text: &text }.position(pos);
+    format!("{}:{line}:{column}", file.display())
 }
 
 /// The first mount point of type `cgroup2` in a `/proc/self/mounts` text.
@@ -885,7 +927,10 @@ impl<'t> Builder<'t> {
                         return Err(src.invalid(
                             vpos,
                             at,
-                            format!("{url:?} is not a Redis URL (redis://host:port)"),
+                            format!(
+                                "{:?} is not a Redis URL (redis://host:port)",
+                                crate::sync::redact_url(&url)
+                            ),
                         ));
                     }
                     redis = Some(url.into_owned());
@@ -2513,6 +2558,27 @@ quota_mode = "dry-run"
         );
         let c = parse_both(variants[1]).unwrap_err();
         assert_eq!(c.key(), Some("orgs[1].cidrs[0]"));
+    }
+
+    #[test]
+    fn valid_keys_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("limiter.toml");
+        std::fs::write(
+            &path,
+            "[api]\nports = [1]\n\n[limits]\ndaily_requests = 5\nday_start = \"06:00\"\n",
+        )
+        .unwrap();
+        let at = |t, k| locate(&path, t, k);
+        let file = path.display().to_string();
+        assert_eq!(at("limits", Some("day_start")), format!("{file}:6:13"));
+        assert_eq!(at("api", Some("ports")), format!("{file}:2:9"));
+        // A key left out points at its table's header; a table left out at the start.
+        assert_eq!(
+            at("limits", Some("concurrency_mode")),
+            format!("{file}:4:1")
+        );
+        assert_eq!(at("daemon", Some("metrics")), format!("{file}:1:1"));
     }
 
     #[test]

@@ -30,13 +30,14 @@ use crate::{
     hooks,
     loader::Kernel,
     metrics::{self, Metrics},
+    notify,
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
     pins, report,
     snapshot::{self, DaySnapshot},
     sync::{self, Platform},
 };
 
-/// Breach lines per org are at most one a minute (DESIGN.md §5.6).
+/// Breach lines per org are at most one a minute (README, Logs).
 const BREACH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often unmapped traffic is summarised, when it changed.
 const UNMAPPED_SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -83,6 +84,7 @@ pub struct Daemon {
 }
 
 /// Writes today's snapshot counts into fresh maps; returns how many orgs were restored.
+/// Without a usable snapshot, a cluster host takes its own count of today back from Redis.
 fn restore_snapshot(
     kernel: &mut Kernel,
     cfg: &Config,
@@ -91,20 +93,17 @@ fn restore_snapshot(
     day: u64,
 ) -> anyhow::Result<usize> {
     let snap = match snapshot::read(&cfg.daemon.state_dir, &clock.date(day)) {
-        Ok(Some(snap)) => snap,
-        Ok(None) => return Ok(0),
+        Ok(Some(snap)) if snap.day == day => snap,
+        Ok(_) => return restore_from_cluster(kernel, cfg, ids, clock, day),
         Err(e) => {
             // A damaged snapshot must not keep the limiter from starting: set it aside.
             let path = snapshot::path(&cfg.daemon.state_dir, &clock.date(day));
             let aside = path.with_extension("json.bad");
             let _ = std::fs::rename(&path, &aside);
             error!(event = "fault", error = %e, moved_to = %aside.display(), "today's snapshot is unreadable; starting from the kernel's counts");
-            return Ok(0);
+            return restore_from_cluster(kernel, cfg, ids, clock, day);
         }
     };
-    if snap.day != day {
-        return Ok(0);
-    }
     counters::write_day(
         kernel,
         UNMAPPED_ORG,
@@ -120,6 +119,41 @@ fn restore_snapshot(
             n += 1;
         }
     }
+    Ok(n)
+}
+
+/// This host's requests of today as it last shared them in Redis (`[cluster]` only): after a
+/// reboot that lost the day's snapshot, the quota continues from there instead of from 0.
+/// Redis being away is logged, not fatal: the start must not wait on it.
+fn restore_from_cluster(
+    kernel: &mut Kernel,
+    cfg: &Config,
+    ids: &OrgIds,
+    clock: &Clock,
+    day: u64,
+) -> anyhow::Result<usize> {
+    let Some(cluster) = &cfg.cluster else {
+        return Ok(0);
+    };
+    let counts = match sync::own_counts(cluster, &clock.date(day)) {
+        Ok(counts) => counts,
+        Err(e) => {
+            warn!(event = "cluster", error = %e, "no day snapshot, and this host's counts could not be read back from Redis; starting from 0");
+            return Ok(0);
+        }
+    };
+    let mut n = 0;
+    for (name, requests) in counts {
+        if let Some(id) = ids.id(&name) {
+            let d = DayCounters {
+                requests,
+                ..DayCounters::for_day(day)
+            };
+            counters::write_day(kernel, id, d)?;
+            n += 1;
+        }
+    }
+    info!(event = "cluster", restored_orgs = n, host_id = %cluster.host_id, "no day snapshot: this host's requests of today restored from Redis");
     Ok(n)
 }
 
@@ -437,6 +471,11 @@ impl Daemon {
             self.prepare_tomorrow();
             release_freed_memory();
         }
+        // Snapshots hold every org's usage: the state directory is root's alone (0700), also
+        // when an older version made it 0755.
+        if let Err(e) = snapshot::prepare_dir(&self.cfg.daemon.state_dir) {
+            error!(event = "fault", error = %e, "securing the state directory failed");
+        }
         let listener = control::bind(&self.cfg.daemon.control_socket).with_context(|| {
             format!(
                 "binding the control socket {}",
@@ -444,7 +483,7 @@ impl Daemon {
             )
         })?;
         if let Some(addr) = self.cfg.daemon.metrics {
-            let listener = tokio::net::TcpListener::bind(addr)
+            let listener = metrics::bind(addr)
                 .await
                 .with_context(|| format!("serving metrics on daemon.metrics = {addr}"))?;
             let m = Metrics::new();
@@ -470,7 +509,7 @@ impl Daemon {
             Some(cluster) => {
                 let (btx, brx) = mpsc::channel::<sync::Local>(1);
                 let (ptx, prx) = mpsc::channel(4);
-                info!(event = "cluster", redis = %cluster.redis, host_id = %cluster.host_id, sync_interval_ms = cluster.sync_interval_ms, "sharing counts with the other hosts");
+                info!(event = "cluster", redis = %sync::redact_url(&cluster.redis), host_id = %cluster.host_id, sync_interval_ms = cluster.sync_interval_ms, "sharing counts with the other hosts");
                 tokio::spawn(sync::run(cluster, brx, ptx));
                 (Some(btx), Some(prx))
             }
@@ -484,12 +523,18 @@ impl Daemon {
                 .unwrap_or(1000),
         );
         let mut sync_tick = tokio::time::interval(sync_every);
+        // Everything is bound and attached: under systemd (Type=notify), units ordered after
+        // limiter start now.
+        if let Err(e) = notify::send("READY=1") {
+            warn!(event = "fault", error = %e, "telling systemd the daemon is ready failed");
+        }
         loop {
             tokio::select! {
                 _ = sync_tick.tick(), if batches.is_some() => {
-                    if let Some(tx) = &batches {
-                        // A batch still in flight: skip this one, the next carries newer counts.
-                        let _ = tx.try_send(self.local_counts());
+                    // A batch still in flight (Redis slow): skip this one without reading the
+                    // counters at all; the next carries newer counts.
+                    if let Some(permit) = batches.as_ref().and_then(|tx| tx.try_reserve().ok()) {
+                        permit.send(self.local_counts());
                     }
                 }
                 Some(answer) = async { match platform.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
@@ -523,6 +568,7 @@ impl Daemon {
                 _ = tick.tick() => self.tick(),
             }
         }
+        let _ = notify::send("STOPPING=1");
         server.abort();
         let _ = std::fs::remove_file(&self.cfg.daemon.control_socket);
         self.write_snapshot(self.day);
@@ -995,42 +1041,68 @@ impl Daemon {
     /// Re-reads the config and applies only the differences. On any error nothing changes.
     fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
         let new_cfg = Config::load(&self.config_path)?;
-        // What is attached or opened at startup cannot change under a running daemon.
+        // What is attached, opened or scheduled at startup cannot change under a running
+        // daemon: the quota day (`day_start`) moves only with a restart, which closes the day
+        // that is running (see README, Reloads).
+        let (old, new) = (&self.cfg, &new_cfg);
         let restart_only = [
-            ("api.cgroup", new_cfg.api.cgroup != self.cfg.api.cgroup),
+            ("api", Some("cgroup"), old.api.cgroup != new.api.cgroup),
             (
-                "api.interfaces",
-                new_cfg.api.interfaces != self.cfg.api.interfaces,
+                "api",
+                Some("interfaces"),
+                old.api.interfaces != new.api.interfaces,
             ),
-            ("api.netns", new_cfg.api.netns != self.cfg.api.netns),
+            ("api", Some("netns"), old.api.netns != new.api.netns),
             (
-                "daemon.pin_dir",
-                new_cfg.daemon.pin_dir != self.cfg.daemon.pin_dir,
-            ),
-            (
-                "daemon.state_dir",
-                new_cfg.daemon.state_dir != self.cfg.daemon.state_dir,
+                "limits",
+                Some("day_start"),
+                old.limits.day_start_secs != new.limits.day_start_secs,
             ),
             (
-                "daemon.control_socket",
-                new_cfg.daemon.control_socket != self.cfg.daemon.control_socket,
+                "daemon",
+                Some("pin_dir"),
+                old.daemon.pin_dir != new.daemon.pin_dir,
             ),
             (
-                "daemon.log_format",
-                new_cfg.daemon.log_format != self.cfg.daemon.log_format,
+                "daemon",
+                Some("state_dir"),
+                old.daemon.state_dir != new.daemon.state_dir,
             ),
-            ("cluster", new_cfg.cluster != self.cfg.cluster),
+            (
+                "daemon",
+                Some("control_socket"),
+                old.daemon.control_socket != new.daemon.control_socket,
+            ),
+            (
+                "daemon",
+                Some("log_format"),
+                old.daemon.log_format != new.daemon.log_format,
+            ),
+            (
+                "daemon",
+                Some("snapshot_interval_secs"),
+                old.daemon.snapshot_interval_secs != new.daemon.snapshot_interval_secs,
+            ),
+            (
+                "daemon",
+                Some("metrics"),
+                old.daemon.metrics != new.daemon.metrics,
+            ),
+            ("cluster", None, old.cluster != new.cluster),
         ];
-        let changed: Vec<&str> = restart_only
-            .iter()
-            .filter(|(_, c)| *c)
-            .map(|(k, _)| *k)
-            .collect();
-        if !changed.is_empty() {
+        let mut changed = restart_only.iter().filter(|(_, _, c)| *c);
+        if let Some((table, key, _)) = changed.next() {
+            let name = |t: &str, k: &Option<&str>| k.map_or(t.to_string(), |k| format!("{t}.{k}"));
+            let also: Vec<String> = changed.map(|(t, k, _)| name(t, k)).collect();
             anyhow::bail!(
-                "{}: {} changed: these take effect on a restart (`systemctl restart limiter`), not a reload",
-                self.config_path.display(),
-                changed.join(", ")
+                "{}: {}: changed: takes effect on a restart (`systemctl restart limiter`), not a reload{}",
+                crate::config::locate(&self.config_path, table, *key),
+                name(table, key),
+                if also.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (also changed: {})", also.join(", "))
+                }
             );
         }
         if new_cfg.cidr_count() > self.kernel.capacity.cidrs as usize {

@@ -2,7 +2,7 @@
 //!
 //! One module per concern: `config` (the TOML file), `clock` (quota days), `orgs` (org ids and address table), `loader`
 //! (the kernel programs and maps), `counters` (reading and writing usage), `report` (the usage
-//! report), `control` (the CLI ↔ daemon socket), `daemon` (`limiter run`), `logging` (text/JSON
+//! report), `control` (the CLI ↔ daemon socket), `daemon` (`limiter run`), `notify` (systemd readiness), `metrics` (Prometheus), `sync` (the cluster's Redis), `snapshot` (day files), `pins` (bpffs), `logging` (text/JSON
 //! log lines), `check` (`limiter check`), `hooks` (test hooks), `testbed` (namespaces, cgroup, bpffs, test HTTP server and
 //! clients, for the demo and the integration tests) and `demo` (`limiter demo`).
 
@@ -18,6 +18,7 @@ pub mod hooks;
 pub mod loader;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod orgs;
 pub mod pins;
 pub mod report;

@@ -1,4 +1,4 @@
-//! The `limiter` binary: daemon and CLI (DESIGN.md §5.1).
+//! The `limiter` binary: daemon and CLI (README, Commands).
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -63,8 +63,15 @@ struct ReportArgs {
     #[arg(long)]
     json: bool,
     /// A past day (YYYY-MM-DD) instead of today.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_day)]
     day: Option<String>,
+}
+
+/// `--day` must be a date before it is sent anywhere: the daemon makes a file name of it.
+fn parse_day(s: &str) -> Result<String, String> {
+    limiter_user::snapshot::check_date(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]

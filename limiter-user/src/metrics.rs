@@ -1,7 +1,11 @@
 //! Prometheus metrics (`daemon.metrics = "127.0.0.1:9464"`): today's usage per org and the
 //! kernel's fault counters, refreshed by the daemon every second and served at `/metrics`.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -10,8 +14,10 @@ use prometheus_client::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
+use tracing::warn;
 
 use crate::report::Report;
 
@@ -31,8 +37,12 @@ pub struct Metrics {
     per_org: Vec<(Field, Family<OrgLabel, Gauge>)>,
     faults: Family<FaultLabel, Gauge>,
     /// The last rendering, what `/metrics` answers.
-    text: Arc<Mutex<String>>,
+    text: Shared,
 }
+
+/// The last rendering, shared with the server: each connection takes a reference to it, not a
+/// copy (with many orgs the text is megabytes).
+pub type Shared = Arc<Mutex<Arc<str>>>;
 
 type Field = fn(&crate::report::OrgReport) -> u64;
 
@@ -110,7 +120,7 @@ impl Metrics {
             registry,
             per_org,
             faults,
-            text: Arc::new(Mutex::new(String::new())),
+            text: Arc::new(Mutex::new(Arc::from(""))),
         }
     }
 
@@ -143,35 +153,117 @@ impl Metrics {
         if encode(&mut text, &self.registry).is_ok()
             && let Ok(mut t) = self.text.lock()
         {
-            *t = text;
+            *t = Arc::from(text);
         }
     }
 
-    pub fn text(&self) -> Arc<Mutex<String>> {
+    pub fn text(&self) -> Shared {
         self.text.clone()
     }
 }
 
+/// How the endpoint protects the daemon from its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// A client that sends no request in this time is closed without an answer.
+    pub read_timeout: Duration,
+    /// A client that does not take the answer in this time is closed.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 16,
+            read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// After a failed accept (EMFILE and the like) the loop waits this long, doubling up to
+/// [`ACCEPT_BACKOFF_MAX`] while the failures last, instead of spinning on a full fd table.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Why serving on `addr` deserves a warning: the metrics name every org and its usage, and the
+/// endpoint has no authentication.
+pub fn exposure_warning(addr: SocketAddr) -> Option<String> {
+    (!addr.ip().is_loopback()).then(|| {
+        format!(
+            "daemon.metrics = {addr} is reachable beyond this host: every org's name and usage are served without authentication; bind it to 127.0.0.1 or firewall it"
+        )
+    })
+}
+
+/// Binds the endpoint, warning when it is reachable from other hosts.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if let Some(w) = exposure_warning(addr) {
+        warn!(event = "config", metrics = %addr, "{w}");
+    }
+    TcpListener::bind(addr).await
+}
+
 /// Serves the latest rendering to every HTTP request (any path: it is the only thing here).
-pub async fn serve(listener: TcpListener, text: Arc<Mutex<String>>) {
+pub async fn serve(listener: TcpListener, text: Shared) {
+    serve_with(listener, text, ServeLimits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(listener: TcpListener, text: Shared, limits: ServeLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                stream
+            }
+            Err(e) => {
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    warn!(event = "fault", error = %e, "metrics endpoint: accept failed; backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        // Over the limit: dropped here, closed at once.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let text = text.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-                .await;
-            let body = text.lock().map(|t| t.clone()).unwrap_or_default();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
+            answer(stream, &text, limits).await;
+            drop(slot);
         });
     }
+}
+
+/// Reads the request (whatever it is) and answers with the latest rendering.
+async fn answer(mut stream: TcpStream, text: &Shared, limits: ServeLimits) {
+    let mut buf = [0u8; 2048];
+    match tokio::time::timeout(limits.read_timeout, stream.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        // Nothing sent in time, closed, or failed: no answer.
+        _ => return,
+    }
+    let body = text
+        .lock()
+        .map(|t| Arc::clone(&t))
+        .unwrap_or_else(|_| Arc::from(""));
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(limits.write_timeout, async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -196,7 +288,7 @@ mod tests {
             },
         };
         m.update(&report, &[("sock_state_full", 1)]);
-        let text = m.text().lock().unwrap().clone();
+        let text = m.text().lock().unwrap().to_string();
         assert!(
             text.contains("limiter_requests_today{org=\"acme\"} 12"),
             "{text}"
@@ -217,5 +309,98 @@ mod tests {
             text.contains("limiter_faults{fault=\"sock_state_full\"} 1"),
             "{text}"
         );
+    }
+
+    /// A request on a fresh connection: the answer, or "" when the server closed it unanswered.
+    async fn get(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out).await;
+        out
+    }
+
+    /// Bytes a connection receives before the server closes it (a close with the request
+    /// unread arrives as a reset).
+    async fn until_closed(c: &mut TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        // The bound only keeps a broken server from hanging the test.
+        match tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut out))
+            .await
+            .expect("the server never closed the connection")
+        {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_from_the_shared_rendering_and_bounds_connections() {
+        let m = Metrics::new();
+        let report = Report {
+            day: "2026-11-28".into(),
+            resets_in_seconds: 10,
+            orgs: vec![OrgReport::new("acme", &DayCounters::for_day(1), 0, 2500, 3)],
+            unmapped: UnmappedReport::default(),
+        };
+        m.update(&report, &[]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServeLimits {
+            max_connections: 2,
+            read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
+        };
+        tokio::spawn(serve_with(listener, m.text(), limits));
+        let answer = get(addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(
+            answer.contains("limiter_daily_limit{org=\"acme\"} 2500"),
+            "{answer}"
+        );
+        // Two idle clients take both slots (accepted in order); the third is closed unanswered.
+        let mut idle1 = TcpStream::connect(addr).await.unwrap();
+        let _idle2 = TcpStream::connect(addr).await.unwrap();
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(until_closed(&mut third).await, b"");
+        // A slot comes free when an idle client goes: requests are answered again.
+        idle1.shutdown().await.unwrap();
+        assert_eq!(until_closed(&mut idle1).await, b"");
+        let mut answered = String::new();
+        for _ in 0..200 {
+            answered = get(addr).await;
+            if !answered.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered.starts_with("HTTP/1.1 200 OK"), "{answered}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_closed_after_the_read_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServeLimits {
+            max_connections: 4,
+            read_timeout: Duration::from_millis(100),
+            write_timeout: Duration::from_secs(60),
+        };
+        tokio::spawn(serve_with(listener, Metrics::new().text(), limits));
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(until_closed(&mut silent).await, b"");
+    }
+
+    #[test]
+    fn non_loopback_addresses_are_warned_about() {
+        for addr in ["127.0.0.1:9464", "[::1]:9464"] {
+            assert_eq!(exposure_warning(addr.parse().unwrap()), None, "{addr}");
+        }
+        for addr in ["0.0.0.0:9464", "10.0.0.5:9464", "[::]:9464"] {
+            let w = exposure_warning(addr.parse().unwrap());
+            assert!(w.is_some_and(|w| w.contains(addr)), "{addr}");
+        }
     }
 }

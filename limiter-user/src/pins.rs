@@ -33,6 +33,10 @@ pub enum PinError {
         "{path} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf) or set daemon.pin_dir to a directory on bpffs"
     )]
     NotBpffs { path: String },
+    #[error(
+        "{path} is owned by uid {uid} with mode {mode:04o}: whoever can write there can swap limiter's pinned maps and programs; the pin directory must be owned by root and not writable by group or others (chown root {path} && chmod go-w {path})"
+    )]
+    Unsafe { path: String, uid: u32, mode: u32 },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -250,6 +254,9 @@ pub fn prepare(pin_dir: &Path, cap: Capacity) -> Result<Dirs, PinError> {
         layout: layout_dir(pin_dir, cap),
         socks: pin_dir.join(socket_version()),
     };
+    for existing in [pin_dir, dirs.layout.as_path(), dirs.socks.as_path()] {
+        check_owner(existing)?;
+    }
     for dir in [&dirs.layout, &dirs.socks] {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         if fs_magic(dir).map_err(io(dir))? != BPF_FS_MAGIC {
@@ -259,6 +266,28 @@ pub fn prepare(pin_dir: &Path, cap: Capacity) -> Result<Dirs, PinError> {
         }
     }
     Ok(dirs)
+}
+
+/// Whether a directory with this owner and mode may hold the pins: root's, and writable by root
+/// alone.
+pub fn safe_owner(uid: u32, mode: u32) -> bool {
+    uid == 0 && mode & 0o022 == 0
+}
+
+/// Refuses an existing pin directory that someone other than root could write to; a missing
+/// one is created by root.
+fn check_owner(path: &Path) -> Result<(), PinError> {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata(path) {
+        Ok(m) if safe_owner(m.uid(), m.mode()) => Ok(()),
+        Ok(m) => Err(PinError::Unsafe {
+            path: path.display().to_string(),
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
 }
 
 /// Checks every map of `maps` already pinned in `dir` against this build; true when any was
@@ -511,6 +540,17 @@ fn unload_matching(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_root_may_write_the_pin_directory() {
+        assert!(safe_owner(0, 0o40700));
+        assert!(safe_owner(0, 0o40755));
+        assert!(safe_owner(0, 0o41700));
+        assert!(!safe_owner(1000, 0o40700), "not root's");
+        assert!(!safe_owner(0, 0o40775), "group-writable");
+        assert!(!safe_owner(0, 0o40757), "world-writable");
+        assert!(!safe_owner(0, 0o41777), "sticky does not help");
+    }
 
     #[test]
     fn layout_version_is_stable_and_short() {

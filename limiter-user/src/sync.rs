@@ -15,6 +15,7 @@ use std::{
 
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::config::Cluster;
 
@@ -64,13 +65,89 @@ fn conns_key(org: &str) -> String {
     format!("limiter:conns:{org}")
 }
 
-/// Sum of the other hosts' counts in a count hash.
+/// `url` with its password (`user:pass@`, `:pass@`, or a `pass=`/`password=` query parameter)
+/// replaced by `***`, for log lines and error messages. Works on malformed URLs too: the one
+/// that fails to parse is the one most likely to be printed.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    // The userinfo ends at the last `@` before the path; a password may itself contain `@`.
+    let authority_end = rest
+        .rfind('@')
+        .map(|at| at + rest[at..].find(['/', '?', '#']).unwrap_or(rest.len() - at))
+        .unwrap_or_else(|| rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let (authority, tail) = rest.split_at(authority_end);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push('@');
+            out.push_str(host);
+        }
+        None => out.push_str(authority),
+    }
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (tail, None),
+    };
+    out.push_str(path);
+    if let Some(query) = query {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// `text` (an error from the Redis client, say) with `url` and its password redacted wherever
+/// they appear.
+pub fn redact_in(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    // A password of a few characters would redact half the message; such a password is weak
+    // anyway, and the URL itself is already replaced above.
+    if let Some(pass) = password(url).filter(|p| p.len() >= 4) {
+        out = out.replace(pass, "***");
+    }
+    out
+}
+
+/// The password in a Redis URL, if any.
+fn password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    if let Some((userinfo, _)) = rest.rsplit_once('@')
+        && let Some((_, pass)) = userinfo.split_once(':')
+    {
+        return Some(pass);
+    }
+    let (_, query) = rest.split_once('?')?;
+    query.split('&').find_map(|kv| match kv.split_once('=') {
+        Some(("pass" | "password", v)) => Some(v),
+        _ => None,
+    })
+}
+
+/// Sum of the other hosts' counts in a count hash (saturating: a corrupt field must not wrap
+/// the total into a small number that lets an org through).
 pub fn sum_others(fields: &HashMap<String, u64>, host: &str) -> u64 {
     fields
         .iter()
         .filter(|(h, _)| h.as_str() != host)
-        .map(|(_, v)| *v)
-        .sum()
+        .fold(0u64, |sum, (_, v)| sum.saturating_add(*v))
 }
 
 /// Sum of the fresh `"<conns>:<unix secs>"` entries of a connection hash.
@@ -82,7 +159,26 @@ pub fn sum_fresh_conns(fields: &HashMap<String, String>, now: u64) -> u64 {
             let (c, ts) = (c.parse::<u64>().ok()?, ts.parse::<u64>().ok()?);
             (now.saturating_sub(ts) <= CONNS_FRESH_SECS).then_some(c)
         })
-        .sum()
+        .fold(0u64, u64::saturating_add)
+}
+
+/// The integer fields of a count hash. A field that is not one (written by hand, or by
+/// something else sharing the Redis) is returned apart, to be logged and skipped: it must not
+/// stop the sync of every other org.
+pub fn parse_counts(
+    fields: HashMap<String, String>,
+) -> (HashMap<String, u64>, Vec<(String, String)>) {
+    let mut counts = HashMap::with_capacity(fields.len());
+    let mut bad = Vec::new();
+    for (host, value) in fields {
+        match value.trim().parse::<u64>() {
+            Ok(n) => {
+                counts.insert(host, n);
+            }
+            Err(_) => bad.push((host, value)),
+        }
+    }
+    (counts, bad)
 }
 
 /// What this host last wrote, so each sync sends only changes (plus a full rewrite now and
@@ -162,7 +258,16 @@ async fn exchange(
     };
     for (org, pair) in orgs.iter().zip(replies.chunks(2)) {
         let [counts, conns] = pair else { continue };
-        let counts: HashMap<String, u64> = redis::from_redis_value(counts)?;
+        let (counts, bad) = parse_counts(redis::from_redis_value(counts)?);
+        for (field, value) in bad {
+            warn!(
+                event = "cluster",
+                key = %count_key(&local.date, org),
+                field = %field,
+                value = %value.chars().take(64).collect::<String>(),
+                "a shared count is not an integer; skipped"
+            );
+        }
         let conns: HashMap<String, String> = redis::from_redis_value(conns)?;
         platform
             .others
@@ -174,6 +279,49 @@ async fn exchange(
     Ok(platform)
 }
 
+/// This host's own counts of `date` as it last wrote them to Redis (its field of every active
+/// org's hash), for a start whose day snapshot is missing or damaged. Blocking, bounded by
+/// [`OP_TIMEOUT`] per step: it runs once, before the kernel counts anything.
+pub fn own_counts(cluster: &Cluster, date: &str) -> Result<Vec<(String, u64)>, String> {
+    let fail = |e: &dyn std::fmt::Display| {
+        redact_in(
+            &format!("{}: {e}", redact_url(&cluster.redis)),
+            &cluster.redis,
+        )
+    };
+    let client = redis::Client::open(cluster.redis.as_str()).map_err(|e| fail(&e))?;
+    let mut con = client
+        .get_connection_with_timeout(OP_TIMEOUT)
+        .map_err(|e| fail(&e))?;
+    con.set_read_timeout(Some(OP_TIMEOUT))
+        .and_then(|()| con.set_write_timeout(Some(OP_TIMEOUT)))
+        .map_err(|e| fail(&e))?;
+    let orgs: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(active_key(date))
+        .query(&mut con)
+        .map_err(|e| fail(&e))?;
+    let mut read = redis::pipe();
+    for org in &orgs {
+        read.hget(count_key(date, org), &cluster.host_id);
+    }
+    let values: Vec<Option<String>> = read.query(&mut con).map_err(|e| fail(&e))?;
+    let mut out = Vec::new();
+    for (org, value) in orgs.into_iter().zip(values) {
+        let Some(value) = value else { continue };
+        match value.trim().parse::<u64>() {
+            Ok(n) => out.push((org, n)),
+            Err(_) => warn!(
+                event = "cluster",
+                key = %count_key(date, &org),
+                field = %cluster.host_id,
+                value = %value.chars().take(64).collect::<String>(),
+                "this host's shared count is not an integer; not restored"
+            ),
+        }
+    }
+    Ok(out)
+}
+
 /// The sync task: takes this host's counts, answers with the platform's. A failure is reported
 /// and retried with the next batch; since counts are absolute nothing waits to be resent.
 pub async fn run(
@@ -181,11 +329,14 @@ pub async fn run(
     mut batches: mpsc::Receiver<Local>,
     results: mpsc::Sender<Result<Platform, String>>,
 ) {
+    // Every message names the server without its password.
+    let url = redact_url(&cluster.redis);
+    let fail = |e: &dyn std::fmt::Display| redact_in(&format!("{url}: {e}"), &cluster.redis);
     let client = match redis::Client::open(cluster.redis.as_str()) {
         Ok(c) => c,
         Err(e) => {
             let _ = results
-                .send(Err(format!("cluster.redis {}: {e}", cluster.redis)))
+                .send(Err(format!("cluster.redis {}", fail(&e))))
                 .await;
             return;
         }
@@ -201,13 +352,11 @@ pub async fn run(
                     con = Some(c);
                 }
                 Ok(Err(e)) => {
-                    let _ = results.send(Err(format!("{}: {e}", cluster.redis))).await;
+                    let _ = results.send(Err(fail(&e))).await;
                     continue;
                 }
                 Err(_) => {
-                    let _ = results
-                        .send(Err(format!("{}: connect timed out", cluster.redis)))
-                        .await;
+                    let _ = results.send(Err(fail(&"connect timed out"))).await;
                     continue;
                 }
             }
@@ -223,11 +372,11 @@ pub async fn run(
             Ok(Err(e)) => {
                 // Start over with a fresh connection next time.
                 con = None;
-                Err(format!("{}: {e}", cluster.redis))
+                Err(fail(&e))
             }
             Err(_) => {
                 con = None;
-                Err(format!("{}: timed out", cluster.redis))
+                Err(fail(&"timed out"))
             }
         };
         if results.send(answer).await.is_err() {
@@ -245,6 +394,69 @@ mod tests {
         let m: HashMap<String, u64> = [("a".into(), 5), ("b".into(), 7), ("me".into(), 100)].into();
         assert_eq!(sum_others(&m, "me"), 12);
         assert_eq!(sum_others(&HashMap::new(), "me"), 0);
+    }
+
+    #[test]
+    fn sums_saturate() {
+        let m: HashMap<String, u64> = [("a".into(), u64::MAX), ("b".into(), 7)].into();
+        assert_eq!(sum_others(&m, "me"), u64::MAX);
+        let c: HashMap<String, String> = [
+            ("a".into(), format!("{}:1000", u64::MAX)),
+            ("b".into(), "2:1000".into()),
+        ]
+        .into();
+        assert_eq!(sum_fresh_conns(&c, 1000), u64::MAX);
+    }
+
+    #[test]
+    fn a_non_integer_count_is_set_apart() {
+        let fields: HashMap<String, String> = [
+            ("a".into(), "5".into()),
+            ("b".into(), "lots".into()),
+            ("c".into(), "-1".into()),
+            ("d".into(), "7".into()),
+        ]
+        .into();
+        let (counts, mut bad) = parse_counts(fields);
+        bad.sort();
+        assert_eq!(counts, [("a".into(), 5), ("d".into(), 7)].into());
+        assert_eq!(
+            bad,
+            [("b".into(), "lots".into()), ("c".into(), "-1".into())]
+        );
+        assert_eq!(sum_others(&counts, "me"), 12);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, want) in [
+            ("redis://10.0.0.5:6379", "redis://10.0.0.5:6379"),
+            (
+                "redis://:s3cret@10.0.0.5:6379/0",
+                "redis://:***@10.0.0.5:6379/0",
+            ),
+            (
+                "rediss://app:s3cret@redis.example:6380",
+                "rediss://app:***@redis.example:6380",
+            ),
+            ("redis://app@redis.example", "redis://app@redis.example"),
+            ("valkey://u:p@ss:w@rd@host:1/2", "valkey://u:***@host:1/2"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=s3cret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            (
+                "redis://u:s3cret@host/0?password=s3cret",
+                "redis://u:***@host/0?password=***",
+            ),
+            ("u:s3cret@host", "u:***@host"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+            assert!(!redact_url(url).contains("s3cret"), "{url}");
+        }
+        let url = "redis://app:s3cret@host:1";
+        let msg = redact_in(&format!("{url}: AUTH s3cret refused"), url);
+        assert_eq!(msg, "redis://app:***@host:1: AUTH *** refused");
     }
 
     #[test]

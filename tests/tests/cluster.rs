@@ -153,3 +153,75 @@ fn two_hosts_share_one_quota_and_survive_a_redis_restart() -> Result<()> {
     wait_platform(&b, "acme", 100)?;
     Ok(())
 }
+
+/// A reboot that also lost the day's snapshot (here: damaged): the host takes its own count of
+/// today back from its field in Redis, so its quota continues instead of starting over. A field
+/// in the shared hash that is not an integer is logged and skipped; the other hosts' counts
+/// still arrive.
+#[test]
+fn a_host_without_its_snapshot_restores_its_count_from_redis() -> Result<()> {
+    let redis = Redis::start(None)?;
+    let (mut a, ip) = host("restore", redis.port, 100)?;
+    assert!(send(&a, ip, 7)?.iter().all(|s| *s == 200));
+    let day = a.report()?["day"].as_str().unwrap_or_default().to_string();
+    let key = format!("limiter:count:{day}:acme");
+    let mut con =
+        redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))?.get_connection()?;
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("otherhost")
+        .arg(5)
+        .arg("intruder")
+        .arg("lots")
+        .query::<()>(&mut con)?;
+    // 7 here + 5 there: the bad field did not stop the sync.
+    wait_platform(&a, "acme", 12)?;
+    wait_log(&a, "a shared count is not an integer; skipped")?;
+    let own: Option<u64> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("restore")
+        .query(&mut con)?;
+    assert_eq!(own, Some(7));
+
+    // A reboot: no pinned maps, and today's snapshot is damaged.
+    a.stop_daemon()?;
+    let out = a.cli(&["unload"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = a.dir().join("state/days").join(format!("{day}.json"));
+    std::fs::write(&snap, "{ damaged")?;
+    a.start_daemon()?;
+    wait_log(&a, "this host's requests of today restored from Redis")?;
+    let org = a.org("acme")?;
+    assert_eq!(n(&org, "requests"), 7, "{org}");
+    wait_platform(&a, "acme", 12)?;
+    // 100 - 12 left.
+    let st = send(&a, ip, 90)?;
+    assert_eq!(st.iter().filter(|s| **s == 200).count(), 88, "{st:?}");
+    assert_eq!(a.served_from(ip)?.len(), 7 + 88);
+    Ok(())
+}
+
+/// The Redis password never reaches the log: not in the startup line, not in the errors of a
+/// refused AUTH (this redis-server has no password, so it refuses one).
+#[test]
+fn redis_passwords_stay_out_of_the_logs() -> Result<()> {
+    let redis = Redis::start(None)?;
+    let mut w = World::new("redact", 1, 0)?;
+    let ip = IpAddr::V4(w.tb.clients_v4()[0]);
+    let orgs = format!(
+        "{}[cluster]\nredis = \"redis://app:Sup3rS3cretPw@127.0.0.1:{}\"\nhost_id = \"redact\"\nsync_interval_ms = 100\n",
+        org_toml("acme", &[format!("{ip}/32")], ""),
+        redis.port
+    );
+    w.write_config("", &orgs)?;
+    w.start_daemon()?;
+    wait_log(&w, "Redis unreachable")?;
+    let log = w.daemon_log();
+    assert!(!log.contains("Sup3rS3cretPw"), "{log}");
+    assert!(log.contains("redis://app:***@127.0.0.1"), "{log}");
+    Ok(())
+}

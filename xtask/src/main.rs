@@ -1,6 +1,8 @@
-//! `cargo xtask …`: the project's build, test and demo entry points (see DESIGN.md §4 "Toolchain").
+//! `cargo xtask …`: the project's build, test, package and demo entry points (the toolchain is
+//! described in README.md, Development).
 
 mod ebpf;
+mod package;
 
 use std::{
     env,
@@ -24,14 +26,16 @@ const TOOLCHAIN_PACKAGES: [&str; 7] = [
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Debian packages the tests, the demo and the benchmark use.
-const TEST_PACKAGES: [&str; 6] = [
+/// Debian packages the tests, the demo, the benchmark and the Debian package (dpkg-shlibdeps)
+/// use.
+const TEST_PACKAGES: [&str; 7] = [
     "iproute2",
     "curl",
     "python3",
     "nginx",
     "wrk",
     "redis-server",
+    "dpkg-dev",
 ];
 const BPF_LINKER_INSTALL: &str = "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version ^0.13 --no-default-features --features llvm-22";
 
@@ -53,11 +57,20 @@ enum Cmd {
     /// object).
     Build,
     /// Setup, build, run every test (LIMITER_BIN points the integration tests at the debug
-    /// binary), then `cargo fmt --check` and `cargo clippy -D warnings`.
+    /// binary), then, on a full run (no arguments), build and verify the Debian package, then
+    /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Test {
         /// Passed to `cargo test` (e.g. `-- -p integration-tests quota -- --nocapture`).
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Setup, `cargo build --release -p limiter-user`, then build the Debian package
+    /// target/debian/limiter_<version>_<arch>.deb with dpkg-deb.
+    Package {
+        /// Then install it into a throwaway root with dpkg, check its files, modes, conffile and
+        /// scripts, run its `limiter check` on the shipped config, and purge it (root).
+        #[arg(long)]
+        verify: bool,
     },
     /// Setup, `cargo build --release -p limiter-user`, then run `limiter demo`.
     Demo {
@@ -84,6 +97,7 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build(),
         Cmd::Test { args } => test(&args),
+        Cmd::Package { verify } => package(verify),
         Cmd::Demo { args } => demo(&args),
         Cmd::Bench { quick, cost_only } => bench(quick, cost_only),
     };
@@ -344,6 +358,17 @@ fn build() -> Result<()> {
     Ok(())
 }
 
+fn package(verify: bool) -> Result<()> {
+    setup()?;
+    run(cargo().args(["build", "--release", "-p", "limiter-user"]))?;
+    let deb = package::build(workspace(), &target_dir())?;
+    println!("built: {}", deb.display());
+    if verify {
+        package::verify(&deb, &target_dir().join("debian"))?;
+    }
+    Ok(())
+}
+
 fn demo(args: &[OsString]) -> Result<()> {
     setup()?;
     run(cargo().args(["build", "--release", "-p", "limiter-user"]))?;
@@ -417,11 +442,18 @@ fn test(args: &[OsString]) -> Result<()> {
         ),
         Err(_) => Ok(()),
     };
+    // The package on a full run only: a filtered run is about the tests it names.
+    let packaged = if args.is_empty() {
+        Some(package(true))
+    } else {
+        println!("==> package: skipped (arguments given; `cargo xtask package --verify` runs it)");
+        None
+    };
     // Style checks come after the tests, so they never hide a test failure, but still fail the run.
     let fmt = run(cargo().args(["fmt", "--all", "--check"]));
     let clippy = run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]));
 
-    let steps = [
+    let mut steps = vec![
         ("build", Outcome::of(&built)),
         (
             "tests",
@@ -431,9 +463,14 @@ fn test(args: &[OsString]) -> Result<()> {
                 Outcome::Skipped
             },
         ),
-        ("fmt", Outcome::of(&fmt)),
-        ("clippy", Outcome::of(&clippy)),
     ];
+    if let Some(packaged) = &packaged {
+        if let Err(e) = packaged {
+            eprintln!("xtask: package: {e:#}");
+        }
+        steps.push(("package", Outcome::of(packaged)));
+    }
+    steps.extend([("fmt", Outcome::of(&fmt)), ("clippy", Outcome::of(&clippy))]);
     let all_ok = steps.iter().all(|(_, outcome)| *outcome == Outcome::Ok);
     let summary: Vec<String> = steps
         .iter()
