@@ -275,6 +275,33 @@ const fn is_plain_unreserved(b: u8) -> bool {
 }
 
 const GET: u64 = u64::from_le_bytes(*b"GET\0\0\0\0\0");
+
+/// (method and space as a little-endian word, mask of its bytes, method length)
+const KNOWN_METHODS: [(u64, u64, u8); 7] = [
+    (u64::from_le_bytes(*b"GET \0\0\0\0"), 0xffff_ffff, 3),
+    (u64::from_le_bytes(*b"POST \0\0\0"), 0xff_ffff_ffff, 4),
+    (u64::from_le_bytes(*b"PUT \0\0\0\0"), 0xffff_ffff, 3),
+    (u64::from_le_bytes(*b"HEAD \0\0\0"), 0xff_ffff_ffff, 4),
+    (u64::from_le_bytes(*b"DELETE \0"), 0xff_ffff_ffff_ffff, 6),
+    (u64::from_le_bytes(*b"PATCH \0\0"), 0xffff_ffff_ffff, 5),
+    (u64::from_le_bytes(*b"OPTIONS "), u64::MAX, 7),
+];
+
+/// A usual method and its space at the start of `w`: the method's word (as [`Stream::method`]
+/// holds it) and its length.
+#[inline(always)]
+fn known_method(w: u64) -> Option<(u64, u8)> {
+    let mut i = 0;
+    while i < KNOWN_METHODS.len() {
+        let (token, mask, len) = KNOWN_METHODS[i];
+        if w & mask == token {
+            // The method without its space.
+            return Some((token & (mask >> 8), len));
+        }
+        i += 1;
+    }
+    None
+}
 const HEAD: u64 = u64::from_le_bytes(*b"HEAD\0\0\0\0");
 const PRI: u64 = u64::from_le_bytes(*b"PRI\0\0\0\0\0");
 const CONNECT: u64 = u64::from_le_bytes(*b"CONNECT\0");
@@ -432,11 +459,37 @@ impl Stream {
         t: &mut Tally,
     ) -> u64 {
         match self.state {
-            S_IDLE => self.idle(b, t),
+            S_IDLE => {
+                // The usual methods in one step, eight bytes compared at once.
+                if at + 8 <= n
+                    && let Some((method, len)) = known_method(word(win, at))
+                {
+                    self.method = method;
+                    self.sub = len;
+                    self.state = S_TARGET;
+                    return len as u64 + 1;
+                }
+                self.idle(b, t)
+            }
             S_METHOD => self.method_byte(b, t),
-            S_TARGET => self.target_byte(b, cfg, t),
-            S_PATH => self.path_byte(b, cfg, t),
+            S_TARGET | S_PATH => {
+                if self.state == S_TARGET {
+                    self.target_byte(b, cfg, t);
+                } else {
+                    self.path_byte(b, cfg, t);
+                }
+                if self.state == S_LINE {
+                    // Decided: the rest of the request line in the same step.
+                    return 1 + self.skip_rest(win, at + 1, n);
+                }
+            }
             S_HDR => {
+                if b == b'\r' && at + 1 < n && win[(at + 1) & (WIN - 1)] == b'\n' {
+                    // The empty line that ends the head, in one step.
+                    self.flags &= !(F_FRAMING_LINE | F_CR);
+                    self.head_end(t);
+                    return 2;
+                }
                 if self.header_start(b, t) {
                     // An uninteresting header: skip its line in the same step.
                     return 1 + self.skip_rest(win, at + 1, n);
