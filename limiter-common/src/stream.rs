@@ -473,15 +473,22 @@ impl Stream {
             }
             S_METHOD => self.method_byte(b, t),
             S_TARGET | S_PATH => {
+                let mut used = 1;
                 if self.state == S_TARGET {
                     self.target_byte(b, cfg, t);
                 } else {
                     self.path_byte(b, cfg, t);
                 }
+                if self.state == S_PATH && at + 1 < n {
+                    // Most paths are decided by their second byte (`/ ` or `/api`).
+                    self.path_byte(win[(at + 1) & (WIN - 1)], cfg, t);
+                    used = 2;
+                }
                 if self.state == S_LINE {
                     // Decided: the rest of the request line in the same step.
-                    return 1 + self.skip_rest(win, at + 1, n);
+                    return used + self.skip_rest(win, at + used as usize, n);
                 }
+                return used;
             }
             S_HDR => {
                 if b == b'\r' && at + 1 < n && win[(at + 1) & (WIN - 1)] == b'\n' {
