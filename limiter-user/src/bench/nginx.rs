@@ -73,3 +73,52 @@ pub fn write(dir: &Path, flooder: Ipv4Addr) -> std::io::Result<std::path::PathBu
     std::fs::write(&conf_path, conf(dir, flooder))?;
     Ok(conf_path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body of the `location` whose prefix starts `path`.
+    fn location<'a>(conf: &'a str, path: &str) -> &'a str {
+        let prefix = &path[..path[1..].find('/').map_or(path.len(), |i| i + 2)];
+        let start = conf
+            .find(&format!("location {prefix} {{"))
+            .unwrap_or_else(|| panic!("no location {prefix} in {conf}"));
+        let body = &conf[start..];
+        &body[..body.find("}\n").expect("the location ends")]
+    }
+
+    /// A location that claims a limit must not answer in the rewrite phase (`return`), which
+    /// runs before limit_req and limit_conn and so would never let them refuse.
+    #[test]
+    fn limited_locations_answer_after_their_limits() {
+        let conf = conf(Path::new("/tmp/bench"), Ipv4Addr::new(10, 1, 2, 10));
+        for path in [LIMITED, REFUSE, NEIGHBORS] {
+            let block = location(&conf, path);
+            assert!(block.contains("limit_req zone="), "{block}");
+            assert!(block.contains("try_files"), "{block}");
+            assert!(!block.contains("return"), "{block}");
+        }
+        assert!(location(&conf, LIMITED).contains("limit_conn "));
+        assert!(location(&conf, NEIGHBORS).contains("zone=flooder"));
+        assert!(conf.contains("\"10.1.2.10\" $binary_remote_addr"));
+    }
+
+    /// nginx itself accepts the config (`nginx -t`; needs the nginx that `cargo xtask setup`
+    /// installs).
+    #[test]
+    fn nginx_accepts_the_config() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write(dir.path(), Ipv4Addr::new(10, 1, 2, 10)).expect("writing");
+        let out = std::process::Command::new("nginx")
+            .args(["-t", "-q", "-e", "stderr", "-c"])
+            .arg(&path)
+            .output()
+            .expect("running nginx -t (is nginx installed?)");
+        assert!(
+            out.status.success(),
+            "nginx -t: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
