@@ -28,7 +28,7 @@ use crate::{
     control::{self, Request as Ctl},
     testbed::{self, Side, Testbed, TestbedOptions},
 };
-pub use wrk::WrkRun;
+use wrk::WrkRun;
 
 const PORT: u16 = 8080;
 /// The org of the comparisons' and scale runs' client.
