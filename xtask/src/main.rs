@@ -78,7 +78,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Side-by-side benchmark (nginx + wrk, no limiter vs limiter, 429s, scale); writes
+    /// Side-by-side benchmark (nginx + wrk, no limiter vs limiter, 429s, neighbors, scale); writes
     /// target/bench/bench.{json,md}.
     Bench {
         /// Short runs, under two minutes.

@@ -1,26 +1,38 @@
 //! `limiter bench` (run by `cargo xtask bench`): side-by-side measurements in one run, on this
-//! machine, of what limiter costs and what it saves (DESIGN.md §6).
+//! machine, of what limiter costs and what it saves (the targets are in the README's
+//! Performance section).
 //!
-//! nginx (Debian's, one worker, a small static response) serves in the testbed's server namespace
-//! and cgroup; wrk drives it from the client namespace. Every comparison alternates its two sides
-//! (A B A B …) so drift cancels out, and reports the median with min–max of each side and the
-//! ratio of the medians.
+//! nginx (Debian's, one worker) serves in the testbed's server namespace and cgroup; wrk drives
+//! it from the client namespace. Every comparison alternates its two sides (A B A B …) so drift
+//! cancels out, and reports the median with min–max of each side and the ratio of the medians.
+//! Every run's status codes are checked against what its row claims (refusals or none), so a
+//! limit that does not fire fails the bench instead of printing a ratio.
+
+mod neighbors;
+mod nginx;
+mod wrk;
 
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::{
     control::{self, Request as Ctl},
     testbed::{self, Side, Testbed, TestbedOptions},
 };
+use wrk::WrkRun;
 
 const PORT: u16 = 8080;
+/// The org of the comparisons' and scale runs' client.
+const BENCH_ORG: &str = "bench";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -140,6 +152,8 @@ pub struct Results {
     pub rows: Vec<Row>,
     pub kernel_cost: KernelCost,
     pub scale: Vec<ScaleRow>,
+    /// Not run with `--cost-only`.
+    pub neighbors: Option<neighbors::Neighbors>,
 }
 
 fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
@@ -156,11 +170,40 @@ fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
     (m, s[0], s[s.len() - 1])
 }
 
-/// `Requests/sec:` of a wrk run.
-pub fn parse_wrk(out: &str) -> Option<f64> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
+/// What a run's status codes must show for its row to mean what the row claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Nothing refused.
+    Pass,
+    /// Nearly everything refused (at least 90 %: a limit lets its first requests through).
+    Refuse,
+}
+
+/// Fails when `run`'s status codes do not match `expect`.
+fn check(what: &str, run: &WrkRun, expect: Expect) -> Result<()> {
+    match expect {
+        Expect::Pass => ensure!(
+            run.refused == 0,
+            "{what}: {} of {} responses had a status of 400 or more; this run should refuse nothing",
+            run.refused,
+            run.requests
+        ),
+        Expect::Refuse => ensure!(
+            run.requests > 0 && run.refused * 10 >= run.requests * 9,
+            "{what}: only {} of {} responses had a status of 400 or more; the limit this run claims did not refuse",
+            run.refused,
+            run.requests
+        ),
+    }
+    Ok(())
+}
+
+/// Waits for a wrk started by [`Bench::wrk_command`] and reads its summary.
+fn wait_wrk(child: Child) -> Result<WrkRun> {
+    let out = child.wait_with_output().context("waiting for wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    wrk::parse(&text)
+        .with_context(|| format!("no summary in wrk's output ({}): {text}", out.status))
 }
 
 struct Bench {
@@ -173,18 +216,25 @@ struct Bench {
 }
 
 impl Bench {
+    /// The config up to the orgs, with `daily` as the default quota.
+    fn config_head(&self, daily: u64) -> String {
+        format!(
+            "[api]\nports = [{PORT}]\ncgroup = {cg:?}\n\n[limits]\ndaily_requests = {daily}\nconcurrent_connections = 100000\n\n\
+             [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nsnapshot_interval_secs = 3600\n\n",
+            cg = self.tb.cgroup().display().to_string(),
+            pin = self.tb.bpffs().join("limiter").display().to_string(),
+            state = self.tb.dir().join("state").display().to_string(),
+        )
+    }
+
     fn config(&self, daily: u64, extra_orgs: usize) -> Result<PathBuf> {
         let client_net = {
             let [a, b, c, _] = self.tb.server_v4().octets();
             format!("{a}.{b}.{c}.0/24")
         };
         let mut text = format!(
-            "[api]\nports = [{PORT}]\ncgroup = {cg:?}\n\n[limits]\ndaily_requests = {daily}\nconcurrent_connections = 100000\n\n\
-             [daemon]\npin_dir = {pin:?}\nstate_dir = {state:?}\nsnapshot_interval_secs = 3600\n\n\
-             [[orgs]]\nname = \"bench\"\ncidrs = [\"{client_net}\"]\n",
-            cg = self.tb.cgroup().display().to_string(),
-            pin = self.tb.bpffs().join("limiter").display().to_string(),
-            state = self.tb.dir().join("state").display().to_string(),
+            "{}[[orgs]]\nname = \"{BENCH_ORG}\"\ncidrs = [\"{client_net}\"]\n",
+            self.config_head(daily)
         );
         // Filler orgs for the scale runs: one /32 each in 100.64.0.0/10.
         for i in 0..extra_orgs {
@@ -203,8 +253,9 @@ impl Bench {
         Ok(path)
     }
 
-    /// Starts the daemon and waits until it answers; returns the time that took.
-    fn start(&mut self, config: &Path) -> Result<Duration> {
+    /// Starts the daemon and waits until it answers a report of `org`; returns the time that
+    /// took.
+    fn start(&mut self, config: &Path, org: &str) -> Result<Duration> {
         self.stop();
         let started = Instant::now();
         let log = std::fs::File::create(self.tb.dir().join("bench-daemon.log"))?;
@@ -222,7 +273,7 @@ impl Bench {
             let ok = control::call(
                 &self.socket,
                 &Ctl::Report {
-                    org: Some("bench".into()),
+                    org: Some(org.into()),
                     day: None,
                 },
             )
@@ -258,14 +309,19 @@ impl Bench {
         let _ = crate::pins::unload(&self.tb.bpffs().join("limiter"));
     }
 
-    fn wrk(&self, load: &Load) -> Result<f64> {
-        let url = format!("http://{}:{PORT}{}", self.tb.server_v4(), load.path);
+    /// wrk (one thread) for `load` against `server`, for `secs` whole seconds, to run in the
+    /// client namespace; with `latency`, its summary has the percentiles.
+    fn wrk_command(&self, server: Ipv4Addr, load: &Load, secs: f64, latency: bool) -> Command {
+        let url = format!("http://{server}:{PORT}{}", load.path);
         let mut cmd = Command::new("wrk");
         cmd.args(["-t1", "--timeout", "5s"])
             .arg(format!("-c{}", load.conns))
-            .arg(format!("-d{}s", self.secs))
+            .arg(format!("-d{}s", secs.ceil()))
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
+        if latency {
+            cmd.arg("--latency");
+        }
         if !load.keep_alive {
             cmd.args(["-H", "Connection: close"]);
         }
@@ -273,11 +329,55 @@ impl Bench {
             cmd.args(["-H", &format!("X-Pad: {}", "p".repeat(700))]);
         }
         cmd.arg(&url);
-        let out = self.tb.spawn_in_client(cmd)?.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        parse_wrk(&text).with_context(|| format!("no Requests/sec in wrk's output: {text}"))
+        cmd
     }
 
+    fn wrk(&self, load: &Load) -> Result<WrkRun> {
+        let cmd = self.wrk_command(self.tb.server_v4(), load, self.secs, false);
+        wait_wrk(self.tb.spawn_in_client(cmd)?)
+    }
+
+    /// The status code of one GET of `path` to `server` from the client namespace (the route to
+    /// `server` picks the client address), with an optional extra header.
+    fn status(&self, server: Ipv4Addr, path: &str, header: Option<(&str, &str)>) -> Result<u16> {
+        let extra = header.map_or(String::new(), |(k, v)| format!("{k}: {v}\r\n"));
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {server}:{PORT}\r\n{extra}Connection: close\r\n\r\n"
+        );
+        let line = self.tb.try_in_client(move || -> std::io::Result<String> {
+            let timeout = Duration::from_secs(5);
+            let mut s = TcpStream::connect_timeout(&SocketAddr::from((server, PORT)), timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(request.as_bytes())?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok(line)
+        })?;
+        let line = line.with_context(|| format!("GET {path} from the client namespace"))?;
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("GET {path}: no status line in the answer {line:?}"))
+    }
+
+    /// Proves that [`nginx::LIMITED`]'s limits run: two requests under a fresh probe key, the
+    /// second of which its one-a-minute zone must refuse.
+    fn probe_limited(&self) -> Result<()> {
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let key = format!("p{}", PROBES.fetch_add(1, Ordering::Relaxed));
+        let header = Some((nginx::PROBE_HEADER, key.as_str()));
+        let server = self.tb.server_v4();
+        let first = self.status(server, nginx::LIMITED, header)?;
+        let second = self.status(server, nginx::LIMITED, header)?;
+        ensure!(
+            (first, second) == (200, 429),
+            "nginx's limits on {} do not run: a probe key's two requests got {first} and {second}, not 200 and 429",
+            nginx::LIMITED
+        );
+        Ok(())
+    }
+
+    /// One run of `side` under `load`, checked against what the row claims; returns its req/s.
     fn side(
         &mut self,
         side: Side2,
@@ -288,13 +388,30 @@ impl Bench {
         match side {
             Side2::Nginx => self.stop(),
             Side2::Limiter => {
-                self.start(pass_cfg)?;
+                self.start(pass_cfg, BENCH_ORG)?;
             }
             Side2::KernelRefuses => {
-                self.start(refuse_cfg)?;
+                self.start(refuse_cfg, BENCH_ORG)?;
             }
         }
-        self.wrk(load)
+        let run = self.wrk(load)?;
+        let what = format!("{} on {}", side_name(side, load), load.path);
+        let refuses = side == Side2::KernelRefuses
+            || (side == Side2::Nginx && [nginx::REFUSE, nginx::RETURN_429].contains(&load.path));
+        if refuses {
+            check(&what, &run, Expect::Refuse)?;
+            let status = self.status(self.tb.server_v4(), load.path, None)?;
+            ensure!(
+                status == 429,
+                "{what}: the next request got {status}, not 429"
+            );
+        } else {
+            check(&what, &run, Expect::Pass)?;
+        }
+        if side == Side2::Nginx && load.path == nginx::LIMITED {
+            self.probe_limited()?;
+        }
+        Ok(run.rps)
     }
 
     fn compare(
@@ -311,20 +428,10 @@ impl Bench {
         }
         let (am, amin, amax) = median_min_max(&va);
         let (bm, bmin, bmax) = median_min_max(&vb);
-        let name = |s: Side2, l: &Load| {
-            let what = match s {
-                Side2::Nginx if l.path == "/nginx-limited" => "nginx limit_req+limit_conn",
-                Side2::Nginx if l.path == "/nginx429" => "nginx's own 429",
-                Side2::Nginx => "no limiter",
-                Side2::Limiter => "limiter",
-                Side2::KernelRefuses => "kernel 429",
-            };
-            what.to_string()
-        };
         let row = Row {
             scenario: scenario.to_string(),
-            a: name(a, &la),
-            b: name(b, &lb),
+            a: side_name(a, &la).to_string(),
+            b: side_name(b, &lb).to_string(),
             a_median: am,
             a_min: amin,
             a_max: amax,
@@ -338,11 +445,23 @@ impl Bench {
     }
 }
 
+/// How a side is named in the table.
+fn side_name(side: Side2, load: &Load) -> &'static str {
+    match side {
+        Side2::Nginx if load.path == nginx::LIMITED => "nginx limit_req+limit_conn",
+        Side2::Nginx if load.path == nginx::REFUSE => "nginx limit_req's 429",
+        Side2::Nginx if load.path == nginx::RETURN_429 => "nginx's own 429",
+        Side2::Nginx => "no limiter",
+        Side2::Limiter => "limiter",
+        Side2::KernelRefuses => "kernel 429",
+    }
+}
+
 impl Bench {
     /// One run of `load` with bpf_stats on, for the programs' own cost (apart from the
     /// comparisons, which run without the stats' clock reads).
     fn cost_run(&mut self, cfg: &Path, load: &Load) -> Result<KernelCost> {
-        self.start(cfg)?;
+        self.start(cfg, BENCH_ORG)?;
         self.wrk(load)?;
         // Read before the programs are unloaded.
         let k = kernel_cost();
@@ -355,25 +474,6 @@ impl Drop for Bench {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn nginx_conf(dir: &Path) -> String {
-    let body = r#"{"type":"https://iana.org/assignments/http-problem-types#quota-exceeded","title":"Too Many Requests","status":429,"detail":"bench has used its 1 API calls for today","violated-policies":["daily"]}"#;
-    format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         limit_req_zone $binary_remote_addr zone=perip:10m rate=10000000r/s;\n\
-         limit_conn_zone $binary_remote_addr zone=perconn:10m;\n\
-         server {{\n    listen {PORT};\n\
-         location / {{ return 200 \"ok\\n\"; }}\n\
-         location /nginx-limited {{ limit_req zone=perip burst=10000000 nodelay; limit_conn perconn 60000; return 200 \"ok\\n\"; }}\n\
-         location /nginx429 {{ default_type application/problem+json; add_header Retry-After 3600 always; \
-         add_header RateLimit-Policy '\"daily\";q=1;w=86400' always; add_header RateLimit '\"daily\";r=0;t=3600' always; \
-         return 429 '{body}'; }}\n  }}\n}}\n",
-        d = dir.display(),
-    )
 }
 
 fn kernel_cost() -> KernelCost {
@@ -459,6 +559,10 @@ fn markdown(r: &Results) -> String {
             x.note
         ));
     }
+    if let Some(n) = &r.neighbors {
+        s.push('\n');
+        s.push_str(&n.markdown());
+    }
     s
 }
 
@@ -482,7 +586,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let _ = testbed::cleanup_stale();
     let tb = Testbed::new(TestbedOptions {
         name: "bench".into(),
-        clients_v4: 0,
+        // The neighbors scenario's flooder and well-behaved org.
+        clients_v4: 2,
         clients_v6: 0,
     })?;
     // Connection-per-request runs churn through ports fast: give the client every port, and let
@@ -503,8 +608,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             ])
             .status();
     }
-    let conf = tb.dir().join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(tb.dir()))?;
+    let addrs = neighbors::setup(&tb)?;
+    let conf = nginx::write(tb.dir(), addrs.flooder).context("writing nginx's config")?;
     let mut nginx = Command::new("nginx");
     nginx
         .args(["-e", "stderr", "-c"])
@@ -539,15 +644,21 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     );
     let passing = |conns, keep_alive| {
         (
-            (Side2::Nginx, l("/", conns, keep_alive, false)),
-            (Side2::Limiter, l("/", conns, keep_alive, false)),
+            (Side2::Nginx, l(nginx::RETURN_200, conns, keep_alive, false)),
+            (
+                Side2::Limiter,
+                l(nginx::RETURN_200, conns, keep_alive, false),
+            ),
         )
     };
     // A kernel 429 can stay keep-alive only when the request is at least as long as it.
-    let refused = |keep_alive| {
+    let refused = |nginx_path, keep_alive| {
         (
-            (Side2::Nginx, l("/nginx429", 64, keep_alive, keep_alive)),
-            (Side2::KernelRefuses, l("/", 64, keep_alive, keep_alive)),
+            (Side2::Nginx, l(nginx_path, 64, keep_alive, keep_alive)),
+            (
+                Side2::KernelRefuses,
+                l(nginx::RETURN_200, 64, keep_alive, keep_alive),
+            ),
         )
     };
     let comparisons = [
@@ -555,28 +666,43 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         ("passing, keep-alive, 64 conns", passing(64, true)),
         ("passing, conn per request, 1 conn", passing(1, false)),
         ("passing, conn per request, 64 conns", passing(64, false)),
-        ("429s, keep-alive, 64 conns", refused(true)),
-        ("429s, conn per request, 64 conns", refused(false)),
+        (
+            "429s, keep-alive, 64 conns",
+            refused(nginx::RETURN_429, true),
+        ),
+        ("429s, keep-alive, 64 conns", refused(nginx::REFUSE, true)),
+        (
+            "429s, conn per request, 64 conns",
+            refused(nginx::RETURN_429, false),
+        ),
+        (
+            "429s, conn per request, 64 conns",
+            refused(nginx::REFUSE, false),
+        ),
         (
             "per-client limiting, keep-alive, 64 conns",
             (
-                (Side2::Nginx, l("/nginx-limited", 64, true, false)),
-                (Side2::Limiter, l("/", 64, true, false)),
+                (Side2::Nginx, l(nginx::LIMITED, 64, true, false)),
+                (Side2::Limiter, l(nginx::STATIC, 64, true, false)),
             ),
         ),
     ];
     let mut rows = Vec::new();
+    let mut neighbors = None;
     if !args.cost_only {
         for (scenario, (side_a, side_b)) in comparisons {
             rows.push(b.compare(scenario, side_a, side_b, cfgs)?);
         }
+        let n = neighbors::run(&mut b, &addrs)?;
+        println!("\n{}", n.markdown());
+        neighbors = Some(n);
     }
     // The programs' own cost, from bpf_stats (run_time_ns / run_cnt), in runs of their own.
     let kernel_cost = {
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
-        let keep = b.cost_run(&pass, &l("/", 64, true, false))?;
-        let close = b.cost_run(&pass, &l("/", 64, false, false))?;
-        let refused = b.cost_run(&refuse, &l("/", 64, true, true))?;
+        let keep = b.cost_run(&pass, &l(nginx::RETURN_200, 64, true, false))?;
+        let close = b.cost_run(&pass, &l(nginx::RETURN_200, 64, false, false))?;
+        let refused = b.cost_run(&refuse, &l(nginx::RETURN_200, 64, true, true))?;
         let runs = keep.verdict_runs + close.verdict_runs;
         let avg = |a: f64, an: u64, b: f64, bn: u64| {
             if an + bn == 0 {
@@ -627,18 +753,18 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
                 continue;
             }
         };
-        match b.start(&cfg) {
+        match b.start(&cfg, BENCH_ORG) {
             Ok(took) => {
                 let pid = b.daemon.as_ref().map(|c| c.id()).unwrap_or(0);
                 let (mem, rss) = memory_of(pid);
-                let load = l("/", 64, true, false);
+                let load = l(nginx::RETURN_200, 64, true, false);
                 let (mut va, mut vb) = (Vec::new(), Vec::new());
                 let mut loads = vec![took.as_secs_f64()];
                 for _ in 0..reps {
-                    loads.push(b.start(&cfg)?.as_secs_f64());
-                    vb.push(b.wrk(&load)?);
+                    loads.push(b.start(&cfg, BENCH_ORG)?.as_secs_f64());
+                    vb.push(b.wrk(&load)?.rps);
                     b.stop();
-                    va.push(b.wrk(&load)?);
+                    va.push(b.wrk(&load)?.rps);
                 }
                 let ratio = median_min_max(&vb).0 / median_min_max(&va).0.max(1.0);
                 let (load, load_min, load_max) = median_min_max(&loads);
@@ -689,6 +815,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         rows,
         kernel_cost,
         scale,
+        neighbors,
     };
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
@@ -709,11 +836,23 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
 mod tests {
     use super::*;
 
+    fn run(requests: u64, refused: u64) -> WrkRun {
+        WrkRun {
+            rps: requests as f64,
+            requests,
+            refused,
+            p99_us: None,
+        }
+    }
+
     #[test]
-    fn wrk_output_parses() {
-        let out = "Running 1s test @ http://x/\n  1 threads and 1 connections\nRequests/sec:  12345.67\nTransfer/sec:  1.2MB\n";
-        assert_eq!(parse_wrk(out), Some(12345.67));
-        assert_eq!(parse_wrk("nothing"), None);
+    fn status_checks() {
+        assert!(check("x", &run(100, 0), Expect::Pass).is_ok());
+        let e = check("nginx on /x", &run(100, 1), Expect::Pass).unwrap_err();
+        assert!(e.to_string().contains("nginx on /x: 1 of 100"), "{e}");
+        assert!(check("x", &run(100, 95), Expect::Refuse).is_ok());
+        assert!(check("x", &run(100, 50), Expect::Refuse).is_err());
+        assert!(check("x", &run(0, 0), Expect::Refuse).is_err());
     }
 
     #[test]
