@@ -49,7 +49,7 @@ use limiter_common::{
     MAX_ORGS, MAX_SOCKETS, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN,
     OrgLimits, RemoteCount, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockSlot, SockState, UNMAPPED_ORG,
     day, day_index, http,
-    reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
+    reply::{NAME_MAX, Policy, Reply, Scratch, Sink},
     stream::{
         F_REFUSED, MEDIA_MATCH_ENTRIES, MediaPrefixes, S_CLOSED, S_OPAQUE, Stream, Tally,
         WALK_SLOTS, WIN, WalkSlot, media_match_index,
@@ -766,14 +766,23 @@ fn walk_in(
     len: u64,
     slot: *mut WalkSlot,
 ) -> Option<Tally> {
-    // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back.
-    let w = unsafe { &mut *slot };
-    w.pos = 0;
-    w.len = len;
-    w.win_off = 0;
-    w.win_n = 0;
-    w.failed = 0;
-    w.tally = Tally::default();
+    // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back. Volatile stores, field
+    // by field: LLVM turns plain ones into a call to a byte-at-a-time memset.
+    let w = unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*slot).pos, 0);
+        put(&raw mut (*slot).len, len);
+        put(&raw mut (*slot).win_off, 0);
+        put(&raw mut (*slot).win_n, 0);
+        put(&raw mut (*slot).failed, 0);
+        put(&raw mut (*slot).tally.counted, 0);
+        put(&raw mut (*slot).tally.media, 0);
+        put(&raw mut (*slot).tally.starts, 0);
+        put(&raw mut (*slot).tally.head_method, false);
+        put(&raw mut (*slot).tally.opaque, false);
+        put(&raw mut (*slot).tally.broken, false);
+        &mut *slot
+    };
     if len < WIN as u64 {
         // SAFETY: `w.win` holds WIN_BUF > len bytes; the verifier sees 1 <= len < WIN.
         if unsafe {
@@ -1068,15 +1077,15 @@ fn refuse(ctx: &SkBuffContext, cookie: u64, org: u32, policy: Policy, keep_alive
         fault(FAULT_REPLY);
         return SK_PASS;
     };
-    // SAFETY: this CPU's scratch value; the tail call runs next on this same CPU.
+    // SAFETY: this CPU's scratch value; the tail call runs next on this same CPU. Field by
+    // field (volatile): a struct store becomes a byte-at-a-time memset.
     unsafe {
-        (*scratch).args = RefuseArgs {
-            cookie,
-            org,
-            policy: policy as u32,
-            keep_alive_ok,
-            _pad: [0; 7],
-        };
+        use core::ptr::write_volatile as put;
+        let args = &raw mut (*scratch).args;
+        put(&raw mut (*args).cookie, cookie);
+        put(&raw mut (*args).org, org);
+        put(&raw mut (*args).policy, policy as u32);
+        put(&raw mut (*args).keep_alive_ok, keep_alive_ok);
         REFUSE.tail_call(ctx, 0);
     }
     // Only reached when the tail call failed: let the request through rather than break it.

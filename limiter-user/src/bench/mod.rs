@@ -66,6 +66,56 @@ struct Load {
     keep_alive: bool,
     /// Pad the request past the 429's length (so the kernel can answer keep-alive).
     padded: bool,
+    /// What each request looks like.
+    shape: Shape,
+}
+
+/// Request shapes of the kernel-cost runs (wrk Lua scripts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// wrk's own minimal GET (about 40 bytes).
+    Plain,
+    /// A typical API GET: a query and the headers an integration sends, about 200 bytes.
+    ApiGet,
+    /// Ten API GETs in one write (pipelining).
+    Pipelined10,
+    /// A POST with a 64 KiB body: many chunks per request.
+    Post64k,
+}
+
+impl Shape {
+    /// The wrk script of the shape, if it needs one.
+    fn script(self) -> Option<&'static str> {
+        const API_HEADERS: &str = r#"wrk.path = "/api/v1/items?page=2&per_page=50"
+wrk.headers["User-Agent"] = "acme-sync/2.3 (+https://acme.example/integrations)"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Authorization"] = "Bearer 7f3c9e0a1b2d4c6e8f0a1b2c3d4e5f60"
+"#;
+        match self {
+            Shape::Plain => None,
+            Shape::ApiGet => Some(API_HEADERS),
+            Shape::Pipelined10 => Some(concat!(
+                r#"wrk.path = "/api/v1/items?page=2&per_page=50"
+wrk.headers["User-Agent"] = "acme-sync/2.3 (+https://acme.example/integrations)"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Authorization"] = "Bearer 7f3c9e0a1b2d4c6e8f0a1b2c3d4e5f60"
+"#,
+                r#"init = function(args)
+  local r = {}
+  for i = 1, 10 do r[i] = wrk.format() end
+  req = table.concat(r)
+end
+request = function() return req end
+"#
+            )),
+            Shape::Post64k => Some(
+                r#"wrk.method = "POST"
+wrk.body = string.rep("x", 65536)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"#,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +162,13 @@ pub struct KernelCost {
     /// The verdict per refused keep-alive request, the tail-called 429 writer included.
     pub refused_ns_per_run: f64,
     pub refused_runs: u64,
+    /// The verdict per passing typical API GET (about 200 bytes, one head per chunk).
+    pub api_get_ns_per_run: f64,
+    /// The verdict per chunk of ten pipelined API GETs.
+    pub pipelined10_ns_per_run: f64,
+    /// The verdict per chunk of 64 KiB POSTs (most chunks are body).
+    pub post64k_ns_per_run: f64,
+    pub post64k_runs: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -328,6 +385,12 @@ impl Bench {
         if load.padded {
             cmd.args(["-H", &format!("X-Pad: {}", "p".repeat(700))]);
         }
+        if let Some(script) = load.shape.script() {
+            let path = self.tb.dir().join(format!("{:?}.lua", load.shape));
+            // A failed write shows as wrk's own error about the missing script.
+            let _ = std::fs::write(&path, script);
+            cmd.arg("-s").arg(path);
+        }
         cmd.arg(&url);
         cmd
     }
@@ -537,14 +600,19 @@ fn markdown(r: &Results) -> String {
     }
     s.push_str(&format!(
         "\nKernel cost (bpf_stats, separate runs): verdict {:.0} ns per passing request over {} runs; \
-         verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs.\n\n\
+         verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs. \
+         By request shape: API GET (~200 B) {:.0} ns per request; ten pipelined API GETs {:.0} ns per chunk; 64 KiB POST {:.0} ns per chunk over {} chunks.\n\n\
          | orgs | load (s), median (min–max) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
         r.kernel_cost.verdict_ns_per_run,
         r.kernel_cost.verdict_runs,
         r.kernel_cost.refused_ns_per_run,
         r.kernel_cost.refused_runs,
         r.kernel_cost.sock_ops_ns_per_run,
-        r.kernel_cost.sock_ops_runs
+        r.kernel_cost.sock_ops_runs,
+        r.kernel_cost.api_get_ns_per_run,
+        r.kernel_cost.pipelined10_ns_per_run,
+        r.kernel_cost.post64k_ns_per_run,
+        r.kernel_cost.post64k_runs
     ));
     for x in &r.scale {
         s.push_str(&format!(
@@ -638,6 +706,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         conns,
         keep_alive,
         padded,
+        shape: Shape::Plain,
     };
     println!(
         "== limiter bench: nginx in a namespace and cgroup, wrk from another; {secs} s per run, {reps} runs per side, alternating\n"
@@ -703,6 +772,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         let keep = b.cost_run(&pass, &l(nginx::RETURN_200, 64, true, false))?;
         let close = b.cost_run(&pass, &l(nginx::RETURN_200, 64, false, false))?;
         let refused = b.cost_run(&refuse, &l(nginx::RETURN_200, 64, true, true))?;
+        // The stream parser's cost by request shape (keep-alive, passing).
+        let shaped = |b: &mut Bench, shape| {
+            let load = Load {
+                shape,
+                ..l(nginx::RETURN_200, 64, true, false)
+            };
+            b.cost_run(&pass, &load)
+        };
+        let post64k = shaped(&mut b, Shape::Post64k)?;
         let runs = keep.verdict_runs + close.verdict_runs;
         let avg = |a: f64, an: u64, b: f64, bn: u64| {
             if an + bn == 0 {
@@ -728,6 +806,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             sock_ops_runs: keep.sock_ops_runs + close.sock_ops_runs,
             refused_ns_per_run: refused.verdict_ns_per_run,
             refused_runs: refused.verdict_runs,
+            api_get_ns_per_run: shaped(&mut b, Shape::ApiGet)?.verdict_ns_per_run,
+            pipelined10_ns_per_run: shaped(&mut b, Shape::Pipelined10)?.verdict_ns_per_run,
+            post64k_ns_per_run: post64k.verdict_ns_per_run,
+            post64k_runs: post64k.verdict_runs,
         }
     };
     println!(
@@ -735,6 +817,14 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         kernel_cost.verdict_ns_per_run,
         kernel_cost.refused_ns_per_run,
         kernel_cost.sock_ops_ns_per_run
+    );
+    println!(
+        "kernel cost by request shape: API GET (~200 B) {:.0} ns per request; 10 pipelined API GETs {:.0} ns per chunk ({:.0} ns per request); 64 KiB POST {:.0} ns per chunk over {} chunks",
+        kernel_cost.api_get_ns_per_run,
+        kernel_cost.pipelined10_ns_per_run,
+        kernel_cost.pipelined10_ns_per_run / 10.0,
+        kernel_cost.post64k_ns_per_run,
+        kernel_cost.post64k_runs
     );
 
     let mut scale = Vec::new();

@@ -267,6 +267,7 @@ fn run_phase(
         conns,
         keep_alive: true,
         padded: false,
+        shape: super::Shape::Plain,
     };
     let before = if phase == Phase::LimiterRefuses {
         b.start(cfg, GOOD_ORG)?;
