@@ -74,7 +74,7 @@ impl MediaPrefixes for Config {
 }
 
 /// Bytes of a chunk the kernel loads at a time.
-pub const WIN: usize = 64;
+pub const WIN: usize = 128;
 /// The window buffer: [`WIN`] bytes plus room for an 8-byte load at any masked index.
 pub const WIN_BUF: usize = WIN + 8;
 
