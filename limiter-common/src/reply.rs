@@ -1,7 +1,7 @@
-//! The HTTP 429 the kernel answers with (DESIGN.md §5.4).
+//! The HTTP 429 the kernel answers with.
 //!
-//! The kernel rewrites the refused request's bytes in place and must keep their length (DESIGN.md
-//! §4), so the reply is padded with an `X-Pad:` header of spaces to exactly the request's length.
+//! The kernel rewrites the refused request's bytes in place and must keep their length (the
+//! kernel advances the socket's read sequence by it), so the reply is padded with an `X-Pad:` header of spaces to exactly the request's length.
 //! For the verifier's sake the layout is fixed: numbers sit in fixed-width slots followed by
 //! spaces (trailing whitespace is allowed in header values), and the JSON body has a fixed length
 //! with trailing whitespace after the object (allowed in JSON). The reply is built in two scratch

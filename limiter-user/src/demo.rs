@@ -1,4 +1,4 @@
-//! `limiter demo` (DESIGN.md §5.5): a private world, a real API server, the real daemon and kernel
+//! `limiter demo`: a private world, a real API server, the real daemon and kernel
 //! programs, traffic from several simulated orgs, a live usage table, and a final check of the
 //! report against what the API server itself saw.
 

@@ -1,4 +1,4 @@
-//! Log lines (DESIGN.md §5.6): one line per event, `key=value` text or JSON lines, on stderr (the
+//! Log lines: one line per event, `key=value` text or JSON lines, on stderr (the
 //! journal under systemd).
 
 use std::io::IsTerminal as _;

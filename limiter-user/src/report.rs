@@ -1,4 +1,4 @@
-//! The usage report (`limiter report`, DESIGN.md §5.3) and its table form.
+//! The usage report (`limiter report`) and its table form.
 
 use std::fmt::Write as _;
 

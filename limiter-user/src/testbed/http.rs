@@ -15,7 +15,7 @@ pub enum Parse<T> {
 /// Largest request/response head we accept (request line + headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Largest response head we accept: the limiter pads a kernel 429 to the refused request's
-/// length with a header (DESIGN.md §4), so a refused 1 MiB upload yields a 1 MiB head.
+/// length with a header, so a refused 1 MiB upload yields a 1 MiB head.
 pub const MAX_RESPONSE_HEAD: usize = 16 << 20;
 /// Longest method token we accept (keeps garbage detection quick).
 const MAX_METHOD: usize = 32;

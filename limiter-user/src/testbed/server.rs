@@ -1,5 +1,5 @@
 //! The test API server (`limiter testbed serve`): a small HTTP/1.1 server written directly on
-//! tokio (epoll based; DESIGN.md §4: blocking-I/O servers can lose kernel-injected responses)
+//! tokio (epoll based; blocking-I/O servers can lose kernel-injected responses)
 //! that writes an access log the tests compare with the limiter's counters.
 
 use std::fs::{File, OpenOptions};
