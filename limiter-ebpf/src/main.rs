@@ -1098,10 +1098,10 @@ pub fn limiter_refuse(ctx: SkBuffContext) -> u32 {
     try_refuse(&ctx)
 }
 
-/// Rewrites the refused request into the 429 of the README (Enforcement), padded (or, when the request is
-/// shorter than the reply, grown) to the right length, and sends it back out of the same socket.
-/// Keep-alive when the chunk is exactly one request head long; otherwise `Connection: close` and
-/// everything after it is dropped.
+/// Rewrites the refused request into the 429 of `reply` (docs/cli.md), padded (or, when the
+/// request is shorter than the reply, grown) to the right length, and sends it back out of the
+/// same socket. Keep-alive when the chunk is exactly one request head long; otherwise
+/// `Connection: close` and everything after it is dropped.
 #[inline(always)]
 fn try_refuse(ctx: &SkBuffContext) -> u32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {

@@ -37,7 +37,7 @@ use crate::{
     sync::{self, Platform},
 };
 
-/// Breach lines per org are at most one a minute (README, Logs).
+/// Breach lines per org are at most one a minute (docs/cli.md, Log events).
 const BREACH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often unmapped traffic is summarised, when it changed.
 const UNMAPPED_SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -1043,7 +1043,7 @@ impl Daemon {
         let new_cfg = Config::load(&self.config_path)?;
         // What is attached, opened or scheduled at startup cannot change under a running
         // daemon: the quota day (`day_start`) moves only with a restart, which closes the day
-        // that is running (see README, Reloads).
+        // that is running (see docs/configuration.md, Reload or restart).
         let (old, new) = (&self.cfg, &new_cfg);
         let restart_only = [
             ("api", Some("cgroup"), old.api.cgroup != new.api.cgroup),

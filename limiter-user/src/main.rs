@@ -1,4 +1,4 @@
-//! The `limiter` binary: daemon and CLI (README, Commands).
+//! The `limiter` binary: daemon and CLI (docs/cli.md).
 
 use std::{path::PathBuf, process::ExitCode};
 

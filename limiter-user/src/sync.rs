@@ -1,9 +1,9 @@
 //! One quota across many API hosts (`[cluster]`), shared through Redis or Valkey.
 //!
 //! Every `sync_interval_ms` each host writes its own *absolute* count of today per org into a
-//! hash (`HSET limiter:<date>:<org> <host> <count>`, expiring after two days) and reads the other
-//! hosts' counts back; the daemon writes their sum into ORG_REMOTE, and the kernel refuses when its
-//! own count plus that sum reaches the limit. The request path never waits for Redis.
+//! hash (`HSET limiter:count:<date>:<org> <host> <count>`, expiring after two days) and reads the
+//! other hosts' counts back; the daemon writes their sum into ORG_REMOTE, and the kernel refuses
+//! when its own count plus that sum reaches the limit. The request path never waits for Redis.
 //!
 //! Absolute counts rather than INCRBY deltas: a lost reply, a retry, or a Redis restart without
 //! persistence can neither lose nor double a count — the next sync simply rewrites it.

@@ -4,7 +4,7 @@
 //!
 //! The object is built by Debian's toolchain (`/usr/bin/cargo`, `/usr/bin/rustc` 1.96, LLVM 22)
 //! with `-Z build-std=core` and linked by bpf-linker 0.13 (built against the same LLVM), never by
-//! rustup's toolchains: see README.md, Development, "Toolchain".
+//! rustup's toolchains: see docs/development.md, "Toolchain".
 
 // Each user of this file needs a different part of it.
 #![allow(dead_code)]

@@ -1,5 +1,5 @@
 //! `cargo xtask …`: the project's build, test, package and demo entry points (the toolchain is
-//! described in README.md, Development).
+//! described in docs/development.md).
 
 mod ebpf;
 mod package;

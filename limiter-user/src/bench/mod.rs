@@ -1,6 +1,6 @@
 //! `limiter bench` (run by `cargo xtask bench`): side-by-side measurements in one run, on this
-//! machine, of what limiter costs and what it saves (the targets are in the README's
-//! Performance section).
+//! machine, of what limiter costs and what it saves (the targets are in
+//! docs/performance.md).
 //!
 //! nginx (Debian's, one worker) serves in the testbed's server namespace and cgroup; wrk drives
 //! it from the client namespace. Every comparison alternates its two sides (A B A B …) so drift

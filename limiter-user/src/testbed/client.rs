@@ -380,7 +380,8 @@ pub const RAW_GRACE: Duration = Duration::from_millis(300);
 /// Connects from `src`, writes `bytes` and reads like an HTTP client: until the first response is
 /// complete and says `Connection: close` (then [`RAW_GRACE`] more, to catch stray bytes), EOF, a
 /// reset or [`RAW_READ_TIMEOUT`]. Unlike [`send_raw`] it never half-closes first: an app that
-/// sees the client's FIN may close before the kernel's 429 has left (README, known gaps).
+/// sees the client's FIN may close before the kernel's 429 has left (docs/semantics.md, Known
+/// limits).
 pub async fn exchange_raw(src: IpAddr, dst: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
     raw(src, dst, bytes, false).await
 }
