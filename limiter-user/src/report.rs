@@ -55,7 +55,7 @@ pub struct UnmappedReport {
     pub requests: u64,
     pub connections: u64,
     pub unparsed: u64,
-    /// Media GETs from unmapped clients (not in the contract's minimum; more keys are welcome).
+    /// Media GETs from unmapped clients (a key added to the original report; docs/cli.md).
     #[serde(default)]
     pub exempt_media_gets: u64,
 }
