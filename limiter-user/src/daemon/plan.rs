@@ -142,3 +142,44 @@ impl Plan {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::daemon::fake::config_text;
+
+    fn plan_of(extra: &str, org_line: &str) -> Plan {
+        let text = config_text(Path::new("/tmp"), &["acme", "initech"], extra).replace(
+            "name = \"initech\"",
+            &format!("name = \"initech\"\n{org_line}"),
+        );
+        let cfg = Config::parse(&text, Path::new("t.toml")).expect("test config");
+        let ids = OrgIds::assign(cfg.orgs.iter().map(|o| o.name.as_str()), None, 64)
+            .expect("distinct names");
+        Plan::new(cfg, ids, &Clock::new(0)).expect("plan")
+    }
+
+    #[test]
+    fn a_plan_holds_the_org_table_and_the_map_contents() {
+        let plan = plan_of("", "daily_requests = 7");
+        assert_eq!((plan.org_count, plan.cidr_count()), (2, 2));
+        let initech = plan.orgs.ids.id("initech").expect("an id");
+        assert_eq!(plan.orgs.limits.get(initech).daily_requests, 7);
+        assert_eq!(plan.orgs.name(initech), "initech");
+        assert_eq!(plan.orgs.name(UNMAPPED_ORG), UNMAPPED_NAME);
+        assert_eq!(plan.orgs.targets(Some("nobody")), None);
+        let all = plan.orgs.targets(None).expect("all orgs");
+        let names: Vec<&str> = all.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, [UNMAPPED_NAME, "acme", "initech"]);
+    }
+
+    #[test]
+    fn delay_without_the_syn_gate_is_noticed() {
+        let delay = "concurrency_mode = \"delay\"";
+        assert!(plan_of("", delay).delay_without_gate);
+        assert!(!plan_of("", "").delay_without_gate);
+        assert!(!plan_of("interfaces = [\"eth0\"]", delay).delay_without_gate);
+    }
+}

@@ -269,3 +269,64 @@ fn restore_from_cluster<M: KernelMaps>(
     info!(event = "cluster", restored_orgs = n, host_id = %cluster.host_id, "no day snapshot: this host's requests of today restored from Redis");
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::fake::{FakeMaps, config_text};
+
+    const D: u64 = 20_000;
+
+    /// The plan of orgs `acme` and `initech` with its state in `dir`.
+    fn plan(dir: &Path, clock: &Clock) -> Plan {
+        let text = config_text(dir, &["acme", "initech"], "");
+        let cfg = Config::parse(&text, Path::new("t.toml")).expect("test config");
+        let ids = OrgIds::assign(cfg.orgs.iter().map(|o| o.name.as_str()), None, 64)
+            .expect("distinct names");
+        Plan::new(cfg, ids, clock).expect("plan")
+    }
+
+    fn requests(maps: &FakeMaps, id: u32) -> u64 {
+        maps.usage(id, D).map_or(u64::MAX, |(d, _)| d.requests)
+    }
+
+    #[test]
+    fn todays_snapshot_is_restored_into_fresh_maps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clock = Clock::new(0);
+        let plan = plan(dir.path(), &clock);
+        let counts = |requests| DayCounters {
+            requests,
+            ..DayCounters::for_day(D)
+        };
+        let mut snap = snapshot::DaySnapshot {
+            day: D,
+            date: clock.date(D),
+            unmapped: counts(2),
+            ..Default::default()
+        };
+        snap.orgs.insert("acme".into(), counts(5));
+        snap.orgs.insert("gone".into(), counts(3));
+        snapshot::write(&plan.settings.daemon.state_dir, &snap).expect("writing a snapshot");
+        let mut maps = FakeMaps::default();
+        // Only orgs still configured are restored.
+        assert_eq!(restore_snapshot(&mut maps, &plan, &clock, D).ok(), Some(1));
+        assert_eq!((requests(&maps, 1), requests(&maps, 2)), (5, 0));
+        assert_eq!(requests(&maps, UNMAPPED_ORG), 2);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_set_aside_and_the_start_goes_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clock = Clock::new(0);
+        let plan = plan(dir.path(), &clock);
+        let path = snapshot::path(&plan.settings.daemon.state_dir, &clock.date(D));
+        std::fs::create_dir_all(path.parent().expect("a days directory")).expect("mkdir");
+        std::fs::write(&path, "{ not json").expect("writing");
+        let mut maps = FakeMaps::default();
+        assert_eq!(restore_snapshot(&mut maps, &plan, &clock, D).ok(), Some(0));
+        assert!(!path.exists());
+        assert!(path.with_extension("json.bad").exists());
+        assert!(maps.slots.is_empty());
+    }
+}
