@@ -393,7 +393,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        daemon::fake::{FakeMaps, config_text, orgs_of},
+        daemon::fake::{FakeMaps, config_text, events, logged, orgs_of},
     };
 
     const D: u64 = 20_000;
@@ -465,6 +465,31 @@ mod tests {
         assert_eq!(w.requests(1, D), 5);
         assert_eq!(w.requests(1, D + 1), 0);
         assert!(w.stored(D + 1).is_none(), "the new day has no snapshot yet");
+    }
+
+    #[test]
+    fn a_day_ends_with_one_totals_line_per_org_once_even_if_a_step_brings_it_back() {
+        let mut w = world();
+        w.maps.count(1, D, 5);
+        let ((), lines) = logged(|| w.follow(D + 1));
+        let ends = events(&lines, "day_end");
+        let orgs: Vec<&str> = ends.iter().filter_map(|l| l["org"].as_str()).collect();
+        assert_eq!(orgs, ["unmapped", "acme", "initech"], "idle orgs included");
+        assert_eq!(ends[1]["requests"], 5);
+        assert_eq!(ends[1]["day"], w.clock.date(D));
+        let rollover = events(&lines, "rollover");
+        assert_eq!(rollover.len(), 1);
+        assert_eq!(rollover[0]["day"], w.clock.date(D + 1));
+        // Back to D (a step), then on to D + 1 again (a rollover): D had ended already.
+        let ((), lines) = logged(|| {
+            w.follow(D);
+            w.follow(D + 1);
+        });
+        let steps = events(&lines, "clock_step");
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0]["days"], -1);
+        assert_eq!(events(&lines, "rollover").len(), 1);
+        assert_eq!(events(&lines, "day_end"), [] as [&serde_json::Value; 0]);
     }
 
     #[test]

@@ -170,13 +170,19 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        daemon::fake::{FakeMaps, config_text, orgs_of},
+        daemon::fake::{FakeMaps, config_text, events, logged, orgs_of},
     };
 
     const D: u64 = 20_000;
 
     fn orgs() -> Orgs {
-        let text = config_text(std::path::Path::new("/tmp"), &["acme", "initech"], "");
+        orgs_with("")
+    }
+
+    /// Orgs `acme` and `initech` with `limits` as their `[limits]` table.
+    fn orgs_with(limits: &str) -> Orgs {
+        let text = config_text(std::path::Path::new("/tmp"), &["acme", "initech"], "")
+            .replace("[daemon]", &format!("[limits]\n{limits}\n[daemon]"));
         orgs_of(&Config::parse(&text, std::path::Path::new("t.toml")).expect("test config"))
     }
 
@@ -214,6 +220,58 @@ mod tests {
             log.flush_breaches(&maps, &orgs, D, next + 2 * BREACH_LOG_EVERY),
             []
         );
+    }
+
+    #[test]
+    fn breach_and_quota_lines_name_the_org_its_limit_and_mode() {
+        let (mut maps, clock) = (FakeMaps::default(), Clock::new(0));
+        let orgs = orgs_with("concurrent_connections = 2\nconcurrency_mode = \"reject\"");
+        maps.write_day(
+            1,
+            limiter_common::DayCounters {
+                concurrency_breaches: 4,
+                ..limiter_common::DayCounters::for_day(D)
+            },
+        )
+        .expect("fake write");
+        let mut log = EventLog::new(Instant::now());
+        let ((), lines) = logged(|| {
+            log.record(&breach(1), &orgs, &clock);
+            log.record(&breach(1), &orgs, &clock);
+            log.flush_breaches(&maps, &orgs, D, Instant::now());
+        });
+        let line = events(&lines, "concurrency_breach");
+        assert_eq!(line.len(), 1);
+        let fields = [
+            "org",
+            "breaches",
+            "breaches_today",
+            "concurrency_limit",
+            "mode",
+        ];
+        let got: Vec<&serde_json::Value> = fields.iter().map(|f| &line[0][*f]).collect();
+        let want = serde_json::json!(["acme", 2, 4, 2, "reject"]);
+        assert_eq!(serde_json::json!(got), want);
+        let quota = |orgs: &Orgs| {
+            let ev = Event {
+                kind: EVENT_QUOTA_EXHAUSTED,
+                org: 2,
+                value: 2500,
+                day: D,
+            };
+            let ((), lines) = logged(|| EventLog::new(Instant::now()).record(&ev, orgs, &clock));
+            lines
+        };
+        let enforced = quota(&orgs);
+        let line = events(&enforced, "quota_exhausted");
+        assert_eq!(
+            (line[0]["org"].as_str(), line[0]["daily_limit"].as_u64()),
+            (Some("initech"), Some(2500))
+        );
+        assert_eq!(line[0]["day"], clock.date(D));
+        assert!(line[0].get("mode").is_none());
+        let dry = quota(&orgs_with("quota_mode = \"dry-run\""));
+        assert_eq!(events(&dry, "quota_exhausted")[0]["mode"], "dry-run");
     }
 
     #[test]

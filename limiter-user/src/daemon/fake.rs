@@ -272,3 +272,42 @@ pub fn orgs_of(cfg: &crate::config::Config) -> super::Orgs {
     let limits = crate::orgs::OrgLimitTable::new(cfg, &ids);
     super::Orgs { ids, limits }
 }
+
+/// Runs `f` and returns the log lines it wrote, as the JSON objects `daemon.log_format = "json"`
+/// prints.
+pub fn logged<T>(f: impl FnOnce() -> T) -> (T, Vec<serde_json::Value>) {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut out) = self.0.lock() {
+                out.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = lines.0.lock().map(|b| b.clone()).unwrap_or_default();
+    let parsed = String::from_utf8_lossy(&text)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
+    (out, parsed)
+}
+
+/// The lines of `event` among `lines`.
+pub fn events<'a>(lines: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+    lines.iter().filter(|l| l["event"] == event).collect()
+}

@@ -6,7 +6,7 @@ use limiter_common::day_index;
 
 use super::{
     Daemon, KernelMaps, Plan,
-    fake::{FakeMaps, config_text},
+    fake::{FakeMaps, config_text, events, logged},
 };
 use crate::{
     clock::Clock, config::Config, control::Response, counters::Applied, orgs::OrgIds,
@@ -191,9 +191,19 @@ fn a_reload_applies_the_differences() {
         "name = \"acme\"\ncidrs = [\"10.0.0.0/24\"]",
         "name = \"acme\"\ncidrs = [\"10.0.0.0/24\"]\ndaily_requests = 9",
     ));
-    let summary = w.daemon.reload().expect("reload");
+    let (summary, lines) = logged(|| w.daemon.reload());
     let want = serde_json::json!({"added": ["newco"], "removed": ["initech"], "changed": ["acme"]});
-    assert_eq!(summary, want);
+    assert_eq!(summary.ok(), Some(want));
+    // The removed org's counts of today end with it; the reload line lists what changed.
+    let removed = events(&lines, "org_removed");
+    assert_eq!(removed.len(), 1);
+    assert_eq!(
+        (removed[0]["org"].as_str(), removed[0]["requests"].as_u64()),
+        (Some("initech"), Some(3))
+    );
+    let reload = events(&lines, "reload");
+    assert_eq!(reload.len(), 1);
+    assert_eq!(reload[0]["limits_written"], 2);
     let ids = &w.daemon.orgs.ids;
     assert_eq!(ids.id("acme"), acme, "an org that stays keeps its id");
     let newco = ids.id("newco").expect("newco has an id");
