@@ -95,7 +95,7 @@ impl<M: KernelMaps> Daemon<M> {
     }
 
     /// Applies `new_cfg` (read from the config file) in place of the config in force.
-    pub(super) fn reload_with(&mut self, new_cfg: Config) -> anyhow::Result<serde_json::Value> {
+    fn reload_with(&mut self, new_cfg: Config) -> anyhow::Result<serde_json::Value> {
         let path = self.config_path.display().to_string();
         refuse_restart_only(&self.config_path, &self.settings, &new_cfg)?;
         let capacity = self.maps.cidr_capacity();

@@ -32,7 +32,7 @@ pub async fn run(config_path: &Path, cfg: Config, parse_ms: u64) -> anyhow::Resu
 }
 
 /// What the loop waits on besides the clock.
-struct Inputs {
+struct Sources {
     requests: mpsc::Receiver<Pending>,
     events: AsyncFd<RingBuf<MapData>>,
     term: Signal,
@@ -120,7 +120,7 @@ impl Daemon<Kernel> {
         // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd holds it.
         let events = unsafe { AsyncFd::register(ring) }
             .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
-        let inputs = Inputs {
+        let sources = Sources {
             requests,
             events,
             term: signal(SignalKind::terminate())?,
@@ -133,7 +133,7 @@ impl Daemon<Kernel> {
         if let Err(e) = notify::send("READY=1") {
             warn!(event = "fault", error = %e, "telling systemd the daemon is ready failed");
         }
-        self.serve(inputs).await;
+        self.serve(sources).await;
         let _ = notify::send("STOPPING=1");
         server.abort();
         self.stop()
@@ -170,9 +170,9 @@ impl Daemon<Kernel> {
     }
 
     /// The loop, until a signal or a shutdown request ends it.
-    async fn serve(&mut self, mut inputs: Inputs) {
+    async fn serve(&mut self, mut sources: Sources) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let (batches, mut answers, sync_every) = match inputs.sync.take() {
+        let (batches, mut answers, sync_every) = match sources.sync.take() {
             Some(s) => (Some(s.batches), Some(s.answers), s.every),
             None => (None, None, Duration::from_secs(1)),
         };
@@ -187,14 +187,14 @@ impl Daemon<Kernel> {
                 Some(answer) = async { match answers.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
                     self.cluster_answer(answer);
                 }
-                _ = inputs.term.recv() => break,
-                _ = inputs.int.recv() => break,
-                _ = inputs.hup.recv() => {
+                _ = sources.term.recv() => break,
+                _ = sources.int.recv() => break,
+                _ = sources.hup.recv() => {
                     if let Err(e) = self.reload() {
                         error!(event = "reload_failed", error = %e, "config reload failed; the old config stays in force");
                     }
                 }
-                Some(p) = inputs.requests.recv() => {
+                Some(p) = sources.requests.recv() => {
                     let stop = matches!(p.request, Request::Shutdown { .. });
                     let resp = self.handle(p.request);
                     let _ = p.reply.send(resp);
@@ -203,7 +203,7 @@ impl Daemon<Kernel> {
                         break;
                     }
                 }
-                guard = inputs.events.readable_mut() => {
+                guard = sources.events.readable_mut() => {
                     match guard {
                         Ok(mut guard) => {
                             self.drain_events(guard.get_inner_mut());
