@@ -7,8 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::Clock,
-    counters::{self, CountersError},
-    loader::Kernel,
+    daemon::KernelMaps,
     orgs::{OrgIds, OrgLimitTable},
     snapshot::DaySnapshot,
     sync::Platform,
@@ -85,16 +84,30 @@ impl OrgReport {
     }
 }
 
+/// What a report of one day is read from.
+pub struct Inputs<'a, M> {
+    pub maps: &'a M,
+    pub ids: &'a OrgIds,
+    pub limits: &'a OrgLimitTable,
+    pub clock: &'a Clock,
+    pub day: u64,
+    /// One org only (None: all).
+    pub only: Option<&'a str>,
+    /// The other hosts' counts of `day`, in a cluster.
+    pub platform: Option<&'a Platform>,
+}
+
 /// Reads the counters of `day` for every configured org (or only `only`), in id order.
-pub fn build(
-    kernel: &Kernel,
-    ids: &OrgIds,
-    limits: &OrgLimitTable,
-    clock: &Clock,
-    day: u64,
-    only: Option<&str>,
-    platform: Option<&Platform>,
-) -> Result<Report, CountersError> {
+pub fn build<M: KernelMaps>(inputs: &Inputs<'_, M>) -> Result<Report, M::Error> {
+    let Inputs {
+        maps,
+        ids,
+        limits,
+        clock,
+        day,
+        only,
+        platform,
+    } = *inputs;
     let mut orgs = Vec::new();
     let mut push = |id: u32, name: &str, d: DayCounters, conns: i64| {
         let l = limits.get(id);
@@ -110,7 +123,7 @@ pub fn build(
     };
     // All orgs: a few batch reads; one org: two lookups.
     match only {
-        None => counters::each_usage(kernel, ids.max_id(), day, |id, d, conns| {
+        None => maps.each_usage(ids.max_id(), day, &mut |id, d, conns| {
             if id != UNMAPPED_ORG
                 && let Some(name) = ids.name(id)
             {
@@ -119,12 +132,12 @@ pub fn build(
         })?,
         Some(name) => {
             if let Some(id) = ids.id(name) {
-                let (d, conns) = counters::usage(kernel, id, day)?;
+                let (d, conns) = maps.usage(id, day)?;
                 push(id, name, d, conns);
             }
         }
     }
-    let (u, conns) = counters::usage(kernel, UNMAPPED_ORG, day)?;
+    let (u, conns) = maps.usage(UNMAPPED_ORG, day)?;
     Ok(Report {
         day: clock.date(day),
         resets_in_seconds: if day == clock.today() {

@@ -1,0 +1,185 @@
+//! A config turned into what the kernel needs, once: the org table the daemon keeps and the map
+//! contents it writes. After the apply only the settings and the org table remain; the org list
+//! and the map contents (most of a million-org daemon's memory) are dropped.
+
+use limiter_common::UNMAPPED_ORG;
+use tracing::error;
+
+use super::maps::KernelMaps;
+use crate::{
+    clock::Clock,
+    config::{Api, Cluster, ConcurrencyMode, Config, Daemon, Limits},
+    counters::{Applied, ApplyStats, CountersError},
+    orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
+};
+
+/// The config in force without its org list: what the orgs need at runtime is in [`Orgs`], and
+/// their addresses are in the kernel's maps only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub api: Api,
+    pub limits: Limits,
+    pub daemon: Daemon,
+    pub cluster: Option<Cluster>,
+}
+
+impl Settings {
+    /// `cfg` without its orgs.
+    pub fn of(cfg: Config) -> Self {
+        let Config {
+            api,
+            limits,
+            daemon,
+            cluster,
+            orgs: _,
+        } = cfg;
+        Settings {
+            api,
+            limits,
+            daemon,
+            cluster,
+        }
+    }
+}
+
+/// The orgs in force: their kernel ids and their limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Orgs {
+    pub ids: OrgIds,
+    pub limits: OrgLimitTable,
+}
+
+impl Orgs {
+    /// Org `id`'s name (`unmapped` for id 0), `?` for an id of no org.
+    pub fn name(&self, id: u32) -> &str {
+        self.ids.name(id).unwrap_or("?")
+    }
+
+    /// `(id, name)` of one org, or of unmapped traffic and every org when `org` is None; None
+    /// when no org has that name.
+    pub fn targets(&self, org: Option<&str>) -> Option<Vec<(u32, String)>> {
+        match org {
+            Some(name) => Some(vec![(self.ids.id(name)?, name.to_string())]),
+            None => Some(
+                std::iter::once((UNMAPPED_ORG, UNMAPPED_NAME.to_string()))
+                    .chain(self.ids.iter().map(|(id, n)| (id, n.to_string())))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// What a config asks of the kernel, built once and handed down.
+pub struct Plan {
+    pub settings: Settings,
+    pub orgs: Orgs,
+    /// The map contents the config asks for.
+    desired: Applied,
+    /// How many orgs the config lists.
+    pub org_count: usize,
+    /// Some org (or the default) delays connections over the limit, but no interface carries the
+    /// SYN gate that does it.
+    pub delay_without_gate: bool,
+}
+
+impl Plan {
+    /// The plan of `cfg` with org ids `ids` (those of the config's orgs).
+    pub fn new(cfg: Config, ids: OrgIds, clock: &Clock) -> Result<Self, CountersError> {
+        let desired = Applied::desired(&cfg, &ids, clock)?;
+        Ok(Self::with_desired(cfg, ids, desired))
+    }
+
+    /// [`Plan::new`] with the map contents already built (a first start builds them while the
+    /// kernel loads).
+    pub fn with_desired(cfg: Config, ids: OrgIds, desired: Applied) -> Self {
+        let limits = OrgLimitTable::new(&cfg, &ids);
+        let delay = |m: Option<ConcurrencyMode>| m == Some(ConcurrencyMode::Delay);
+        let delay_without_gate = cfg.api.interfaces.is_empty()
+            && (delay(Some(cfg.limits.concurrency_mode))
+                || cfg.orgs.iter().any(|o| delay(o.concurrency_mode)));
+        Plan {
+            org_count: cfg.orgs.len(),
+            delay_without_gate,
+            settings: Settings::of(cfg),
+            orgs: Orgs { ids, limits },
+            desired,
+        }
+    }
+
+    /// What the daemon keeps once the plan is applied: the map contents are dropped.
+    pub fn into_parts(self) -> (Settings, Orgs) {
+        (self.settings, self.orgs)
+    }
+
+    /// How many address entries the plan writes.
+    pub fn cidr_count(&self) -> usize {
+        self.desired.cidrs.len()
+    }
+
+    /// Brings the maps from `old` (what they hold) to this plan.
+    pub fn apply<M: KernelMaps>(
+        &self,
+        maps: &mut M,
+        old: &Applied,
+    ) -> Result<ApplyStats, M::Error> {
+        maps.apply(old, &self.desired)
+    }
+
+    /// [`Plan::apply`], and when a map write fails midway, `old` is put back so the kernel and
+    /// the daemon agree again (a failure of that is logged; the first error is returned).
+    pub fn apply_or_roll_back<M: KernelMaps>(
+        &self,
+        maps: &mut M,
+        old: &Applied,
+    ) -> Result<ApplyStats, M::Error> {
+        self.apply(maps, old).inspect_err(|_| {
+            let rolled_back = maps
+                .read_applied()
+                .and_then(|actual| maps.apply(&actual, old));
+            if let Err(r) = rolled_back {
+                error!(event = "fault", error = %r, "rolling back a failed reload failed");
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::daemon::fake::config_text;
+
+    fn plan_of(extra: &str, org_line: &str) -> Plan {
+        let text = config_text(Path::new("/tmp"), &["acme", "initech"], extra).replace(
+            "name = \"initech\"",
+            &format!("name = \"initech\"\n{org_line}"),
+        );
+        let cfg = Config::parse(&text, Path::new("t.toml")).expect("test config");
+        let ids = OrgIds::assign(cfg.orgs.iter().map(|o| o.name.as_str()), None, 64)
+            .expect("distinct names");
+        Plan::new(cfg, ids, &Clock::new(0)).expect("plan")
+    }
+
+    #[test]
+    fn a_plan_holds_the_org_table_and_the_map_contents() {
+        let plan = plan_of("", "daily_requests = 7");
+        assert_eq!((plan.org_count, plan.cidr_count()), (2, 2));
+        let initech = plan.orgs.ids.id("initech").expect("an id");
+        assert_eq!(plan.orgs.limits.get(initech).daily_requests, 7);
+        assert_eq!(plan.orgs.name(initech), "initech");
+        assert_eq!(plan.orgs.name(UNMAPPED_ORG), UNMAPPED_NAME);
+        assert_eq!(plan.orgs.targets(Some("nobody")), None);
+        let all = plan.orgs.targets(None).expect("all orgs");
+        let names: Vec<&str> = all.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, [UNMAPPED_NAME, "acme", "initech"]);
+    }
+
+    #[test]
+    fn delay_without_the_syn_gate_is_noticed() {
+        let delay = "concurrency_mode = \"delay\"";
+        assert!(plan_of("", delay).delay_without_gate);
+        assert!(!plan_of("", "").delay_without_gate);
+        assert!(!plan_of("interfaces = [\"eth0\"]", delay).delay_without_gate);
+    }
+}

@@ -1,0 +1,230 @@
+//! The control handlers and the reload, on a daemon whose kernel maps are the in-memory fake.
+
+use std::path::PathBuf;
+
+use limiter_common::day_index;
+
+use super::{
+    Daemon, KernelMaps, Plan,
+    fake::{FakeMaps, config_text, events, logged},
+};
+use crate::{
+    clock::Clock, config::Config, control::Response, counters::Applied, orgs::OrgIds,
+    report::Report,
+};
+
+const D: u64 = 20_000;
+
+struct World {
+    dir: tempfile::TempDir,
+    daemon: Daemon<FakeMaps>,
+}
+
+impl World {
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("limiter.toml")
+    }
+
+    /// Writes `text` as the config file.
+    fn write(&self, text: &str) {
+        std::fs::write(self.path(), text).expect("writing the config");
+    }
+
+    fn requests(&self, id: u32) -> u64 {
+        self.daemon
+            .maps
+            .usage(id, D)
+            .map(|(d, _)| d.requests)
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// A daemon with `orgs` applied to fresh fake maps, `D` in force.
+fn world(orgs: &[&str]) -> World {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("limiter.toml");
+    std::fs::write(&path, config_text(dir.path(), orgs, "")).expect("writing the config");
+    let cfg = Config::load(&path).expect("test config");
+    let clock = Clock::new(0);
+    let names = cfg.orgs.iter().map(|o| o.name.as_str());
+    let ids = OrgIds::assign(names, None, 64).expect("distinct names");
+    let plan = Plan::new(cfg, ids, &clock).expect("plan");
+    let mut maps = FakeMaps::default();
+    plan.apply(&mut maps, &Applied::default()).expect("apply");
+    let (settings, orgs) = plan.into_parts();
+    let daemon = Daemon::new(&path, settings, orgs, clock, maps, D);
+    World { dir, daemon }
+}
+
+fn error_of(r: &Response) -> &str {
+    assert!(!r.ok, "expected an error, got {:?}", r.data);
+    r.error.as_deref().unwrap_or_default()
+}
+
+#[test]
+fn a_report_reads_the_day_in_force_of_one_org_or_all() {
+    let mut w = world(&["acme", "initech"]);
+    w.daemon.maps.count(1, D, 7);
+    w.daemon.maps.count(2, D, 1);
+    let r: Report = w
+        .daemon
+        .report(Some("acme"), None)
+        .parse()
+        .expect("a report");
+    assert_eq!(r.day, w.daemon.clock.date(D));
+    let got: Vec<(&str, u64, u64)> = r
+        .orgs
+        .iter()
+        .map(|o| (o.org.as_str(), o.requests, o.remaining))
+        .collect();
+    assert_eq!(got, [("acme", 7, r.orgs[0].daily_limit - 7)]);
+    let all: Report = w.daemon.report(None, None).parse().expect("a report");
+    assert_eq!(all.orgs.len(), 2);
+    let unknown = w.daemon.report(Some("nobody"), None);
+    assert!(error_of(&unknown).starts_with("no org named \"nobody\" in "));
+}
+
+#[test]
+fn a_past_day_is_reported_from_its_snapshot_or_not_at_all() {
+    let w = world(&["acme"]);
+    let long_ago = w.daemon.clock.date(D - 5);
+    let r = w.daemon.report(None, Some(&long_ago));
+    assert_eq!(error_of(&r), format!("no counts kept for {long_ago}"));
+    let mut w = world(&["acme"]);
+    w.daemon.maps.count(1, D, 4);
+    let (maps, ids, clock) = (&w.daemon.maps, &w.daemon.orgs.ids, &w.daemon.clock);
+    w.daemon.days.write_snapshot(maps, ids, clock, D);
+    // Three days on, the kernel no longer holds D: the report comes from its snapshot.
+    let date = w.daemon.clock.date(D);
+    w.daemon.days = super::days::Days::new(w.dir.path().join("state").as_path(), D + 3);
+    let r: Report = w
+        .daemon
+        .report(None, Some(&date))
+        .parse()
+        .expect("a report");
+    assert_eq!((r.day.as_str(), r.orgs[0].requests), (date.as_str(), 4));
+}
+
+#[test]
+fn a_reset_clears_one_org_or_every_org_and_unmapped() {
+    let mut w = world(&["acme", "initech"]);
+    w.daemon.maps.count(1, D, 7);
+    w.daemon.maps.count(2, D, 3);
+    w.daemon.maps.count(0, D, 2);
+    let r = w.daemon.reset(Some("acme"), D);
+    assert_eq!(
+        r.parse::<serde_json::Value>().ok(),
+        Some(serde_json::json!({"reset": ["acme"]}))
+    );
+    assert_eq!((w.requests(1), w.requests(2)), (0, 3));
+    let r = w.daemon.reset(None, D);
+    let want = serde_json::json!({"reset": ["unmapped", "acme", "initech"]});
+    assert_eq!(r.parse::<serde_json::Value>().ok(), Some(want));
+    assert_eq!((w.requests(0), w.requests(2)), (0, 0));
+    assert_eq!(
+        error_of(&w.daemon.reset(Some("nobody"), D)),
+        "no org named \"nobody\""
+    );
+}
+
+/// What a reload must leave alone when it fails.
+fn in_force(d: &Daemon<FakeMaps>) -> (super::Settings, super::Orgs, Applied) {
+    (d.settings.clone(), d.orgs.clone(), d.maps.applied.clone())
+}
+
+#[test]
+fn a_reload_that_fails_keeps_the_old_config() {
+    let mut w = world(&["acme"]);
+    let before = in_force(&w.daemon);
+    // A file that does not parse.
+    w.write("[api]\nports = [8080\n");
+    let e = w.daemon.reload().expect_err("a broken file");
+    assert!(e.to_string().contains("limiter.toml:"), "{e}");
+    assert!(in_force(&w.daemon) == before);
+    // A map write failing midway: the maps are put back as they were.
+    w.write(&config_text(
+        w.dir.path(),
+        &["acme", "initech", "newco"],
+        "",
+    ));
+    w.daemon.maps.fail_apply = true;
+    let e = w.daemon.reload().expect_err("the apply fails");
+    assert!(
+        e.to_string().contains("applying the new config failed"),
+        "{e}"
+    );
+    assert!(in_force(&w.daemon) == before);
+    // More addresses than the kernel's table holds.
+    w.daemon.maps.cidr_capacity = 2;
+    let e = w.daemon.reload().expect_err("too many CIDRs");
+    assert!(e.to_string().contains("3 CIDRs do not fit"), "{e}");
+    assert!(in_force(&w.daemon) == before);
+}
+
+#[test]
+fn a_reload_refuses_restart_only_changes_and_names_them_all() {
+    let mut w = world(&["acme"]);
+    let before = in_force(&w.daemon);
+    let extra = "interfaces = [\"eth0\"]\nnetns = \"/run/netns/api\"";
+    w.write(&config_text(w.dir.path(), &["acme", "initech"], extra));
+    let e = w
+        .daemon
+        .reload()
+        .expect_err("restart-only changes")
+        .to_string();
+    // The position is the first changed key's (line 4 of the file).
+    assert!(e.starts_with(&format!("{}:4:", w.path().display())), "{e}");
+    assert!(
+        e.contains(": api.interfaces: changed: takes effect on a restart"),
+        "{e}"
+    );
+    assert!(e.ends_with("(also changed: api.netns)"), "{e}");
+    assert!(in_force(&w.daemon) == before);
+}
+
+#[test]
+fn a_reload_applies_the_differences() {
+    let mut w = world(&["acme", "initech"]);
+    w.daemon.maps.count(2, D, 3);
+    let acme = w.daemon.orgs.ids.id("acme");
+    w.write(&config_text(w.dir.path(), &["acme", "newco"], "").replace(
+        "name = \"acme\"\ncidrs = [\"10.0.0.0/24\"]",
+        "name = \"acme\"\ncidrs = [\"10.0.0.0/24\"]\ndaily_requests = 9",
+    ));
+    let (summary, lines) = logged(|| w.daemon.reload());
+    let want = serde_json::json!({"added": ["newco"], "removed": ["initech"], "changed": ["acme"]});
+    assert_eq!(summary.ok(), Some(want));
+    // The removed org's counts of today end with it; the reload line lists what changed.
+    let removed = events(&lines, "org_removed");
+    assert_eq!(removed.len(), 1);
+    assert_eq!(
+        (removed[0]["org"].as_str(), removed[0]["requests"].as_u64()),
+        (Some("initech"), Some(3))
+    );
+    let reload = events(&lines, "reload");
+    assert_eq!(reload.len(), 1);
+    assert_eq!(reload[0]["limits_written"], 2);
+    let ids = &w.daemon.orgs.ids;
+    assert_eq!(ids.id("acme"), acme, "an org that stays keeps its id");
+    let newco = ids.id("newco").expect("newco has an id");
+    assert_ne!(
+        newco, 2,
+        "a new org does not take a removed org's id while others are free"
+    );
+    assert_eq!(
+        w.daemon.orgs.limits.get(acme.unwrap_or(0)).daily_requests,
+        9
+    );
+    let mut written: Vec<u32> = w
+        .daemon
+        .maps
+        .applied
+        .limits
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    written.sort_unstable();
+    assert_eq!(written, [1, newco]);
+    // The new org's slots start empty.
+    assert_eq!(w.daemon.maps.slot(day_index(newco, D)).requests, 0);
+}
