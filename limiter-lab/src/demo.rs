@@ -1,6 +1,6 @@
-//! `limiter-lab demo` (what `limiter demo` runs): a private world, a real API server, the real daemon and kernel
-//! programs, traffic from several simulated orgs, a live usage table, and a final check of the
-//! report against what the API server itself saw.
+//! `limiter-lab demo` (what `limiter demo` runs): a private world, a real API server, the real
+//! daemon and kernel programs, traffic from several simulated orgs, a live usage table, and a
+//! final check of the report against what the API server itself saw.
 
 use std::{
     io::{BufRead, BufReader},

@@ -1,5 +1,5 @@
-//! The testbed: a private world for the demo, the bench and the integration tests, plus the test HTTP
-//! server, clients and push sender that drive real traffic through it.
+//! The testbed: a private world for the demo, the bench and the integration tests, plus the test
+//! HTTP server, clients and push sender that drive real traffic through it.
 //!
 //! A [`Testbed`] owns two network namespaces (`lt-<id>-s`, the API host, and `lt-<id>-c`, the
 //! customers) joined by one veth pair, a cgroup v2 (`<cgroup2>/limiter-tb-<id>`, the one the
