@@ -1,7 +1,11 @@
 //! Harness of the integration tests: a [`World`] is a private testbed (namespaces, cgroup, bpffs)
-//! with the test API server running in it and, once started, a real `limiter run` daemon whose
-//! programs are attached to the testbed's cgroup. Dropping it stops the daemon and removes
-//! everything, also when the test fails.
+//! with the test API server (`limiter-lab testbed serve`) running in it and, once started, a real
+//! `limiter run` daemon whose programs are attached to the testbed's cgroup. Dropping it stops the
+//! daemon and removes everything, also when the test fails.
+//!
+//! The `limiter` binary must have the test hooks: `cargo build --all-targets` and `cargo test`
+//! build it so (this crate's dev-dependency turns on `limiter-user/test-hooks`), as
+//! `cargo xtask test` does; a plain `cargo build` does not.
 
 use std::{
     future::Future,
@@ -12,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use limiter_user::testbed::{self, AccessEntry, ServeArgs, Testbed, TestbedOptions};
+use limiter_lab::testbed::{self, AccessEntry, ServeArgs, Testbed, TestbedOptions};
 use serde_json::Value;
 
 /// The API port of every world.
@@ -24,7 +28,10 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 pub struct World {
     pub tb: Testbed,
+    /// The product binary `limiter` (daemon and CLI).
     pub exe: PathBuf,
+    /// The lab binary `limiter-lab` (test server and push sender).
+    pub lab: PathBuf,
     pub config: PathBuf,
     pub server_log: PathBuf,
     daemon_log: PathBuf,
@@ -49,7 +56,7 @@ impl World {
     /// A testbed with `v4`/`v6` extra client addresses and the API server listening on
     /// `[::]:8080` (dual-stack, so IPv4 clients arrive IPv4-mapped) in the server netns and cgroup.
     pub fn new(name: &str, v4: usize, v6: usize) -> Result<World> {
-        let (tb, exe) = testbed_for(name, v4, v6)?;
+        let (tb, exe, lab) = testbed_for(name, v4, v6)?;
         let server_log = tb.dir().join("access.log");
         let args = ServeArgs {
             listen: vec![SocketAddr::from((
@@ -59,18 +66,19 @@ impl World {
             log: server_log.clone(),
             body_bytes: 0,
         };
-        tb.spawn_in_server(testbed::serve_command(&exe, &args))?;
-        World::serving(tb, exe, server_log)
+        tb.spawn_in_server(testbed::serve_command(&lab, &args))?;
+        World::serving(tb, exe, lab, server_log)
     }
 
     /// Waits for the API server to listen, then wraps the testbed.
-    fn serving(tb: Testbed, exe: PathBuf, server_log: PathBuf) -> Result<World> {
+    fn serving(tb: Testbed, exe: PathBuf, lab: PathBuf, server_log: PathBuf) -> Result<World> {
         tb.wait_listening(testbed::Side::Server, API_PORT, Duration::from_secs(10))?;
         Ok(World {
             config: tb.dir().join("limiter.toml"),
             daemon_log: tb.dir().join("daemon.log"),
             tb,
             exe,
+            lab,
             server_log,
             daemon: None,
             daemon_extra: String::new(),
@@ -81,7 +89,7 @@ impl World {
     /// A testbed like [`World::new`] whose API server is Debian's nginx (epoll, one worker)
     /// answering `200 ok` on port 8080, IPv4 and IPv6, with its access log at `server_log`.
     pub fn with_nginx(name: &str, v4: usize, v6: usize) -> Result<World> {
-        let (tb, exe) = testbed_for(name, v4, v6)?;
+        let (tb, exe, lab) = testbed_for(name, v4, v6)?;
         let dir = tb.dir().to_path_buf();
         let server_log = dir.join("nginx-access.log");
         let conf = dir.join("nginx.conf");
@@ -106,7 +114,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         tb.spawn_in_server(cmd)?;
-        World::serving(tb, exe, server_log)
+        World::serving(tb, exe, lab, server_log)
     }
 
     /// Lines of nginx's access log (`client method uri length`).
@@ -325,16 +333,38 @@ impl Drop for World {
     }
 }
 
-/// A fresh testbed (stale ones of crashed runs removed first) and the `limiter` binary.
-fn testbed_for(name: &str, v4: usize, v6: usize) -> Result<(Testbed, PathBuf)> {
+/// A fresh testbed (stale ones of crashed runs removed first), the `limiter` binary (checked for
+/// the test hooks) and the `limiter-lab` binary.
+fn testbed_for(name: &str, v4: usize, v6: usize) -> Result<(Testbed, PathBuf, PathBuf)> {
     require_root();
+    let exe = hooked_limiter()?;
+    let lab = testbed::lab_exe()?;
     let _ = testbed::cleanup_stale();
     let tb = Testbed::new(TestbedOptions {
         name: name.to_string(),
         clients_v4: v4,
         clients_v6: v6,
     })?;
-    Ok((tb, testbed::limiter_exe()?))
+    Ok((tb, exe, lab))
+}
+
+/// The `limiter` binary, once it is known to have the test hooks (its hidden `debug` command):
+/// without them the tests that need a hook would fail far from the cause.
+pub fn hooked_limiter() -> Result<PathBuf> {
+    let exe = testbed::limiter_exe()?;
+    let out = Command::new(&exe)
+        .args(["debug", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} was built without the test hooks: build it with `cargo build --all-targets` \
+             (or `cargo build -p limiter-user --features test-hooks`), as `cargo xtask test` does",
+            exe.display()
+        );
+    }
+    Ok(exe)
 }
 
 /// `[[orgs]]` table text.

@@ -13,10 +13,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use integration_tests::{World, cidr, gets, n, org_toml};
-use limiter_user::{
-    control::{self, Request},
-    testbed::http_requests,
-};
+use limiter_lab::testbed::http_requests;
+use limiter_user::control::{self, Request};
 
 fn statuses(w: &World, src: IpAddr, count: usize) -> Result<Vec<u16>> {
     let api = w.api4();
@@ -300,7 +298,7 @@ fn metrics_connections_are_bounded() -> Result<()> {
 /// Without a daemon, a bad `--day` is refused before anything is asked.
 #[test]
 fn report_day_is_checked_by_the_cli() -> Result<()> {
-    let out = Command::new(limiter_user::testbed::limiter_exe()?)
+    let out = Command::new(limiter_lab::testbed::limiter_exe()?)
         .args([
             "report",
             "--day",
