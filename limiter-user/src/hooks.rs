@@ -20,7 +20,9 @@ pub fn value<T: std::str::FromStr>(name: &str) -> Option<T> {
 }
 
 /// When the hook variable `name` names a file: creates it and waits until the test removes it
-/// (at most a minute), so that a test can act at this exact point of the daemon's work.
+/// (at most a minute), so that a test can act at this exact point of the daemon's work. While
+/// the file's directory does not exist the hook does nothing: a test arms it by creating the
+/// directory.
 pub fn pause(name: &str) {
     let Some(path) = value::<std::path::PathBuf>(name) else {
         return;
