@@ -74,6 +74,10 @@ pub struct Daemon {
     unmapped_seen: (u64, u64, u64),
     unmapped_logged: Instant,
     snapshot_taken: Instant,
+    /// Snapshot writes that failed since the start (`limiter_faults{fault="snapshot_write"}`),
+    /// and whether the last one did.
+    snapshot_failures: u64,
+    snapshot_failing: bool,
     /// Remove the pins on exit (`limiter unload`).
     unload: bool,
     /// The other hosts' counts, from the last successful cluster sync.
@@ -307,6 +311,8 @@ impl Daemon {
             unmapped_seen: (0, 0, 0),
             unmapped_logged: Instant::now(),
             snapshot_taken: Instant::now(),
+            snapshot_failures: 0,
+            snapshot_failing: false,
             unload: false,
             platform: None,
             cluster_down: None,
@@ -452,10 +458,24 @@ impl Daemon {
 
     fn write_snapshot(&mut self, day: u64) {
         self.snapshot_taken = Instant::now();
-        if let Some(snap) = self.snapshot(day)
-            && let Err(e) = snapshot::write(&self.cfg.daemon.state_dir, &snap)
-        {
-            error!(event = "fault", error = %e, "writing the day snapshot failed; counts stay in the kernel");
+        let written = self
+            .snapshot(day)
+            .map(|snap| snapshot::write(&self.cfg.daemon.state_dir, &snap));
+        match written {
+            Some(Err(e)) => {
+                self.snapshot_failures += 1;
+                self.snapshot_failing = true;
+                error!(event = "fault", fault = "snapshot_write", total = self.snapshot_failures, error = %e, "writing the day snapshot failed; counts stay in the kernel");
+            }
+            Some(Ok(_)) if self.snapshot_failing => {
+                self.snapshot_failing = false;
+                info!(
+                    event = "snapshot",
+                    failures = self.snapshot_failures,
+                    "day snapshot written again"
+                );
+            }
+            _ => {}
         }
         release_freed_memory();
     }
@@ -689,7 +709,9 @@ impl Daemon {
                 None,
                 platform,
             ) {
-                m.update(&r, &counters::faults(&self.kernel));
+                let mut faults = counters::faults(&self.kernel);
+                faults.push(("snapshot_write", self.snapshot_failures));
+                m.update(&r, &faults);
             }
         }
         if self.snapshot_taken.elapsed()

@@ -113,7 +113,7 @@ impl Metrics {
         let faults = Family::<FaultLabel, Gauge>::default();
         registry.register(
             "limiter_faults",
-            "Kernel-side faults since the programs were loaded (traffic passed)",
+            "Faults: the kernel's since the programs were loaded (traffic passed), and the daemon's failed snapshot writes since it started",
             faults.clone(),
         );
         Metrics {
