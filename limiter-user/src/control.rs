@@ -152,7 +152,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Longest request line accepted from the CLI.
-const MAX_REQUEST: u64 = 64 * 1024;
+pub const MAX_REQUEST: u64 = 64 * 1024;
 /// A CLI connection that sends no complete request in this time is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
