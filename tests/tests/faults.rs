@@ -332,8 +332,8 @@ fn kill_mid_reload(
         hook.wait_held()?;
         // The daemon is stopped mid-apply; the kernel keeps answering and counting.
         during(wr)?;
-        // SAFETY: SIGKILL to our own child daemon.
         let pid = wr.daemon_pid().context("no daemon")?;
+        // SAFETY: SIGKILL to our own child daemon, not yet reaped.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         cli.join()
             .map_err(|_| anyhow::anyhow!("the reload thread panicked"))?
