@@ -342,6 +342,8 @@ pub fn apply(
                 .map_err(map_err(format!("address table entry for org id {id}")))?;
         }
     }
+    // Test hook: the new limits and addresses are in, the removals and CONFIG not yet.
+    crate::hooks::pause("LIMITER_TEST_PAUSE_MID_APPLY");
     for &((len, addr), _) in &diff.removed_cidrs {
         let removed = if len == HOST_PREFIX_LEN {
             kernel.org_by_host.remove(&addr)

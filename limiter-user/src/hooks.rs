@@ -39,7 +39,9 @@ pub fn value<T: std::str::FromStr>(_name: &str) -> Option<T> {
 }
 
 /// When the hook variable `name` names a file: creates it and waits until the test removes it
-/// (at most a minute), so that a test can act at this exact point of the daemon's work.
+/// (at most a minute), so that a test can act at this exact point of the daemon's work. While
+/// the file's directory does not exist the hook does nothing: a test arms it by creating the
+/// directory.
 #[cfg(feature = "test-hooks")]
 pub fn pause(name: &str) {
     let Some(path) = value::<std::path::PathBuf>(name) else {
