@@ -1,12 +1,19 @@
 //! Writing the config into the kernel maps and reading the counters back.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd as _, BorrowedFd},
+};
 
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::{
+    Pod,
+    maps::{IterableMap, MapError, lpm_trie::Key},
+};
 use limiter_common::{
     AddrKey, CONFIG_F_READY, Config as KernelConfig, DAY_SLOTS, DayCounters, FAULT_COUNT,
     FAULT_NAMES, HOST_PREFIX_LEN, ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN,
-    OrgLimits, RemoteCount, UNMAPPED_ORG, day_index, names,
+    OrgLimits, RemoteCount, UNMAPPED_ORG, day_index,
+    layout::{CONFIG, MEDIA_MATCH, MapSpec, ORG_BY_HOST, ORG_CONNS, ORG_DAYS, ORG_LIMITS},
     stream::{MEDIA_MATCH_ENTRIES, media_match_entry},
 };
 use thiserror::Error;
@@ -29,7 +36,7 @@ pub enum CountersError {
     },
     #[error("reading {what} in batches: {source}")]
     Batch {
-        what: String,
+        what: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -216,25 +223,24 @@ impl<'a> Diff<'a> {
     }
 }
 
-/// Writes `items` into the pinned map `name` in batches; false when there are few (not worth it)
-/// or the kernel refused the batch (the caller then writes them one by one — a partial batch is
-/// rewritten, which is harmless).
-fn batched<T>(
-    kernel: &Kernel,
-    name: &str,
+/// The descriptor of a map the kernel handle holds open, for the batch commands aya lacks.
+fn fd<K: Pod, V>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
+    map.map().fd().as_fd()
+}
+
+/// Writes `items` into `map` in batches; false when there are few (not worth it) or the kernel
+/// refused the batch (the caller then writes them one by one — a partial batch is rewritten,
+/// which is harmless).
+fn batched<T, K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
     items: &[T],
-    encode: impl Fn(&T, &mut Vec<u8>, &mut Vec<u8>),
+    entry: impl Fn(&T) -> (K, V),
 ) -> bool {
     if items.len() < 1024 {
         return false;
     }
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    for item in items {
-        encode(item, &mut keys, &mut values);
-    }
-    crate::pins::obj_get(&kernel.pin_dir.join(name))
-        .and_then(|fd| crate::pins::update_batch(&fd, &keys, &values, items.len()))
-        .is_ok()
+    let (keys, values): (Vec<K>, Vec<V>) = items.iter().map(entry).unzip();
+    crate::bpf::update_batch(map, &keys, &values).is_ok()
 }
 
 /// What an apply changed, for the log and the reload's answer.
@@ -252,17 +258,6 @@ pub struct ApplyStats {
 /// is ever without its org in between. CONFIG (with the ready flag) is written last, with
 /// `old`'s address generation, moved on when the address table changed so the kernel
 /// re-attributes connections made under the old table.
-/// Fills MEDIA_MATCH from the config's media prefixes (before CONFIG says how many there are).
-fn write_media_match(kernel: &mut Kernel, kc: &KernelConfig) -> Result<(), CountersError> {
-    for index in 0..MEDIA_MATCH_ENTRIES {
-        kernel
-            .media_match
-            .set(index, media_match_entry(kc, index), 0)
-            .map_err(map_err("MEDIA_MATCH"))?;
-    }
-    Ok(())
-}
-
 pub fn apply(
     kernel: &mut Kernel,
     old: &Applied,
@@ -276,48 +271,33 @@ pub fn apply(
             .map_err(map_err(format!("API port {port}")))?;
     }
     let first_start = old.kernel_config.is_none();
-    let ro: &Kernel = kernel;
-    let write_limits = || {
-        batched(ro, names::ORG_LIMITS, &diff.limits, |(id, l), k, v| {
-            k.extend_from_slice(&id.to_ne_bytes());
-            v.extend_from_slice(bytemuck::bytes_of(*l));
-        })
-    };
-    let write_hosts = |hosts: &[((u32, AddrKey), u32)]| {
-        batched(ro, names::ORG_BY_HOST, hosts, |((_, addr), id), k, v| {
-            k.extend_from_slice(addr);
-            v.extend_from_slice(&id.to_ne_bytes());
-        })
-    };
-    let write_nets = || {
-        batched(
-            ro,
-            names::ORG_BY_ADDR,
-            &diff.nets,
-            |((len, addr), id), k, v| {
-                k.extend_from_slice(&len.to_ne_bytes());
-                k.extend_from_slice(addr);
-                v.extend_from_slice(&id.to_ne_bytes());
-            },
-        )
-    };
-    // A first start (the kernel ignores traffic until CONFIG is written, last) fills the three
-    // tables at once; a reload keeps limits before addresses, so no new address meets stale limits.
-    // The host table's inserts are the slowest; its buckets have their own locks, so two
-    // threads fill it.
-    let (limits_ok, hosts_ok, nets_ok) = if first_start {
-        let (first, second) = diff.hosts.split_at(diff.hosts.len() / 2);
-        std::thread::scope(|s| {
-            let first = s.spawn(|| write_hosts(first));
-            let second = s.spawn(|| write_hosts(second));
-            let nets = s.spawn(write_nets);
-            let limits = write_limits();
-            let hosts = first.join().unwrap_or(false) & second.join().unwrap_or(false);
-            (limits, hosts, nets.join().unwrap_or(false))
-        })
-    } else {
-        (write_limits(), write_hosts(&diff.hosts), write_nets())
-    };
+    write_changes(kernel, &diff, first_start)?;
+    write_removals(kernel, &diff)?;
+    for port in old.ports.difference(&new.ports) {
+        match kernel.ports.remove(port) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(format!("API port {port}"))(e)),
+        }
+    }
+    if let Some(kc) = new.kernel_config {
+        write_config(kernel, old, kc, diff.addresses_changed())?;
+    }
+    Ok(ApplyStats {
+        cidrs_written: diff.hosts.len() + diff.nets.len(),
+        cidrs_removed: diff.removed_cidrs.len(),
+        limits_written: diff.limits.len(),
+        orgs_changed: if first_start { Vec::new() } else { diff.orgs() },
+    })
+}
+
+/// Writes the new and changed limits and address entries: in batches where there are many, one
+/// by one where there are few or the kernel refused a batch.
+fn write_changes(
+    kernel: &mut Kernel,
+    diff: &Diff<'_>,
+    first_start: bool,
+) -> Result<(), CountersError> {
+    let (limits_ok, hosts_ok, nets_ok) = write_batches(kernel, diff, first_start);
     if !limits_ok {
         for (id, l) in &diff.limits {
             kernel
@@ -342,6 +322,46 @@ pub fn apply(
                 .map_err(map_err(format!("address table entry for org id {id}")))?;
         }
     }
+    Ok(())
+}
+
+/// [`write_changes`]' batches, through the descriptors the kernel handles hold: whether the
+/// limits', the host table's and the network table's went through.
+fn write_batches(kernel: &Kernel, diff: &Diff<'_>, first_start: bool) -> (bool, bool, bool) {
+    let (limits_fd, hosts_fd, nets_fd) = (
+        fd(&kernel.org_limits),
+        fd(&kernel.org_by_host),
+        fd(&kernel.org_by_addr),
+    );
+    let write_limits = || batched(limits_fd, &diff.limits, |(id, l)| (*id, **l));
+    let write_hosts =
+        |hosts: &[((u32, AddrKey), u32)]| batched(hosts_fd, hosts, |((_, addr), id)| (*addr, *id));
+    let write_nets = || {
+        batched(nets_fd, &diff.nets, |((len, addr), id)| {
+            (Key::new(*len, *addr), *id)
+        })
+    };
+    // A first start (the kernel ignores traffic until CONFIG is written, last) fills the three
+    // tables at once; a reload keeps limits before addresses, so no new address meets stale limits.
+    // The host table's inserts are the slowest; its buckets have their own locks, so two
+    // threads fill it.
+    if first_start {
+        let (first, second) = diff.hosts.split_at(diff.hosts.len() / 2);
+        std::thread::scope(|s| {
+            let first = s.spawn(|| write_hosts(first));
+            let second = s.spawn(|| write_hosts(second));
+            let nets = s.spawn(write_nets);
+            let limits = write_limits();
+            let hosts = first.join().unwrap_or(false) & second.join().unwrap_or(false);
+            (limits, hosts, nets.join().unwrap_or(false))
+        })
+    } else {
+        (write_limits(), write_hosts(&diff.hosts), write_nets())
+    }
+}
+
+/// Removes the address entries no org has any more, and the limits of orgs no longer configured.
+fn write_removals(kernel: &mut Kernel, diff: &Diff<'_>) -> Result<(), CountersError> {
     for &((len, addr), _) in &diff.removed_cidrs {
         let removed = if len == HOST_PREFIX_LEN {
             kernel.org_by_host.remove(&addr)
@@ -359,39 +379,49 @@ pub fn apply(
             .set(*id, OrgLimits::default(), 0)
             .map_err(map_err(format!("limits of removed org id {id}")))?;
     }
-    for port in old.ports.difference(&new.ports) {
-        match kernel.ports.remove(port) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(format!("API port {port}"))(e)),
-        }
+    Ok(())
+}
+
+/// Writes CONFIG (and MEDIA_MATCH before it, when the media prefixes changed), keeping `old`'s
+/// org epoch and address generation, the latter moved on when the address table changed.
+fn write_config(
+    kernel: &mut Kernel,
+    old: &Applied,
+    mut kc: KernelConfig,
+    addresses_changed: bool,
+) -> Result<(), CountersError> {
+    let prev = old.kernel_config.map_or(0, |c| c.addr_gen);
+    // The epoch of these org maps: chosen when they are first written (0: not yet), kept
+    // after.
+    kc.org_epoch = old
+        .kernel_config
+        .map(|c| c.org_epoch)
+        .filter(|e| *e != 0)
+        .unwrap_or(kernel.org_epoch);
+    kc.addr_gen = if addresses_changed {
+        prev.wrapping_add(1)
+    } else {
+        prev
+    };
+    let prefixes = |c: &KernelConfig| (c.media_prefix_count, c.media_prefix_len, c.media_prefixes);
+    if old.kernel_config.as_ref().map(prefixes) != Some(prefixes(&kc)) {
+        write_media_match(kernel, &kc)?;
     }
-    if let Some(mut kc) = new.kernel_config {
-        let prev = old.kernel_config.map_or(0, |c| c.addr_gen);
-        // The epoch of these org maps: chosen when they are first written (0: not yet), kept
-        // after.
-        kc.org_epoch = old
-            .kernel_config
-            .map(|c| c.org_epoch)
-            .filter(|e| *e != 0)
-            .unwrap_or(kernel.org_epoch);
-        kc.addr_gen = if diff.addresses_changed() {
-            prev.wrapping_add(1)
-        } else {
-            prev
-        };
-        let prefixes =
-            |c: &KernelConfig| (c.media_prefix_count, c.media_prefix_len, c.media_prefixes);
-        if old.kernel_config.as_ref().map(prefixes) != Some(prefixes(&kc)) {
-            write_media_match(kernel, &kc)?;
-        }
-        kernel.config.set(0, kc, 0).map_err(map_err("CONFIG"))?;
+    kernel
+        .config
+        .set(0, kc, 0)
+        .map_err(map_err(CONFIG::DEF.name))
+}
+
+/// Fills MEDIA_MATCH from the config's media prefixes (before CONFIG says how many there are).
+fn write_media_match(kernel: &mut Kernel, kc: &KernelConfig) -> Result<(), CountersError> {
+    for index in 0..MEDIA_MATCH_ENTRIES {
+        kernel
+            .media_match
+            .set(index, media_match_entry(kc, index), 0)
+            .map_err(map_err(MEDIA_MATCH::DEF.name))?;
     }
-    Ok(ApplyStats {
-        cidrs_written: diff.hosts.len() + diff.nets.len(),
-        cidrs_removed: diff.removed_cidrs.len(),
-        limits_written: diff.limits.len(),
-        orgs_changed: if first_start { Vec::new() } else { diff.orgs() },
-    })
+    Ok(())
 }
 
 /// One org's counters for `day` and its open connections.
@@ -416,41 +446,32 @@ fn of_day(slot: DayCounters, day: u64) -> DayCounters {
     }
 }
 
-/// Up to `max` elements of the pinned map `name`, read in batches and handed to `each` a chunk
-/// at a time as packed keys and values.
-fn read_batches(
-    kernel: &Kernel,
-    name: &str,
-    key_size: usize,
-    value_size: usize,
+/// Up to `max` elements of `map` (map `M`'s handle), read in batches and handed to `each` a
+/// chunk at a time.
+fn read_batches<M: MapSpec, K: Pod, V: Pod>(
+    map: &impl IterableMap<K, V>,
     max: usize,
-    each: impl FnMut(&[u8], &[u8]),
+    each: impl FnMut(&[K], &[V]),
 ) -> Result<(), CountersError> {
-    crate::pins::obj_get(&kernel.pin_dir.join(name))
-        .and_then(|fd| crate::pins::lookup_batch_chunks(&fd, key_size, value_size, max, each))
+    crate::bpf::lookup_batch(fd(map), max, each)
         .map(|_| ())
-        .map_err(|e| CountersError::Batch {
-            what: name.to_string(),
-            source: e,
+        .map_err(|source| CountersError::Batch {
+            what: M::DEF.name,
+            source,
         })
 }
 
-/// The first `count` values of the pinned array map `name`, decoded chunk by chunk: no second
-/// copy of a map that can be hundreds of MB.
-fn read_array<T: bytemuck::Pod>(
-    kernel: &Kernel,
-    name: &str,
+/// The first `count` values of the array map `M`, decoded chunk by chunk: no second copy of a
+/// map that can be hundreds of MB.
+fn read_array<M: MapSpec<Key = u32>>(
+    map: &impl IterableMap<u32, M::Value>,
     count: usize,
-) -> Result<Vec<T>, CountersError> {
-    let size = size_of::<T>();
+) -> Result<Vec<M::Value>, CountersError>
+where
+    M::Value: Pod,
+{
     let mut out = Vec::with_capacity(count);
-    read_batches(kernel, name, 4, size, count, |_, values| {
-        out.extend(
-            values
-                .chunks_exact(size)
-                .map(bytemuck::pod_read_unaligned::<T>),
-        );
-    })?;
+    read_batches::<M, u32, M::Value>(map, count, |_, values| out.extend_from_slice(values))?;
     Ok(out)
 }
 
@@ -477,7 +498,7 @@ pub fn each_slot_usage(
     day: u64,
     mut f: impl FnMut(u32, DayCounters, i64),
 ) -> Result<(), CountersError> {
-    let conns: Vec<i64> = read_array(kernel, names::ORG_CONNS, max_id as usize + 1)?;
+    let conns = read_array::<ORG_CONNS>(&kernel.org_conns, max_id as usize + 1)?;
     each_day_slot(kernel, max_id, day, |id, slot| {
         let open = conns.get(id as usize).copied().unwrap_or(0);
         f(id, slot, open.max(0));
@@ -519,14 +540,12 @@ fn each_day_slot(
     day: u64,
     mut f: impl FnMut(u32, DayCounters),
 ) -> Result<(), CountersError> {
-    let size = size_of::<DayCounters>();
     let count = (max_id as usize + 1) * DAY_SLOTS as usize;
-    read_batches(kernel, names::ORG_DAYS, 4, size, count, |keys, values| {
-        for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(size)) {
-            let idx: u32 = bytemuck::pod_read_unaligned(key);
+    read_batches::<ORG_DAYS, _, _>(&kernel.org_days, count, |keys, values| {
+        for (&idx, &slot) in keys.iter().zip(values) {
             let id = idx / DAY_SLOTS;
             if idx == day_index(id, day) {
-                f(id, bytemuck::pod_read_unaligned(value));
+                f(id, slot);
             }
         }
     })
@@ -654,10 +673,7 @@ pub fn prepare_day_all(
         Some(k) => DayCounters { day, ..k },
         None => DayCounters::for_day(day),
     };
-    if !batched(kernel, names::ORG_DAYS, &stale, |idx, k, v| {
-        k.extend_from_slice(&idx.to_ne_bytes());
-        v.extend_from_slice(bytemuck::bytes_of(&value_of(*idx)));
-    }) {
+    if !batched(fd(&kernel.org_days), &stale, |idx| (*idx, value_of(*idx))) {
         for idx in stale {
             kernel
                 .org_days
@@ -694,8 +710,7 @@ pub fn clear_org(kernel: &mut Kernel, id: u32) -> Result<(), CountersError> {
 
 /// The org ids and names the kernel holds (ORG_LIMITS entries marked active).
 pub fn ids_from_kernel(kernel: &Kernel) -> Result<OrgIds, CountersError> {
-    let all: Vec<OrgLimits> =
-        read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
+    let all = read_array::<ORG_LIMITS>(&kernel.org_limits, kernel.org_capacity() as usize)?;
     // A name twice (maps left inconsistent by a crash mid-write) keeps its first id; the other
     // entry is then no org's and the next apply clears it.
     let mut seen = foldhash::HashSet::default();
@@ -718,24 +733,13 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
         let (key, id) = entry.map_err(map_err("reading the address table"))?;
         out.cidrs.push(((key.prefix_len(), key.data()), id));
     }
-    let key_size = size_of::<AddrKey>();
     let max = kernel.capacity.cidrs as usize;
-    read_batches(
-        kernel,
-        names::ORG_BY_HOST,
-        key_size,
-        4,
-        max,
-        |keys, values| {
-            for (key, value) in keys.chunks_exact(key_size).zip(values.chunks_exact(4)) {
-                let addr: AddrKey = bytemuck::pod_read_unaligned(key);
-                out.cidrs
-                    .push(((HOST_PREFIX_LEN, addr), bytemuck::pod_read_unaligned(value)));
-            }
-        },
-    )?;
-    let all: Vec<OrgLimits> =
-        read_array(kernel, names::ORG_LIMITS, kernel.org_capacity() as usize)?;
+    read_batches::<ORG_BY_HOST, _, _>(&kernel.org_by_host, max, |keys, values| {
+        for (&addr, &id) in keys.iter().zip(values) {
+            out.cidrs.push(((HOST_PREFIX_LEN, addr), id));
+        }
+    })?;
+    let all = read_array::<ORG_LIMITS>(&kernel.org_limits, kernel.org_capacity() as usize)?;
     for (id, l) in all.into_iter().enumerate() {
         if l.flags & ORG_F_ACTIVE != 0 {
             out.limits.push((id as u32, l));
