@@ -132,7 +132,7 @@ fn restore_from_cluster(
     clock: &Clock,
     day: u64,
 ) -> anyhow::Result<usize> {
-    let Some(cluster) = &cfg.cluster else {
+    let Some(cluster) = &*cfg.cluster else {
         return Ok(0);
     };
     let counts = match sync::own_counts(cluster, &clock.date(day)) {
@@ -162,7 +162,7 @@ impl Daemon {
     pub fn start(config_path: &Path, mut cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
         // Test hook: start as if the daemon had been away this long.
         let away = hooks::value("LIMITER_TEST_CLOCK_SHIFT_SECS").unwrap_or(0);
-        let clock = Clock::new(cfg.limits.day_start_secs).ahead_secs(away);
+        let clock = Clock::new(*cfg.limits.day_start_secs).ahead_secs(away);
         let started = Instant::now();
         let cap = pins::Capacity::for_config(&cfg);
         // While the kernel verifies the programs and creates the maps, a second thread builds
@@ -482,7 +482,7 @@ impl Daemon {
                 self.cfg.daemon.control_socket.display()
             )
         })?;
-        if let Some(addr) = self.cfg.daemon.metrics {
+        if let Some(addr) = *self.cfg.daemon.metrics {
             let listener = metrics::bind(addr)
                 .await
                 .with_context(|| format!("serving metrics on daemon.metrics = {addr}"))?;
@@ -505,7 +505,7 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let (batches, mut platform) = match self.cfg.cluster.clone() {
+        let (batches, mut platform) = match Option::clone(&self.cfg.cluster) {
             Some(cluster) => {
                 let (btx, brx) = mpsc::channel::<sync::Local>(1);
                 let (ptx, prx) = mpsc::channel(4);
@@ -693,7 +693,7 @@ impl Daemon {
             }
         }
         if self.snapshot_taken.elapsed()
-            >= Duration::from_secs(self.cfg.daemon.snapshot_interval_secs)
+            >= Duration::from_secs(*self.cfg.daemon.snapshot_interval_secs)
         {
             self.write_snapshot(self.day);
         }
@@ -1042,69 +1042,8 @@ impl Daemon {
     fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
         let new_cfg = Config::load(&self.config_path)?;
         // What is attached, opened or scheduled at startup cannot change under a running
-        // daemon: the quota day (`day_start`) moves only with a restart, which closes the day
-        // that is running (see README, Reloads).
-        let (old, new) = (&self.cfg, &new_cfg);
-        let restart_only = [
-            ("api", Some("cgroup"), old.api.cgroup != new.api.cgroup),
-            (
-                "api",
-                Some("interfaces"),
-                old.api.interfaces != new.api.interfaces,
-            ),
-            ("api", Some("netns"), old.api.netns != new.api.netns),
-            (
-                "limits",
-                Some("day_start"),
-                old.limits.day_start_secs != new.limits.day_start_secs,
-            ),
-            (
-                "daemon",
-                Some("pin_dir"),
-                old.daemon.pin_dir != new.daemon.pin_dir,
-            ),
-            (
-                "daemon",
-                Some("state_dir"),
-                old.daemon.state_dir != new.daemon.state_dir,
-            ),
-            (
-                "daemon",
-                Some("control_socket"),
-                old.daemon.control_socket != new.daemon.control_socket,
-            ),
-            (
-                "daemon",
-                Some("log_format"),
-                old.daemon.log_format != new.daemon.log_format,
-            ),
-            (
-                "daemon",
-                Some("snapshot_interval_secs"),
-                old.daemon.snapshot_interval_secs != new.daemon.snapshot_interval_secs,
-            ),
-            (
-                "daemon",
-                Some("metrics"),
-                old.daemon.metrics != new.daemon.metrics,
-            ),
-            ("cluster", None, old.cluster != new.cluster),
-        ];
-        let mut changed = restart_only.iter().filter(|(_, _, c)| *c);
-        if let Some((table, key, _)) = changed.next() {
-            let name = |t: &str, k: &Option<&str>| k.map_or(t.to_string(), |k| format!("{t}.{k}"));
-            let also: Vec<String> = changed.map(|(t, k, _)| name(t, k)).collect();
-            anyhow::bail!(
-                "{}: {}: changed: takes effect on a restart (`systemctl restart limiter`), not a reload{}",
-                crate::config::locate(&self.config_path, table, *key),
-                name(table, key),
-                if also.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (also changed: {})", also.join(", "))
-                }
-            );
-        }
+        // daemon (see README, Reloads): the config's types say which settings those are.
+        self.cfg.check_reload(&new_cfg, &self.config_path)?;
         if new_cfg.cidr_count() > self.kernel.capacity.cidrs as usize {
             anyhow::bail!(
                 "{}: {} CIDRs do not fit the kernel's address table ({}): restart the daemon to resize it",
@@ -1124,7 +1063,7 @@ impl Daemon {
                 self.config_path.display()
             )
         })?;
-        let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
+        let clock = self.clock.with_day_start(*new_cfg.limits.day_start_secs);
         // The old side is what the maps hold: the daemon keeps no copy of it.
         let old = counters::read_applied(&self.kernel)?;
         let new = Applied::desired(&new_cfg, &ids, &clock)?;
