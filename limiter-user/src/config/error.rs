@@ -133,16 +133,16 @@ impl Src<'_> {
         }
     }
 
-    /// An error from reading the text into the serde structs: the key comes from serde's path,
-    /// the position from toml's span, and serde's wording is put the way this file words it.
-    pub fn deserialize(&self, e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
-        let key = key_path(e.path());
-        let inner = e.inner();
-        let start = inner.span().map(|s| s.start);
-        let message = inner.message().trim();
+    /// An error from reading the text into the serde structs: the position comes from toml's
+    /// span, the key from what stands there, and serde's wording is put the way this file
+    /// words it.
+    pub fn deserialize(&self, e: &toml::de::Error) -> ConfigError {
+        let start = e.span().map(|s| s.start);
+        let key = start.map(|s| key_at(self.text, s)).unwrap_or_default();
+        let message = e.message().trim();
         if let Some(rest) = message.strip_prefix("unknown field `") {
             let expected = rest.split_once(", expected").map_or("", |(_, e)| e);
-            let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect::<Vec<_>>();
+            let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
             let message = format!("unknown key (expected one of: {})", names.join(", "));
             return self.invalid(start, key, message);
         }
@@ -150,12 +150,7 @@ impl Src<'_> {
             .strip_prefix("missing field `")
             .and_then(|f| f.strip_suffix('`'))
         {
-            let key = if key.is_empty() {
-                field.to_owned()
-            } else {
-                format!("{key}.{field}")
-            };
-            return self.invalid(start, key, "missing required key");
+            return self.invalid(start, format!("{key}.{field}"), "missing required key");
         }
         if let Some((found, expected)) = message
             .strip_prefix("invalid type: ")
@@ -190,24 +185,47 @@ impl Src<'_> {
     }
 }
 
-/// serde's path as this file writes keys (`orgs[2].cidrs[0]`), without `Spanned`'s own fields.
-fn key_path(path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    let mut out = String::new();
-    for segment in path.iter() {
-        match segment {
-            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Map { key } if key.starts_with("$__serde_spanned") => {}
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                if !out.is_empty() {
-                    out.push('.');
+/// The key path (`orgs[2].cidrs[0]`) of the key or value that starts at byte `offset`, the
+/// deepest when several do. Only errors need it, so it parses the text again rather than
+/// have every value carry its path.
+fn key_at(text: &str, offset: usize) -> String {
+    use toml::de::{DeTable, DeValue};
+    type Node<'i> = toml::Spanned<DeValue<'i>>;
+    fn visit(node: &Node<'_>, offset: usize, path: &mut String, best: &mut String) {
+        if node.span().start == offset {
+            best.clone_from(path);
+        }
+        let len = path.len();
+        match node.get_ref() {
+            DeValue::Table(table) => {
+                for (key, child) in table {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key.get_ref());
+                    if key.span().start == offset {
+                        best.clone_from(path);
+                    }
+                    visit(child, offset, path, best);
+                    path.truncate(len);
                 }
-                out.push_str(key);
             }
-            Segment::Unknown => out.push_str(".?"),
+            DeValue::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    path.push_str(&format!("[{i}]"));
+                    visit(child, offset, path, best);
+                    path.truncate(len);
+                }
+            }
+            _ => {}
         }
     }
-    out
+    let mut best = String::new();
+    if let Ok(root) = DeTable::parse(text) {
+        let root = toml::Spanned::new(root.span(), DeValue::Table(root.into_inner()));
+        visit(&root, offset, &mut String::new(), &mut best);
+    }
+    best
 }
 
 pub(super) fn count_newlines(bytes: &[u8]) -> usize {

@@ -1,7 +1,7 @@
 //! The file as written: one serde struct per table, every key declared once.
 //!
-//! Each value is checked here on its own, so serde's path gives its key and toml's span its
-//! position; what needs several values (defaults, duplicates, overlaps) is left to
+//! Each value is checked here on its own, inside toml's deserializer, so the error carries the
+//! value's span; what needs several values (defaults, duplicates, overlaps) is left to
 //! [`super::validate`]. Values whose position a later check needs are [`Spanned`].
 
 use ipnet::IpNet;
@@ -25,7 +25,7 @@ const RESERVED_ORG_NAME: &str = crate::orgs::UNMAPPED_NAME;
 /// Parses `src` into the raw structs: TOML syntax first, then the keys and their values.
 pub(super) fn read(src: &Src<'_>) -> Result<Root, ConfigError> {
     let de = toml::de::Deserializer::parse(src.text).map_err(|e| src.syntax(&e))?;
-    serde_path_to_error::deserialize(de).map_err(|e| src.deserialize(&e))
+    Root::deserialize(de).map_err(|e| src.deserialize(&e))
 }
 
 #[derive(serde::Deserialize)]
