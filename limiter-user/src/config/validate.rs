@@ -18,6 +18,7 @@ use super::{
 /// `sun_path` holds 108 bytes including the terminating NUL; longer socket paths fail at bind time.
 const MAX_SOCKET_PATH: usize = 107;
 
+/// The validated config of `raw`, with at most `max_orgs` orgs.
 pub(super) fn config(
     src: &Src<'_>,
     raw: raw::Root,
@@ -419,10 +420,20 @@ fn check_overlaps(src: &Src<'_>, orgs: &[Org], cidr_pos: &[usize]) -> Result<(),
         }
         prev = Some(r);
     }
-    let Some((later, earlier)) = worst else {
-        return Ok(());
-    };
+    match worst {
+        Some((later, earlier)) => overlap_error(src, orgs, cidr_pos, later, earlier),
+        None => Ok(()),
+    }
+}
 
+/// The message about `later` overlapping (or repeating) `earlier`.
+fn overlap_error(
+    src: &Src<'_>,
+    orgs: &[Org],
+    cidr_pos: &[usize],
+    later: NetRange,
+    earlier: NetRange,
+) -> Result<(), ConfigError> {
     // Map flat CIDR indices back to (org, index in org); only on error, so a linear walk is fine.
     let locate = |r: NetRange| {
         let org = r.org as usize;
