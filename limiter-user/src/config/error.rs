@@ -140,6 +140,10 @@ impl Src<'_> {
         let start = e.span().map(|s| s.start);
         let key = start.map(|s| key_at(self.text, s)).unwrap_or_default();
         let message = e.message().trim();
+        // A date or time reaches a table's struct as a map with toml's private key.
+        if message.starts_with("unknown field `$__toml_private_datetime`") {
+            return self.invalid(start, key, "expected a table, found a date or time");
+        }
         if let Some(rest) = message.strip_prefix("unknown field `") {
             let expected = rest.split_once(", expected").map_or("", |(_, e)| e);
             let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();

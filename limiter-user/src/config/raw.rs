@@ -131,6 +131,13 @@ where
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
             self.0(v).map_err(E::custom)
         }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            match i64::try_from(v) {
+                Ok(v) => self.visit_i64(v),
+                Err(_) => Err(E::custom(format!("{v} is too large"))),
+            }
+        }
     }
     d.deserialize_i64(Int(f))
 }

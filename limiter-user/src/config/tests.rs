@@ -780,6 +780,16 @@ fn wrong_types_say_what_was_found() {
             "expected a table, found an array",
         ),
         (
+            "limits = 07:00:00\n[api]\nports = [1]\n",
+            "limits",
+            "expected a table, found a date or time",
+        ),
+        (
+            "[api]\nports = [18446744073709551615]\n",
+            "api.ports[0]",
+            "18446744073709551615 is too large",
+        ),
+        (
             "[api]\nports = [1]\n[[orgs]]\nname = \"a\"\ncidrs = \"10.0.0.0/8\"\n",
             "orgs[0].cidrs",
             "expected an array, found a string",
