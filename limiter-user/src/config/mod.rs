@@ -1,7 +1,7 @@
 //! The config file (`/etc/limiter/limiter.toml`): parsing, defaults and validation.
 //!
-//! The `toml` crate reads the file into the serde structs of [`raw`], which declare every key
-//! once and check each value on its own (with the value's span). [`validate`] then turns them
+//! The `toml` crate reads the file into the serde structs of `raw`, which declare every key
+//! once and check each value on its own (with the value's span). `validate` then turns them
 //! into the [`Config`] the daemon uses: defaults, and the checks that need several values.
 //! Every problem is reported as `FILE:LINE:COL: KEY: PROBLEM` so an operator (and
 //! `limiter reload`) can point at the exact spot.

@@ -2,7 +2,7 @@
 //!
 //! Each value is checked here on its own, inside toml's deserializer, so the error carries the
 //! value's span; what needs several values (defaults, duplicates, overlaps) is left to
-//! [`super::validate`]. Values whose position a later check needs are [`Spanned`].
+//! `validate`. Values whose position a later check needs are [`Spanned`].
 
 use ipnet::IpNet;
 use std::fmt;

@@ -1,4 +1,4 @@
-//! The one step from the file as written ([`raw`]) to the [`Config`] the daemon uses: defaults,
+//! The one step from the file as written (`raw`) to the [`Config`] the daemon uses: defaults,
 //! and the checks that need more than one value.
 
 use std::collections::HashMap;
