@@ -28,6 +28,8 @@ pub(super) fn read(src: &Src<'_>) -> Result<Root, ConfigError> {
     Root::deserialize(de).map_err(|e| src.deserialize(&e))
 }
 
+/// The whole file. In every struct here, the field order is the order an unknown-key message
+/// lists the keys in.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Root {
@@ -39,6 +41,7 @@ pub(super) struct Root {
     pub orgs: Vec<Spanned<Table<Org>>>,
 }
 
+/// `[api]`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Api {
@@ -49,6 +52,7 @@ pub(super) struct Api {
     pub netns: Option<Spanned<AbsPath>>,
 }
 
+/// `[limits]`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Limits {
@@ -59,6 +63,7 @@ pub(super) struct Limits {
     pub day_start: Option<Spanned<DayStart>>,
 }
 
+/// `[daemon]`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Daemon {
@@ -70,6 +75,7 @@ pub(super) struct Daemon {
     pub metrics: Option<Spanned<Listen>>,
 }
 
+/// `[cluster]`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Cluster {
@@ -78,6 +84,7 @@ pub(super) struct Cluster {
     pub sync_interval_ms: Option<Int<10, 60_000>>,
 }
 
+/// One `[[orgs]]` entry.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Org {
