@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 
 pub use error::ConfigError;
-pub use restart::{Pos, RestartOnly};
+pub use restart::{Changed, Pos, RestartOnly};
 
 /// Where `--config` points by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/limiter/limiter.toml";
