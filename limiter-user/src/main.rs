@@ -106,7 +106,7 @@ enum DebugCommand {
 /// itself.
 fn control_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
     match Config::load(&cli.config) {
-        Ok(cfg) => Ok(cfg.daemon.control_socket),
+        Ok(cfg) => Ok(cfg.daemon.control_socket.into_inner()),
         Err(e) => {
             let text = std::fs::read_to_string(&cli.config).map_err(|_| e)?;
             let value: toml::Value = toml::from_str(&text).unwrap_or(toml::Value::Integer(0));
@@ -183,7 +183,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let started = std::time::Instant::now();
             let cfg = Config::load(&cli.config)?;
             let parse_ms = started.elapsed().as_millis() as u64;
-            logging::init(cfg.daemon.log_format);
+            logging::init(*cfg.daemon.log_format);
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(daemon::run(&cli.config, cfg, parse_ms))?;
         }

@@ -122,7 +122,7 @@ impl<M: KernelMaps> Daemon<M> {
             faults.push(("snapshot_write", self.days.snapshot_failures()));
             m.update(&r, &faults);
         }
-        let every = Duration::from_secs(self.settings.daemon.snapshot_interval_secs);
+        let every = Duration::from_secs(*self.settings.daemon.snapshot_interval_secs);
         if self.days.snapshot_due(every, Instant::now()) {
             self.days
                 .write_snapshot(&self.maps, &self.orgs.ids, &self.clock, day);

@@ -137,7 +137,7 @@ impl Daemon<Kernel> {
         let started = Instant::now();
         // Test hook: start as if the daemon had been away this long.
         let away = hooks::value("LIMITER_TEST_CLOCK_SHIFT_SECS").unwrap_or(0);
-        let clock = Clock::new(cfg.limits.day_start_secs).ahead_secs(away);
+        let clock = Clock::new(*cfg.limits.day_start_secs).ahead_secs(away);
         let loaded = load(&cfg, &clock)?;
         let mut kernel = loaded.kernel;
         let day = clock.today();
