@@ -39,7 +39,9 @@ pub enum Request {
     Shutdown { unload: bool },
     /// Test hook: step the daemon's clock (and so the kernel's day) forward or back by `secs`.
     /// With `kernel_only`, only the kernel's clock moves, as it does first on an NTP step; the
-    /// daemon sees the step once a later request moves its own clock by as much.
+    /// daemon sees the step once a later request moves its own clock by as much. Only in builds
+    /// with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     AdvanceClock {
         secs: i64,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -249,6 +251,11 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"cmd":"reset","org":"acme"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+    }
+
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn advance_clock_roundtrips() {
         let r = Request::AdvanceClock {
             secs: 86400,
             kernel_only: false,

@@ -6,7 +6,7 @@ use tracing::{error, info};
 use super::{Daemon, maps::KernelMaps};
 use crate::{
     control::{Request, Response},
-    hooks, report, snapshot,
+    report, snapshot,
 };
 
 impl<M: KernelMaps> Daemon<M> {
@@ -33,9 +33,11 @@ impl<M: KernelMaps> Daemon<M> {
                 self.unload = unload;
                 Response::ok(serde_json::json!({ "unload": unload }))
             }
-            Request::AdvanceClock { .. } if !hooks::enabled() => Response::err(
+            #[cfg(feature = "test-hooks")]
+            Request::AdvanceClock { .. } if !crate::hooks::enabled() => Response::err(
                 "advance-clock is a test hook: start the daemon with LIMITER_TEST_HOOKS=1",
             ),
+            #[cfg(feature = "test-hooks")]
             Request::AdvanceClock { secs, kernel_only } => self.advance_clock(secs, kernel_only),
         }
     }
@@ -106,6 +108,7 @@ impl<M: KernelMaps> Daemon<M> {
 
     /// Test hook: steps the clock by `secs`, the kernel's alone with `kernel_only` (as an NTP
     /// step reaches it first).
+    #[cfg(feature = "test-hooks")]
     fn advance_clock(&mut self, secs: i64, kernel_only: bool) -> Response {
         let stepped = self.clock.stepped_secs(secs);
         if let Err(e) = self.maps.write_clock(&stepped) {
