@@ -8,6 +8,7 @@
 use crate::{
     API_SOCKS_FACTOR, AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT,
     MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState,
+    TRACE_BYTES, TRACE_ON_ENTRIES,
     reply::Scratch,
     stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
@@ -44,6 +45,13 @@ macro_rules! map_layout {
             ORG_REMOTE: Array<u32, RemoteCount> = PerOrg(DAY_SLOTS), Layout;
             /// Events for the daemon's log (a ring buffer of this many bytes).
             EVENTS: RingBuf<(), ()> = Fixed(EVENTS_BYTES), Layout;
+            /// Whether someone traces (`TRACE_PID`: the tracer's pid, 0 for nobody), and the
+            /// records lost to a full TRACE (`TRACE_LOST`). The verdict reads the pid once per
+            /// chunk; the tracer sets and clears it, the daemon clears a dead tracer's.
+            TRACE_ON: Array<u32, u64> = Fixed(TRACE_ON_ENTRIES), Layout;
+            /// `limiter trace`'s records (`TraceRecord`), apart from EVENTS so that tracing
+            /// never crowds out the daemon's events.
+            TRACE: RingBuf<(), ()> = Fixed(TRACE_BYTES), Layout;
             /// Fault counters, indexed by `FAULT_*`.
             FAULTS: Array<u32, u64> = Fixed(FAULT_COUNT), Layout;
             /// Where a 429 is assembled before it is stored into the skb.

@@ -45,6 +45,8 @@ pub const SOCK_FORMAT: u32 = 1;
 pub const SOCK_SLOT_MASK_GLOBAL: &str = "SOCK_SLOT_MASK";
 pub const MAX_API_PORTS: u32 = 64;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// The TRACE ring buffer's size: a few thousand records between two reads of the tracer.
+pub const TRACE_BYTES: u32 = 1024 * 1024;
 
 pub const MAX_MEDIA_PREFIXES: usize = 8;
 /// Longest media prefix the kernel compares.
@@ -271,6 +273,70 @@ pub const EVENT_CONCURRENCY_BREACH: u32 = 1;
 /// The org's first refusal of the day (`value` = its daily limit; also in dry-run).
 pub const EVENT_QUOTA_EXHAUSTED: u32 = 2;
 
+/// TRACE_ON slot: the pid of the `limiter trace` process reading TRACE (0: nobody traces, and
+/// the verdict writes no records).
+pub const TRACE_PID: u32 = 0;
+/// TRACE_ON slot: records the verdict could not write because TRACE was full.
+pub const TRACE_LOST: u32 = 1;
+pub const TRACE_ON_ENTRIES: u32 = 2;
+/// Bytes of a chunk's start a trace record carries: a request line's method and the first 64
+/// bytes of its path fit.
+pub const TRACE_HEAD: usize = 128;
+
+/// One verdict in the TRACE ring buffer (written only while someone traces): a chunk of an
+/// inbound stream, what was in it and what the verdict did with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceRecord {
+    /// `CLOCK_TAI` nanoseconds.
+    pub time_ns: u64,
+    pub cookie: u64,
+    pub org: u32,
+    /// The chunk's length.
+    pub len: u32,
+    /// Requests in the chunk that use quota, exempt media GETs, and request lines started.
+    pub counted: u32,
+    pub media: u32,
+    pub starts: u32,
+    /// Bytes of `head` that hold the chunk's start: 0 when the chunk does not begin at a request
+    /// boundary (it continues a request of an earlier chunk).
+    pub head_len: u32,
+    /// `TRACE_O_*`.
+    pub outcome: u8,
+    /// `TRACE_R_*`.
+    pub reason: u8,
+    /// `TRACE_VIA_*`: how the org was identified.
+    pub via: u8,
+    pub _pad: [u8; 5],
+    pub head: [u8; TRACE_HEAD],
+}
+
+/// The chunk's requests were counted against the quota and passed.
+pub const TRACE_O_COUNTED: u8 = 1;
+/// Only exempt media GETs: passed, counted as exempt.
+pub const TRACE_O_EXEMPT: u8 = 2;
+/// Refused (a 429, a 400, or dropped after an earlier `Connection: close` refusal).
+pub const TRACE_O_REFUSED: u8 = 3;
+/// Not followed as HTTP: passed, counted as unparsed (or, for a fault, not counted).
+pub const TRACE_O_UNPARSED: u8 = 4;
+/// No request started or ended in the chunk (a body, a header continued): passed.
+pub const TRACE_O_PASSED: u8 = 5;
+
+pub const TRACE_R_NONE: u8 = 0;
+pub const TRACE_R_DAILY: u8 = 1;
+pub const TRACE_R_CONCURRENCY: u8 = 2;
+/// The framing broke (a 400, the connection closed).
+pub const TRACE_R_BAD_REQUEST: u8 = 3;
+/// After a 429 with `Connection: close`: what the client still sent is dropped.
+pub const TRACE_R_CLOSED: u8 = 4;
+/// The connection's first bytes are not an HTTP/1.x request.
+pub const TRACE_R_NOT_HTTP: u8 = 5;
+/// The chunk could not be followed (a limiter fault): it passed uncounted.
+pub const TRACE_R_FAULT: u8 = 6;
+
+/// The org was found by the peer's address (ORG_BY_HOST, ORG_BY_ADDR).
+pub const TRACE_VIA_ADDRESS: u8 = 1;
+
 /// Indexes of the FAULTS array (u64 counters). A fault never blocks traffic.
 pub const FAULT_SOCK_STATE_FULL: u32 = 0;
 pub const FAULT_SOCKHASH_FULL: u32 = 1;
@@ -307,6 +373,7 @@ mod pod {
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for TraceRecord {}
 }
 
 /// IPv4 address as the IPv4-mapped IPv6 key ORG_BY_ADDR uses.

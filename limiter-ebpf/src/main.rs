@@ -32,6 +32,7 @@ mod shared;
 mod sock_ops;
 mod sock_table;
 mod syn_gate;
+mod trace;
 mod verdict;
 mod walk;
 

@@ -11,7 +11,10 @@ use aya_ebpf::{
 };
 use limiter_common::{
     Config, DayCounters, EVENT_QUOTA_EXHAUSTED, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY,
-    ORG_F_ACTIVE, ORG_F_DRY_RUN, OrgLimits, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG, day_index,
+    ORG_F_ACTIVE, ORG_F_DRY_RUN, OrgLimits, SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED,
+    TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST,
+    TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT, TRACE_R_NONE,
+    TRACE_R_NOT_HTTP, UNMAPPED_ORG, day_index,
     reply::Policy,
     stream::{F_REFUSED, S_CLOSED, S_OPAQUE, Stream, Tally, WALK_SLOTS},
 };
@@ -23,6 +26,7 @@ use crate::{
     maps::{ORG_CONNS, ORG_LIMITS, ORG_REMOTE, REFUSE, SCRATCH, VERDICT_NEXT, WALK},
     shared::{config, emit, fault, forward, today},
     sock_table::sock_state,
+    trace::{self, Traced, tracing},
     walk::walk_chunk,
 };
 
@@ -77,38 +81,67 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         S_OPAQUE => return SK_PASS,
         _ => {}
     }
-    let Some(t) = walk_chunk(ctx, c, stream, len) else {
-        // The stream cannot be followed past here: fail open.
-        fault(FAULT_PARSE);
-        return SK_PASS;
-    };
-    if flags & F_REFUSED != 0 {
-        // After a `Connection: close` 429: what the client still sent is counted (counted
-        // requests as refused) and dropped.
-        if let Some(slot) = day_counters(org, today(c)) {
-            // SAFETY: valid map value.
-            unsafe {
-                add(&raw mut (*slot).rejected, t.counted as u64);
-                add(&raw mut (*slot).exempt_media_gets, t.media as u64);
-            }
+    let walked = walk_chunk(ctx, c, stream, len);
+    let d = match walked {
+        Some(t) => {
+            let sock = Sock { org, kind, stream };
+            decide(c, &sock, &t, flags, from_boundary)
         }
-        return SK_DROP;
+        None => {
+            // The stream cannot be followed past here: fail open.
+            fault(FAULT_PARSE);
+            Decision::pass(TRACE_O_UNPARSED, TRACE_R_FAULT)
+        }
+    };
+    if tracing() {
+        let traced = Traced {
+            cookie,
+            org,
+            outcome: d.outcome,
+            reason: d.reason,
+            at_start: from_boundary,
+        };
+        trace::record(ctx, &traced, &walked.unwrap_or_default());
     }
-    if t.opaque {
-        count(org, c, Counter::Unparsed);
-        return SK_PASS;
+    match d.action {
+        Action::Pass => SK_PASS,
+        Action::Drop => SK_DROP,
+        Action::Refuse {
+            policy,
+            keep_alive_ok,
+        } => refuse(ctx, cookie, org, policy, keep_alive_ok),
     }
-    if t.media > 0 {
-        count_n(org, c, Counter::ExemptMedia, t.media as u64);
+}
+
+/// What the verdict does with a chunk.
+#[derive(Clone, Copy)]
+enum Action {
+    Pass,
+    Drop,
+    /// Hand it to `limiter_refuse`.
+    Refuse {
+        policy: Policy,
+        keep_alive_ok: bool,
+    },
+}
+
+/// The verdict on a chunk, and how `limiter trace` shows it (`TRACE_O_*`, `TRACE_R_*`).
+#[derive(Clone, Copy)]
+struct Decision {
+    action: Action,
+    outcome: u8,
+    reason: u8,
+}
+
+impl Decision {
+    #[inline(always)]
+    const fn pass(outcome: u8, reason: u8) -> Self {
+        Decision {
+            action: Action::Pass,
+            outcome,
+            reason,
+        }
     }
-    if t.broken {
-        count(org, c, Counter::Unparsed);
-    }
-    if t.counted == 0 && !t.broken {
-        return SK_PASS;
-    }
-    let sock = Sock { org, kind, stream };
-    limit(ctx, c, cookie, &sock, t, from_boundary)
 }
 
 /// The socket a chunk arrived on: its org, `SOCK_F_*` kind, and where its stream is followed.
@@ -119,25 +152,59 @@ struct Sock {
     stream: *mut Stream,
 }
 
+/// Counts what the walk found in a chunk, and decides on it.
+#[inline(always)]
+fn decide(c: &Config, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) -> Decision {
+    let org = sock.org;
+    if flags & F_REFUSED != 0 {
+        // After a `Connection: close` 429: what the client still sent is counted (counted
+        // requests as refused) and dropped.
+        if let Some(slot) = day_counters(org, today(c)) {
+            // SAFETY: valid map value.
+            unsafe {
+                add(&raw mut (*slot).rejected, t.counted as u64);
+                add(&raw mut (*slot).exempt_media_gets, t.media as u64);
+            }
+        }
+        return Decision {
+            action: Action::Drop,
+            outcome: TRACE_O_REFUSED,
+            reason: TRACE_R_CLOSED,
+        };
+    }
+    if t.opaque {
+        count(org, c, Counter::Unparsed);
+        return Decision::pass(TRACE_O_UNPARSED, TRACE_R_NOT_HTTP);
+    }
+    if t.media > 0 {
+        count_n(org, c, Counter::ExemptMedia, t.media as u64);
+    }
+    if t.broken {
+        count(org, c, Counter::Unparsed);
+    }
+    if t.counted == 0 && !t.broken {
+        let outcome = if t.media > 0 {
+            TRACE_O_EXEMPT
+        } else {
+            TRACE_O_PASSED
+        };
+        return Decision::pass(outcome, TRACE_R_NONE);
+    }
+    limit(c, sock, t, from_boundary)
+}
+
 /// Counts the chunk's `t.counted` requests against the org's limits, and refuses them when
 /// over (or when the framing broke): the refusal is handed to `limiter_refuse`.
 #[inline(always)]
-fn limit(
-    ctx: &SkBuffContext,
-    c: &Config,
-    cookie: u64,
-    sock: &Sock,
-    t: Tally,
-    from_boundary: bool,
-) -> u32 {
+fn limit(c: &Config, sock: &Sock, t: &Tally, from_boundary: bool) -> Decision {
     let (org, kind) = (sock.org, sock.kind);
     let day = today(c);
     let Some(slot) = day_counters(org, day) else {
-        return SK_PASS;
+        return Decision::pass(TRACE_O_PASSED, TRACE_R_FAULT);
     };
     let limits = ORG_LIMITS.get(org);
     let n = t.counted as u64;
-    // One call site for every refusal: the verifier walks the 429 path once, not per policy.
+    // One refusal for every policy: the verifier walks the 429 path once, not per policy.
     let policy = if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() && n > 0 {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
@@ -147,7 +214,7 @@ fn limit(
         match daily_verdict(org, day, slot, limits, n) {
             Some(p) => p,
             None if t.broken => Policy::BadRequest,
-            None => return SK_PASS,
+            None => return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE),
         }
     };
     // A 429 may keep the connection only when the chunk was exactly one whole request.
@@ -157,7 +224,19 @@ fn limit(
         && !t.head_method
         // SAFETY: a map value, as above.
         && unsafe { (*sock.stream).at_boundary() };
-    refuse(ctx, cookie, org, policy, keep_alive_ok)
+    let reason = match policy {
+        Policy::Daily => TRACE_R_DAILY,
+        Policy::Concurrency => TRACE_R_CONCURRENCY,
+        Policy::BadRequest => TRACE_R_BAD_REQUEST,
+    };
+    Decision {
+        action: Action::Refuse {
+            policy,
+            keep_alive_ok,
+        },
+        outcome: TRACE_O_REFUSED,
+        reason,
+    }
 }
 
 /// The daily quota's decision for the `n` counted requests of a chunk: None lets them through
