@@ -17,7 +17,7 @@ use limiter_common::{
     layout::{
         API_PORTS, API_SOCKS, CONFIG, EVENTS, FAULTS, Handle, MAPS, MEDIA_MATCH, MapSpec,
         ORG_BY_ADDR, ORG_BY_HOST, ORG_CONNS, ORG_DAYS, ORG_LIMITS, ORG_REMOTE, PUSH_NEXT,
-        PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, VERDICT_NEXT,
+        PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, TRACE_ON, VERDICT_NEXT,
     },
     programs,
 };
@@ -93,6 +93,8 @@ pub struct Kernel {
     pub media_match: Handle<MEDIA_MATCH>,
     /// Taken by the event reader task.
     pub events: Option<Handle<EVENTS>>,
+    /// The tracer's pid (`limiter trace` reads TRACE itself, from its pin).
+    pub trace_on: Handle<TRACE_ON>,
     /// Pinned maps of an earlier daemon were reused: the kernel's counts are current.
     pub resumed: bool,
     /// This build's pin directory (`<pin_dir>/<layout>`).
@@ -273,6 +275,7 @@ impl Kernel {
             faults: take::<FAULTS>(&mut ebpf)?,
             media_match: take::<MEDIA_MATCH>(&mut ebpf)?,
             events: Some(take::<EVENTS>(&mut ebpf)?),
+            trace_on: take::<TRACE_ON>(&mut ebpf)?,
             resumed,
             capacity: cap,
             pin_dir: dir,

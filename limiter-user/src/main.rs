@@ -15,6 +15,7 @@ use limiter_user::{
     control::{self, Request, Response},
     daemon, logging,
     report::Report,
+    trace,
 };
 
 #[derive(Parser, Debug)]
@@ -43,6 +44,8 @@ enum Command {
     Reload,
     /// Clear today's counters of one org or of all.
     Reset(ResetArgs),
+    /// Stream the kernel's verdict on each request until Ctrl-C (needs root).
+    Trace(TraceArgs),
     /// Stop the running daemon; the kernel programs keep counting and enforcing.
     Stop,
     /// Stop the daemon if it runs and remove everything it pinned: the programs detach.
@@ -74,6 +77,16 @@ fn parse_day(s: &str) -> Result<String, String> {
     limiter_user::snapshot::check_date(s)
         .map(|()| s.to_string())
         .map_err(|e| e.to_string())
+}
+
+#[derive(Args, Debug)]
+struct TraceArgs {
+    /// Only this org's requests.
+    #[arg(long)]
+    org: Option<String>,
+    /// JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +255,17 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 },
             )?;
             println!("reset: {}", resp.parse::<serde_json::Value>()?["reset"]);
+        }
+        Command::Trace(a) => {
+            let cfg = Config::load(&cli.config)?;
+            let cap = limiter_user::pins::Capacity::for_config(&cfg);
+            let mut tracer = trace::Tracer::start(&cfg.daemon.pin_dir, cap)?;
+            eprintln!("tracing (pid {}); Ctrl-C stops", process::id());
+            let lost = tracer.run(a.org.as_deref(), a.json, &mut std::io::stdout().lock())?;
+            drop(tracer);
+            if lost > 0 {
+                eprintln!("{lost} records lost: the trace buffer was full");
+            }
         }
         Command::Stop => {
             ask(cli, &Request::Shutdown { unload: false })?;

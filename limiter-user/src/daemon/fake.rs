@@ -31,6 +31,8 @@ pub struct FakeMaps {
     pub fail_apply: bool,
     /// Reads of all slots fail.
     pub fail_reads: bool,
+    /// TRACE_ON's pid.
+    pub tracer: u64,
 }
 
 impl Default for FakeMaps {
@@ -46,6 +48,7 @@ impl Default for FakeMaps {
             cidr_capacity: 64,
             fail_apply: false,
             fail_reads: false,
+            tracer: 0,
         }
     }
 }
@@ -198,6 +201,15 @@ impl KernelMaps for FakeMaps {
 
     fn faults(&self) -> Vec<(&'static str, u64)> {
         self.faults.clone()
+    }
+
+    fn tracer(&self) -> Result<u64, FakeError> {
+        Ok(self.tracer)
+    }
+
+    fn clear_tracer(&mut self) -> Result<(), FakeError> {
+        self.tracer = 0;
+        Ok(())
     }
 
     fn read_applied(&self) -> Result<Applied, FakeError> {

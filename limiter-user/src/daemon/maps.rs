@@ -2,7 +2,7 @@
 //! implement it by way of `counters`, and the components' tests use an in-memory fake, so no
 //! component needs root to be tested.
 
-use limiter_common::DayCounters;
+use limiter_common::{DayCounters, TRACE_PID};
 
 use crate::{
     clock::Clock,
@@ -72,6 +72,12 @@ pub trait KernelMaps {
 
     /// The kernel's fault counters by name.
     fn faults(&self) -> Vec<(&'static str, u64)>;
+
+    /// The pid of the `limiter trace` process the verdict writes records for (0: none).
+    fn tracer(&self) -> Result<u64, Self::Error>;
+
+    /// Turns tracing off.
+    fn clear_tracer(&mut self) -> Result<(), Self::Error>;
 
     /// What the maps hold of a config now.
     fn read_applied(&self) -> Result<Applied, Self::Error>;
@@ -164,6 +170,14 @@ impl KernelMaps for Kernel {
         counters::faults(self)
     }
 
+    fn tracer(&self) -> Result<u64, CountersError> {
+        self.trace_on.get(&TRACE_PID, 0).map_err(trace_err)
+    }
+
+    fn clear_tracer(&mut self) -> Result<(), CountersError> {
+        self.trace_on.set(TRACE_PID, 0, 0).map_err(trace_err)
+    }
+
     fn read_applied(&self) -> Result<Applied, CountersError> {
         counters::read_applied(self)
     }
@@ -178,5 +192,12 @@ impl KernelMaps for Kernel {
 
     fn cidr_capacity(&self) -> u32 {
         self.capacity.cidrs
+    }
+}
+
+fn trace_err(source: aya::maps::MapError) -> CountersError {
+    CountersError::Map {
+        what: "TRACE_ON".into(),
+        source,
     }
 }

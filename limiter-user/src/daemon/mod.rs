@@ -37,7 +37,7 @@ pub use self::{
     plan::{Orgs, Plan, Settings},
     serve::run,
 };
-use crate::{clock::Clock, metrics::Metrics, report};
+use crate::{clock::Clock, metrics::Metrics, report, trace};
 
 /// The daemon's state: the kernel's maps, the config in force and the components.
 pub struct Daemon<M> {
@@ -130,6 +130,22 @@ impl<M: KernelMaps> Daemon<M> {
         let now = Instant::now();
         if self.events.unmapped_due(now) {
             self.events.summarise_unmapped(&self.maps, day, now);
+        }
+        self.clear_dead_tracer(trace::pid_alive);
+    }
+
+    /// Turns tracing off when the `limiter trace` that turned it on died without doing so.
+    fn clear_dead_tracer(&mut self, alive: impl Fn(u64) -> bool) {
+        let Ok(pid) = self.maps.tracer() else { return };
+        if !trace::stale_tracer(pid, alive) {
+            return;
+        }
+        match self.maps.clear_tracer() {
+            Ok(()) => info!(
+                event = "trace",
+                pid, "the tracer is gone: tracing turned off"
+            ),
+            Err(e) => error!(event = "fault", error = %e, "turning tracing off failed"),
         }
     }
 }

@@ -228,3 +228,13 @@ fn a_reload_applies_the_differences() {
     // The new org's slots start empty.
     assert_eq!(w.daemon.maps.slot(day_index(newco, D)).requests, 0);
 }
+
+#[test]
+fn a_dead_tracer_s_flag_is_cleared_and_a_live_one_s_kept() {
+    let mut w = world(&["acme"]);
+    w.daemon.maps.tracer = 4242;
+    w.daemon.clear_dead_tracer(|pid| pid == 4242);
+    assert_eq!(w.daemon.maps.tracer, 4242);
+    w.daemon.clear_dead_tracer(|_| false);
+    assert_eq!(w.daemon.maps.tracer, 0);
+}
