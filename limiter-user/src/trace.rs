@@ -461,7 +461,7 @@ mod tests {
         r.reason = TRACE_R_DAILY;
         r.head_len = 0;
         let l = line(&r, "acme".into(), 0);
-        assert_eq!((l.method, l.path), (None, None));
+        assert_eq!((&l.method, &l.path), (&None, &None));
         assert_eq!((l.outcome, l.reason), ("refused", Some("daily")));
         assert!(l.text().contains("- - refused (daily)"));
     }
