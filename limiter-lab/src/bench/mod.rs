@@ -157,6 +157,9 @@ pub struct KernelCost {
     pub verdict_runs: u64,
     pub sock_ops_ns_per_run: f64,
     pub sock_ops_runs: u64,
+    /// The verdict per passing keep-alive request while `limiter trace` reads every verdict.
+    pub traced_ns_per_run: f64,
+    pub traced_runs: u64,
     /// The verdict per refused keep-alive request, the tail-called 429 writer included.
     pub refused_ns_per_run: f64,
     pub refused_runs: u64,
@@ -529,6 +532,33 @@ impl Bench {
         self.stop();
         Ok(k)
     }
+
+    /// [`Bench::cost_run`] with `limiter trace` reading (its output discarded): the verdict's
+    /// cost with tracing on.
+    fn traced_cost_run(&mut self, cfg: &Path, load: &Load) -> Result<KernelCost> {
+        self.start(cfg, BENCH_ORG)?;
+        let mut tracer = Command::new(&self.exe)
+            .args(["trace", "--json", "--config"])
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting limiter trace")?;
+        let mut stderr = std::io::BufReader::new(tracer.stderr.take().context("trace stderr")?);
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut first)?;
+        let traced = if first.starts_with("tracing") {
+            self.wrk(load).map(|_| kernel_cost())
+        } else {
+            Err(anyhow::anyhow!("limiter trace did not start: {first}"))
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
+        let _ = tracer.wait();
+        self.stop();
+        traced
+    }
 }
 
 impl Drop for Bench {
@@ -598,7 +628,8 @@ fn markdown(r: &Results) -> String {
     }
     s.push_str(&format!(
         "\nKernel cost (bpf_stats, separate runs): verdict {:.0} ns per passing request over {} runs; \
-         verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs. \
+         verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs; \
+         verdict while `limiter trace` reads {:.0} ns per passing keep-alive request over {} runs. \
          By request shape: API GET (~200 B) {:.0} ns per request; ten pipelined API GETs {:.0} ns per chunk; 64 KiB POST {:.0} ns per chunk over {} chunks.\n\n\
          | orgs | load (s), median (min–max) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
         r.kernel_cost.verdict_ns_per_run,
@@ -607,6 +638,8 @@ fn markdown(r: &Results) -> String {
         r.kernel_cost.refused_runs,
         r.kernel_cost.sock_ops_ns_per_run,
         r.kernel_cost.sock_ops_runs,
+        r.kernel_cost.traced_ns_per_run,
+        r.kernel_cost.traced_runs,
         r.kernel_cost.api_get_ns_per_run,
         r.kernel_cost.pipelined10_ns_per_run,
         r.kernel_cost.post64k_ns_per_run,
@@ -770,6 +803,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         let keep = b.cost_run(&pass, &l(nginx::RETURN_200, 64, true, false))?;
         let close = b.cost_run(&pass, &l(nginx::RETURN_200, 64, false, false))?;
         let refused = b.cost_run(&refuse, &l(nginx::RETURN_200, 64, true, true))?;
+        let traced = b.traced_cost_run(&pass, &l(nginx::RETURN_200, 64, true, false))?;
         // The stream parser's cost by request shape (keep-alive, passing).
         let shaped = |b: &mut Bench, shape| {
             let load = Load {
@@ -804,6 +838,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             sock_ops_runs: keep.sock_ops_runs + close.sock_ops_runs,
             refused_ns_per_run: refused.verdict_ns_per_run,
             refused_runs: refused.verdict_runs,
+            traced_ns_per_run: traced.verdict_ns_per_run,
+            traced_runs: traced.verdict_runs,
             api_get_ns_per_run: shaped(&mut b, Shape::ApiGet)?.verdict_ns_per_run,
             pipelined10_ns_per_run: shaped(&mut b, Shape::Pipelined10)?.verdict_ns_per_run,
             post64k_ns_per_run: post64k.verdict_ns_per_run,
@@ -815,6 +851,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         kernel_cost.verdict_ns_per_run,
         kernel_cost.refused_ns_per_run,
         kernel_cost.sock_ops_ns_per_run
+    );
+    println!(
+        "kernel cost with `limiter trace` reading: verdict {:.0} ns per passing keep-alive request (tracing off: {:.0})",
+        kernel_cost.traced_ns_per_run, kernel_cost.verdict_ns_per_run
     );
     println!(
         "kernel cost by request shape: API GET (~200 B) {:.0} ns per request; 10 pipelined API GETs {:.0} ns per chunk ({:.0} ns per request); 64 KiB POST {:.0} ns per chunk over {} chunks",
