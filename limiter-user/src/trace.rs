@@ -165,7 +165,13 @@ pub fn utc(unix_ns: i64) -> String {
 
 /// A record as a line; `tai_to_unix_ns` is added to its `CLOCK_TAI` time.
 pub fn line(r: &TraceRecord, org: String, tai_to_unix_ns: i64) -> Line {
-    let head = &r.head[..(r.head_len as usize).min(r.head.len())];
+    // Only a chunk in which a request line started has one to show (not opaque bytes that
+    // happen to hold a space).
+    let head = if r.starts > 0 {
+        &r.head[..(r.head_len as usize).min(r.head.len())]
+    } else {
+        &[]
+    };
     let (method, path) = request_line(head).unzip();
     Line {
         time: utc(r.time_ns as i64 + tai_to_unix_ns),
@@ -447,6 +453,7 @@ mod tests {
         r.outcome = TRACE_O_EXEMPT;
         r.via = TRACE_VIA_ADDRESS;
         r.media = 1;
+        r.starts = 1;
         r.len = 40;
         let l = line(&r, "acme".into(), 0);
         assert_eq!(l.method.as_deref(), Some("GET"));
@@ -464,5 +471,18 @@ mod tests {
         assert_eq!((&l.method, &l.path), (&None, &None));
         assert_eq!((l.outcome, l.reason), ("refused", Some("daily")));
         assert!(l.text().contains("- - refused (daily)"));
+
+        // Opaque bytes with a space in them are no request line.
+        let junk = b"hello world, not http";
+        r.head[..junk.len()].copy_from_slice(junk);
+        r.head_len = junk.len() as u32;
+        r.starts = 0;
+        r.outcome = TRACE_O_UNPARSED;
+        r.reason = TRACE_R_NOT_HTTP;
+        let l = line(&r, "-".into(), 0);
+        assert_eq!(
+            (&l.method, l.outcome, l.reason),
+            (&None, "unparsed", Some("not_http"))
+        );
     }
 }
