@@ -248,6 +248,9 @@ pub fn current_tracer(pin_dir: &Path, cap: Capacity) -> Result<u64, TraceError> 
         .map_err(map_err::<TRACE_ON>)
 }
 
+/// How often the tracer reads TRACE when the kernel does not wake it.
+const POLL_MS: i32 = 100;
+
 /// Set by SIGINT and SIGTERM.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -349,8 +352,9 @@ impl Tracer {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: one valid pollfd. EINTR (a signal) ends the wait early.
-            unsafe { libc::poll(&mut pfd, 1, 200) };
+            // SAFETY: one valid pollfd. EINTR (a signal) ends the wait early. The kernel wakes
+            // the tracer only once TRACE is a quarter full: otherwise it reads on this timer.
+            unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
             loop {
                 let Some(item) = self.records.next() else {
                     break;
