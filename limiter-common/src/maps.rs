@@ -1,35 +1,7 @@
-//! Map names, sizes and the `#[repr(C)]` values stored in them.
-//!
-//! Map names are the kernel object names (at most 15 bytes), so the daemon and the tests can find
-//! the pinned maps by name.
+//! The `#[repr(C)]` values stored in the maps, and the constants that size them (the maps
+//! themselves are declared in [`crate::layout`]).
 
 use bytemuck::{Pod, Zeroable};
-
-/// Pinned/object names of the maps.
-pub mod names {
-    pub const CONFIG: &str = "CONFIG";
-    pub const API_PORTS: &str = "API_PORTS";
-    pub const ORG_BY_ADDR: &str = "ORG_BY_ADDR";
-    pub const ORG_BY_HOST: &str = "ORG_BY_HOST";
-    pub const ORG_LIMITS: &str = "ORG_LIMITS";
-    pub const ORG_CONNS: &str = "ORG_CONNS";
-    pub const ORG_DAYS: &str = "ORG_DAYS";
-    pub const ORG_REMOTE: &str = "ORG_REMOTE";
-    pub const SOCK_STATE: &str = "SOCK_STATE";
-    pub const SOCK_SLOTS: &str = "SOCK_SLOTS";
-    pub const API_SOCKS: &str = "API_SOCKS";
-    pub const PUSH_SOCKS: &str = "PUSH_SOCKS";
-    pub const SOCK_COUNT: &str = "SOCK_COUNT";
-    pub const SOCK_GEN: &str = "SOCK_GEN";
-    pub const VERDICT_NEXT: &str = "VERDICT_NEXT";
-    pub const PUSH_NEXT: &str = "PUSH_NEXT";
-    pub const EVENTS: &str = "EVENTS";
-    pub const FAULTS: &str = "FAULTS";
-    pub const REFUSE: &str = "REFUSE";
-    pub const SCRATCH: &str = "SCRATCH";
-    pub const MEDIA_MATCH: &str = "MEDIA_MATCH";
-    pub const WALK: &str = "WALK";
-}
 
 /// Program names (the Rust function names in limiter-ebpf).
 pub mod programs {

@@ -318,6 +318,11 @@ impl<'a> Reply<'a> {
         r
     }
 
+    /// Which limit this reply is for.
+    pub const fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// The seconds the client should wait.
     const fn retry(&self) -> u64 {
         match self.policy {

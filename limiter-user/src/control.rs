@@ -2,9 +2,14 @@
 //! one JSON request line, one JSON response line, over a Unix socket only root can open.
 
 use std::{
+    collections::VecDeque,
     io::{BufRead, BufReader, Write},
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -13,8 +18,9 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
-    net::UnixListener,
+    net::{UnixListener, UnixStream as AsyncUnixStream},
     sync::{mpsc, oneshot},
+    task::JoinHandle,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,13 +158,20 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Longest request line accepted from the CLI.
-const MAX_REQUEST: u64 = 64 * 1024;
+pub const MAX_REQUEST: u64 = 64 * 1024;
 /// A CLI connection that sends no complete request in this time is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// CLI connections served at once; one more closes the oldest that has not sent its request
+/// yet, so clients that connect and hold on can neither take the daemon's file descriptors nor
+/// lock the CLI out.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A CLI that does not take its answer in this time is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Accepts CLI connections and forwards each request to the main loop, so all map access stays
 /// on one task.
 pub async fn serve(listener: UnixListener, to_daemon: mpsc::Sender<Pending>) {
+    let mut live: VecDeque<Connection> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -168,33 +181,60 @@ pub async fn serve(listener: UnixListener, to_daemon: mpsc::Sender<Pending>) {
                 continue;
             }
         };
-        let to_daemon = to_daemon.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut lines =
-                tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
-            let Ok(Ok(Some(line))) = tokio::time::timeout(REQUEST_TIMEOUT, lines.next_line()).await
-            else {
-                return;
-            };
-            let response = match serde_json::from_str::<Request>(&line) {
-                Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(request) => {
-                    let (reply, answer) = oneshot::channel();
-                    if to_daemon.send(Pending { request, reply }).await.is_err() {
-                        Response::err("the daemon is shutting down")
-                    } else {
-                        answer
-                            .await
-                            .unwrap_or_else(|_| Response::err("the daemon dropped the request"))
+        live.retain(|c| !c.task.is_finished());
+        if live.len() >= MAX_CONNECTIONS {
+            // Full: the oldest connection still waiting for its request goes. One whose
+            // request is in hand is answered; when all are, the newcomer is turned away.
+            match live.iter().position(|c| c.reading.load(Ordering::Relaxed)) {
+                Some(i) => {
+                    if let Some(c) = live.remove(i) {
+                        c.task.abort();
                     }
                 }
-            };
-            let mut out = serde_json::to_vec(&response).unwrap_or_default();
-            out.push(b'\n');
-            let _ = write.write_all(&out).await;
-        });
+                None => continue,
+            }
+        }
+        let reading = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(answer(stream, to_daemon.clone(), reading.clone()));
+        live.push_back(Connection { task, reading });
     }
+}
+
+/// A CLI connection being served, and whether it is still waiting for its request.
+struct Connection {
+    task: JoinHandle<()>,
+    reading: Arc<AtomicBool>,
+}
+
+/// Reads one request line, has the main loop answer it, and writes the answer back.
+async fn answer(
+    stream: AsyncUnixStream,
+    to_daemon: mpsc::Sender<Pending>,
+    reading: Arc<AtomicBool>,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut lines =
+        tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST)).lines();
+    let Ok(Ok(Some(line))) = tokio::time::timeout(REQUEST_TIMEOUT, lines.next_line()).await else {
+        return;
+    };
+    reading.store(false, Ordering::Relaxed);
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::err(format!("bad request: {e}")),
+        Ok(request) => {
+            let (reply, answer) = oneshot::channel();
+            if to_daemon.send(Pending { request, reply }).await.is_err() {
+                Response::err("the daemon is shutting down")
+            } else {
+                answer
+                    .await
+                    .unwrap_or_else(|_| Response::err("the daemon dropped the request"))
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await;
 }
 
 #[cfg(test)]

@@ -8,14 +8,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, ProgramArray, RingBuf, SockHash},
+    maps::{Map, MapError},
     programs::{
         CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode, links::FdLink,
     },
 };
-use limiter_common::{AddrKey, Config, DayCounters, OrgLimits, RemoteCount, names, programs};
+use limiter_common::{
+    layout::{
+        API_PORTS, API_SOCKS, CONFIG, EVENTS, FAULTS, Handle, MAPS, MEDIA_MATCH, MapSpec,
+        ORG_BY_ADDR, ORG_BY_HOST, ORG_CONNS, ORG_DAYS, ORG_LIMITS, ORG_REMOTE, PUSH_NEXT,
+        PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, VERDICT_NEXT,
+    },
+    programs,
+};
 
-use crate::pins;
+use crate::{bpf, pins};
 use thiserror::Error;
 
 /// The kernel object, built by build.rs from limiter-ebpf and embedded so `limiter` is one file.
@@ -69,22 +76,23 @@ pub enum LoadError {
     },
 }
 
-/// The loaded programs (attached while this lives) and the maps the daemon works with.
+/// The loaded programs (attached while this lives) and the maps the daemon works with, each
+/// typed as the layout declares it.
 pub struct Kernel {
-    pub config: Array<MapData, Config>,
-    pub ports: HashMap<MapData, u16, u8>,
-    pub org_by_addr: LpmTrie<MapData, AddrKey, u32>,
+    pub config: Handle<CONFIG>,
+    pub ports: Handle<API_PORTS>,
+    pub org_by_addr: Handle<ORG_BY_ADDR>,
     /// Single addresses; see `HOST_PREFIX_LEN`.
-    pub org_by_host: HashMap<MapData, AddrKey, u32>,
-    pub org_limits: Array<MapData, OrgLimits>,
-    pub org_conns: Array<MapData, i64>,
-    pub org_days: Array<MapData, DayCounters>,
-    pub org_remote: Array<MapData, RemoteCount>,
-    pub faults: Array<MapData, u64>,
+    pub org_by_host: Handle<ORG_BY_HOST>,
+    pub org_limits: Handle<ORG_LIMITS>,
+    pub org_conns: Handle<ORG_CONNS>,
+    pub org_days: Handle<ORG_DAYS>,
+    pub org_remote: Handle<ORG_REMOTE>,
+    pub faults: Handle<FAULTS>,
     /// The media prefixes as the verdict compares them (see `stream::MediaPrefixes`).
-    pub media_match: Array<MapData, u8>,
+    pub media_match: Handle<MEDIA_MATCH>,
     /// Taken by the event reader task.
-    pub events: Option<RingBuf<MapData>>,
+    pub events: Option<Handle<EVENTS>>,
     /// Pinned maps of an earlier daemon were reused: the kernel's counts are current.
     pub resumed: bool,
     /// This build's pin directory (`<pin_dir>/<layout>`).
@@ -99,22 +107,32 @@ pub struct Kernel {
     pub org_epoch: u32,
     /// This start's programs (unique per start); see `attach`.
     generation: u64,
-    _refuse: ProgramArray<MapData>,
-    api_socks: SockHash<MapData, u64>,
-    push_socks: SockHash<MapData, u64>,
-    sock_gen: Array<MapData, u64>,
-    verdict_next: ProgramArray<MapData>,
-    push_next: ProgramArray<MapData>,
+    _refuse: Handle<REFUSE>,
+    api_socks: Handle<API_SOCKS>,
+    push_socks: Handle<PUSH_SOCKS>,
+    sock_gen: Handle<SOCK_GEN>,
+    verdict_next: Handle<VERDICT_NEXT>,
+    push_next: Handle<PUSH_NEXT>,
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+/// Takes map `M` out of the object, as the layout types it.
+fn take<M: MapSpec>(ebpf: &mut Ebpf) -> Result<Handle<M>, LoadError>
 where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
+    Handle<M>: TryFrom<Map, Error = MapError>,
 {
+    let name = M::DEF.name;
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+    Handle::<M>::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// A failed write to map `M`.
+fn map_error<M: MapSpec>(source: MapError) -> LoadError {
+    LoadError::Map {
+        name: M::DEF.name,
+        source,
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
@@ -130,8 +148,8 @@ where
 
 /// Points the link pinned at `path` at `prog` (an upgrade or restart swapping programs in place).
 fn update_pinned_link(path: &Path, prog: &aya::programs::ProgramFd) -> Result<(), LoadError> {
-    pins::obj_get(path)
-        .and_then(|l| pins::link_update(&l, &prog.as_fd().as_raw_fd()))
+    bpf::obj_get(path)
+        .and_then(|l| bpf::link_update(&l, &prog.as_fd().as_raw_fd()))
         .map_err(|source| LoadError::Link {
             path: path.display().to_string(),
             source,
@@ -223,45 +241,38 @@ impl Kernel {
         loader.override_global(limiter_common::SOCK_SLOT_MASK_GLOBAL, &slot_mask, true);
         loader.override_global(limiter_common::SOCK_CAPACITY_GLOBAL, &sock_capacity, true);
         loader.override_global(limiter_common::GENERATION_GLOBAL, &generation, true);
-        // Every map sized and pinned as the shapes say (the org and address tables follow the
+        // Every map sized and pinned as the layout says (the org and address tables follow the
         // config's counts; the socket tables are the same for every layout).
-        let paths: Vec<(&str, u32, PathBuf)> = pins::layout_maps(cap)
-            .iter()
-            .map(|(name, _, _, max)| (*name, *max, dir.join(name)))
-            .chain(
-                pins::socket_maps()
-                    .iter()
-                    .map(|(name, _, _, max)| (*name, *max, dirs.socks.join(name))),
-            )
-            .collect();
-        for (name, max, path) in &paths {
-            loader.map_max_entries(name, *max);
-            loader.map_pin_path(name, path.as_path());
+        let sizes = cap.sizes();
+        for def in MAPS {
+            let pin_dir = match def.pin {
+                Pin::Layout => &dir,
+                Pin::Sockets => &dirs.socks,
+            };
+            loader.map_max_entries(def.name, def.max_entries(sizes));
+            loader.map_pin_path(def.name, pin_dir.join(def.name));
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
 
         // The 429 writer is tail-called by the verdict, never attached.
-        let mut refuse: ProgramArray<MapData> = take(&mut ebpf, names::REFUSE)?;
+        let mut refuse = take::<REFUSE>(&mut ebpf)?;
         let fd = program::<SkSkb>(&mut ebpf, programs::REFUSE)?
             .fd()
             .map_err(prog_err(programs::REFUSE))?;
-        refuse.set(0, fd, 0).map_err(|source| LoadError::Map {
-            name: names::REFUSE,
-            source,
-        })?;
+        refuse.set(0, fd, 0).map_err(map_error::<REFUSE>)?;
         Ok(Kernel {
-            config: take(&mut ebpf, names::CONFIG)?,
-            ports: take(&mut ebpf, names::API_PORTS)?,
-            org_by_addr: take(&mut ebpf, names::ORG_BY_ADDR)?,
-            org_by_host: take(&mut ebpf, names::ORG_BY_HOST)?,
-            org_limits: take(&mut ebpf, names::ORG_LIMITS)?,
-            org_conns: take(&mut ebpf, names::ORG_CONNS)?,
-            org_days: take(&mut ebpf, names::ORG_DAYS)?,
-            org_remote: take(&mut ebpf, names::ORG_REMOTE)?,
-            faults: take(&mut ebpf, names::FAULTS)?,
-            media_match: take(&mut ebpf, names::MEDIA_MATCH)?,
-            events: Some(take(&mut ebpf, names::EVENTS)?),
+            config: take::<CONFIG>(&mut ebpf)?,
+            ports: take::<API_PORTS>(&mut ebpf)?,
+            org_by_addr: take::<ORG_BY_ADDR>(&mut ebpf)?,
+            org_by_host: take::<ORG_BY_HOST>(&mut ebpf)?,
+            org_limits: take::<ORG_LIMITS>(&mut ebpf)?,
+            org_conns: take::<ORG_CONNS>(&mut ebpf)?,
+            org_days: take::<ORG_DAYS>(&mut ebpf)?,
+            org_remote: take::<ORG_REMOTE>(&mut ebpf)?,
+            faults: take::<FAULTS>(&mut ebpf)?,
+            media_match: take::<MEDIA_MATCH>(&mut ebpf)?,
+            events: Some(take::<EVENTS>(&mut ebpf)?),
             resumed,
             capacity: cap,
             pin_dir: dir,
@@ -270,11 +281,11 @@ impl Kernel {
             org_epoch: (generation ^ (generation >> 32)) as u32 | 1,
             generation,
             _refuse: refuse,
-            api_socks: take(&mut ebpf, names::API_SOCKS)?,
-            push_socks: take(&mut ebpf, names::PUSH_SOCKS)?,
-            sock_gen: take(&mut ebpf, names::SOCK_GEN)?,
-            verdict_next: take(&mut ebpf, names::VERDICT_NEXT)?,
-            push_next: take(&mut ebpf, names::PUSH_NEXT)?,
+            api_socks: take::<API_SOCKS>(&mut ebpf)?,
+            push_socks: take::<PUSH_SOCKS>(&mut ebpf)?,
+            sock_gen: take::<SOCK_GEN>(&mut ebpf)?,
+            verdict_next: take::<VERDICT_NEXT>(&mut ebpf)?,
+            push_next: take::<PUSH_NEXT>(&mut ebpf)?,
             _ebpf: ebpf,
         })
     }
@@ -307,10 +318,7 @@ impl Kernel {
         let fd = verdict.fd().map_err(prog_err(programs::VERDICT))?;
         self.verdict_next
             .set(0, fd, 0)
-            .map_err(|source| LoadError::Map {
-                name: names::VERDICT_NEXT,
-                source,
-            })?;
+            .map_err(map_error::<VERDICT_NEXT>)?;
         let push = program::<SkMsg>(ebpf, programs::PUSH_MSG)?;
         let id = push
             .attach(self.push_socks.fd())
@@ -319,17 +327,11 @@ impl Kernel {
         let fd = push.fd().map_err(prog_err(programs::PUSH_MSG))?;
         self.push_next
             .set(0, fd, 0)
-            .map_err(|source| LoadError::Map {
-                name: names::PUSH_NEXT,
-                source,
-            })?;
+            .map_err(map_error::<PUSH_NEXT>)?;
         // From here the programs of earlier starts hand their sockets' traffic to these.
         self.sock_gen
             .set(0, self.generation, 0)
-            .map_err(|source| LoadError::Map {
-                name: names::SOCK_GEN,
-                source,
-            })?;
+            .map_err(map_error::<SOCK_GEN>)?;
 
         pins::adopt_links(&self.pin_root, &self.pin_dir)?;
         let sock_ops = program::<SockOps>(ebpf, programs::SOCK_OPS)?;
@@ -342,7 +344,7 @@ impl Kernel {
                     path: cgroup.display().to_string(),
                     source,
                 })?;
-            let current = pins::obj_get(&link).and_then(|l| pins::link_cgroup_id(&l));
+            let current = bpf::obj_get(&link).and_then(|l| bpf::link_cgroup_id(&l));
             if current.is_ok_and(|id| id != wanted) {
                 std::fs::remove_file(&link).map_err(|source| LoadError::Link {
                     path: link.display().to_string(),
@@ -456,5 +458,60 @@ impl Kernel {
     /// Capacity of the org maps (org ids must stay below it).
     pub fn org_capacity(&self) -> u32 {
         self.org_conns.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::generated::bpf_map_type;
+    use limiter_common::layout::{MAPS, MapKind, Sizes};
+
+    use super::EBPF_OBJECT;
+
+    fn map_type(kind: MapKind) -> u32 {
+        (match kind {
+            MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
+            MapKind::HashMap => bpf_map_type::BPF_MAP_TYPE_HASH,
+            MapKind::LpmTrie => bpf_map_type::BPF_MAP_TYPE_LPM_TRIE,
+            MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+            MapKind::ProgramArray => bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY,
+            MapKind::RingBuf => bpf_map_type::BPF_MAP_TYPE_RINGBUF,
+            MapKind::SockHash => bpf_map_type::BPF_MAP_TYPE_SOCKHASH,
+        }) as u32
+    }
+
+    #[test]
+    fn the_object_holds_the_maps_the_layout_declares() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        // Sections of globals (.rodata, .bss, .data) are maps too; the layout has the rest.
+        let mut in_object: Vec<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        in_object.sort_unstable();
+        let mut declared: Vec<&str> = MAPS.iter().map(|def| def.name).collect();
+        declared.sort_unstable();
+        assert_eq!(in_object, declared);
+        for def in MAPS {
+            let map = &object.maps[def.name];
+            assert_eq!(
+                (
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries()
+                ),
+                (
+                    map_type(def.kind),
+                    def.key_size,
+                    def.value_size,
+                    def.max_entries(Sizes::BUILT_IN)
+                ),
+                "{}",
+                def.name
+            );
+        }
     }
 }

@@ -1,6 +1,11 @@
-//! The `limiter` binary: daemon and CLI (docs/cli.md).
+//! The `limiter` binary: daemon and CLI (docs/cli.md). The demo, the bench and the test world are
+//! the lab's (`limiter-lab`); `limiter demo` only runs it.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{self, ExitCode},
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -8,9 +13,8 @@ use limiter_user::{
     check,
     config::{self, Config},
     control::{self, Request, Response},
-    daemon, demo, logging,
+    daemon, logging,
     report::Report,
-    testbed,
 };
 
 #[derive(Parser, Debug)]
@@ -44,14 +48,12 @@ enum Command {
     /// Stop the daemon if it runs and remove everything it pinned: the programs detach.
     Unload,
     /// Self-contained demo in private namespaces (needs root).
+    ///
+    /// Runs `limiter-lab demo`, which `cargo xtask demo` builds next to this binary.
     Demo,
-    /// Side-by-side performance measurements (run by `cargo xtask bench`; needs root, nginx, wrk).
-    #[command(hide = true)]
-    Bench(limiter_user::bench::BenchArgs),
+    #[cfg(feature = "test-hooks")]
     #[command(hide = true, subcommand)]
     Debug(DebugCommand),
-    #[command(hide = true, subcommand)]
-    Testbed(testbed::TestbedCommand),
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +85,8 @@ struct ResetArgs {
     all: bool,
 }
 
+/// Test hooks (builds with the `test-hooks` feature only).
+#[cfg(feature = "test-hooks")]
 #[derive(Subcommand, Debug)]
 enum DebugCommand {
     /// Step the daemon's and the kernel's quota clock by SECS, forward or back (negative); tests of
@@ -102,7 +106,7 @@ enum DebugCommand {
 /// itself.
 fn control_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
     match Config::load(&cli.config) {
-        Ok(cfg) => Ok(cfg.daemon.control_socket),
+        Ok(cfg) => Ok(cfg.daemon.control_socket.into_inner()),
         Err(e) => {
             let text = std::fs::read_to_string(&cli.config).map_err(|_| e)?;
             let value: toml::Value = toml::from_str(&text).unwrap_or(toml::Value::Integer(0));
@@ -139,6 +143,28 @@ fn wait_gone(socket: &std::path::Path) {
     }
 }
 
+/// The lab binary that holds the demo: `limiter-lab` next to this executable.
+const LAB: &str = "limiter-lab";
+
+/// Runs `limiter-lab demo` in place of this process, pointed at this `limiter` as the daemon, so
+/// that no test world is compiled into the product.
+fn demo() -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the limiter executable")?;
+    let lab = exe.with_file_name(LAB);
+    if !lab.is_file() {
+        bail!(
+            "the demo is in the lab binary `{LAB}`, which is not next to {}: run `cargo xtask demo` \
+             in a source checkout (it builds both binaries and runs the demo)",
+            exe.display()
+        );
+    }
+    let error = process::Command::new(&lab)
+        .arg("demo")
+        .env("LIMITER_BIN", &exe)
+        .exec();
+    Err(error).with_context(|| format!("running {}", lab.display()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(&cli) {
@@ -157,7 +183,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let started = std::time::Instant::now();
             let cfg = Config::load(&cli.config)?;
             let parse_ms = started.elapsed().as_millis() as u64;
-            logging::init(cfg.daemon.log_format);
+            logging::init(*cfg.daemon.log_format);
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(daemon::run(&cli.config, cfg, parse_ms))?;
         }
@@ -242,8 +268,8 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Demo => return demo::run(),
-        Command::Bench(a) => return limiter_user::bench::run(a),
+        Command::Demo => return demo(),
+        #[cfg(feature = "test-hooks")]
         Command::Debug(DebugCommand::AdvanceClock { secs, kernel_only }) => {
             let resp = ask(
                 cli,
@@ -254,7 +280,6 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             )?;
             println!("{}", resp.parse::<serde_json::Value>()?);
         }
-        Command::Testbed(cmd) => testbed::run_command(cmd.clone())?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,17 +11,13 @@
 
 use std::{
     ffi::CString,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::maps::MapInfo;
 use limiter_common::{
-    API_SOCKS_FACTOR, AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT,
-    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SOCK_FORMAT, SockSlot,
-    SockState, names,
-    reply::Scratch,
-    stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
+    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, SOCK_FORMAT,
+    layout::{MAPS, MapDef, Pin, Sizes},
 };
 use thiserror::Error;
 
@@ -94,71 +90,61 @@ impl Capacity {
     }
 }
 
-/// (name, key size, value size, max entries) of a pinned map.
-pub type MapShape = (&'static str, u32, u32, u32);
+impl Capacity {
+    /// The sizes the maps are made with: these, and the socket capacity.
+    pub fn sizes(self) -> Sizes {
+        Sizes {
+            orgs: self.orgs,
+            cidrs: self.cidrs,
+            sockets: sock_capacity(),
+        }
+    }
+}
+
+/// A map as it is pinned: what must match for a pinned map to be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapShape {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl MapShape {
+    pub const fn of(def: &MapDef, sizes: Sizes) -> Self {
+        MapShape {
+            name: def.name,
+            key_size: def.key_size,
+            value_size: def.value_size,
+            max_entries: def.max_entries(sizes),
+        }
+    }
+}
 
 /// Every pinned map: the layout's and the shared socket tables.
 pub fn expected_maps(cap: Capacity) -> Vec<MapShape> {
-    let mut all = layout_maps(cap);
-    all.extend(socket_maps());
-    all
+    let sizes = cap.sizes();
+    MAPS.iter().map(|def| MapShape::of(def, sizes)).collect()
+}
+
+/// The maps pinned in `pin`'s directory, in the layout's order.
+fn pinned_in(pin: Pin, cap: Capacity) -> Vec<MapShape> {
+    let sizes = cap.sizes();
+    MAPS.iter()
+        .filter(|def| def.pin == pin)
+        .map(|def| MapShape::of(def, sizes))
+        .collect()
 }
 
 /// The maps of one layout (in its own directory): what the config's size decides, and what the
 /// programs of that layout own.
 pub fn layout_maps(cap: Capacity) -> Vec<MapShape> {
-    let sz = |n: usize| n as u32;
-    vec![
-        (names::CONFIG, 4, sz(size_of::<Config>()), 1),
-        (names::API_PORTS, 2, 1, MAX_API_PORTS),
-        (
-            names::ORG_BY_ADDR,
-            sz(4 + size_of::<AddrKey>()),
-            4,
-            cap.cidrs,
-        ),
-        (names::ORG_BY_HOST, sz(size_of::<AddrKey>()), 4, cap.cidrs),
-        (names::ORG_LIMITS, 4, sz(size_of::<OrgLimits>()), cap.orgs),
-        (names::ORG_CONNS, 4, 8, cap.orgs),
-        (
-            names::ORG_DAYS,
-            4,
-            sz(size_of::<DayCounters>()),
-            cap.orgs * DAY_SLOTS,
-        ),
-        (
-            names::ORG_REMOTE,
-            4,
-            sz(size_of::<RemoteCount>()),
-            cap.orgs * DAY_SLOTS,
-        ),
-        (names::EVENTS, 0, 0, EVENTS_BYTES),
-        (names::FAULTS, 4, 8, FAULT_COUNT),
-        (names::SCRATCH, 4, sz(size_of::<Scratch>()), 1),
-        (names::MEDIA_MATCH, 4, 1, MEDIA_MATCH_ENTRIES),
-        (names::WALK, 4, sz(size_of::<WalkSlot>()), WALK_SLOTS),
-        (names::REFUSE, 4, 4, 1),
-    ]
+    pinned_in(Pin::Layout, cap)
 }
 
 /// The socket tables, shared by every layout.
 pub fn socket_maps() -> Vec<MapShape> {
-    let cap = sock_capacity();
-    vec![
-        (names::SOCK_STATE, 8, size_of::<SockState>() as u32, cap),
-        (
-            names::SOCK_SLOTS,
-            4,
-            size_of::<SockSlot>() as u32,
-            MAX_SOCKETS,
-        ),
-        (names::SOCK_COUNT, 4, 8, 1),
-        (names::API_SOCKS, 8, 4, cap * API_SOCKS_FACTOR),
-        (names::PUSH_SOCKS, 8, 4, MAX_SOCKETS),
-        (names::SOCK_GEN, 4, 8, 1),
-        (names::VERDICT_NEXT, 4, 4, 1),
-        (names::PUSH_NEXT, 4, 4, 1),
-    ]
+    pinned_in(Pin::Sockets, Capacity::default())
 }
 
 /// A short hash of map shapes and extra words.
@@ -170,11 +156,11 @@ fn shape_hash(maps: &[MapShape], extra: &[u32]) -> u32 {
             h = h.wrapping_mul(0x100_0000_01b3);
         }
     };
-    for (name, k, v, m) in maps {
-        eat(name.as_bytes());
-        eat(&k.to_le_bytes());
-        eat(&v.to_le_bytes());
-        eat(&m.to_le_bytes());
+    for m in maps {
+        eat(m.name.as_bytes());
+        eat(&m.key_size.to_le_bytes());
+        eat(&m.value_size.to_le_bytes());
+        eat(&m.max_entries.to_le_bytes());
     }
     for x in extra {
         eat(&x.to_le_bytes());
@@ -294,8 +280,8 @@ fn check_owner(path: &Path) -> Result<(), PinError> {
 /// pinned (the daemon resumes from the kernel's state rather than starting fresh).
 pub fn check_existing(dir: &Path, maps: &[MapShape]) -> Result<bool, PinError> {
     let mut any = false;
-    for &(name, key, value, max) in maps {
-        let path = dir.join(name);
+    for m in maps {
+        let path = dir.join(m.name);
         if !path.exists() {
             continue;
         }
@@ -305,9 +291,9 @@ pub fn check_existing(dir: &Path, maps: &[MapShape]) -> Result<bool, PinError> {
             source: std::io::Error::other(e.to_string()),
         })?;
         for (what, pinned, expected) in [
-            ("key size", info.key_size(), key),
-            ("value size", info.value_size(), value),
-            ("max entries", info.max_entries(), max),
+            ("key size", info.key_size(), m.key_size),
+            ("value size", info.value_size(), m.value_size),
+            ("max entries", info.max_entries(), m.max_entries),
         ] {
             if pinned != expected {
                 return Err(PinError::Mismatch {
@@ -320,164 +306,6 @@ pub fn check_existing(dir: &Path, maps: &[MapShape]) -> Result<bool, PinError> {
         }
     }
     Ok(any)
-}
-
-fn bpf(cmd: libc::c_int, attr: &mut [u8; 128]) -> std::io::Result<i64> {
-    // SAFETY: the bpf syscall with a zero-padded attribute buffer of the size we pass.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-/// Opens a pinned object (BPF_OBJ_GET), for link updates aya does not offer for every link type.
-pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    const BPF_OBJ_GET: libc::c_int = 7;
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
-    let mut attr = [0u8; 128];
-    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new fd that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Points an existing bpf_link at a new program, atomically (BPF_LINK_UPDATE): an upgraded daemon
-/// swaps programs without a moment in which nothing is attached.
-pub fn link_update(link: &OwnedFd, prog: &impl AsRawFd) -> std::io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_int = 29;
-    let mut attr = [0u8; 128];
-    attr[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
-}
-
-/// Elements per BPF_MAP_*_BATCH syscall.
-const BATCH_CHUNK: usize = 16_384;
-
-/// The `batch` attribute of BPF_MAP_{LOOKUP,UPDATE}_BATCH.
-fn batch_attr(
-    map: &OwnedFd,
-    in_batch: Option<&u32>,
-    out_batch: Option<&mut u32>,
-    keys: *const u8,
-    values: *const u8,
-    count: usize,
-) -> [u8; 128] {
-    let mut attr = [0u8; 128];
-    if let Some(t) = in_batch {
-        attr[..8].copy_from_slice(&(t as *const u32 as u64).to_ne_bytes());
-    }
-    if let Some(t) = out_batch {
-        attr[8..16].copy_from_slice(&(t as *mut u32 as u64).to_ne_bytes());
-    }
-    attr[16..24].copy_from_slice(&(keys as u64).to_ne_bytes());
-    attr[24..32].copy_from_slice(&(values as u64).to_ne_bytes());
-    attr[32..36].copy_from_slice(&(count as u32).to_ne_bytes());
-    attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
-    attr
-}
-
-/// How many elements the kernel says a batch command did.
-fn batch_done(attr: &[u8; 128]) -> usize {
-    let mut did = [0u8; 4];
-    did.copy_from_slice(&attr[32..36]);
-    u32::from_ne_bytes(did) as usize
-}
-
-/// Writes many elements with one syscall per chunk (BPF_MAP_UPDATE_BATCH): loading a million
-/// orgs element by element costs seconds in syscalls alone. `keys` and `values` hold `count`
-/// packed elements each.
-pub fn update_batch(
-    map: &OwnedFd,
-    keys: &[u8],
-    values: &[u8],
-    count: usize,
-) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
-    if count == 0 {
-        return Ok(());
-    }
-    let (ksz, vsz) = (keys.len() / count, values.len() / count);
-    let mut done = 0;
-    while done < count {
-        let n = (count - done).min(BATCH_CHUNK);
-        let (k, v) = (keys[done * ksz..].as_ptr(), values[done * vsz..].as_ptr());
-        let mut attr = batch_attr(map, None, None, k, v, n);
-        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-        let did = batch_done(&attr);
-        if did == 0 {
-            return Err(std::io::Error::other("batch update made no progress"));
-        }
-        done += did;
-    }
-    Ok(())
-}
-
-/// Reads up to `max` elements of a map (BPF_MAP_LOOKUP_BATCH; an array in index order) a chunk
-/// per syscall, handing each chunk's packed keys and values to `each`, and returns how many there
-/// were. One lookup per element cost seconds of syscalls per snapshot, report, cluster sync or
-/// restart with a million orgs; keeping only what the caller needs keeps memory at one chunk.
-pub fn lookup_batch_chunks(
-    map: &OwnedFd,
-    key_size: usize,
-    value_size: usize,
-    max: usize,
-    mut each: impl FnMut(&[u8], &[u8]),
-) -> std::io::Result<usize> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
-    let mut kbuf = vec![0u8; BATCH_CHUNK * key_size];
-    let mut vbuf = vec![0u8; BATCH_CHUNK * value_size];
-    // The kernel's position token (an array index or a hash bucket), handed back each call.
-    let (mut token, mut next) = (0u32, 0u32);
-    let mut total = 0;
-    while total < max {
-        let n = (max - total).min(BATCH_CHUNK);
-        let in_batch = (total > 0).then_some(&token);
-        let mut attr = batch_attr(
-            map,
-            in_batch,
-            Some(&mut next),
-            kbuf.as_mut_ptr(),
-            vbuf.as_mut_ptr(),
-            n,
-        );
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let did = batch_done(&attr);
-        // ENOENT: the end of the map; what this call read still counts.
-        let end = match r {
-            Ok(_) => false,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) => return Err(e),
-        };
-        each(&kbuf[..did * key_size], &vbuf[..did * value_size]);
-        total += did;
-        if end {
-            break;
-        }
-        if did == 0 {
-            return Err(std::io::Error::other("batch lookup made no progress"));
-        }
-        token = next;
-    }
-    Ok(total)
-}
-
-/// The cgroup id (the cgroup directory's inode) a pinned cgroup link is attached to.
-pub fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
-    let mut info = [0u8; 64];
-    let mut attr = [0u8; 128];
-    attr[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    // struct bpf_link_info { u32 type, id, prog_id; union (8-aligned) { struct { u64 cgroup_id; ... } } }
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&info[16..24]);
-    Ok(u64::from_ne_bytes(id))
 }
 
 /// Removes every pin directory under `pin_dir` except `keep` (another layout: an older build, or

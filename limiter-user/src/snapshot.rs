@@ -145,8 +145,10 @@ pub fn write(state_dir: &Path, snap: &DaySnapshot<'_>) -> Result<PathBuf, Snapsh
         let f = out.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()
     })()
-    .map_err(io(&tmp))
-    .and_then(|()| std::fs::rename(&tmp, &target).map_err(io(&target)));
+    .map_err(io(&tmp));
+    // Test hook: the temporary file is complete, the day's file not replaced yet.
+    crate::hooks::pause("LIMITER_TEST_PAUSE_SNAPSHOT_RENAME");
+    let written = written.and_then(|()| std::fs::rename(&tmp, &target).map_err(io(&target)));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

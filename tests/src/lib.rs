@@ -1,7 +1,11 @@
 //! Harness of the integration tests: a [`World`] is a private testbed (namespaces, cgroup, bpffs)
-//! with the test API server running in it and, once started, a real `limiter run` daemon whose
-//! programs are attached to the testbed's cgroup. Dropping it stops the daemon and removes
-//! everything, also when the test fails.
+//! with the test API server (`limiter-lab testbed serve`) running in it and, once started, a real
+//! `limiter run` daemon whose programs are attached to the testbed's cgroup. Dropping it stops the
+//! daemon and removes everything, also when the test fails.
+//!
+//! The `limiter` binary must have the test hooks: `cargo build --all-targets` and `cargo test`
+//! build it so (this crate's dev-dependency turns on `limiter-user/test-hooks`), as
+//! `cargo xtask test` does; a plain `cargo build` does not.
 
 use std::{
     future::Future,
@@ -12,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use limiter_user::testbed::{self, AccessEntry, ServeArgs, Testbed, TestbedOptions};
+use limiter_lab::testbed::{self, AccessEntry, ServeArgs, Testbed, TestbedOptions};
 use serde_json::Value;
 
 /// The API port of every world.
@@ -24,7 +28,10 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 pub struct World {
     pub tb: Testbed,
+    /// The product binary `limiter` (daemon and CLI).
     pub exe: PathBuf,
+    /// The lab binary `limiter-lab` (test server and push sender).
+    pub lab: PathBuf,
     pub config: PathBuf,
     pub server_log: PathBuf,
     daemon_log: PathBuf,
@@ -49,7 +56,7 @@ impl World {
     /// A testbed with `v4`/`v6` extra client addresses and the API server listening on
     /// `[::]:8080` (dual-stack, so IPv4 clients arrive IPv4-mapped) in the server netns and cgroup.
     pub fn new(name: &str, v4: usize, v6: usize) -> Result<World> {
-        let (tb, exe) = testbed_for(name, v4, v6)?;
+        let (tb, exe, lab) = testbed_for(name, v4, v6)?;
         let server_log = tb.dir().join("access.log");
         let args = ServeArgs {
             listen: vec![SocketAddr::from((
@@ -59,18 +66,19 @@ impl World {
             log: server_log.clone(),
             body_bytes: 0,
         };
-        tb.spawn_in_server(testbed::serve_command(&exe, &args))?;
-        World::serving(tb, exe, server_log)
+        tb.spawn_in_server(testbed::serve_command(&lab, &args))?;
+        World::serving(tb, exe, lab, server_log)
     }
 
     /// Waits for the API server to listen, then wraps the testbed.
-    fn serving(tb: Testbed, exe: PathBuf, server_log: PathBuf) -> Result<World> {
+    fn serving(tb: Testbed, exe: PathBuf, lab: PathBuf, server_log: PathBuf) -> Result<World> {
         tb.wait_listening(testbed::Side::Server, API_PORT, Duration::from_secs(10))?;
         Ok(World {
             config: tb.dir().join("limiter.toml"),
             daemon_log: tb.dir().join("daemon.log"),
             tb,
             exe,
+            lab,
             server_log,
             daemon: None,
             daemon_extra: String::new(),
@@ -81,7 +89,7 @@ impl World {
     /// A testbed like [`World::new`] whose API server is Debian's nginx (epoll, one worker)
     /// answering `200 ok` on port 8080, IPv4 and IPv6, with its access log at `server_log`.
     pub fn with_nginx(name: &str, v4: usize, v6: usize) -> Result<World> {
-        let (tb, exe) = testbed_for(name, v4, v6)?;
+        let (tb, exe, lab) = testbed_for(name, v4, v6)?;
         let dir = tb.dir().to_path_buf();
         let server_log = dir.join("nginx-access.log");
         let conf = dir.join("nginx.conf");
@@ -106,7 +114,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         tb.spawn_in_server(cmd)?;
-        World::serving(tb, exe, server_log)
+        World::serving(tb, exe, lab, server_log)
     }
 
     /// Lines of nginx's access log (`client method uri length`).
@@ -325,16 +333,38 @@ impl Drop for World {
     }
 }
 
-/// A fresh testbed (stale ones of crashed runs removed first) and the `limiter` binary.
-fn testbed_for(name: &str, v4: usize, v6: usize) -> Result<(Testbed, PathBuf)> {
+/// A fresh testbed (stale ones of crashed runs removed first), the `limiter` binary (checked for
+/// the test hooks) and the `limiter-lab` binary.
+fn testbed_for(name: &str, v4: usize, v6: usize) -> Result<(Testbed, PathBuf, PathBuf)> {
     require_root();
+    let exe = hooked_limiter()?;
+    let lab = testbed::lab_exe()?;
     let _ = testbed::cleanup_stale();
     let tb = Testbed::new(TestbedOptions {
         name: name.to_string(),
         clients_v4: v4,
         clients_v6: v6,
     })?;
-    Ok((tb, testbed::limiter_exe()?))
+    Ok((tb, exe, lab))
+}
+
+/// The `limiter` binary, once it is known to have the test hooks (its hidden `debug` command):
+/// without them the tests that need a hook would fail far from the cause.
+pub fn hooked_limiter() -> Result<PathBuf> {
+    let exe = testbed::limiter_exe()?;
+    let out = Command::new(&exe)
+        .args(["debug", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} was built without the test hooks: build it with `cargo build --all-targets` \
+             (or `cargo build -p limiter-user --features test-hooks`), as `cargo xtask test` does",
+            exe.display()
+        );
+    }
+    Ok(exe)
 }
 
 /// `[[orgs]]` table text.
@@ -362,4 +392,394 @@ pub fn gets(path: &str, count: usize) -> Vec<testbed::Request> {
     (0..count)
         .map(|i| testbed::Request::get(format!("{path}{i}")))
         .collect()
+}
+
+// Fault injection: waiting on conditions, background traffic, Redis, a full disk and the
+// daemon's process.
+
+/// Polls `probe` every 50 ms until it yields a value; fails after `within` with `what` and the
+/// last state `probe` described (`Err` from `probe` ends the wait at once).
+pub fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> Result<Result<T, String>>,
+) -> Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = match probe()? {
+            Ok(v) => return Ok(v),
+            Err(last) => last,
+        };
+        if Instant::now() > deadline {
+            bail!("{what}: not within {within:?}; last: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl World {
+    /// The pid of the running daemon.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// Waits until the daemon's log has `line` at least `times` times.
+    pub fn wait_log_count(&self, line: &str, times: usize) -> Result<String> {
+        wait_for(
+            &format!("{times}× {line:?} in the daemon log"),
+            SETTLE * 2,
+            || {
+                let log = self.daemon_log();
+                Ok(if log.matches(line).count() >= times {
+                    Ok(log)
+                } else {
+                    Err(log)
+                })
+            },
+        )
+    }
+
+    /// Waits until the daemon's log has `line`.
+    pub fn wait_log(&self, line: &str) -> Result<String> {
+        self.wait_log_count(line, 1)
+    }
+
+    /// Where the snapshot of `date` goes.
+    pub fn snapshot_path(&self, date: &str) -> PathBuf {
+        self.dir().join("state/days").join(format!("{date}.json"))
+    }
+
+    /// The snapshot of `date` as it is on disk: None when missing, an error when it does not
+    /// parse (a torn file).
+    pub fn snapshot(&self, date: &str) -> Result<Option<Value>> {
+        let path = self.snapshot_path(date);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .with_context(|| format!("{} does not parse", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| path.display().to_string()),
+        }
+    }
+
+    /// Waits until the snapshot of `date` has `requests` for `org`.
+    pub fn wait_snapshot(&self, date: &str, org: &str, requests: u64) -> Result<Value> {
+        wait_for(
+            &format!("the snapshot of {date} with {requests} requests of {org}"),
+            SETTLE * 2,
+            || {
+                let snap = self.snapshot(date)?.unwrap_or_default();
+                Ok(
+                    if snap["orgs"][org]["requests"].as_u64() == Some(requests) {
+                        Ok(snap)
+                    } else {
+                        Err(snap.to_string())
+                    },
+                )
+            },
+        )
+    }
+
+    /// Today's date as the daemon reports it.
+    pub fn today(&self) -> Result<String> {
+        Ok(self.report()?["day"]
+            .as_str()
+            .context("no day in the report")?
+            .to_string())
+    }
+}
+
+/// What background traffic got: the status of every request, in order.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub statuses: Vec<u16>,
+}
+
+impl Tally {
+    pub fn count(&self, status: u16) -> usize {
+        self.statuses.iter().filter(|s| **s == status).count()
+    }
+}
+
+/// The progress of background traffic, seen from the test's thread.
+pub struct Load {
+    answered: std::sync::atomic::AtomicU64,
+    failed: std::sync::Mutex<Option<String>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Load {
+    /// Requests answered so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `n` more requests than now were answered: the request path works at this
+    /// moment. Fails when one request went unanswered.
+    pub fn wait_more(&self, n: u64) -> Result<()> {
+        let want = self.answered() + n;
+        wait_for(&format!("{n} more answered requests"), SETTLE * 2, || {
+            if let Some(e) = self
+                .failed
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .clone()
+            {
+                bail!("a request of the background traffic failed: {e}");
+            }
+            let now = self.answered();
+            Ok(if now >= want {
+                Ok(())
+            } else {
+                Err(format!("{now} answered"))
+            })
+        })
+    }
+}
+
+/// Runs `body` while GETs go from `src` to the API, one connection each, from a thread in the
+/// client netns. The traffic stops when `body` returns (or panics), or after `max` requests;
+/// every request must get an answer. Returns `body`'s result and what the requests got.
+pub fn under_traffic<R>(
+    w: &World,
+    src: IpAddr,
+    max: usize,
+    body: impl FnOnce(&Load) -> Result<R>,
+) -> Result<(R, Tally)> {
+    use std::sync::atomic::Ordering;
+    let load = Load {
+        answered: 0.into(),
+        failed: std::sync::Mutex::new(None),
+        stop: false.into(),
+    };
+    let api = match src {
+        IpAddr::V4(_) => w.api4(),
+        IpAddr::V6(_) => w.api6(),
+    };
+    /// Stops the traffic however `body` ends.
+    struct Stop<'a>(&'a Load);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.stop.store(true, Ordering::SeqCst);
+        }
+    }
+    std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            w.client(|| async {
+                let mut tally = Tally::default();
+                for i in 0..max {
+                    if load.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let req = [testbed::Request::get(format!("/load/{i}"))];
+                    match testbed::http_requests(src, api, &req, false).await {
+                        Ok(r) => tally.statuses.extend(r.iter().map(|r| r.status)),
+                        Err(e) => {
+                            if let Ok(mut f) = load.failed.lock() {
+                                *f = Some(format!("{e:#}"));
+                            }
+                            return Err(e);
+                        }
+                    }
+                    load.answered.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Ok(tally)
+            })
+        });
+        let out = {
+            let _stop = Stop(&load);
+            body(&load)
+        };
+        let tally = traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("the traffic thread panicked"))?;
+        Ok((out?, tally?))
+    })
+}
+
+/// A redis-server on a loopback port, without persistence (a restart loses its data), that
+/// can be killed, paused (SIGSTOP) and resumed; killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one on `port`, or on a free port.
+    pub fn start(port: Option<u16>) -> Result<Redis> {
+        let port = match port {
+            Some(p) => p,
+            None => std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
+        };
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (cargo xtask setup installs it)")?;
+        let redis = Redis {
+            port,
+            child: Some(child),
+        };
+        wait_for(&format!("redis-server listening on {port}"), SETTLE, || {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(drop)
+                .map_err(|e| e.to_string()))
+        })?;
+        Ok(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn signal(&self, sig: i32) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .context("redis-server is not running")?
+            .id();
+        // SAFETY: signalling our own child, which has not been reaped.
+        if unsafe { libc::kill(pid as i32, sig) } != 0 {
+            bail!(
+                "signalling redis-server: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: connections stay open, nothing is answered.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Redis::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tmpfs of a fixed size mounted on a directory (created if needed), unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size_kib: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let c = |s: &str| std::ffi::CString::new(s).context("a NUL in a mount argument");
+        let target = c(&path.display().to_string())?;
+        let (fstype, data) = (c("tmpfs")?, c(&format!("size={size_kib}k,mode=0700"))?);
+        // SAFETY: every pointer is a valid C string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mounting a tmpfs on {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Fills the free space with the file `name`; returns its path. Removing it frees the
+    /// space again.
+    pub fn fill(&self, name: &str) -> Result<PathBuf> {
+        use std::io::Write as _;
+        let path = self.path.join(name);
+        let mut f = std::fs::File::create(&path)?;
+        let block = vec![0u8; 4096];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e).context("filling the tmpfs"),
+            }
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Ok(target) = std::ffi::CString::new(self.path.display().to_string()) {
+            // Detached: unmounted even while the daemon still has a file open on it.
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no VmRSS for pid {pid}"))
+}
+
+/// Raises this process's soft limit of open files to at least `want` (within the hard limit);
+/// the daemons it starts inherit it.
+pub fn raise_nofile(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= want {
+            return Ok(());
+        }
+        if lim.rlim_max < want {
+            bail!(
+                "RLIMIT_NOFILE's hard limit {} is below {want}",
+                lim.rlim_max
+            );
+        }
+        lim.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// How many files a process has open.
+pub fn open_fds(pid: u32) -> Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use integration_tests::{World, n, org_toml};
-use limiter_user::testbed::{Request, http_requests};
+use limiter_lab::testbed::{Request, http_requests};
 use serde_json::Value;
 
 /// A redis-server on a free loopback port, no persistence (a restart loses its data), killed on

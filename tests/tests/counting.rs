@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::Result;
 use integration_tests::{PUSH_PORT, World, cidr, gets, n, org_toml};
-use limiter_user::testbed::{
+use limiter_lab::testbed::{
     self, PushArgs, Request, ServeArgs, http_requests, open_idle, reset, send_raw,
 };
 use serde_json::Value;
@@ -113,7 +113,7 @@ fn pushes_are_exempt_and_multi_segment_bodies_count_once() -> Result<()> {
         log: receiver_log.clone(),
         body_bytes: 0,
     };
-    w.tb.spawn_in_client(testbed::serve_command(&w.exe, &recv))?;
+    w.tb.spawn_in_client(testbed::serve_command(&w.lab, &recv))?;
     w.tb.wait_listening(
         testbed::Side::Client,
         PUSH_PORT,
@@ -127,7 +127,7 @@ fn pushes_are_exempt_and_multi_segment_bodies_count_once() -> Result<()> {
         body_bytes: 2000,
     };
     let status =
-        w.tb.spawn_in_server(testbed::push_command(&w.exe, &push))?
+        w.tb.spawn_in_server(testbed::push_command(&w.lab, &push))?
             .wait()?;
     assert!(status.success(), "push sender failed");
 

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use anyhow::Result;
 use integration_tests::{World, cidr, gets, n, org_toml};
-use limiter_user::testbed::{HttpConn, Request, Response, exchange_raw, http_requests};
+use limiter_lab::testbed::{HttpConn, Request, Response, exchange_raw, http_requests};
 use serde_json::Value;
 
 /// Checks a response is the contract's daily 429 for `org` with `limit`.
@@ -380,7 +380,7 @@ fn concurrency_reject_answers_the_extra_connection() -> Result<()> {
 /// open connections closes; it then connects and is served.
 #[test]
 fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()> {
-    use limiter_user::testbed::Side;
+    use limiter_lab::testbed::Side;
     use std::time::{Duration, Instant};
     let mut w = World::new("delay", 1, 0)?;
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
@@ -558,7 +558,7 @@ fn refused_connections_close_cleanly() -> Result<()> {
         .args([
             "netns",
             "exec",
-            w.tb.netns(limiter_user::testbed::Side::Server),
+            w.tb.netns(limiter_lab::testbed::Side::Server),
             "ss",
             "-tanH",
             "state",

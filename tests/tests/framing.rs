@@ -8,7 +8,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::Result;
 use integration_tests::{World, cidr, n, org_toml};
-use limiter_user::testbed::{AccessEntry, open_idle};
+use limiter_lab::testbed::{AccessEntry, open_idle};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// A small deterministic generator (xorshift64*): the same sequences on every run.
@@ -408,7 +408,7 @@ fn unfollowable_framing_is_closed_with_400() -> Result<()> {
     let answers = w.client(|| async move {
         let mut out = Vec::new();
         for b in bad {
-            out.push(limiter_user::testbed::exchange_raw(acme, api, b).await?);
+            out.push(limiter_lab::testbed::exchange_raw(acme, api, b).await?);
         }
         Ok(out)
     })?;

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use anyhow::Result;
 use integration_tests::{World, cidr, gets, n, org_toml};
 use limiter_common::day::{civil_from_days, days_from_civil};
-use limiter_user::testbed::{HttpConn, Request, http_requests};
+use limiter_lab::testbed::{HttpConn, Request, http_requests};
 use serde_json::Value;
 
 /// Statuses of `count` GETs from `src`, one connection each.

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use integration_tests::{PUSH_PORT, World, cidr, n, org_toml};
-use limiter_user::testbed::{self, HttpConn, Request, ServeArgs, open_idle, push_on};
+use limiter_lab::testbed::{self, HttpConn, Request, ServeArgs, open_idle, push_on};
 use serde_json::Value;
 use tokio::{net::TcpStream, runtime::Runtime};
 
@@ -197,7 +197,7 @@ fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()>
         log: w.dir().join("receiver.log"),
         body_bytes: 0,
     };
-    w.tb.spawn_in_client(testbed::serve_command(&w.exe, &receiver))?;
+    w.tb.spawn_in_client(testbed::serve_command(&w.lab, &receiver))?;
     w.tb.wait_listening(testbed::Side::Client, PUSH_PORT, Duration::from_secs(10))?;
     let held = Held::new()?;
     let mut conn = held.connect(&w, acme)?;

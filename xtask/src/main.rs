@@ -56,9 +56,9 @@ enum Cmd {
     /// Setup, then `cargo build --release` of the workspace (the `limiter` binary embeds the eBPF
     /// object).
     Build,
-    /// Setup, build, run every test (LIMITER_BIN points the integration tests at the debug
-    /// binary), then, on a full run (no arguments), build and verify the Debian package, then
-    /// `cargo fmt --check` and `cargo clippy -D warnings`.
+    /// Setup, build, run every test (LIMITER_BIN and LIMITER_LAB_BIN point the integration tests
+    /// at the debug binaries, `limiter` with its test hooks), then, on a full run (no arguments),
+    /// build and verify the Debian package, then `cargo fmt --check` and `cargo clippy -D warnings`.
     Test {
         /// Passed to `cargo test` (e.g. `-- -p integration-tests quota -- --nocapture`).
         #[arg(last = true)]
@@ -72,14 +72,15 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
-    /// Setup, `cargo build --release -p limiter-user`, then run `limiter demo`.
+    /// Setup, `cargo build --release -p limiter-user -p limiter-lab`, then run `limiter demo`
+    /// (which runs `limiter-lab demo`).
     Demo {
         /// Passed to `limiter demo`.
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Side-by-side benchmark (nginx + wrk, no limiter vs limiter, 429s, neighbors, scale); writes
-    /// target/bench/bench.{json,md}.
+    /// Side-by-side benchmark (nginx + wrk, no limiter vs limiter, 429s, neighbors, scale) by
+    /// `limiter-lab bench`; writes target/bench/bench.{json,md}.
     Bench {
         /// Short runs, under two minutes.
         #[arg(long)]
@@ -369,9 +370,22 @@ fn package(verify: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo build --release` of the product binary and the lab binary (without the tests, so
+/// `limiter` has no test hooks).
+fn build_release_with_lab() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "limiter-user",
+        "-p",
+        "limiter-lab",
+    ]))
+}
+
 fn demo(args: &[OsString]) -> Result<()> {
     setup()?;
-    run(cargo().args(["build", "--release", "-p", "limiter-user"]))?;
+    build_release_with_lab()?;
     let mut cmd = Command::new(target_dir().join("release").join("limiter"));
     cmd.arg("demo").args(args);
     println!("==> {}", ebpf::describe(&cmd));
@@ -382,8 +396,8 @@ fn demo(args: &[OsString]) -> Result<()> {
 
 fn bench(quick: bool, cost_only: bool) -> Result<()> {
     setup()?;
-    run(cargo().args(["build", "--release", "-p", "limiter-user"]))?;
-    let mut cmd = Command::new(target_dir().join("release").join("limiter"));
+    build_release_with_lab()?;
+    let mut cmd = Command::new(target_dir().join("release").join("limiter-lab"));
     cmd.arg("bench")
         .arg("--out")
         .arg(target_dir().join("bench"));
@@ -424,23 +438,25 @@ impl Outcome {
 fn test(args: &[OsString]) -> Result<()> {
     setup()?;
     let limiter_bin = target_dir().join("debug").join("limiter");
+    let lab_bin = target_dir().join("debug").join("limiter-lab");
 
-    // Everything the tests need, the `limiter` binary included (default members: not limiter-ebpf,
-    // which only builds for bpfel via build.rs).
+    // Everything the tests need, the `limiter` and `limiter-lab` binaries included (default
+    // members: not limiter-ebpf, which only builds for bpfel via build.rs). With the test targets
+    // in the build, integration-tests' dev-dependency gives `limiter` its test hooks.
     let built = run(cargo().args(["build", "--all-targets"]));
     let mut counts = TestCounts::default();
-    let tests = match &built {
-        Ok(()) if !limiter_bin.is_file() => {
-            Err(anyhow::anyhow!("no binary at {}", limiter_bin.display()))
-        }
-        Ok(()) => run_counting(
+    let missing = [&limiter_bin, &lab_bin].into_iter().find(|b| !b.is_file());
+    let tests = match (&built, missing) {
+        (Ok(()), Some(bin)) => Err(anyhow::anyhow!("no binary at {}", bin.display())),
+        (Ok(()), None) => run_counting(
             cargo()
                 .env("LIMITER_BIN", &limiter_bin)
+                .env("LIMITER_LAB_BIN", &lab_bin)
                 .args(["test", "--no-fail-fast"])
                 .args(args),
             &mut counts,
         ),
-        Err(_) => Ok(()),
+        (Err(_), _) => Ok(()),
     };
     // The package on a full run only: a filtered run is about the tests it names.
     let packaged = if args.is_empty() {

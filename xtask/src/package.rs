@@ -336,6 +336,16 @@ pub fn verify(deb: &Path, scratch: &Path) -> Result<()> {
     );
     let version = run(Command::new(&bin).arg("--version"))?;
     ensure!(version.starts_with("limiter "), "{version}");
+    // The product carries no test hooks: its `debug` commands exist only with `test-hooks`.
+    let hooks = Command::new(&bin)
+        .args(["debug", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running the installed limiter")?;
+    ensure!(
+        !hooks.status.success(),
+        "the packaged limiter was built with the test hooks (it has a `debug` command)"
+    );
 
     // `limiter check` mounts bpffs and creates its pin directory: in a mount namespace of its
     // own, on a private bpffs, so the check leaves nothing behind on this host.

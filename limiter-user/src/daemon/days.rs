@@ -39,6 +39,10 @@ pub struct Days {
     /// hold, a slot the kernel already tagged with that day holds only what it counted since.
     slot_days: [u64; DAY_SLOTS as usize],
     snapshot_taken: Instant,
+    /// Snapshot writes that failed since the start (`limiter_faults{fault="snapshot_write"}`),
+    /// and whether the last one did.
+    snapshot_failures: u64,
+    snapshot_failing: bool,
 }
 
 impl Days {
@@ -54,7 +58,14 @@ impl Days {
             suspended: BTreeSet::new(),
             slot_days,
             snapshot_taken: Instant::now(),
+            snapshot_failures: 0,
+            snapshot_failing: false,
         }
+    }
+
+    /// Snapshot writes that failed since the start.
+    pub fn snapshot_failures(&self) -> u64 {
+        self.snapshot_failures
     }
 
     /// The day in force.
@@ -329,10 +340,24 @@ impl Days {
         day: u64,
     ) {
         self.snapshot_taken = Instant::now();
-        if let Some(snap) = self.snapshot(maps, ids, clock, day)
-            && let Err(e) = snapshot::write(&self.state_dir, &snap)
-        {
-            error!(event = "fault", error = %e, "writing the day snapshot failed; counts stay in the kernel");
+        let written = self
+            .snapshot(maps, ids, clock, day)
+            .map(|snap| snapshot::write(&self.state_dir, &snap));
+        match written {
+            Some(Err(e)) => {
+                self.snapshot_failures += 1;
+                self.snapshot_failing = true;
+                error!(event = "fault", fault = "snapshot_write", total = self.snapshot_failures, error = %e, "writing the day snapshot failed; counts stay in the kernel");
+            }
+            Some(Ok(_)) if self.snapshot_failing => {
+                self.snapshot_failing = false;
+                info!(
+                    event = "snapshot",
+                    failures = self.snapshot_failures,
+                    "day snapshot written again"
+                );
+            }
+            _ => {}
         }
         release_freed_memory();
     }

@@ -118,9 +118,11 @@ impl<M: KernelMaps> Daemon<M> {
         if let Some(m) = &self.metrics
             && let Ok(r) = report::build(&self.report_inputs(day, None))
         {
-            m.update(&r, &self.maps.faults());
+            let mut faults = self.maps.faults();
+            faults.push(("snapshot_write", self.days.snapshot_failures()));
+            m.update(&r, &faults);
         }
-        let every = Duration::from_secs(self.settings.daemon.snapshot_interval_secs);
+        let every = Duration::from_secs(*self.settings.daemon.snapshot_interval_secs);
         if self.days.snapshot_due(every, Instant::now()) {
             self.days
                 .write_snapshot(&self.maps, &self.orgs.ids, &self.clock, day);

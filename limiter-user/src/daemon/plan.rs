@@ -8,7 +8,7 @@ use tracing::error;
 use super::maps::KernelMaps;
 use crate::{
     clock::Clock,
-    config::{Api, Cluster, ConcurrencyMode, Config, Daemon, Limits},
+    config::{Api, Cluster, ConcurrencyMode, Config, Daemon, Limits, RestartOnly, Sections},
     counters::{Applied, ApplyStats, CountersError},
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
 };
@@ -20,10 +20,20 @@ pub struct Settings {
     pub api: Api,
     pub limits: Limits,
     pub daemon: Daemon,
-    pub cluster: Option<Cluster>,
+    pub cluster: RestartOnly<Option<Cluster>>,
 }
 
 impl Settings {
+    /// The tables a reload compares with a new config's.
+    pub fn sections(&self) -> Sections<'_> {
+        Sections {
+            api: &self.api,
+            limits: &self.limits,
+            daemon: &self.daemon,
+            cluster: &self.cluster,
+        }
+    }
+
     /// `cfg` without its orgs.
     pub fn of(cfg: Config) -> Self {
         let Config {

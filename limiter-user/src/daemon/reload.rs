@@ -1,80 +1,10 @@
 //! Reloads (`limiter reload`, SIGHUP): the config is read again and only the differences are
 //! applied. On any error nothing changes and the old config stays in force.
 
-use std::path::Path;
-
 use tracing::info;
 
-use super::{
-    Daemon,
-    maps::KernelMaps,
-    plan::{Plan, Settings},
-    release_freed_memory,
-};
-use crate::{
-    config::{self, Config},
-    orgs::OrgIds,
-};
-
-/// The settings that differ between `old` and `new` but are attached, opened or scheduled at
-/// startup, so only a restart changes them, as (table, key): the quota day (`day_start`), for
-/// one, moves only with a restart, which closes the day that is running (see docs/configuration.md, Reload or restart).
-pub fn restart_only_changes(
-    old: &Settings,
-    new: &Config,
-) -> Vec<(&'static str, Option<&'static str>)> {
-    let (oa, na, od, nd) = (&old.api, &new.api, &old.daemon, &new.daemon);
-    [
-        ("api", Some("cgroup"), oa.cgroup != na.cgroup),
-        ("api", Some("interfaces"), oa.interfaces != na.interfaces),
-        ("api", Some("netns"), oa.netns != na.netns),
-        (
-            "limits",
-            Some("day_start"),
-            old.limits.day_start_secs != new.limits.day_start_secs,
-        ),
-        ("daemon", Some("pin_dir"), od.pin_dir != nd.pin_dir),
-        ("daemon", Some("state_dir"), od.state_dir != nd.state_dir),
-        (
-            "daemon",
-            Some("control_socket"),
-            od.control_socket != nd.control_socket,
-        ),
-        ("daemon", Some("log_format"), od.log_format != nd.log_format),
-        (
-            "daemon",
-            Some("snapshot_interval_secs"),
-            od.snapshot_interval_secs != nd.snapshot_interval_secs,
-        ),
-        ("daemon", Some("metrics"), od.metrics != nd.metrics),
-        ("cluster", None, old.cluster != new.cluster),
-    ]
-    .into_iter()
-    .filter(|(_, _, changed)| *changed)
-    .map(|(table, key, _)| (table, key))
-    .collect()
-}
-
-/// Refuses a config with restart-only changes: the message points at the first one in
-/// `file` and names the others.
-fn refuse_restart_only(file: &Path, old: &Settings, new: &Config) -> anyhow::Result<()> {
-    let changes = restart_only_changes(old, new);
-    let Some(((table, key), rest)) = changes.split_first() else {
-        return Ok(());
-    };
-    let name = |t: &str, k: &Option<&str>| k.map_or(t.to_string(), |k| format!("{t}.{k}"));
-    let also: Vec<String> = rest.iter().map(|(t, k)| name(t, k)).collect();
-    anyhow::bail!(
-        "{}: {}: changed: takes effect on a restart (`systemctl restart limiter`), not a reload{}",
-        config::locate(file, table, *key),
-        name(table, key),
-        if also.is_empty() {
-            String::new()
-        } else {
-            format!(" (also changed: {})", also.join(", "))
-        }
-    )
-}
+use super::{Daemon, maps::KernelMaps, plan::Plan, release_freed_memory};
+use crate::{config::Config, orgs::OrgIds};
 
 /// The names in `new` and not in `old`, and those in `old` and not in `new`.
 fn added_and_removed(old: &OrgIds, new: &OrgIds) -> (Vec<String>, Vec<String>) {
@@ -97,7 +27,11 @@ impl<M: KernelMaps> Daemon<M> {
     /// Applies `new_cfg` (read from the config file) in place of the config in force.
     fn reload_with(&mut self, new_cfg: Config) -> anyhow::Result<serde_json::Value> {
         let path = self.config_path.display().to_string();
-        refuse_restart_only(&self.config_path, &self.settings, &new_cfg)?;
+        // What is opened, bound or scheduled at startup cannot change under a running daemon;
+        // the config's types say which settings those are.
+        self.settings
+            .sections()
+            .check_reload(&new_cfg.sections(), &self.config_path)?;
         let capacity = self.maps.cidr_capacity();
         if new_cfg.cidr_count() > capacity as usize {
             anyhow::bail!(
@@ -108,7 +42,7 @@ impl<M: KernelMaps> Daemon<M> {
         let names = new_cfg.orgs.iter().map(|o| o.name.as_str());
         let ids = OrgIds::assign(names, Some(&self.orgs.ids), self.maps.org_capacity())
             .map_err(|e| anyhow::anyhow!("{path}: {e}: restart the daemon to resize the maps"))?;
-        let clock = self.clock.with_day_start(new_cfg.limits.day_start_secs);
+        let clock = self.clock.with_day_start(*new_cfg.limits.day_start_secs);
         // The old side is what the maps hold: the daemon keeps no copy of it.
         let old = self.maps.read_applied()?;
         let plan = Plan::new(new_cfg, ids, &clock)?;

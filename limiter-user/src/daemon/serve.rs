@@ -141,7 +141,7 @@ impl Daemon<Kernel> {
 
     /// Serves Prometheus metrics (`daemon.metrics`), when asked to.
     async fn serve_metrics(&mut self) -> anyhow::Result<()> {
-        let Some(addr) = self.settings.daemon.metrics else {
+        let Some(addr) = *self.settings.daemon.metrics else {
             return Ok(());
         };
         let listener = metrics::bind(addr)
@@ -156,7 +156,7 @@ impl Daemon<Kernel> {
 
     /// Starts the cluster sync task (`[cluster]` only).
     fn spawn_sync(&self) -> Option<SyncTask> {
-        let cluster = self.settings.cluster.clone()?;
+        let cluster = Option::clone(&self.settings.cluster)?;
         let (btx, brx) = mpsc::channel::<sync::Local>(1);
         let (ptx, prx) = mpsc::channel(4);
         info!(event = "cluster", redis = %sync::redact_url(&cluster.redis), host_id = %cluster.host_id, sync_interval_ms = cluster.sync_interval_ms, "sharing counts with the other hosts");

@@ -88,6 +88,23 @@ fn resume(
     let names = cfg.orgs.iter().map(|o| o.name.as_str());
     let prev = counters::ids_from_kernel(kernel)?;
     let ids = OrgIds::assign(names, Some(&prev), kernel.org_capacity())?;
+    // Orgs the config no longer has (edited while the daemon was away, or a reload it died in)
+    // go now: their counts of today are logged first, as a reload does.
+    for (id, name) in prev.iter() {
+        if ids.id(name).is_none()
+            && let Ok((d, _)) = kernel.usage(id, day)
+        {
+            info!(
+                event = "org_removed",
+                org = name,
+                requests = d.requests,
+                rejected = d.rejected,
+                exempt_media_gets = d.exempt_media_gets,
+                exempt_pushes = d.exempt_pushes,
+                "org not in the config any more; its counts of today end here"
+            );
+        }
+    }
     for (id, name) in ids.iter() {
         if prev.id(name) != Some(id) {
             kernel.clear_org(id)?;
@@ -120,7 +137,7 @@ impl Daemon<Kernel> {
         let started = Instant::now();
         // Test hook: start as if the daemon had been away this long.
         let away = hooks::value("LIMITER_TEST_CLOCK_SHIFT_SECS").unwrap_or(0);
-        let clock = Clock::new(cfg.limits.day_start_secs).ahead_secs(away);
+        let clock = Clock::new(*cfg.limits.day_start_secs).ahead_secs(away);
         let loaded = load(&cfg, &clock)?;
         let mut kernel = loaded.kernel;
         let day = clock.today();

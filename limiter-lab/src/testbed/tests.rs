@@ -30,7 +30,7 @@ fn testbed_commands() {
         log: "/tmp/x.log".into(),
         body_bytes: 5,
     };
-    let c = serve_command(Path::new("/bin/limiter"), &serve);
+    let c = serve_command(Path::new("/bin/limiter-lab"), &serve);
     let args: Vec<_> = c
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
@@ -54,7 +54,7 @@ fn testbed_commands() {
         path: "/hooks/x".into(),
         body_bytes: 9,
     };
-    let args: Vec<_> = push_command(Path::new("limiter"), &push)
+    let args: Vec<_> = push_command(Path::new("limiter-lab"), &push)
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();

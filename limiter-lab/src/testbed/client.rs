@@ -1,5 +1,5 @@
 //! Test clients: HTTP/1.1 requests from a chosen source address (each address stands for an
-//! org), raw bytes, idle connections and resets, plus the push sender (`limiter testbed push`)
+//! org), raw bytes, idle connections and resets, plus the push sender (`limiter-lab testbed push`)
 //! that plays the API platform sending webhooks out to a customer.
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +13,7 @@ use super::http::{BodyKind, Parse, header, parse_chunked, parse_response_head};
 
 /// Every client operation (connect, one request and its response) is bounded by this.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Total bound of `limiter testbed push`.
+/// Total bound of `limiter-lab testbed push`.
 pub const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long [`send_raw`] waits for an answer after sending.
 pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -437,7 +437,7 @@ pub fn reset(stream: TcpStream) -> Result<()> {
     Ok(())
 }
 
-/// Arguments of the hidden `limiter testbed push` command.
+/// Arguments of the hidden `limiter-lab testbed push` command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PushArgs {
     /// The customer's webhook receiver.
@@ -454,7 +454,7 @@ pub struct PushArgs {
     pub body_bytes: usize,
 }
 
-/// Entry point of `limiter testbed push`: `count` POSTs over one connection, each must get 200;
+/// Entry point of `limiter-lab testbed push`: `count` POSTs over one connection, each must get 200;
 /// bounded by [`PUSH_TIMEOUT`] in total.
 pub fn push_main(args: PushArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()

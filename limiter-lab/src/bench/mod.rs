@@ -1,4 +1,4 @@
-//! `limiter bench` (run by `cargo xtask bench`): side-by-side measurements in one run, on this
+//! `limiter-lab bench` (run by `cargo xtask bench`): side-by-side measurements in one run, on this
 //! machine, of what limiter costs and what it saves (the targets are in
 //! docs/performance.md).
 //!
@@ -22,12 +22,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use limiter_user::control::{self, Request as Ctl};
 use serde::Serialize;
 
-use crate::{
-    control::{self, Request as Ctl},
-    testbed::{self, Side, Testbed, TestbedOptions},
-};
+use crate::testbed::{self, Side, Testbed, TestbedOptions};
 use wrk::WrkRun;
 
 const PORT: u16 = 8080;
@@ -363,7 +361,7 @@ impl Bench {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = crate::pins::unload(&self.tb.bpffs().join("limiter"));
+        let _ = limiter_user::pins::unload(&self.tb.bpffs().join("limiter"));
     }
 
     /// wrk (one thread) for `load` against `server`, for `secs` whole seconds, to run in the

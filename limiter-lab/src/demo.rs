@@ -1,6 +1,6 @@
-//! `limiter demo`: a private world, a real API server, the real daemon and kernel
-//! programs, traffic from several simulated orgs, a live usage table, and a final check of the
-//! report against what the API server itself saw.
+//! `limiter-lab demo` (what `limiter demo` runs): a private world, a real API server, the real
+//! daemon and kernel programs, traffic from several simulated orgs, a live usage table, and a
+//! final check of the report against what the API server itself saw.
 
 use std::{
     io::{BufRead, BufReader},
@@ -12,14 +12,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-
-use crate::{
+use limiter_user::{
     control::{self, Request as Ctl},
     report::{OrgReport, Report},
-    testbed::{
-        self, AccessEntry, PushArgs, Request, ServeArgs, Side, Testbed, TestbedOptions,
-        http_requests, open_idle, send_raw,
-    },
+};
+
+use crate::testbed::{
+    self, AccessEntry, PushArgs, Request, ServeArgs, Side, Testbed, TestbedOptions, http_requests,
+    open_idle, send_raw,
 };
 
 const API_PORT: u16 = 8080;
@@ -339,10 +339,11 @@ pub fn run() -> Result<ExitCode> {
         stranger: IpAddr::V4(v4[4]),
     };
     let exe = testbed::limiter_exe()?;
+    let lab = testbed::lab_exe()?;
     let access_log = tb.dir().join("api-access.log");
     let push_log = tb.dir().join("webhook-receiver.log");
     tb.spawn_in_server(testbed::serve_command(
-        &exe,
+        &lab,
         &ServeArgs {
             listen: vec![SocketAddr::from((Ipv6Addr::UNSPECIFIED, API_PORT))],
             log: access_log.clone(),
@@ -354,7 +355,7 @@ pub fn run() -> Result<ExitCode> {
         bail!("acme has no IPv4 address")
     };
     tb.spawn_in_client(testbed::serve_command(
-        &exe,
+        &lab,
         &ServeArgs {
             listen: vec![SocketAddr::from((acme4, PUSH_PORT))],
             log: push_log.clone(),
@@ -412,7 +413,7 @@ pub fn run() -> Result<ExitCode> {
         println!("\n>> the API platform pushes 6 webhooks to acme (outbound POSTs: not counted)");
         let status = tb
             .spawn_in_server(testbed::push_command(
-                &exe,
+                &lab,
                 &PushArgs {
                     to: SocketAddr::from((acme4, PUSH_PORT)),
                     count: 6,

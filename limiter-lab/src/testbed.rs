@@ -1,5 +1,5 @@
-//! The testbed: a private world for `limiter demo` and the integration tests, plus the test HTTP
-//! server, clients and push sender that drive real traffic through it.
+//! The testbed: a private world for the demo, the bench and the integration tests, plus the test
+//! HTTP server, clients and push sender that drive real traffic through it.
 //!
 //! A [`Testbed`] owns two network namespaces (`lt-<id>-s`, the API host, and `lt-<id>-c`, the
 //! customers) joined by one veth pair, a cgroup v2 (`<cgroup2>/limiter-tb-<id>`, the one the
@@ -38,7 +38,7 @@ pub use server::{
     read_access_log, serve, serve_in_thread, serve_main,
 };
 
-/// The hidden `limiter testbed …` commands (helpers for the demo and the integration tests).
+/// The hidden `limiter-lab testbed …` commands (helpers for the demo and the integration tests).
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum TestbedCommand {
     /// Run the test API server.
@@ -47,7 +47,7 @@ pub enum TestbedCommand {
     Push(PushArgs),
 }
 
-/// Runs a `limiter testbed …` command.
+/// Runs a `limiter-lab testbed …` command.
 pub fn run_command(cmd: TestbedCommand) -> Result<()> {
     match cmd {
         TestbedCommand::Serve(a) => serve_main(a),
@@ -360,33 +360,52 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
     Ok(cleaned)
 }
 
-/// Finds the `limiter` binary to run helpers (`limiter testbed serve|push`) in the testbed:
-/// `$LIMITER_BIN`, the current executable if it is `limiter`, or a `limiter` next to it or one
-/// directory up (cargo puts test binaries in `target/<profile>/deps/`).
+/// Finds the product binary `limiter` (the daemon and CLI the lab drives): `$LIMITER_BIN`, or a
+/// `limiter` next to the current executable or one directory up (cargo puts test binaries in
+/// `target/<profile>/deps/`).
 pub fn limiter_exe() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("LIMITER_BIN") {
         return Ok(PathBuf::from(p));
     }
+    near_current_exe("limiter").context("build it (cargo build), or set LIMITER_BIN")
+}
+
+/// Finds the lab binary `limiter-lab`, which runs the helpers (`limiter-lab testbed serve|push`)
+/// inside a testbed: `$LIMITER_LAB_BIN`, the current executable if it is `limiter-lab`, the one
+/// next to [`limiter_exe`], or one near the current executable.
+pub fn lab_exe() -> Result<PathBuf> {
+    const NAME: &str = "limiter-lab";
+    if let Some(p) = std::env::var_os("LIMITER_LAB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
     let exe = std::env::current_exe().context("locating the current executable")?;
-    if exe.file_name().is_some_and(|n| n == "limiter") {
+    if exe.file_name().is_some_and(|n| n == NAME) {
         return Ok(exe);
     }
+    if let Some(beside) = limiter_exe().ok().map(|l| l.with_file_name(NAME))
+        && beside.is_file()
+    {
+        return Ok(beside);
+    }
+    near_current_exe(NAME).context("build it (cargo build -p limiter-lab), or set LIMITER_LAB_BIN")
+}
+
+/// A file `name` next to the current executable or one directory up.
+fn near_current_exe(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the current executable")?;
     let mut dir = exe.parent();
     for _ in 0..2 {
         let Some(d) = dir else { break };
-        let cand = d.join("limiter");
+        let cand = d.join(name);
         if cand.is_file() {
             return Ok(cand);
         }
         dir = d.parent();
     }
-    bail!(
-        "no `limiter` binary found near {} (build it, or set LIMITER_BIN)",
-        exe.display()
-    )
+    bail!("no `{name}` binary found near {}", exe.display())
 }
 
-/// `limiter testbed serve …` as a command for [`Testbed::spawn_in_server`].
+/// `limiter-lab testbed serve …` as a command for [`Testbed::spawn_in_server`].
 pub fn serve_command(exe: &Path, args: &ServeArgs) -> Command {
     let mut c = Command::new(exe);
     c.args(["testbed", "serve"]);
@@ -400,7 +419,7 @@ pub fn serve_command(exe: &Path, args: &ServeArgs) -> Command {
     c
 }
 
-/// `limiter testbed push …` as a command for [`Testbed::spawn_in_server`].
+/// `limiter-lab testbed push …` as a command for [`Testbed::spawn_in_server`].
 pub fn push_command(exe: &Path, args: &PushArgs) -> Command {
     let mut c = Command::new(exe);
     c.args([

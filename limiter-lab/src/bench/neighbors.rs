@@ -15,13 +15,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use limiter_user::control::{self, Request as Ctl};
 use serde::Serialize;
 
 use super::{Bench, Expect, Load, check, median_min_max, nginx, wrk::WrkRun};
-use crate::{
-    control::{self, Request as Ctl},
-    testbed::{Side, Testbed},
-};
+use crate::testbed::{Side, Testbed};
 
 /// The flooder: keep-alive connections of short GETs, each sent as soon as the last is answered.
 pub const FLOOD_CONNS: u32 = 64;

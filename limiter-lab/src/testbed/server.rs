@@ -1,4 +1,4 @@
-//! The test API server (`limiter testbed serve`): a small HTTP/1.1 server written directly on
+//! The test API server (`limiter-lab testbed serve`): a small HTTP/1.1 server written directly on
 //! tokio (epoll based; blocking-I/O servers can lose kernel-injected responses)
 //! that writes an access log the tests compare with the limiter's counters.
 
@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use super::http::{BodyKind, Parse, chunked_len, parse_request_head};
 use super::sys;
 
-/// Arguments of the hidden `limiter testbed serve` command.
+/// Arguments of the hidden `limiter-lab testbed serve` command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address to listen on (repeatable); `[::]:PORT` is dual-stack (IPv4 clients arrive as
@@ -39,7 +39,7 @@ const MAX_GARBAGE_DRAIN: usize = 1 << 20;
 /// Idle time after which a garbage stream is considered finished.
 const GARBAGE_IDLE: Duration = Duration::from_millis(500);
 
-/// Entry point of `limiter testbed serve`: binds, serves until SIGTERM/SIGINT.
+/// Entry point of `limiter-lab testbed serve`: binds, serves until SIGTERM/SIGINT.
 pub fn serve_main(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -304,8 +304,8 @@ pub struct ServerHandle {
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-/// Runs the test server on `listeners` in a background thread (for tests and the demo, where
-/// the process is not the `limiter` binary). Use listeners from `Testbed::server_listeners` to
+/// Runs the test server on `listeners` in a background thread (for tests that serve from their
+/// own process rather than a spawned `limiter-lab testbed serve`). Use listeners from `Testbed::server_listeners` to
 /// have the server's sockets in the testbed cgroup.
 pub fn serve_in_thread(
     listeners: Vec<std::net::TcpListener>,

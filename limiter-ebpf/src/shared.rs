@@ -1,0 +1,60 @@
+//! What every program uses: the config, today's day number, fault counters and events, and the
+//! hand-off to the current daemon start's programs.
+
+use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_tai_ns, maps::ProgramArray};
+use limiter_common::{CONFIG_F_READY, Config, Event, FAULT_EVENTS_FULL, day};
+
+use crate::{
+    atomic::add,
+    maps::{CONFIG, EVENTS, FAULTS, GENERATION, SOCK_GEN},
+};
+
+#[inline(always)]
+pub(crate) fn config() -> Option<&'static Config> {
+    let c = CONFIG.get(0)?;
+    (c.flags & CONFIG_F_READY != 0).then_some(c)
+}
+
+/// Today's day number per the kernel clock and the daemon's offset.
+#[inline(always)]
+pub(crate) fn today(c: &Config) -> u64 {
+    // SAFETY: a helper without arguments.
+    let tai = unsafe { bpf_ktime_get_tai_ns() };
+    day::day_number(day::limiter_time(tai, c.clock_offset_ns), c.day_len_ns)
+}
+
+#[inline(always)]
+pub(crate) fn fault(kind: u32) {
+    if let Some(p) = FAULTS.get_ptr_mut(kind) {
+        add(p, 1);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn emit(kind: u32, org: u32, value: u64, day: u64) {
+    let ev = Event {
+        kind,
+        org,
+        value,
+        day,
+    };
+    if EVENTS.output::<Event>(&ev, 0).is_err() {
+        fault(FAULT_EVENTS_FULL);
+    }
+}
+
+/// A socket keeps the programs of the map it entered for life; when those are an earlier daemon
+/// start's, this hands the chunk to the current program (a tail call that does not return),
+/// whose maps the daemon reads. An empty slot or a failed call runs this program as before.
+#[inline(always)]
+pub(crate) fn forward<C: EbpfContext>(ctx: &C, next: &ProgramArray) {
+    // SAFETY: a read of a load-time constant.
+    let mine = unsafe { core::ptr::read_volatile(&GENERATION) };
+    if let Some(now) = SOCK_GEN.get(0)
+        && *now != 0
+        && *now != mine
+    {
+        // SAFETY: slot 0 holds a program of this one's type (the daemon puts it there).
+        let _ = unsafe { next.tail_call(ctx, 0) };
+    }
+}

@@ -1,0 +1,196 @@
+//! `limiter_sock_ops` (cgroup sock_ops): attributes inbound API connections to an org, counts
+//! them, and puts them into API_SOCKS; marks outbound connections to an org's address as push
+//! sockets.
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering::SeqCst, atomic_xchg},
+};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use limiter_common::{
+    Config, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
+    FAULT_UNMAPPED_UNTRACKED, ORG_F_CONC_REJECT, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState,
+    UNMAPPED_ORG, stream::Stream,
+};
+
+use crate::{
+    addr::{org_of, peer_addr},
+    atomic::{add, add_i64, raise_to},
+    days::day_counters,
+    maps::{API_PORTS, API_SOCKS, CONFIG, ORG_CONNS, ORG_LIMITS, PUSH_SOCKS},
+    shared::{config, emit, fault, today},
+    sock_table::{
+        add_sock_state, release_sock_state, remove_sock_state, reserve_sock_state, sock_state,
+    },
+};
+
+const TCP_ESTABLISHED: u32 = 1;
+
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn limiter_sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_sock_ops(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_inbound(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_outbound(ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(ctx, ctx.arg(1)),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn cookie_of_ops(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: sock_ops may pass its context to bpf_get_socket_cookie.
+    unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) }
+}
+
+#[inline(always)]
+fn on_inbound(ctx: &SockOpsContext) {
+    let Some(c) = config() else { return };
+    let port = ctx.local_port() as u16;
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { API_PORTS.get(&port) }.is_none() {
+        return;
+    }
+    let Some(addr) = peer_addr!(ctx.ops) else {
+        return;
+    };
+    let org = org_of(addr);
+    let cookie = cookie_of_ops(ctx);
+    let state = SockState {
+        org,
+        kind: SOCK_F_INBOUND,
+        open: 1,
+        stream: Stream::new(),
+        addr_gen: c.addr_gen,
+        org_epoch: c.org_epoch,
+        ..SockState::default()
+    };
+    let added = if reserve_sock_state(org) {
+        let st = add_sock_state(cookie, &state);
+        if st.is_none() {
+            release_sock_state();
+        }
+        st
+    } else if org == UNMAPPED_ORG {
+        // Past the high-water mark a connection of no org is left alone: it would only take
+        // room from the orgs' connections.
+        fault(FAULT_UNMAPPED_UNTRACKED);
+        return;
+    } else {
+        None
+    };
+    match added {
+        // Without state the connection cannot be un-counted exactly on close, so it is not counted;
+        // its requests are still counted and limited (the verdict falls back to the address).
+        None => fault(FAULT_SOCK_STATE_FULL),
+        Some(st) => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if connection_opened(org, c).is_some_and(|flags| flags & ORG_F_CONC_REJECT != 0) {
+                // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
+                unsafe { (*st).kind |= SOCK_F_OVER_LIMIT };
+            }
+        }
+    }
+    let mut key = cookie;
+    // SAFETY: `ctx.ops` is the kernel's bpf_sock_ops for this call.
+    if API_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_err()
+    {
+        fault(FAULT_SOCKHASH_FULL);
+    }
+}
+
+/// Counts a new connection; the org's `ORG_F_*` flags when it arrived while the org was at its
+/// concurrency limit.
+#[inline(always)]
+fn connection_opened(org: u32, c: &Config) -> Option<u32> {
+    let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
+        fault(FAULT_BAD_ORG);
+        return None;
+    };
+    let before = add_i64(conns, 1);
+    let before = if before > 0 { before as u64 } else { 0 };
+    let d = today(c);
+    let slot = day_counters(org, d)?;
+    // SAFETY: valid map value.
+    unsafe { raise_to(&raw mut (*slot).peak_connections, before + 1) };
+    let l = ORG_LIMITS.get(org)?;
+    let limit = l.concurrent_connections as u64;
+    if org != UNMAPPED_ORG && limit > 0 && before >= limit {
+        // SAFETY: valid map value.
+        add(unsafe { &raw mut (*slot).concurrency_breaches }, 1);
+        emit(EVENT_CONCURRENCY_BREACH, org, before, d);
+        return Some(l.flags);
+    }
+    None
+}
+
+#[inline(always)]
+fn on_outbound(ctx: &SockOpsContext) {
+    if config().is_none() {
+        return;
+    }
+    let Some(addr) = peer_addr!(ctx.ops) else {
+        return;
+    };
+    // Only connections to a customer's address are pushes; the rest are left alone.
+    if org_of(addr) == UNMAPPED_ORG {
+        return;
+    }
+    let mut key = cookie_of_ops(ctx);
+    // SAFETY: `ctx.ops` is the kernel's bpf_sock_ops for this call.
+    if PUSH_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_err()
+    {
+        fault(FAULT_SOCKHASH_FULL);
+    }
+}
+
+/// Un-counts an inbound connection exactly once, on its first move out of ESTABLISHED (whoever
+/// closes, however: FIN, RST or timeout), and frees its state when it reaches CLOSE.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
+    if new_state == TCP_ESTABLISHED {
+        return;
+    }
+    let cookie = cookie_of_ops(ctx);
+    let Some(st) = sock_state(cookie) else {
+        return;
+    };
+    // SAFETY: valid map value; `open` is only ever swapped atomically.
+    let (was_open, org, kind, epoch) = unsafe {
+        let open = atomic_xchg::<u32, { SeqCst }>(&raw mut (*st).open, 0);
+        (open, (*st).org, (*st).kind, (*st).org_epoch)
+    };
+    // A connection attributed under other org maps (before a restart that resized them) and not
+    // attributed again since is not in these maps' counts.
+    let here = CONFIG.get(0).map_or(0, |c| c.org_epoch);
+    if was_open == 1
+        && kind & SOCK_F_INBOUND != 0
+        && epoch == here
+        && let Some(conns) = ORG_CONNS.get_ptr_mut(org)
+    {
+        add_i64(conns, -1);
+    }
+    if new_state == TCP_CLOSE {
+        remove_sock_state(cookie);
+    }
+}

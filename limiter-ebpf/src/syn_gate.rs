@@ -1,0 +1,95 @@
+//! `limiter_syn_gate` (XDP): the SYN gate of `concurrency_mode = "delay"`.
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use limiter_common::{ORG_F_CONC_DELAY, UNMAPPED_ORG};
+
+use crate::{
+    addr::org_of,
+    atomic::add,
+    days::day_counters,
+    maps::{API_PORTS, ORG_CONNS, ORG_LIMITS},
+    shared::{config, today},
+};
+
+#[xdp]
+pub fn limiter_syn_gate(ctx: XdpContext) -> u32 {
+    try_syn_gate(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// Drops the SYN of a new connection to an API port from an org in delay mode that is at its
+/// concurrency limit: the client's TCP retries it a moment later, so the connection waits instead
+/// of failing. Everything else passes (IPv4 with options and IPv6 with extension headers too).
+#[inline(always)]
+fn try_syn_gate(ctx: &XdpContext) -> Option<u32> {
+    const ETH: usize = 14;
+    let c = config()?;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    // One bounds check per layout, then fixed offsets: what the verifier follows best.
+    let at = |off: usize| -> u8 {
+        // SAFETY: every caller's offset is below the length checked before it.
+        unsafe { *((data + off) as *const u8) }
+    };
+    if data + ETH > end {
+        return None;
+    }
+    let mut addr = [0u8; 16];
+    let tcp = match u16::from_be_bytes([at(12), at(13)]) {
+        0x0800 => {
+            const TCP: usize = ETH + 20;
+            if data + TCP + 20 > end || at(ETH) != 0x45 || at(ETH + 9) != 6 {
+                return None;
+            }
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12] = at(ETH + 12);
+            addr[13] = at(ETH + 13);
+            addr[14] = at(ETH + 14);
+            addr[15] = at(ETH + 15);
+            TCP
+        }
+        0x86dd => {
+            const TCP: usize = ETH + 40;
+            if data + TCP + 20 > end || at(ETH + 6) != 6 {
+                return None;
+            }
+            let mut i = 0;
+            while i < 16 {
+                addr[i] = at(ETH + 8 + i);
+                i += 1;
+            }
+            TCP
+        }
+        _ => return None,
+    };
+    let (flags, port) = if tcp == ETH + 20 {
+        (
+            at(ETH + 20 + 13),
+            u16::from_be_bytes([at(ETH + 20 + 2), at(ETH + 20 + 3)]),
+        )
+    } else {
+        (
+            at(ETH + 40 + 13),
+            u16::from_be_bytes([at(ETH + 40 + 2), at(ETH + 40 + 3)]),
+        )
+    };
+    // SYN without ACK: a new connection.
+    if flags & 0x12 != 0x02 {
+        return None;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { API_PORTS.get(&port) }?;
+    let org = org_of(addr);
+    let l = ORG_LIMITS.get(org)?;
+    if org == UNMAPPED_ORG || l.flags & ORG_F_CONC_DELAY == 0 || l.concurrent_connections == 0 {
+        return None;
+    }
+    let open = *ORG_CONNS.get(org)?;
+    if open < l.concurrent_connections as i64 {
+        return None;
+    }
+    let slot = day_counters(org, today(c))?;
+    // SAFETY: valid map value.
+    add(unsafe { &raw mut (*slot).delayed_syns }, 1);
+    Some(xdp_action::XDP_DROP)
+}

@@ -1,0 +1,197 @@
+//! The verdict's walk of a chunk: a `bpf_loop` of [`Stream::step`]s over windows of the skb.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_loop, bpf_skb_load_bytes},
+    programs::SkBuffContext,
+};
+use limiter_common::{
+    Config,
+    stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index},
+};
+
+use crate::maps::{MEDIA_MATCH, WALK};
+
+/// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
+/// everything that changes lives in map memory, where the verifier does not follow values.
+#[repr(C)]
+struct Walk {
+    skb: *mut __sk_buff,
+    cfg: *const Config,
+    slot: *mut WalkSlot,
+    stream: *mut Stream,
+}
+
+/// One `bpf_loop` iteration: one [`Stream::step`].
+#[inline(never)]
+extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the verdict's `Walk`, on its stack for the whole loop; its pointers are
+    // map values (this CPU's walk slot, the socket's stream, CONFIG) and the program's context.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    try_walk_step(w.skb, slot, stream, cfg)
+}
+
+#[inline(always)]
+fn try_walk_step(skb: *mut __sk_buff, w: &mut WalkSlot, stream: &mut Stream, cfg: &Config) -> i64 {
+    if w.pos >= w.len {
+        return 1;
+    }
+    if stream.needs_bytes() && !(w.pos >= w.win_off && w.pos < w.win_off + w.win_n) {
+        // Always a whole window, so the load's length is a constant: a length that followed
+        // `pos` would make the verifier track `pos`. (Chunks shorter than a window are loaded
+        // whole before the loop.)
+        let win = WIN as u64;
+        if w.len < win {
+            w.failed = 1;
+            return 1;
+        }
+        let off = if w.pos + win <= w.len {
+            w.pos
+        } else {
+            w.len - win
+        };
+        // SAFETY: `w.win` holds WIN_BUF >= WIN bytes, and off + WIN <= len.
+        if unsafe {
+            bpf_skb_load_bytes(
+                skb as *const c_void,
+                off as u32,
+                w.win.as_mut_ptr() as *mut c_void,
+                WIN as u32,
+            )
+        } != 0
+        {
+            w.failed = 1;
+            return 1;
+        }
+        w.win_off = off;
+        w.win_n = win;
+    }
+    let at = (w.pos - w.win_off) as usize;
+    let count = cfg.media_prefix_count;
+    let all = if count >= 8 {
+        0xff
+    } else {
+        ((1u32 << count) - 1) as u8
+    };
+    let used = stream.step(
+        &w.win,
+        at & (WIN - 1),
+        w.win_n as usize,
+        w.len - w.pos,
+        &KernelMedia(all),
+        &mut w.tally,
+    );
+    if used == 0 {
+        return 1;
+    }
+    w.pos += used;
+    0
+}
+
+/// The media prefixes through MEDIA_MATCH; `0` holds the configured prefixes' bits.
+struct KernelMedia(u8);
+
+impl MediaPrefixes for KernelMedia {
+    #[inline(always)]
+    fn all(&self) -> u8 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn matching(&self, pos: u8, c: u8) -> u8 {
+        MEDIA_MATCH
+            .get(media_match_index(pos, c))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
+const WALK_MAX: u64 = 1 << 23;
+
+/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot. None when it could not be
+/// followed to its end (a fault; the chunk passes).
+#[inline(always)]
+pub(crate) fn walk_chunk(
+    ctx: &SkBuffContext,
+    c: &Config,
+    stream: *mut Stream,
+    len: u64,
+) -> Option<Tally> {
+    let top = WALK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot 0. A verdict that interrupts this one runs to its end before this
+    // one goes on, so a plain read and write of the depth cannot interleave with another.
+    let depth = unsafe { (*top).depth };
+    if depth >= WALK_SLOTS as u64 {
+        return None;
+    }
+    let slot = WALK.get_ptr_mut(depth as u32)?;
+    // SAFETY: as above.
+    unsafe { (*top).depth = depth + 1 };
+    let tally = walk_in(ctx, c, stream, len, slot);
+    // SAFETY: as above.
+    unsafe { (*top).depth = depth };
+    tally
+}
+
+#[inline(always)]
+fn walk_in(
+    ctx: &SkBuffContext,
+    c: &Config,
+    stream: *mut Stream,
+    len: u64,
+    slot: *mut WalkSlot,
+) -> Option<Tally> {
+    // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back. Volatile stores, field
+    // by field: LLVM turns plain ones into a call to a byte-at-a-time memset.
+    let w = unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*slot).pos, 0);
+        put(&raw mut (*slot).len, len);
+        put(&raw mut (*slot).win_off, 0);
+        put(&raw mut (*slot).win_n, 0);
+        put(&raw mut (*slot).failed, 0);
+        put(&raw mut (*slot).tally.counted, 0);
+        put(&raw mut (*slot).tally.media, 0);
+        put(&raw mut (*slot).tally.starts, 0);
+        put(&raw mut (*slot).tally.head_method, false);
+        put(&raw mut (*slot).tally.opaque, false);
+        put(&raw mut (*slot).tally.broken, false);
+        &mut *slot
+    };
+    if len < WIN as u64 {
+        // SAFETY: `w.win` holds WIN_BUF > len bytes; the verifier sees 1 <= len < WIN.
+        if unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const c_void,
+                0,
+                w.win.as_mut_ptr() as *mut c_void,
+                len as u32,
+            )
+        } != 0
+        {
+            return None;
+        }
+        w.win_n = len;
+    }
+    let mut walk = Walk {
+        skb: ctx.skb.skb,
+        cfg: c as *const Config,
+        slot,
+        stream,
+    };
+    let loops = if len < WALK_MAX { len } else { WALK_MAX };
+    // SAFETY: `walk_step` is a static function of this program; `walk` outlives the loop.
+    unsafe {
+        bpf_loop(
+            loops as u32,
+            walk_step as *const () as *mut c_void,
+            &mut walk as *mut Walk as *mut c_void,
+            0,
+        )
+    };
+    (w.failed == 0).then_some(w.tally)
+}

@@ -1,0 +1,476 @@
+//! The org and address tables: what a config asks of them, and bringing them there.
+
+use std::collections::BTreeSet;
+
+use aya::maps::{MapError, lpm_trie::Key};
+use limiter_common::{
+    AddrKey, CONFIG_F_READY, Config as KernelConfig, HOST_PREFIX_LEN, ORG_F_ACTIVE,
+    ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
+    layout::{CONFIG, MEDIA_MATCH, MapSpec, ORG_BY_HOST, ORG_LIMITS},
+    stream::{MEDIA_MATCH_ENTRIES, media_match_entry},
+};
+
+use super::{CountersError, batched, fd, map_err, read_array, read_batches};
+use crate::{
+    clock::Clock,
+    config::{ConcurrencyMode, Config, EffectiveLimits, QuotaMode},
+    loader::Kernel,
+    orgs::{OrgIds, lpm_key},
+};
+
+/// What the daemon has written into the maps: the desired state of a config, and what a later
+/// config is diffed against.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    pub ports: BTreeSet<u16>,
+    /// ((prefix length, key), org id), each key once. Lists, not maps: building maps of a
+    /// million entries was most of a first start's table time; [`apply`] indexes the old side.
+    pub cidrs: Vec<((u32, AddrKey), u32)>,
+    /// (org id, limits), each id once.
+    pub limits: Vec<(u32, OrgLimits)>,
+    pub kernel_config: Option<KernelConfig>,
+}
+
+impl Applied {
+    /// The map contents a config asks for.
+    pub fn desired(cfg: &Config, ids: &OrgIds, clock: &Clock) -> Result<Self, CountersError> {
+        Self::desired_with(cfg, clock, |index, name| ids.id_at(index, name))
+    }
+
+    /// [`Applied::desired`] with the org ids given by `id_of(index in the config, name)`: a first
+    /// start knows them without the id table (org `i` gets id `i + 1`), so both are built at once.
+    pub fn desired_with(
+        cfg: &Config,
+        clock: &Clock,
+        id_of: impl Fn(usize, &str) -> Option<u32>,
+    ) -> Result<Self, CountersError> {
+        let mut kc = KernelConfig::empty();
+        kc.clock_offset_ns = clock.offset_ns();
+        kc.day_len_ns = clock.day_len_ns;
+        kc.flags = CONFIG_F_READY;
+        for p in &cfg.api.media_get_prefixes {
+            if !kc.push_media_prefix(p.as_bytes()) {
+                return Err(CountersError::Prefix(p.clone()));
+            }
+        }
+        let cidrs = cfg.cidr_count();
+        let mut out = Applied {
+            ports: cfg.api.ports.iter().copied().collect(),
+            kernel_config: Some(kc),
+            cidrs: Vec::with_capacity(cidrs),
+            limits: Vec::with_capacity(cfg.orgs.len()),
+        };
+        for (index, org) in cfg.orgs.iter().enumerate() {
+            let Some(id) = id_of(index, &org.name) else {
+                continue;
+            };
+            out.limits
+                .push((id, kernel_limits(&org.name, &cfg.limits_for(org))));
+            for net in &org.cidrs {
+                out.cidrs.push((lpm_key(net), id));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An org's limits and modes as the kernel keeps them.
+pub fn kernel_limits(name: &str, l: &EffectiveLimits) -> OrgLimits {
+    let mut flags = ORG_F_ACTIVE;
+    if l.quota_mode == QuotaMode::DryRun {
+        flags |= ORG_F_DRY_RUN;
+    }
+    flags |= match l.concurrency_mode {
+        ConcurrencyMode::Observe => 0,
+        ConcurrencyMode::Delay => ORG_F_CONC_DELAY,
+        ConcurrencyMode::Reject => ORG_F_CONC_REJECT,
+    };
+    OrgLimits::new(
+        name.as_bytes(),
+        l.daily_requests,
+        l.concurrent_connections,
+        flags,
+    )
+}
+
+/// What it takes to bring the maps from `old` to `new`: the one comparison behind [`apply`] and
+/// the reload's list of changed orgs. Only the old side is indexed, so a first start (old empty)
+/// hashes nothing.
+struct Diff<'a> {
+    /// Limits to write: new orgs' and changed ones.
+    limits: Vec<(u32, &'a OrgLimits)>,
+    /// Address entries to write (new, or now another org's): single addresses and networks.
+    hosts: Vec<((u32, AddrKey), u32)>,
+    nets: Vec<((u32, AddrKey), u32)>,
+    /// Orgs that lost an address to another org.
+    moved_from: Vec<u32>,
+    /// Address entries no org has any more.
+    removed_cidrs: Vec<((u32, AddrKey), u32)>,
+    /// Orgs no longer configured.
+    removed_ids: Vec<u32>,
+}
+
+impl<'a> Diff<'a> {
+    fn new(old: &Applied, new: &'a Applied) -> Self {
+        let old_limits: foldhash::HashMap<u32, &OrgLimits> =
+            old.limits.iter().map(|(id, l)| (*id, l)).collect();
+        let old_cidrs: foldhash::HashMap<(u32, AddrKey), u32> = old.cidrs.iter().copied().collect();
+        let limits = new
+            .limits
+            .iter()
+            .filter(|(id, l)| old_limits.get(id) != Some(&l))
+            .map(|(id, l)| (*id, l))
+            .collect();
+        let mut moved_from = Vec::new();
+        let (hosts, nets) = new
+            .cidrs
+            .iter()
+            .filter(|(k, id)| match old_cidrs.get(k) {
+                Some(was) if was == id => false,
+                Some(was) => {
+                    moved_from.push(*was);
+                    true
+                }
+                None => true,
+            })
+            .partition(|((len, _), _)| *len == HOST_PREFIX_LEN);
+        let (mut removed_cidrs, mut removed_ids) = (Vec::new(), Vec::new());
+        if !old.cidrs.is_empty() {
+            let kept: foldhash::HashSet<(u32, AddrKey)> =
+                new.cidrs.iter().map(|(k, _)| *k).collect();
+            removed_cidrs = old
+                .cidrs
+                .iter()
+                .filter(|(k, _)| !kept.contains(k))
+                .copied()
+                .collect();
+        }
+        if !old.limits.is_empty() {
+            let kept: foldhash::HashSet<u32> = new.limits.iter().map(|(id, _)| *id).collect();
+            removed_ids = old
+                .limits
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !kept.contains(id))
+                .collect();
+        }
+        Diff {
+            limits,
+            hosts,
+            nets,
+            moved_from,
+            removed_cidrs,
+            removed_ids,
+        }
+    }
+
+    fn addresses_changed(&self) -> bool {
+        !(self.hosts.is_empty() && self.nets.is_empty() && self.removed_cidrs.is_empty())
+    }
+
+    /// The ids whose addresses or limits differ, each once, in order (ids on one side only
+    /// included: the caller tells added and removed orgs apart).
+    fn orgs(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .limits
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(
+                self.hosts
+                    .iter()
+                    .chain(&self.nets)
+                    .chain(&self.removed_cidrs)
+                    .map(|(_, id)| *id),
+            )
+            .chain(self.moved_from.iter().chain(&self.removed_ids).copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// What an apply changed, for the log and the reload's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub cidrs_written: usize,
+    pub cidrs_removed: usize,
+    pub limits_written: usize,
+    /// Ids whose addresses or limits changed (orgs on one side only included); left empty on a
+    /// first start, where every org is new.
+    pub orgs_changed: Vec<u32>,
+}
+
+/// Brings the maps from `old` to `new`: additions and changes first, removals last, so no address
+/// is ever without its org in between. CONFIG (with the ready flag) is written last, with
+/// `old`'s address generation, moved on when the address table changed so the kernel
+/// re-attributes connections made under the old table.
+pub fn apply(
+    kernel: &mut Kernel,
+    old: &Applied,
+    new: &Applied,
+) -> Result<ApplyStats, CountersError> {
+    let diff = Diff::new(old, new);
+    for port in new.ports.difference(&old.ports) {
+        kernel
+            .ports
+            .insert(port, 1, 0)
+            .map_err(map_err(format!("API port {port}")))?;
+    }
+    let first_start = old.kernel_config.is_none();
+    write_changes(kernel, &diff, first_start)?;
+    // Test hook: the new limits and addresses are in, the removals and CONFIG not yet.
+    crate::hooks::pause("LIMITER_TEST_PAUSE_MID_APPLY");
+    write_removals(kernel, &diff)?;
+    for port in old.ports.difference(&new.ports) {
+        match kernel.ports.remove(port) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(format!("API port {port}"))(e)),
+        }
+    }
+    if let Some(kc) = new.kernel_config {
+        write_config(kernel, old, kc, diff.addresses_changed())?;
+    }
+    Ok(ApplyStats {
+        cidrs_written: diff.hosts.len() + diff.nets.len(),
+        cidrs_removed: diff.removed_cidrs.len(),
+        limits_written: diff.limits.len(),
+        orgs_changed: if first_start { Vec::new() } else { diff.orgs() },
+    })
+}
+
+/// Writes the new and changed limits and address entries: in batches where there are many, one
+/// by one where there are few or the kernel refused a batch.
+fn write_changes(
+    kernel: &mut Kernel,
+    diff: &Diff<'_>,
+    first_start: bool,
+) -> Result<(), CountersError> {
+    let (limits_ok, hosts_ok, nets_ok) = write_batches(kernel, diff, first_start);
+    if !limits_ok {
+        for (id, l) in &diff.limits {
+            kernel
+                .org_limits
+                .set(*id, *l, 0)
+                .map_err(map_err(format!("limits of org id {id}")))?;
+        }
+    }
+    if !hosts_ok {
+        for &((_, addr), id) in &diff.hosts {
+            kernel
+                .org_by_host
+                .insert(addr, id, 0)
+                .map_err(map_err(format!("host table entry for org id {id}")))?;
+        }
+    }
+    if !nets_ok {
+        for &((len, addr), id) in &diff.nets {
+            kernel
+                .org_by_addr
+                .insert(&Key::new(len, addr), id, 0)
+                .map_err(map_err(format!("address table entry for org id {id}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// [`write_changes`]' batches, through the descriptors the kernel handles hold: whether the
+/// limits', the host table's and the network table's went through.
+fn write_batches(kernel: &Kernel, diff: &Diff<'_>, first_start: bool) -> (bool, bool, bool) {
+    let (limits_fd, hosts_fd, nets_fd) = (
+        fd(&kernel.org_limits),
+        fd(&kernel.org_by_host),
+        fd(&kernel.org_by_addr),
+    );
+    let write_limits = || batched(limits_fd, &diff.limits, |(id, l)| (*id, **l));
+    let write_hosts =
+        |hosts: &[((u32, AddrKey), u32)]| batched(hosts_fd, hosts, |((_, addr), id)| (*addr, *id));
+    let write_nets = || {
+        batched(nets_fd, &diff.nets, |((len, addr), id)| {
+            (Key::new(*len, *addr), *id)
+        })
+    };
+    // A first start (the kernel ignores traffic until CONFIG is written, last) fills the three
+    // tables at once; a reload keeps limits before addresses, so no new address meets stale limits.
+    // The host table's inserts are the slowest; its buckets have their own locks, so two
+    // threads fill it.
+    if first_start {
+        let (first, second) = diff.hosts.split_at(diff.hosts.len() / 2);
+        std::thread::scope(|s| {
+            let first = s.spawn(|| write_hosts(first));
+            let second = s.spawn(|| write_hosts(second));
+            let nets = s.spawn(write_nets);
+            let limits = write_limits();
+            let hosts = first.join().unwrap_or(false) & second.join().unwrap_or(false);
+            (limits, hosts, nets.join().unwrap_or(false))
+        })
+    } else {
+        (write_limits(), write_hosts(&diff.hosts), write_nets())
+    }
+}
+
+/// Removes the address entries no org has any more, and the limits of orgs no longer configured.
+fn write_removals(kernel: &mut Kernel, diff: &Diff<'_>) -> Result<(), CountersError> {
+    for &((len, addr), _) in &diff.removed_cidrs {
+        let removed = if len == HOST_PREFIX_LEN {
+            kernel.org_by_host.remove(&addr)
+        } else {
+            kernel.org_by_addr.remove(&Key::new(len, addr))
+        };
+        match removed {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("address table removal")(e)),
+        }
+    }
+    for id in &diff.removed_ids {
+        kernel
+            .org_limits
+            .set(*id, OrgLimits::default(), 0)
+            .map_err(map_err(format!("limits of removed org id {id}")))?;
+    }
+    Ok(())
+}
+
+/// Writes CONFIG (and MEDIA_MATCH before it, when the media prefixes changed), keeping `old`'s
+/// org epoch and address generation, the latter moved on when the address table changed.
+fn write_config(
+    kernel: &mut Kernel,
+    old: &Applied,
+    mut kc: KernelConfig,
+    addresses_changed: bool,
+) -> Result<(), CountersError> {
+    let prev = old.kernel_config.map_or(0, |c| c.addr_gen);
+    // The epoch of these org maps: chosen when they are first written (0: not yet), kept
+    // after.
+    kc.org_epoch = old
+        .kernel_config
+        .map(|c| c.org_epoch)
+        .filter(|e| *e != 0)
+        .unwrap_or(kernel.org_epoch);
+    kc.addr_gen = if addresses_changed {
+        prev.wrapping_add(1)
+    } else {
+        prev
+    };
+    let prefixes = |c: &KernelConfig| (c.media_prefix_count, c.media_prefix_len, c.media_prefixes);
+    if old.kernel_config.as_ref().map(prefixes) != Some(prefixes(&kc)) {
+        write_media_match(kernel, &kc)?;
+    }
+    kernel
+        .config
+        .set(0, kc, 0)
+        .map_err(map_err(CONFIG::DEF.name))
+}
+
+/// Fills MEDIA_MATCH from the config's media prefixes (before CONFIG says how many there are).
+fn write_media_match(kernel: &mut Kernel, kc: &KernelConfig) -> Result<(), CountersError> {
+    for index in 0..MEDIA_MATCH_ENTRIES {
+        kernel
+            .media_match
+            .set(index, media_match_entry(kc, index), 0)
+            .map_err(map_err(MEDIA_MATCH::DEF.name))?;
+    }
+    Ok(())
+}
+
+/// The org ids and names the kernel holds (ORG_LIMITS entries marked active).
+pub fn ids_from_kernel(kernel: &Kernel) -> Result<OrgIds, CountersError> {
+    let all = read_array::<ORG_LIMITS>(&kernel.org_limits, kernel.org_capacity() as usize)?;
+    // A name twice (maps left inconsistent by a crash mid-write) keeps its first id; the other
+    // entry is then no org's and the next apply clears it.
+    let mut seen = foldhash::HashSet::default();
+    let pairs = all.iter().enumerate().filter_map(|(id, l)| {
+        let n = (l.name_len as usize).min(l.name.len());
+        let name = std::str::from_utf8(&l.name[..n]).ok()?;
+        (l.flags & ORG_F_ACTIVE != 0 && seen.insert(name)).then_some((id as u32, name))
+    });
+    OrgIds::from_pairs(pairs).map_err(CountersError::Ids)
+}
+
+/// What the maps hold now, so a restarted daemon applies only the differences.
+pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
+    let mut out = Applied::default();
+    for port in kernel.ports.keys() {
+        out.ports
+            .insert(port.map_err(map_err("reading API ports"))?);
+    }
+    for entry in kernel.org_by_addr.iter() {
+        let (key, id) = entry.map_err(map_err("reading the address table"))?;
+        out.cidrs.push(((key.prefix_len(), key.data()), id));
+    }
+    let max = kernel.capacity.cidrs as usize;
+    read_batches::<ORG_BY_HOST, _, _>(&kernel.org_by_host, max, |keys, values| {
+        for (&addr, &id) in keys.iter().zip(values) {
+            out.cidrs.push(((HOST_PREFIX_LEN, addr), id));
+        }
+    })?;
+    let all = read_array::<ORG_LIMITS>(&kernel.org_limits, kernel.org_capacity() as usize)?;
+    for (id, l) in all.into_iter().enumerate() {
+        if l.flags & ORG_F_ACTIVE != 0 {
+            out.limits.push((id as u32, l));
+        }
+    }
+    out.kernel_config = Some(
+        kernel
+            .config
+            .get(&0, 0)
+            .map_err(map_err("reading CONFIG"))?,
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn with_cidrs(cidrs: Vec<((u32, AddrKey), u32)>) -> Applied {
+        Applied {
+            cidrs,
+            ..Applied::default()
+        }
+    }
+    #[test]
+    fn changed_orgs_are_those_whose_addresses_or_limits_differ() {
+        let net = |last: u8, id| ((128, limiter_common::v4_mapped([10, 0, 0, last])), id);
+        let lim = |q| OrgLimits::new(b"x", q, 3, ORG_F_ACTIVE);
+        let old = Applied {
+            cidrs: vec![net(1, 1), net(2, 2), net(3, 3), net(4, 4), net(6, 6)],
+            limits: vec![
+                (1, lim(10)),
+                (2, lim(10)),
+                (3, lim(10)),
+                (4, lim(10)),
+                (6, lim(10)),
+            ],
+            ..Applied::default()
+        };
+        let new = Applied {
+            // 2 moves to another address, 3 gets another limit, 4 is gone, 5 is new, and 6's
+            // address is now 1's (both changed).
+            cidrs: vec![net(1, 1), net(9, 2), net(3, 3), net(5, 5), net(6, 1)],
+            limits: vec![
+                (1, lim(10)),
+                (2, lim(10)),
+                (3, lim(20)),
+                (5, lim(10)),
+                (6, lim(10)),
+            ],
+            ..Applied::default()
+        };
+        assert_eq!(Diff::new(&old, &new).orgs(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(Diff::new(&old, &old).orgs(), [] as [u32; 0]);
+    }
+    #[test]
+    fn the_address_generation_moves_only_when_the_table_changes() {
+        let a = ((120, limiter_common::v4_mapped([10, 0, 0, 0])), 1);
+        let b = ((128, limiter_common::v4_mapped([10, 0, 1, 7])), 2);
+        let old = with_cidrs(vec![a, b]);
+        let changed = |new: Vec<_>| Diff::new(&old, &with_cidrs(new)).addresses_changed();
+        // The same entries in another order (a reordered config, or read back from the kernel).
+        assert!(!changed(vec![b, a]));
+        // Another org for an address, an address less, or a first start: a new generation.
+        assert!(changed(vec![a, (b.0, 3)]));
+        assert!(changed(vec![a]));
+        assert!(Diff::new(&Applied::default(), &old).addresses_changed());
+        assert!(!Diff::new(&Applied::default(), &Applied::default()).addresses_changed());
+    }
+}
