@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     Config, FAULT_REPLY, OrgLimits, day,
-    reply::{NAME_MAX, Policy, RefuseArgs, Reply, Sink},
+    reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     stream::{F_REFUSED, S_CLOSED},
 };
 
@@ -24,11 +24,13 @@ use crate::{
     sock_table::sock_state,
 };
 
-/// Spaces for the 429's padding header, stored from in chunks.
-static SPACES: [u8; 1024] = [b' '; 1024];
+/// Longest chunk a reply can replace: the reply's head and padding are blanked with one store
+/// from [`SPACES`].
+const PAD_MAX: usize = 65 * 1024;
 
-/// Longest padding the chunked loop writes: 63 × 1024 + 31 × 32 + 31 bytes.
-const PAD_MAX: usize = 63 * 1024 + 31 * 32 + 31;
+/// Spaces for blanking the reply's head and padding: one store of any length up to PAD_MAX, so
+/// the verifier walks no loop.
+static SPACES: [u8; PAD_MAX] = [b' '; PAD_MAX];
 
 /// Writes reply bytes into the skb being refused.
 struct SkbSink<'a> {
@@ -58,29 +60,9 @@ impl Sink for SkbSink<'_> {
         len == 0 || self.store(off, bytes.as_ptr(), len)
     }
 
-    /// Chunks of 1024, then 32, then the rest: few enough iterations for the verifier.
     #[inline(always)]
-    fn spaces(&mut self, mut off: usize, mut n: usize) -> bool {
-        let mut ok = true;
-        let mut i = 0;
-        while i < 63 && n >= 1024 {
-            ok &= self.store(off, SPACES.as_ptr(), 1024);
-            off += 1024;
-            n -= 1024;
-            i += 1;
-        }
-        i = 0;
-        while i < 31 && n >= 32 {
-            ok &= self.store(off, SPACES.as_ptr(), 32);
-            off += 32;
-            n -= 32;
-            i += 1;
-        }
-        if n > 0 && n < 32 {
-            ok &= self.store(off, SPACES.as_ptr(), n);
-            n = 0;
-        }
-        ok && n == 0
+    fn spaces(&mut self, off: usize, n: usize) -> bool {
+        n == 0 || (n <= PAD_MAX && self.store(off, SPACES.as_ptr(), n))
     }
 }
 
@@ -91,8 +73,8 @@ pub fn limiter_refuse(ctx: SkBuffContext) -> u32 {
 
 /// Rewrites the refused request into the 429 of `reply` (docs/cli.md), padded (or, when the
 /// request is shorter than the reply, grown) to the right length, and sends it back out of the
-/// same socket. Keep-alive when the chunk is exactly one request head long; otherwise
-/// `Connection: close` and everything after it is dropped.
+/// same socket. Keep-alive when the chunk is exactly one whole request and holds the full or the
+/// compact reply; otherwise `Connection: close` and everything after it is dropped.
 #[inline(always)]
 fn try_refuse(ctx: &SkBuffContext) -> u32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -114,8 +96,16 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     };
     let st = sock_state(args.cookie);
     let len = ctx.len() as usize;
-    let mut reply = reply_to(&args, c, l);
-    reply.keep_alive = args.keep_alive_ok && len >= reply.min_len();
+    let mut reply = reply_to(&args, c, l, scratch);
+    reply.keep_alive = args.keep_alive_ok;
+    if args.keep_alive_ok && len < reply.min_len() {
+        // Too short for the body: the compact reply keeps the connection if it fits.
+        reply.body = false;
+        if len < reply.min_len() {
+            reply.body = true;
+            reply.keep_alive = false;
+        }
+    }
     let min = reply.min_len();
     let total = if len < min {
         // SAFETY: growing the skb this program owns; the connection closes after this reply.
@@ -125,7 +115,7 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
             return SK_PASS;
         }
         min
-    } else if len - min > PAD_MAX {
+    } else if len > PAD_MAX {
         // Too long to pad (a very large first segment): pass it rather than break the connection.
         fault(FAULT_REPLY);
         return SK_PASS;
@@ -137,7 +127,7 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
         unsafe {
-            if reply.policy == Policy::BadRequest {
+            if reply.policy() == Policy::BadRequest {
                 (*st).stream.state = S_CLOSED;
             } else {
                 (*st).stream.flags |= F_REFUSED;
@@ -161,9 +151,15 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
     }
 }
 
-/// The 429 the verdict asked for (without keep-alive: that depends on the request's length).
+/// The 429 the verdict asked for, full and closing (keep-alive and the compact form depend on the
+/// request's length).
 #[inline(always)]
-fn reply_to<'a>(args: &RefuseArgs, c: &Config, l: &'a OrgLimits) -> Reply<'a> {
+fn reply_to<'a>(
+    args: &RefuseArgs,
+    c: &Config,
+    l: &'a OrgLimits,
+    scratch: &mut Scratch,
+) -> Reply<'a> {
     let org_len = if (l.name_len as usize) < NAME_MAX {
         l.name_len as usize
     } else {
@@ -178,12 +174,12 @@ fn reply_to<'a>(args: &RefuseArgs, c: &Config, l: &'a OrgLimits) -> Reply<'a> {
     };
     // SAFETY: a helper without arguments.
     let now = day::limiter_time(unsafe { bpf_ktime_get_tai_ns() }, c.clock_offset_ns);
-    Reply {
+    Reply::new(
         policy,
-        org: &l.name,
+        &l.name,
         org_len,
         limit,
-        reset_secs: day::seconds_until_next_day(now, c.day_len_ns),
-        keep_alive: false,
-    }
+        day::seconds_until_next_day(now, c.day_len_ns),
+        scratch,
+    )
 }

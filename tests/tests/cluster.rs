@@ -3,71 +3,13 @@
 
 use std::{
     net::IpAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
-use integration_tests::{World, n, org_toml};
+use anyhow::{Result, bail};
+use integration_tests::{Redis, World, n, org_toml};
 use limiter_lab::testbed::{Request, http_requests};
 use serde_json::Value;
-
-/// A redis-server on a free loopback port, no persistence (a restart loses its data), killed on
-/// drop.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start(port: Option<u16>) -> Result<Redis> {
-        let port = match port {
-            Some(p) => p,
-            None => std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port(),
-        };
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server (cargo xtask setup installs it)")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Redis {
-            port,
-            child: Some(child),
-        })
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn host(name: &str, redis: u16, limit: u64) -> Result<(World, IpAddr)> {
     let mut w = World::new(name, 1, 0)?;
@@ -133,7 +75,7 @@ fn two_hosts_share_one_quota_and_survive_a_redis_restart() -> Result<()> {
 
     // Redis goes away: the hosts keep enforcing on what they know.
     let port = redis.port;
-    redis.stop();
+    redis.kill();
     assert_eq!(send(&b, ip_b, 3)?, [429, 429, 429]);
     wait_log(&a, "Redis unreachable")?;
     // Back, empty: every host rewrites its absolute count, nothing is lost.
@@ -165,8 +107,7 @@ fn a_host_without_its_snapshot_restores_its_count_from_redis() -> Result<()> {
     assert!(send(&a, ip, 7)?.iter().all(|s| *s == 200));
     let day = a.report()?["day"].as_str().unwrap_or_default().to_string();
     let key = format!("limiter:count:{day}:acme");
-    let mut con =
-        redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))?.get_connection()?;
+    let mut con = redis::Client::open(redis.url())?.get_connection()?;
     redis::cmd("HSET")
         .arg(&key)
         .arg("otherhost")

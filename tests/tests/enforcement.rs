@@ -8,6 +8,25 @@ use limiter_lab::testbed::{HttpConn, Request, Response, exchange_raw, http_reque
 use serde_json::Value;
 
 /// Checks a response is the contract's daily 429 for `org` with `limit`.
+/// The compact 429: the headers of the full one, no body, no `Connection` (HTTP/1.1 keeps it), and
+/// no value ending in whitespace.
+fn assert_compact_429(r: &Response, policy: &str) {
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("Content-Length"), Some("0"));
+    assert_eq!(r.header("Connection"), None);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("RateLimit-Policy"), Some(policy));
+    let retry = r.header("Retry-After").expect("Retry-After");
+    assert!(
+        retry
+            .parse::<u64>()
+            .is_ok_and(|s| (1..=86_400).contains(&s)),
+        "{retry:?}"
+    );
+    let rl = r.header("RateLimit").expect("RateLimit");
+    assert!(rl.ends_with(&format!(";t={retry}")), "{rl:?}");
+}
+
 fn assert_daily_429(r: &Response, org: &str, limit: u64) {
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.header("Content-Type"), Some("application/problem+json"));
@@ -121,7 +140,7 @@ fn quota_boundary_is_exact_and_refusals_never_reach_the_app() -> Result<()> {
 }
 
 /// A request at least as long as the 429 gets a keep-alive 429 and the connection stays usable; a
-/// short one gets `Connection: close`; pipelined requests after a refusal and a refused POST's
+/// shorter one that holds the compact 429 (no body) too; a short one gets `Connection: close`; pipelined requests after a refusal and a refused POST's
 /// 200 KB body never reach the app.
 #[test]
 fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
@@ -131,7 +150,7 @@ fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
     w.start_daemon()?;
     let api = w.api4();
     let long_path = format!("/api/{}", "x".repeat(900));
-    let (long, short, post, pipelined) = w.client(|| async move {
+    let (long, medium, short, post, pipelined) = w.client(|| async move {
         let first = http_requests(acme, api, &[Request::get("/api/first")], true).await?;
         assert_eq!(first[0].status, 200);
         let mut conn = HttpConn::connect(Some(acme), api).await?;
@@ -141,6 +160,16 @@ fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
         assert_eq!(
             media.status, 200,
             "the connection stays usable after a keep-alive 429"
+        );
+        // Too short for the body, long enough for the compact 429: the connection stays too.
+        let mut conn = HttpConn::connect(Some(acme), api).await?;
+        let medium = conn
+            .send(&Request::get(format!("/api/{}", "m".repeat(100))), true)
+            .await?;
+        let media = conn.send(&Request::get("/media/y.png"), true).await?;
+        assert_eq!(
+            media.status, 200,
+            "the connection stays usable after a compact 429"
         );
         let short = http_requests(acme, api, &[Request::get("/a")], true)
             .await?
@@ -159,10 +188,11 @@ fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
             b"GET /api/p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /api/p2 HTTP/1.1\r\nHost: x\r\n\r\n",
         )
         .await?;
-        Ok((long, short, post, pipelined))
+        Ok((long, medium, short, post, pipelined))
     })?;
     assert_daily_429(&long, "acme", 1);
     assert_eq!(long.header("Connection"), Some("keep-alive"));
+    assert_compact_429(&medium, "\"daily\";w=86400;q=1");
     assert_daily_429(&short, "acme", 1);
     assert_eq!(short.header("Connection"), Some("close"));
     assert_daily_429(&post, "acme", 1);
@@ -178,12 +208,12 @@ fn keep_alive_close_pipelined_and_large_bodies() -> Result<()> {
     let paths: Vec<&str> = served.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
         paths,
-        ["/api/first", "/media/x.png"],
+        ["/api/first", "/media/x.png", "/media/y.png"],
         "nothing refused reached the server"
     );
     // The pipelined chunk's two requests are both refused and both counted.
     let org = w.org("acme")?;
-    assert_eq!((n(&org, "requests"), n(&org, "rejected")), (1, 5), "{org}");
+    assert_eq!((n(&org, "requests"), n(&org, "rejected")), (1, 6), "{org}");
     Ok(())
 }
 
@@ -224,6 +254,20 @@ fn standard_clients_parse_the_429() -> Result<()> {
          assert r.status == 429, r.status\n\
          assert int(r.getheader('Retry-After')) > 0\n\
          assert b['violated-policies'] == ['daily'], b\n\
+         assert r.getheader('Connection') == 'close', r.getheader('Connection')\n\
+         for k in ('Retry-After', 'RateLimit-Policy', 'RateLimit', 'Content-Length'):\n\
+         \x20   assert r.getheader(k) == r.getheader(k).strip(), (k, r.getheader(k))\n\
+         c = http.client.HTTPConnection('{server}', {port}, source_address=('{acme}', 0))\n\
+         c.request('GET', '/api/compact', headers={{'X-Request-Id': 'r' * 100}})\n\
+         r = c.getresponse()\n\
+         assert r.status == 429 and r.read() == b'', r.status\n\
+         assert r.getheader('RateLimit-Policy') == '\"daily\";w=86400;q=1', r.getheader('RateLimit-Policy')\n\
+         assert r.getheader('RateLimit') == '\"daily\";r=0;t=' + r.getheader('Retry-After'), r.getheader('RateLimit')\n\
+         assert int(r.getheader('Retry-After')) > 0\n\
+         c.request('GET', '/media/py.png')\n\
+         r = c.getresponse()\n\
+         assert r.status == 200, r.status\n\
+         r.read()\n\
          print('ok', r.getheader('RateLimit-Policy'))\n",
         server = w.tb.server_v4(),
         port = integration_tests::API_PORT,
@@ -239,8 +283,12 @@ fn standard_clients_parse_the_429() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("q=1"));
-    assert_eq!(w.served_from(IpAddr::V4(acme))?.len(), 1);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
+    assert_eq!(
+        w.served_from(IpAddr::V4(acme))?.len(),
+        2,
+        "the first call and the media GET"
+    );
     Ok(())
 }
 

@@ -88,6 +88,9 @@ enum Cmd {
         /// Only the kernel-cost runs (bpf_stats), for tuning the programs.
         #[arg(long)]
         cost_only: bool,
+        /// Only the neighbors scenario.
+        #[arg(long)]
+        neighbors_only: bool,
     },
 }
 
@@ -100,7 +103,11 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test(&args),
         Cmd::Package { verify } => package(verify),
         Cmd::Demo { args } => demo(&args),
-        Cmd::Bench { quick, cost_only } => bench(quick, cost_only),
+        Cmd::Bench {
+            quick,
+            cost_only,
+            neighbors_only,
+        } => bench(quick, cost_only, neighbors_only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -394,7 +401,7 @@ fn demo(args: &[OsString]) -> Result<()> {
     Err(error).with_context(|| format!("cannot run {}", ebpf::describe(&cmd)))
 }
 
-fn bench(quick: bool, cost_only: bool) -> Result<()> {
+fn bench(quick: bool, cost_only: bool, neighbors_only: bool) -> Result<()> {
     setup()?;
     build_release_with_lab()?;
     let mut cmd = Command::new(target_dir().join("release").join("limiter-lab"));
@@ -406,6 +413,9 @@ fn bench(quick: bool, cost_only: bool) -> Result<()> {
     }
     if cost_only {
         cmd.arg("--cost-only");
+    }
+    if neighbors_only {
+        cmd.arg("--neighbors-only");
     }
     run(&mut cmd)
 }

@@ -22,7 +22,7 @@ const UNIT_EXEC_BY_HAND: &str = "ExecStart=/usr/local/bin/limiter ";
 const UNIT_EXEC_PACKAGED: &str = "ExecStart=/usr/bin/limiter ";
 
 /// What goes where: (source relative to the workspace, path in the package, mode).
-const FILES: [(&str, &str, u32); 7] = [
+const FILES: [(&str, &str, u32); 15] = [
     (
         "packaging/limiter.service",
         "lib/systemd/system/limiter.service",
@@ -44,7 +44,44 @@ const FILES: [(&str, &str, u32); 7] = [
         "usr/share/doc/limiter/limiter.service.example",
         0o644,
     ),
+    // The README's links point into docs/: the same layout beside it.
     ("README.md", "usr/share/doc/limiter/README.md", 0o644),
+    (
+        "docs/architecture.md",
+        "usr/share/doc/limiter/docs/architecture.md",
+        0o644,
+    ),
+    ("docs/cli.md", "usr/share/doc/limiter/docs/cli.md", 0o644),
+    (
+        "docs/configuration.md",
+        "usr/share/doc/limiter/docs/configuration.md",
+        0o644,
+    ),
+    (
+        "docs/development.md",
+        "usr/share/doc/limiter/docs/development.md",
+        0o644,
+    ),
+    (
+        "docs/operations.md",
+        "usr/share/doc/limiter/docs/operations.md",
+        0o644,
+    ),
+    (
+        "docs/operator-guide.md",
+        "usr/share/doc/limiter/docs/operator-guide.md",
+        0o644,
+    ),
+    (
+        "docs/performance.md",
+        "usr/share/doc/limiter/docs/performance.md",
+        0o644,
+    ),
+    (
+        "docs/semantics.md",
+        "usr/share/doc/limiter/docs/semantics.md",
+        0o644,
+    ),
     ("LICENSE-NOTE", "usr/share/doc/limiter/copyright", 0o644),
 ];
 const SCRIPTS: [&str; 3] = ["postinst", "prerm", "postrm"];
@@ -304,6 +341,8 @@ pub fn verify(deb: &Path, scratch: &Path) -> Result<()> {
         (CONFFILE, 0o644),
         ("/usr/share/doc/limiter/api-after-limiter.conf", 0o644),
         ("/usr/share/doc/limiter/README.md", 0o644),
+        ("/usr/share/doc/limiter/docs/operator-guide.md", 0o644),
+        ("/usr/share/doc/limiter/docs/configuration.md", 0o644),
         ("/usr/share/doc/limiter/copyright", 0o644),
         ("/var/lib/limiter", 0o700),
     ] {

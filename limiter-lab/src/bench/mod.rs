@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// scale rows.
     #[arg(long)]
     pub cost_only: bool,
+    /// Only the neighbors scenario (both request shapes), written to bench-neighbors.md.
+    #[arg(long)]
+    pub neighbors_only: bool,
     /// Where bench.json and bench.md go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -70,9 +73,12 @@ struct Load {
 
 /// Request shapes of the kernel-cost runs (wrk Lua scripts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
+pub enum Shape {
     /// wrk's own minimal GET (about 40 bytes).
     Plain,
+    /// wrk's GET of the load's path with the headers an API integration sends (User-Agent,
+    /// Accept, a bearer token): about 210 bytes.
+    ApiHeaders,
     /// A typical API GET: a query and the headers an integration sends, about 200 bytes.
     ApiGet,
     /// Ten API GETs in one write (pipelining).
@@ -91,6 +97,12 @@ wrk.headers["Authorization"] = "Bearer 7f3c9e0a1b2d4c6e8f0a1b2c3d4e5f60"
 "#;
         match self {
             Shape::Plain => None,
+            Shape::ApiHeaders => Some(
+                r#"wrk.headers["User-Agent"] = "acme-sync/2.3 (+https://acme.example/integrations)"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Authorization"] = "Bearer 7f3c9e0a1b2d4c6e8f0a1b2c3d4e5f60"
+"#,
+            ),
             Shape::ApiGet => Some(API_HEADERS),
             Shape::Pipelined10 => Some(concat!(
                 r#"wrk.path = "/api/v1/items?page=2&per_page=50"
@@ -210,8 +222,8 @@ pub struct Results {
     pub rows: Vec<Row>,
     pub kernel_cost: KernelCost,
     pub scale: Vec<ScaleRow>,
-    /// Not run with `--cost-only`.
-    pub neighbors: Option<neighbors::Neighbors>,
+    /// Not run with `--cost-only`: one per request shape.
+    pub neighbors: Vec<neighbors::Neighbors>,
 }
 
 fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
@@ -658,7 +670,7 @@ fn markdown(r: &Results) -> String {
             x.note
         ));
     }
-    if let Some(n) = &r.neighbors {
+    for n in &r.neighbors {
         s.push('\n');
         s.push_str(&n.markdown());
     }
@@ -788,14 +800,26 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         ),
     ];
     let mut rows = Vec::new();
-    let mut neighbors = None;
+    let mut neighbors = Vec::new();
     if !args.cost_only {
-        for (scenario, (side_a, side_b)) in comparisons {
-            rows.push(b.compare(scenario, side_a, side_b, cfgs)?);
+        if !args.neighbors_only {
+            for (scenario, (side_a, side_b)) in comparisons {
+                rows.push(b.compare(scenario, side_a, side_b, cfgs)?);
+            }
         }
-        let n = neighbors::run(&mut b, &addrs)?;
-        println!("\n{}", n.markdown());
-        neighbors = Some(n);
+        for shape in [Shape::Plain, Shape::ApiHeaders] {
+            let n = neighbors::run(&mut b, &addrs, shape)?;
+            println!("\n{}", n.markdown());
+            neighbors.push(n);
+        }
+    }
+    if args.neighbors_only {
+        b.stop();
+        let md: String = neighbors.iter().map(|n| n.markdown() + "\n").collect();
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(args.out.join("bench-neighbors.md"), &md)?;
+        println!("wrote {}", args.out.join("bench-neighbors.md").display());
+        return Ok(ExitCode::SUCCESS);
     }
     // The programs' own cost, from bpf_stats (run_time_ns / run_cnt), in runs of their own.
     let kernel_cost = {

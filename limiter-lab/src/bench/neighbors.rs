@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use limiter_user::control::{self, Request as Ctl};
 use serde::Serialize;
 
-use super::{Bench, Expect, Load, check, median_min_max, nginx, wrk::WrkRun};
+use super::{Bench, Expect, Load, Shape, check, median_min_max, nginx, wrk::WrkRun};
 use crate::testbed::{Side, Testbed};
 
 /// The flooder: keep-alive connections of short GETs, each sent as soon as the last is answered.
@@ -156,6 +156,8 @@ pub struct Target {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Neighbors {
+    /// What both orgs send.
+    pub request: String,
     pub flooder_connections: u32,
     pub well_behaved_connections: u32,
     pub phases: Vec<PhaseResult>,
@@ -166,10 +168,10 @@ impl Neighbors {
     /// The scenario as Markdown: the phases' table and the targets (also what the run prints).
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "Neighbors: the flooder on {} keep-alive connections, the well-behaved org on {}, at once\n\n\
+            "Neighbors, {}: the flooder on {} keep-alive connections, the well-behaved org on {}, at once\n\n\
              | phase | well-behaved req/s (min–max) | share of alone | p99 (ms) | p99 vs alone | flooder req/s | flooder refused |\n\
              |---|---|---|---|---|---|---|\n",
-            self.flooder_connections, self.well_behaved_connections
+            self.request, self.flooder_connections, self.well_behaved_connections
         );
         for p in &self.phases {
             s.push_str(&format!(
@@ -258,6 +260,7 @@ fn run_phase(
     phase: Phase,
     addrs: &Addrs,
     cfg: &Path,
+    shape: Shape,
 ) -> Result<(WrkRun, Option<WrkRun>)> {
     let what = phase.label();
     let load = |conns| Load {
@@ -265,7 +268,7 @@ fn run_phase(
         conns,
         keep_alive: true,
         padded: false,
-        shape: super::Shape::Plain,
+        shape,
     };
     let before = if phase == Phase::LimiterRefuses {
         b.start(cfg, GOOD_ORG)?;
@@ -333,12 +336,12 @@ fn run_phase(
 }
 
 /// Runs every phase `b.reps` times (a b c d, a b c d, …) and compares them with (a).
-pub fn run(b: &mut Bench, addrs: &Addrs) -> Result<Neighbors> {
+pub fn run(b: &mut Bench, addrs: &Addrs, shape: Shape) -> Result<Neighbors> {
     let cfg = config(b, addrs)?;
     let mut runs: Vec<(Vec<WrkRun>, Vec<WrkRun>)> = vec![Default::default(); Phase::ALL.len()];
     for _ in 0..b.reps {
         for (i, phase) in Phase::ALL.into_iter().enumerate() {
-            let (good, flood) = run_phase(b, phase, addrs, &cfg)?;
+            let (good, flood) = run_phase(b, phase, addrs, &cfg, shape)?;
             runs[i].0.push(good);
             runs[i].1.extend(flood);
         }
@@ -389,6 +392,13 @@ pub fn run(b: &mut Bench, addrs: &Addrs) -> Result<Neighbors> {
         },
     ];
     Ok(Neighbors {
+        request: match shape {
+            Shape::ApiHeaders => {
+                "API client requests (about 210-byte heads: User-Agent, Accept, a bearer token)"
+            }
+            _ => "wrk's minimal GETs (about 45-byte heads)",
+        }
+        .to_string(),
         flooder_connections: FLOOD_CONNS,
         well_behaved_connections: GOOD_CONNS,
         phases,

@@ -140,6 +140,17 @@ pub enum Prepare {
     Stepped,
 }
 
+/// What the day snapshot `known` recorded for org `id`, when that is anything.
+pub fn known_counts(known: Option<&DaySnapshot<'_>>, ids: &OrgIds, id: u32) -> Option<DayCounters> {
+    let k = known?;
+    let counts = if id == UNMAPPED_ORG {
+        k.unmapped
+    } else {
+        *k.orgs.get(ids.name(id)?)?
+    };
+    (!counts.is_idle()).then_some(counts)
+}
+
 /// What a day slot must hold before `day` is counted in it, or None to leave it as it is.
 ///
 /// `known`: what the day's snapshot recorded for this slot's org (a day the clock comes back to
@@ -188,15 +199,7 @@ pub fn prepare_day_all(
     how: Prepare,
     known: Option<&DaySnapshot<'_>>,
 ) -> Result<usize, CountersError> {
-    let known_of = |id: u32| -> Option<DayCounters> {
-        let k = known?;
-        let counts = if id == UNMAPPED_ORG {
-            k.unmapped
-        } else {
-            *k.orgs.get(ids.name(id)?)?
-        };
-        (!counts.is_idle()).then_some(counts)
-    };
+    let known_of = |id: u32| known_counts(known, ids, id);
     let mut stale: Vec<u32> = Vec::new();
     each_day_slot(kernel, ids.max_id(), day, |id, slot| {
         let in_use = id == UNMAPPED_ORG || ids.name(id).is_some();

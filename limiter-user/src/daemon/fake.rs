@@ -147,15 +147,7 @@ impl KernelMaps for FakeMaps {
         known: Option<&DaySnapshot<'_>>,
     ) -> Result<usize, FakeError> {
         self.read()?;
-        let known_of = |id: u32| -> Option<DayCounters> {
-            let k = known?;
-            let counts = if id == UNMAPPED_ORG {
-                k.unmapped
-            } else {
-                *k.orgs.get(ids.name(id)?)?
-            };
-            (!counts.is_idle()).then_some(counts)
-        };
+        let known_of = |id: u32| counters::known_counts(known, ids, id);
         let mut restored = 0;
         for id in std::iter::once(UNMAPPED_ORG).chain(ids.iter().map(|(id, _)| id)) {
             let idx = day_index(id, day);
