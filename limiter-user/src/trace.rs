@@ -22,6 +22,7 @@ use limiter_common::{
     TRACE_R_FAULT, TRACE_R_NOT_HTTP, TRACE_VIA_ADDRESS, TraceRecord, UNMAPPED_ORG, day,
     layout::{Handle, MapSpec, ORG_LIMITS, TRACE, TRACE_ON},
     reply::NAME_MAX,
+    stream::{MediaPrefixes, Stream},
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -88,6 +89,11 @@ pub struct Line {
     pub outcome: &'static str,
     /// Why it was refused or not parsed; null otherwise.
     pub reason: Option<&'static str>,
+    /// This request's place among the request lines that started in the chunk (1-based), and
+    /// how many started: pipelined requests that arrive in one chunk get a line each, and share
+    /// the chunk's outcome.
+    pub request: u32,
+    pub requests: u32,
     /// Requests in the chunk: counted against the quota, and exempt media GETs.
     pub counted: u32,
     pub media: u32,
@@ -181,11 +187,70 @@ pub fn line(r: &TraceRecord, org: String, tai_to_unix_ns: i64) -> Line {
         path,
         outcome: outcome_name(r.outcome),
         reason: reason_name(r.reason),
+        request: u32::from(r.starts > 0),
+        requests: r.starts,
         counted: r.counted,
         media: r.media,
         bytes: r.len,
         conn: r.cookie,
     }
+}
+
+/// No media prefixes: only where request lines start matters here.
+struct NoMedia;
+
+impl MediaPrefixes for NoMedia {
+    fn all(&self) -> u8 {
+        0
+    }
+
+    fn matching(&self, _pos: u8, _c: u8) -> u8 {
+        0
+    }
+}
+
+/// Where each request line that starts in `head` (bytes from a request boundary) begins, found
+/// by the kernel's own stream parser fed a byte at a time: a request line inside a body is none.
+pub fn request_starts(head: &[u8]) -> Vec<usize> {
+    let mut stream = Stream::new();
+    let mut starts = Vec::new();
+    let mut begin = 0;
+    for i in 0..head.len() {
+        // The last byte at which the stream stood between requests (empty lines are skipped by
+        // `request_line`).
+        if stream.at_boundary() {
+            begin = i;
+        }
+        if stream.feed(&head[i..=i], &NoMedia).starts > 0 {
+            starts.push(begin);
+        }
+    }
+    starts
+}
+
+/// A record as one line per request line that started in its chunk (one line when none did).
+/// Requests past the captured head get a line without method and path.
+pub fn lines(r: &TraceRecord, org: String, tai_to_unix_ns: i64) -> Vec<Line> {
+    let first = line(r, org, tai_to_unix_ns);
+    if r.starts <= 1 || r.head_len == 0 {
+        return vec![first];
+    }
+    let head = &r.head[..(r.head_len as usize).min(r.head.len())];
+    let at = request_starts(head);
+    (0..r.starts)
+        .map(|k| {
+            let (method, path) = at
+                .get(k as usize)
+                .and_then(|&p| request_line(&head[p..]))
+                .unzip();
+            Line {
+                request: k + 1,
+                method,
+                path,
+                ..first.clone()
+            }
+        })
+        .collect()
 }
 
 impl Line {
@@ -196,13 +261,15 @@ impl Line {
             None => self.outcome.to_string(),
         };
         format!(
-            "{} {} via={} {} {} {} counted={} media={} bytes={} conn={}",
+            "{} {} via={} {} {} {} request={}/{} counted={} media={} bytes={} conn={}",
             self.time,
             self.org,
             self.via,
             self.method.as_deref().unwrap_or("-"),
             self.path.as_deref().unwrap_or("-"),
             outcome,
+            self.request,
+            self.requests,
             self.counted,
             self.media,
             self.bytes,
@@ -366,12 +433,13 @@ impl Tracer {
                 if org.is_some_and(|o| o != name) {
                     continue;
                 }
-                let l = line(&r, name, tai_to_unix);
-                if json {
-                    let text = serde_json::to_string(&l).map_err(std::io::Error::other)?;
-                    writeln!(out, "{text}")?;
-                } else {
-                    writeln!(out, "{}", l.text())?;
+                for l in lines(&r, name, tai_to_unix) {
+                    if json {
+                        let text = serde_json::to_string(&l).map_err(std::io::Error::other)?;
+                        writeln!(out, "{text}")?;
+                    } else {
+                        writeln!(out, "{}", l.text())?;
+                    }
                 }
             }
             out.flush()?;
@@ -446,6 +514,57 @@ mod tests {
         assert!(stale_tracer(42, |_| false));
         assert!(!stale_tracer(42, |p| p == 42));
         assert!(!stale_tracer(u64::from(std::process::id()), pid_alive));
+    }
+
+    #[test]
+    fn pipelined_requests_get_a_line_each() {
+        let head: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+            POST /b HTTP/1.1\r\nContent-Length: 18\r\n\r\nGET /body HTTP/1.1\
+            GET /c?x=1 HTTP/1.1\r\n\r\nDELETE /d";
+        let starts = request_starts(head);
+        let methods: Vec<_> = starts
+            .iter()
+            .map(|&p| request_line(&head[p..]).unwrap())
+            .collect();
+        assert_eq!(
+            methods,
+            [
+                ("GET".into(), "/a".into()),
+                ("POST".into(), "/b".into()),
+                ("GET".into(), "/c?x=1".into()),
+                ("DELETE".into(), "/d".into()),
+            ],
+            "the body's `GET /body` is no request"
+        );
+        let mut r: TraceRecord = bytemuck::Zeroable::zeroed();
+        r.head[..head.len()].copy_from_slice(head);
+        r.head_len = head.len() as u32;
+        r.outcome = TRACE_O_REFUSED;
+        r.reason = TRACE_R_DAILY;
+        r.starts = 6; // two more past the captured bytes
+        r.counted = 6;
+        let ls = lines(&r, "acme".into(), 0);
+        assert_eq!(ls.len(), 6);
+        let got: Vec<_> = ls
+            .iter()
+            .map(|l| (l.request, l.method.as_deref(), l.path.as_deref(), l.outcome))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, Some("GET"), Some("/a"), "refused"),
+                (2, Some("POST"), Some("/b"), "refused"),
+                (3, Some("GET"), Some("/c?x=1"), "refused"),
+                (4, Some("DELETE"), Some("/d"), "refused"),
+                (5, None, None, "refused"),
+                (6, None, None, "refused"),
+            ]
+        );
+        assert!(
+            ls[1]
+                .text()
+                .contains("POST /b refused (daily) request=2/6 counted=6")
+        );
     }
 
     #[test]

@@ -77,6 +77,13 @@ fn each_request_is_traced_with_its_org_and_outcome() -> Result<()> {
         let status: Vec<u16> = r.iter().map(|r| r.status).collect();
         assert_eq!(status, [200, 200, 200, 429]);
         send_raw(stranger, api, b"\x00\x01\x02 hello, not http\r\n\r\n").await?;
+        // Two requests in one write: each gets a line of its own.
+        send_raw(
+            stranger,
+            api,
+            b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await?;
         Ok(())
     })?;
     // The verdict wrote each record before its request went on; the tracer prints what it
@@ -128,6 +135,19 @@ fn each_request_is_traced_with_its_org_and_outcome() -> Result<()> {
         (&"-".into(), &"not_http".into(), &Value::Null),
         "{garbage}"
     );
+    let (p1, p2) = (traced(&lines, "/p1")?, traced(&lines, "/p2")?);
+    for p in [p1, p2] {
+        assert_eq!(
+            (&p["org"], &p["method"], &p["outcome"]),
+            (&"-".into(), &"GET".into(), &"counted".into()),
+            "{p}"
+        );
+    }
+    // Arrived in one chunk (the usual case on loopback): one decision, a line per request.
+    if p1["requests"] == 2 {
+        assert_eq!((&p1["request"], &p2["request"]), (&1.into(), &2.into()));
+        assert_eq!((&p2["requests"], &p2["counted"]), (&2.into(), &2.into()));
+    }
     assert_eq!(tracer_flag(&w)?, 0, "the tracer turned tracing off on exit");
     Ok(())
 }
