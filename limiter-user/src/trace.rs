@@ -68,9 +68,16 @@ pub fn stale_tracer(pid: u64, alive: impl Fn(u64) -> bool) -> bool {
     pid != 0 && !alive(pid)
 }
 
-/// Whether a process with this pid exists.
+/// Whether a `limiter` process with this pid runs: a pid the kernel gave to another program
+/// since the tracer died is no tracer.
 pub fn pid_alive(pid: u64) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+    std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm"))
+        .is_ok_and(|comm| is_limiter(&comm))
+}
+
+/// Whether a `/proc/<pid>/comm` is the `limiter` binary's (the kernel keeps 15 bytes of it).
+fn is_limiter(comm: &str) -> bool {
+    comm.trim_end() == "limiter"
 }
 
 /// One line of the trace.
@@ -509,11 +516,22 @@ mod tests {
     }
 
     #[test]
+    fn only_a_limiter_process_is_a_live_tracer() {
+        assert!(is_limiter("limiter\n"));
+        assert!(!is_limiter("nginx\n"));
+        assert!(!is_limiter("limiter-lab\n"));
+        // This test binary runs, but it is no tracer.
+        assert!(!pid_alive(u64::from(std::process::id())));
+        assert!(!pid_alive(u64::from(u32::MAX)));
+    }
+
+    #[test]
     fn stale_tracers() {
         assert!(!stale_tracer(0, |_| false));
         assert!(stale_tracer(42, |_| false));
         assert!(!stale_tracer(42, |p| p == 42));
-        assert!(!stale_tracer(u64::from(std::process::id()), pid_alive));
+        // A running process that is not `limiter` (this test) holds no trace.
+        assert!(stale_tracer(u64::from(std::process::id()), pid_alive));
     }
 
     #[test]
