@@ -7,6 +7,7 @@
 //! `limiter reload`) can point at the exact spot.
 
 mod error;
+mod orgs_file;
 mod raw;
 mod restart;
 mod validate;
@@ -61,6 +62,9 @@ pub struct Api {
     /// Network namespace (a file such as `/run/netns/api`) the `interfaces` live in, when the API
     /// runs in another namespace than the daemon; None: the daemon's own.
     pub netns: RestartOnly<Option<PathBuf>>,
+    /// A file of orgs, one per line, read (and on reload re-read) beside `[[orgs]]`; its orgs
+    /// are in [`Config::orgs`] after those of the config.
+    pub orgs_file: Option<PathBuf>,
 }
 
 /// `[limits]`: the defaults every org gets unless it overrides them.
@@ -188,7 +192,7 @@ impl Default for Daemon {
     }
 }
 
-/// One `[[orgs]]` entry.
+/// One `[[orgs]]` entry or one line of the orgs file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Org {
     pub name: String,
@@ -198,7 +202,7 @@ pub struct Org {
     pub concurrent_connections: Option<u32>,
     pub concurrency_mode: Option<ConcurrencyMode>,
     pub quota_mode: Option<QuotaMode>,
-    /// 1-based line of the org's `name` key, for messages.
+    /// 1-based line of the org's `name` key (or its line in the orgs file), for messages.
     pub line: usize,
 }
 
