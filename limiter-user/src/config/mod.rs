@@ -3,6 +3,8 @@
 //! The `toml` crate reads the file into the serde structs of `raw`, which declare every key
 //! once and check each value on its own (with the value's span). `validate` then turns them
 //! into the [`Config`] the daemon uses: defaults, and the checks that need several values.
+//! Long org lists can come from an orgs file of one org per line (`orgs_file`), cheaper to read
+//! than TOML tables and checked by the same rules.
 //! Every problem is reported as `FILE:LINE:COL: KEY: PROBLEM` so an operator (and
 //! `limiter reload`) can point at the exact spot.
 
@@ -246,7 +248,8 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// Validates config text; `file` is only used in messages.
+    /// Validates config text; `file` is only used in messages. The orgs file the text names
+    /// (`api.orgs_file`) is read from disk.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         Config::parse_with_max_orgs(text, file, MAX_CONFIG_ORGS)
     }
