@@ -566,3 +566,50 @@ fn a_bad_reload_changes_nothing() -> Result<()> {
     assert_eq!(n(&w.org("acme")?, "requests"), 8);
     Ok(())
 }
+
+/// Orgs listed in `api.orgs_file` are counted like `[[orgs]]` ones, and a reload reads the file
+/// again.
+#[test]
+fn orgs_file_is_counted_and_reread_on_reload() -> Result<()> {
+    let mut w = World::new("orgsfile", 2, 0)?;
+    let clients = w.tb.clients_v4();
+    let (acme, beta) = (IpAddr::V4(clients[0]), IpAddr::V4(clients[1]));
+    let orgs = w.dir().join("orgs");
+    std::fs::write(&orgs, format!("acme {} daily_requests=40\n", cidr(acme)))?;
+    w.write_config_with(
+        &format!("orgs_file = {:?}", orgs.display().to_string()),
+        "",
+        "",
+    )?;
+    w.start_daemon()?;
+    assert!(statuses(&w, acme, 3)?.iter().all(|s| *s == 200));
+    let org = w.org("acme")?;
+    assert_eq!(
+        (n(&org, "requests"), n(&org, "daily_limit")),
+        (3, 40),
+        "{org}"
+    );
+    std::fs::write(
+        &orgs,
+        format!(
+            "# reloaded\nacme {} daily_requests=50\nbeta {}\n",
+            cidr(acme),
+            cidr(beta)
+        ),
+    )?;
+    let out = w.cli(&["reload"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(statuses(&w, beta, 2)?.iter().all(|s| *s == 200));
+    let org = w.org("acme")?;
+    assert_eq!(
+        (n(&org, "requests"), n(&org, "daily_limit")),
+        (3, 50),
+        "{org}"
+    );
+    assert_eq!(n(&w.org("beta")?, "requests"), 2);
+    Ok(())
+}

@@ -3,10 +3,13 @@
 //! The `toml` crate reads the file into the serde structs of `raw`, which declare every key
 //! once and check each value on its own (with the value's span). `validate` then turns them
 //! into the [`Config`] the daemon uses: defaults, and the checks that need several values.
+//! Long org lists can come from an orgs file of one org per line (`orgs_file`), cheaper to read
+//! than TOML tables and checked by the same rules.
 //! Every problem is reported as `FILE:LINE:COL: KEY: PROBLEM` so an operator (and
 //! `limiter reload`) can point at the exact spot.
 
 mod error;
+mod orgs_file;
 mod raw;
 mod restart;
 mod validate;
@@ -61,6 +64,9 @@ pub struct Api {
     /// Network namespace (a file such as `/run/netns/api`) the `interfaces` live in, when the API
     /// runs in another namespace than the daemon; None: the daemon's own.
     pub netns: RestartOnly<Option<PathBuf>>,
+    /// A file of orgs, one per line, read (and on reload re-read) beside `[[orgs]]`; its orgs
+    /// are in [`Config::orgs`] after those of the config.
+    pub orgs_file: Option<PathBuf>,
 }
 
 /// `[limits]`: the defaults every org gets unless it overrides them.
@@ -188,7 +194,7 @@ impl Default for Daemon {
     }
 }
 
-/// One `[[orgs]]` entry.
+/// One `[[orgs]]` entry or one line of the orgs file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Org {
     pub name: String,
@@ -198,7 +204,7 @@ pub struct Org {
     pub concurrent_connections: Option<u32>,
     pub concurrency_mode: Option<ConcurrencyMode>,
     pub quota_mode: Option<QuotaMode>,
-    /// 1-based line of the org's `name` key, for messages.
+    /// 1-based line of the org's `name` key (or its line in the orgs file), for messages.
     pub line: usize,
 }
 
@@ -242,7 +248,8 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// Validates config text; `file` is only used in messages.
+    /// Validates config text; `file` is only used in messages. The orgs file the text names
+    /// (`api.orgs_file`) is read from disk.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         Config::parse_with_max_orgs(text, file, MAX_CONFIG_ORGS)
     }

@@ -50,6 +50,7 @@ pub(super) struct Api {
     pub media_get_prefixes: Option<Spanned<Vec<Spanned<Prefix>>>>,
     pub interfaces: Option<Spanned<Vec<Spanned<Interface>>>>,
     pub netns: Option<Spanned<AbsPath>>,
+    pub orgs_file: Option<Spanned<AbsPath>>,
 }
 
 /// `[limits]`.
@@ -194,13 +195,20 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Table<T> {
 #[derive(Clone, Copy)]
 pub(super) struct Int<const MIN: u64, const MAX: u64>(pub u64);
 
-impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Int<MIN, MAX> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        from_int(d, |v| match u64::try_from(v) {
+impl<const MIN: u64, const MAX: u64> Int<MIN, MAX> {
+    /// `v` if it lies within the bounds.
+    pub fn new(v: i64) -> Result<Self, String> {
+        match u64::try_from(v) {
             Ok(v) if v > MAX => Err(format!("must be at most {MAX}")),
             Ok(v) if v >= MIN => Ok(Int(v)),
             _ => Err(format!("must be at least {MIN}")),
-        })
+        }
+    }
+}
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Int<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_int(d, Self::new)
     }
 }
 
@@ -280,22 +288,30 @@ fn parse_hh_mm(s: &str) -> Option<u32> {
     (hours < 24 && minutes < 60).then_some(hours * 3600 + minutes * 60)
 }
 
-deserialize_via!(ConcurrencyMode, str, |s| match s.as_str() {
-    "observe" => Ok(ConcurrencyMode::Observe),
-    "delay" => Ok(ConcurrencyMode::Delay),
-    "reject" => Ok(ConcurrencyMode::Reject),
-    _ => Err(format!(
-        "unknown mode \"{s}\" (expected \"observe\", \"delay\" or \"reject\")"
-    )),
-});
+deserialize_via!(ConcurrencyMode, str, |s| concurrency_mode(&s));
 
-deserialize_via!(QuotaMode, str, |s| match s.as_str() {
-    "enforce" => Ok(QuotaMode::Enforce),
-    "dry-run" => Ok(QuotaMode::DryRun),
-    _ => Err(format!(
-        "unknown mode \"{s}\" (expected \"enforce\" or \"dry-run\")"
-    )),
-});
+pub(super) fn concurrency_mode(s: &str) -> Result<ConcurrencyMode, String> {
+    match s {
+        "observe" => Ok(ConcurrencyMode::Observe),
+        "delay" => Ok(ConcurrencyMode::Delay),
+        "reject" => Ok(ConcurrencyMode::Reject),
+        _ => Err(format!(
+            "unknown mode \"{s}\" (expected \"observe\", \"delay\" or \"reject\")"
+        )),
+    }
+}
+
+deserialize_via!(QuotaMode, str, |s| quota_mode(&s));
+
+pub(super) fn quota_mode(s: &str) -> Result<QuotaMode, String> {
+    match s {
+        "enforce" => Ok(QuotaMode::Enforce),
+        "dry-run" => Ok(QuotaMode::DryRun),
+        _ => Err(format!(
+            "unknown mode \"{s}\" (expected \"enforce\" or \"dry-run\")"
+        )),
+    }
+}
 
 deserialize_via!(LogFormat, str, |s| match s.as_str() {
     "text" => Ok(LogFormat::Text),
@@ -345,37 +361,47 @@ deserialize_via!(HostId, str, |id| {
 /// An org's name: what the report, the logs and the metrics call it.
 pub(super) struct OrgName(pub String);
 
-deserialize_via!(OrgName, str, |name| {
-    let allowed = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
-    if name.is_empty() || name.len() > MAX_ORG_NAME || !name.bytes().all(allowed) {
-        return Err(format!(
-            "\"{name}\" is not a valid org name \
+deserialize_via!(OrgName, str, OrgName::new);
+
+impl OrgName {
+    /// `name` if it is a name an org may have.
+    pub fn new(name: String) -> Result<Self, String> {
+        let allowed = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+        if name.is_empty() || name.len() > MAX_ORG_NAME || !name.bytes().all(allowed) {
+            return Err(format!(
+                "\"{name}\" is not a valid org name \
              (1 to {MAX_ORG_NAME} characters of A-Z a-z 0-9 . _ -)"
-        ));
+            ));
+        }
+        if name == RESERVED_ORG_NAME {
+            return Err(format!(
+                "\"{RESERVED_ORG_NAME}\" is reserved for traffic of unknown orgs"
+            ));
+        }
+        Ok(OrgName(name))
     }
-    if name == RESERVED_ORG_NAME {
-        return Err(format!(
-            "\"{RESERVED_ORG_NAME}\" is reserved for traffic of unknown orgs"
-        ));
-    }
-    Ok(OrgName(name))
-});
+}
 
 /// A CIDR or a bare address (/32, /128); host bits are refused because they usually hide a typo.
 pub(super) struct Cidr(pub IpNet);
 
-deserialize_via!(Cidr, str, |s| {
-    let Some(net) = parse_net(&s) else {
-        return Err(format!(
-            "\"{s}\" is not an IPv4 or IPv6 CIDR (like \"192.0.2.0/24\" or \"2001:db8::/32\")"
-        ));
-    };
-    let network = net.trunc();
-    if network != net {
-        return Err(format!("{s} has host bits set; did you mean {network}?"));
+deserialize_via!(Cidr, str, |s| Cidr::new(&s));
+
+impl Cidr {
+    /// The network `s` names, if it is one without host bits.
+    pub fn new(s: &str) -> Result<Self, String> {
+        let Some(net) = parse_net(s) else {
+            return Err(format!(
+                "\"{s}\" is not an IPv4 or IPv6 CIDR (like \"192.0.2.0/24\" or \"2001:db8::/32\")"
+            ));
+        };
+        let network = net.trunc();
+        if network != net {
+            return Err(format!("{s} has host bits set; did you mean {network}?"));
+        }
+        Ok(Cidr(network))
     }
-    Ok(Cidr(network))
-});
+}
 
 /// `addr/len` or `addr`. Done by hand because ipnet's parser boxes closures on every call, which
 /// shows with a million orgs.

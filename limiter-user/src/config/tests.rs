@@ -699,7 +699,7 @@ fn unknown_keys_name_the_known_ones() {
             3,
             2,
             "api.bogus",
-            "ports, cgroup, media_get_prefixes, interfaces, netns",
+            "ports, cgroup, media_get_prefixes, interfaces, netns, orgs_file",
         ),
         (
             "[api]\nports = [1]\n[apis]\n",
@@ -834,7 +834,7 @@ fn readme_messages() {
         )
     );
     assert!(shown("[api]\nports = [1]\nbogus = 1\n").ends_with(
-        ": api.bogus: unknown key (expected one of: ports, cgroup, media_get_prefixes, interfaces, netns)"
+        ": api.bogus: unknown key (expected one of: ports, cgroup, media_get_prefixes, interfaces, netns, orgs_file)"
     ));
     let twice = "[api]\nports = [1]\n[[orgs]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\n\
                  [[orgs]]\nname = \"a\"\ncidrs = [\"11.0.0.0/8\"]\n";

@@ -9,22 +9,23 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::error::{Src, count_newlines};
-use super::raw;
 use super::{
     Api, CONTROL_SOCKET_NAME, Cluster, Config, ConfigError, DEFAULT_MEDIA_PREFIX,
     DEFAULT_SYNC_INTERVAL_MS, Daemon, Limits, Org, RestartOnly, default_cgroup, default_host_id,
 };
+use super::{orgs_file, raw};
 
 /// `sun_path` holds 108 bytes including the terminating NUL; longer socket paths fail at bind time.
 const MAX_SOCKET_PATH: usize = 107;
 
-/// The validated config of `raw`, with at most `max_orgs` orgs.
+/// The validated config of `raw`, with at most `max_orgs` orgs (from `[[orgs]]` and the orgs
+/// file together).
 pub(super) fn config(
     src: &Src<'_>,
     raw: raw::Root,
     max_orgs: usize,
 ) -> Result<Config, ConfigError> {
-    let Some(api_raw) = raw.api else {
+    let Some(mut api_raw) = raw.api else {
         return Err(src.invalid(
             None,
             "api",
@@ -35,13 +36,54 @@ pub(super) fn config(
     written_as_table(src, "limits", raw.limits.as_ref().map(Spanned::span))?;
     written_as_table(src, "daemon", raw.daemon.as_ref().map(Spanned::span))?;
     written_as_table(src, "cluster", raw.cluster.as_ref().map(Spanned::span))?;
-    let api = api(src, api_raw)?;
+    let orgs_file = api_raw.get_mut().0.orgs_file.take();
+    let mut api = api(src, api_raw)?;
     let limits = limits(src, raw.limits);
     let daemon = daemon(src, raw.daemon)?;
     let cluster = cluster(src, raw.cluster);
-    let (orgs, positions) = orgs(src, raw.orgs, max_orgs)?;
-    check_unique_names(src, &orgs, &positions.names)?;
-    check_overlaps(src, &orgs, &positions.cidrs)?;
+    let (mut orgs, mut positions) = orgs(src, raw.orgs, max_orgs)?;
+    let toml_orgs = orgs.len();
+    let file_path;
+    let file_text;
+    let mut sources = Sources {
+        config: src,
+        orgs_file: None,
+        toml_orgs,
+    };
+    if let Some(file) = orgs_file {
+        let at = file.span().start;
+        file_path = file.into_inner().0;
+        file_text = std::fs::read_to_string(&file_path).map_err(|e| {
+            src.invalid(
+                Some(at),
+                "api.orgs_file",
+                format!("cannot read {}: {e}", file_path.display()),
+            )
+        })?;
+        let file_src = Src {
+            file: &file_path,
+            text: &file_text,
+        };
+        let listed = orgs_file::parse(&file_src)?;
+        if let Some(&extra) = listed.names.get(max_orgs.saturating_sub(toml_orgs)) {
+            return Err(file_src.invalid(
+                Some(extra),
+                "name",
+                format!("too many orgs: at most {max_orgs} are allowed (with those of [[orgs]])"),
+            ));
+        }
+        orgs.extend(listed.orgs);
+        positions
+            .names
+            .extend(listed.names.into_iter().map(Loc::orgs_file));
+        positions
+            .cidrs
+            .extend(listed.cidrs.into_iter().map(Loc::orgs_file));
+        api.orgs_file = Some(file_path.clone());
+        sources.orgs_file = Some(file_src);
+    }
+    check_unique_names(&sources, &orgs, &positions.names)?;
+    check_overlaps(&sources, &orgs, &positions.cidrs)?;
     Ok(Config {
         api,
         limits,
@@ -113,6 +155,7 @@ fn api(src: &Src<'_>, raw: Spanned<raw::Table<raw::Api>>) -> Result<Api, ConfigE
         media_get_prefixes,
         interfaces: restart_only(src, interfaces, interfaces_at, Some(&table)),
         netns: restart_only(src, netns.map(|p| p.0), netns_at, Some(&table)),
+        orgs_file: None,
     })
 }
 
@@ -266,10 +309,78 @@ fn cluster(
     restart_only(src, cluster, at, None)
 }
 
-/// Byte offsets of each org's name and of every CIDR (flat, org after org), for messages.
+/// Where each org's name and every CIDR (flat, org after org) is written, for messages.
 struct OrgPositions {
-    names: Vec<usize>,
-    cidrs: Vec<usize>,
+    names: Vec<Loc>,
+    cidrs: Vec<Loc>,
+}
+
+/// A byte offset in the config or in the orgs file.
+#[derive(Clone, Copy)]
+struct Loc {
+    in_orgs_file: bool,
+    offset: usize,
+}
+
+impl Loc {
+    fn config(offset: usize) -> Loc {
+        Loc {
+            in_orgs_file: false,
+            offset,
+        }
+    }
+
+    fn orgs_file(offset: usize) -> Loc {
+        Loc {
+            in_orgs_file: true,
+            offset,
+        }
+    }
+}
+
+/// The texts orgs come from: the `[[orgs]]` tables of the config first, then the orgs file.
+struct Sources<'a, 't> {
+    config: &'a Src<'t>,
+    orgs_file: Option<Src<'t>>,
+    /// How many orgs the config's `[[orgs]]` list; the orgs file's follow.
+    toml_orgs: usize,
+}
+
+impl Sources<'_, '_> {
+    fn src(&self, loc: Loc) -> &Src<'_> {
+        match &self.orgs_file {
+            Some(file) if loc.in_orgs_file => file,
+            _ => self.config,
+        }
+    }
+
+    /// The key of `field` of org `org`: a key path in the config, the field alone in the orgs
+    /// file (whose position already names the org).
+    fn key(&self, org: usize, field: &str) -> String {
+        if org < self.toml_orgs {
+            format!("orgs[{org}].{field}")
+        } else {
+            field.to_owned()
+        }
+    }
+
+    /// `line N` when `earlier` is in the same file as `later`, else `FILE:N`.
+    fn line_of(&self, earlier: Loc, later: Loc) -> String {
+        let src = self.src(earlier);
+        let line = src.pos(Some(earlier.offset)).line;
+        if earlier.in_orgs_file == later.in_orgs_file {
+            format!("line {line}")
+        } else {
+            format!("{}:{line}", src.file.display())
+        }
+    }
+
+    fn invalid(&self, loc: Option<Loc>, key: String, message: String) -> ConfigError {
+        match loc {
+            Some(loc) => self.src(loc).invalid(Some(loc.offset), key, message),
+            None => self.config.invalid(None, key, message),
+        }
+    }
 }
 
 fn orgs(
@@ -306,8 +417,10 @@ fn orgs(
             ));
         }
         let name_at = org.name.span().start;
-        positions.names.push(name_at);
-        positions.cidrs.extend(cidrs.iter().map(|c| c.span().start));
+        positions.names.push(Loc::config(name_at));
+        positions
+            .cidrs
+            .extend(cidrs.iter().map(|c| Loc::config(c.span().start)));
         orgs.push(Org {
             name: org.name.into_inner().0,
             cidrs: cidrs.into_iter().map(|c| c.into_inner().0).collect(),
@@ -321,20 +434,29 @@ fn orgs(
     Ok((orgs, positions))
 }
 
-fn check_unique_names(src: &Src<'_>, orgs: &[Org], name_pos: &[usize]) -> Result<(), ConfigError> {
+fn check_unique_names(
+    sources: &Sources<'_, '_>,
+    orgs: &[Org],
+    name_pos: &[Loc],
+) -> Result<(), ConfigError> {
     // foldhash: SipHash cost a third of the time it takes to load a million orgs.
     let mut seen: foldhash::HashMap<&str, usize> =
         HashMap::with_capacity_and_hasher(orgs.len(), Default::default());
     for (i, org) in orgs.iter().enumerate() {
         if let Some(&first) = seen.get(org.name.as_str()) {
-            let line = orgs.get(first).map_or(0, |o| o.line);
-            return Err(src.invalid(
-                name_pos.get(i).copied(),
-                format!("orgs[{i}].name"),
-                format!(
-                    "org name \"{}\" is already used by orgs[{first}] (line {line})",
-                    org.name
-                ),
+            let (Some(&at), Some(&first_at)) = (name_pos.get(i), name_pos.get(first)) else {
+                break;
+            };
+            let line = sources.line_of(first_at, at);
+            let by = if first < sources.toml_orgs {
+                format!("by orgs[{first}] ({line})")
+            } else {
+                format!("at {line}")
+            };
+            return Err(sources.invalid(
+                Some(at),
+                sources.key(i, "name"),
+                format!("org name \"{}\" is already used {by}", org.name),
             ));
         }
         seen.insert(&org.name, i);
@@ -369,7 +491,11 @@ impl NetRange {
 /// CIDRs either nest or are disjoint, so after sorting by (start, size) every CIDR that overlaps an
 /// earlier one lies inside the widest CIDR still open: one pass, O(n log n). Of the conflicts found
 /// it reports the one whose later CIDR comes first in the file.
-fn check_overlaps(src: &Src<'_>, orgs: &[Org], cidr_pos: &[usize]) -> Result<(), ConfigError> {
+fn check_overlaps(
+    sources: &Sources<'_, '_>,
+    orgs: &[Org],
+    cidr_pos: &[Loc],
+) -> Result<(), ConfigError> {
     let total: usize = orgs.iter().map(|o| o.cidrs.len()).sum();
     let mut ranges = Vec::with_capacity(total);
     for (org, o) in orgs.iter().enumerate() {
@@ -421,16 +547,16 @@ fn check_overlaps(src: &Src<'_>, orgs: &[Org], cidr_pos: &[usize]) -> Result<(),
         prev = Some(r);
     }
     match worst {
-        Some((later, earlier)) => overlap_error(src, orgs, cidr_pos, later, earlier),
+        Some((later, earlier)) => overlap_error(sources, orgs, cidr_pos, later, earlier),
         None => Ok(()),
     }
 }
 
 /// The message about `later` overlapping (or repeating) `earlier`.
 fn overlap_error(
-    src: &Src<'_>,
+    sources: &Sources<'_, '_>,
     orgs: &[Org],
-    cidr_pos: &[usize],
+    cidr_pos: &[Loc],
     later: NetRange,
     earlier: NetRange,
 ) -> Result<(), ConfigError> {
@@ -449,23 +575,29 @@ fn overlap_error(
     let (Some(later_net), Some(earlier_net)) = (later_net, earlier_net) else {
         return Ok(());
     };
-    let earlier_line = src.pos(cidr_pos.get(earlier.cidr as usize).copied()).line;
+    let (Some(&later_at), Some(&earlier_at)) = (
+        cidr_pos.get(later.cidr as usize),
+        cidr_pos.get(earlier.cidr as usize),
+    ) else {
+        return Ok(());
+    };
+    let earlier_line = sources.line_of(earlier_at, later_at);
     let message = if later.org == earlier.org {
-        format!("{later_net} is listed twice (first at line {earlier_line})")
+        format!("{later_net} is listed twice (first at {earlier_line})")
     } else if later.start == earlier.start && later.prefix == earlier.prefix {
         format!(
             "{later_net} (org \"{later_name}\") is the same network as {earlier_net} \
-             of org \"{earlier_name}\" (line {earlier_line})"
+             of org \"{earlier_name}\" ({earlier_line})"
         )
     } else {
         format!(
             "{later_net} (org \"{later_name}\") overlaps {earlier_net} \
-             of org \"{earlier_name}\" (line {earlier_line})"
+             of org \"{earlier_name}\" ({earlier_line})"
         )
     };
-    Err(src.invalid(
-        cidr_pos.get(later.cidr as usize).copied(),
-        format!("orgs[{later_org}].cidrs[{later_index}]"),
+    Err(sources.invalid(
+        Some(later_at),
+        sources.key(later_org, &format!("cidrs[{later_index}]")),
         message,
     ))
 }

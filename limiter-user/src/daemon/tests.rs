@@ -238,3 +238,29 @@ fn a_dead_tracer_s_flag_is_cleared_and_a_live_one_s_kept() {
     w.daemon.clear_dead_tracer(|_| false);
     assert_eq!(w.daemon.maps.tracer, 0);
 }
+
+#[test]
+fn a_reload_rereads_the_orgs_file() {
+    let mut w = world(&["acme"]);
+    let orgs = w.dir.path().join("orgs");
+    let extra = format!("orgs_file = \"{}\"", orgs.display());
+    std::fs::write(&orgs, "newco 10.9.0.0/24\n").expect("writing the orgs file");
+    w.write(&config_text(w.dir.path(), &["acme"], &extra));
+    let summary = w.daemon.reload().expect("orgs file applied");
+    let want = serde_json::json!({"added": ["newco"], "removed": [], "changed": []});
+    assert_eq!(summary, want);
+    // A bad orgs file changes nothing, and the error points into it.
+    let before = in_force(&w.daemon);
+    std::fs::write(&orgs, "newco 10.9.0.0/24\nacme 10.8.0.0/24\n").expect("writing");
+    let e = w.daemon.reload().expect_err("acme is in both").to_string();
+    assert!(
+        e.starts_with(&format!("{}:2:1: name: ", orgs.display())),
+        "{e}"
+    );
+    assert!(in_force(&w.daemon) == before);
+    // The same config with a changed orgs file: the file is read again.
+    std::fs::write(&orgs, "newco 10.9.0.0/24 daily_requests=9\n").expect("writing");
+    let summary = w.daemon.reload().expect("orgs file applied");
+    let want = serde_json::json!({"added": [], "removed": [], "changed": ["newco"]});
+    assert_eq!(summary, want);
+}

@@ -1,0 +1,148 @@
+//! The orgs file (`api.orgs_file`): one org per line, for org lists too long to read as TOML
+//! tables quickly.
+//!
+//! ```text
+//! # NAME CIDR[,CIDR...] [daily_requests=N] [concurrent_connections=N] [concurrency_mode=M] [quota_mode=Q]
+//! acme 192.0.2.0/24,2001:db8::/32 daily_requests=10000
+//! ```
+//!
+//! Each value goes through the same checks as in an `[[orgs]]` table (`raw`); what needs
+//! several orgs (duplicates, overlaps) is checked by `validate` across both sources.
+
+use super::error::Src;
+use super::raw::{self, Cidr, Connections, DailyRequests, OrgName};
+use super::{ConfigError, Org};
+
+/// The keys a line may set after its CIDRs, in the order an unknown-key message lists them.
+const KEYS: [&str; 4] = [
+    "daily_requests",
+    "concurrent_connections",
+    "concurrency_mode",
+    "quota_mode",
+];
+
+/// The orgs of an orgs file, with the byte offsets of each name and of every CIDR (flat, org
+/// after org) for messages.
+pub(super) struct FileOrgs {
+    pub orgs: Vec<Org>,
+    pub names: Vec<usize>,
+    pub cidrs: Vec<usize>,
+}
+
+/// Parses the orgs file in `src`; stops at the first bad line.
+pub(super) fn parse(src: &Src<'_>) -> Result<FileOrgs, ConfigError> {
+    let text = src.text;
+    let mut out = FileOrgs {
+        orgs: Vec::new(),
+        names: Vec::new(),
+        cidrs: Vec::new(),
+    };
+    let mut line_start = 0;
+    for (index, line) in text.split('\n').enumerate() {
+        let start = line_start;
+        line_start += line.len() + 1;
+        let mut tokens = line
+            .split_ascii_whitespace()
+            .take_while(|t| !t.starts_with('#'));
+        let Some(name) = tokens.next() else { continue };
+        let at = |token: &str| Some(start + (token.as_ptr() as usize - line.as_ptr() as usize));
+        let mut org = Org {
+            name: OrgName::new(name.to_owned())
+                .map_err(|m| src.invalid(at(name), "name", m))?
+                .0,
+            cidrs: Vec::new(),
+            daily_requests: None,
+            concurrent_connections: None,
+            concurrency_mode: None,
+            quota_mode: None,
+            line: index + 1,
+        };
+        out.names.push(at(name).unwrap_or(start));
+        let Some(cidrs) = tokens.next() else {
+            let end = at(name).map(|n| n + name.len());
+            return Err(src.invalid(
+                end,
+                "cidrs",
+                "missing: each line is NAME CIDR[,CIDR...] [key=value ...]",
+            ));
+        };
+        let cidrs_at = at(cidrs).unwrap_or(start);
+        let mut offset = cidrs_at;
+        for (i, cidr) in cidrs.split(',').enumerate() {
+            let net = Cidr::new(cidr).map_err(|m| src.invalid(Some(offset), cidr_key(i), m))?;
+            org.cidrs.push(net.0);
+            out.cidrs.push(offset);
+            offset += cidr.len() + 1;
+        }
+        for option in tokens {
+            set(src, &mut org, option, at(option).unwrap_or(start))?;
+        }
+        out.orgs.push(org);
+    }
+    Ok(out)
+}
+
+fn cidr_key(i: usize) -> String {
+    format!("cidrs[{i}]")
+}
+
+/// Applies one `key=value` of a line to `org`; `at` is the option's byte offset.
+fn set(src: &Src<'_>, org: &mut Org, option: &str, at: usize) -> Result<(), ConfigError> {
+    let Some((key, value)) = option.split_once('=') else {
+        return Err(src.invalid(
+            Some(at),
+            option,
+            format!("expected key=value (one of: {})", KEYS.join(", ")),
+        ));
+    };
+    let value_at = Some(at + key.len() + 1);
+    let bad = |m: String| src.invalid(value_at, key, m);
+    let was_set = match key {
+        "daily_requests" => org
+            .daily_requests
+            .replace(
+                int::<DailyRequests>(value, DailyRequests::new)
+                    .map_err(bad)?
+                    .0,
+            )
+            .is_some(),
+        "concurrent_connections" => org
+            .concurrent_connections
+            .replace(int(value, Connections::new).map_err(bad)?.0 as u32)
+            .is_some(),
+        "concurrency_mode" => org
+            .concurrency_mode
+            .replace(raw::concurrency_mode(value).map_err(bad)?)
+            .is_some(),
+        "quota_mode" => org
+            .quota_mode
+            .replace(raw::quota_mode(value).map_err(bad)?)
+            .is_some(),
+        _ => {
+            return Err(src.invalid(
+                Some(at),
+                key,
+                format!("unknown key (expected one of: {})", KEYS.join(", ")),
+            ));
+        }
+    };
+    if was_set {
+        return Err(src.invalid(Some(at), key, "set twice on this line"));
+    }
+    Ok(())
+}
+
+/// A decimal integer checked by `new` (the bounds of the matching TOML key).
+fn int<T>(value: &str, new: fn(i64) -> Result<T, String>) -> Result<T, String> {
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(format!("expected an integer, found \"{value}\""));
+    }
+    match value.parse::<i64>() {
+        Ok(v) => new(v),
+        Err(_) => Err(format!("{value} is too large")),
+    }
+}
+
+#[cfg(test)]
+mod tests;
