@@ -1,7 +1,7 @@
 //! Quota-day arithmetic, shared by the kernel (which buckets every count by day) and the daemon
 //! (which rolls days over and reports them).
 //!
-//! "Limiter time" is `CLOCK_TAI + Config::clock_offset_ns`: UTC moved back by `day_start`, so that
+//! "Limiter time" is `CLOCK_TAI + KernelConfig::clock_offset_ns`: UTC moved back by `day_start`, so that
 //! day `n` is `[n·len, (n+1)·len)`. Day numbers therefore count quota days since 1970-01-01.
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;

@@ -6,7 +6,7 @@
 //! are written nowhere else.
 
 use crate::{
-    API_SOCKS_FACTOR, AddrKey, Config, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT,
+    API_SOCKS_FACTOR, AddrKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, KernelConfig,
     MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState,
     TRACE_BYTES, TRACE_ON_ENTRIES,
     reply::Scratch,
@@ -26,7 +26,7 @@ macro_rules! map_layout {
     ($then:ident) => {
         $then! {
             /// The single config entry: written by the daemon, read by every program.
-            CONFIG: Array<u32, Config> = Fixed(1), Layout;
+            CONFIG: Array<u32, KernelConfig> = Fixed(1), Layout;
             /// The API's local ports: connections to them are attributed, counted and limited.
             API_PORTS: HashMap<u16, u8> = Fixed(MAX_API_PORTS), Layout;
             /// Networks of the orgs (the longest prefix wins).

@@ -55,7 +55,7 @@ pub const MEDIA_PREFIX_MAX: usize = 64;
 /// The single entry of the CONFIG array map. Written by the daemon, read by every program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct Config {
+pub struct KernelConfig {
     /// Added to `CLOCK_TAI` nanoseconds to get "limiter time": UTC shifted so days start at 0.
     /// It folds in TAI−UTC, `limits.day_start` and a test-only clock shift.
     pub clock_offset_ns: i64,
@@ -77,7 +77,7 @@ pub struct Config {
 /// The daemon has written a valid config; until then the programs pass everything uncounted.
 pub const CONFIG_F_READY: u32 = 1;
 
-impl Config {
+impl KernelConfig {
     pub const fn empty() -> Self {
         Self {
             clock_offset_ns: 0,
@@ -234,9 +234,9 @@ pub struct SockState {
     pub kind: u32,
     /// 1 while the connection counts as open; swapped to 0 exactly once on close.
     pub open: u32,
-    /// `Config::addr_gen` when `org` was looked up.
+    /// `KernelConfig::addr_gen` when `org` was looked up.
     pub addr_gen: u32,
-    /// `Config::org_epoch` when `org` was looked up (and the connection counted in ORG_CONNS).
+    /// `KernelConfig::org_epoch` when `org` was looked up (and the connection counted in ORG_CONNS).
     pub org_epoch: u32,
     pub _pad: u32,
     /// Where the inbound byte stream stands (see [`crate::stream`]).
@@ -366,7 +366,7 @@ pub const FAULT_NAMES: [&str; 8] = [
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for KernelConfig {}
     unsafe impl aya::Pod for OrgLimits {}
     unsafe impl aya::Pod for DayCounters {}
     unsafe impl aya::Pod for RemoteCount {}

@@ -18,7 +18,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::http::byte_eq_mask;
-use crate::maps::{Config, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX};
+use crate::maps::{KernelConfig, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX};
 
 /// The media prefixes as the stream compares them, a byte at a time.
 pub trait MediaPrefixes {
@@ -47,7 +47,7 @@ pub const fn media_match_index(pos: u8, c: u8) -> u32 {
 
 /// The MEDIA_MATCH entry at `index`, from the config's prefixes (the daemon fills the table with
 /// it; the host tests use it directly).
-pub fn media_match_entry(cfg: &Config, index: u32) -> u8 {
+pub fn media_match_entry(cfg: &KernelConfig, index: u32) -> u8 {
     let pos = (index / 256) as usize;
     let c = (index % 256) as u8;
     let mut bits = 0u8;
@@ -63,7 +63,7 @@ pub fn media_match_entry(cfg: &Config, index: u32) -> u8 {
     bits
 }
 
-impl MediaPrefixes for Config {
+impl MediaPrefixes for KernelConfig {
     fn all(&self) -> u8 {
         media_bits(self)
     }
@@ -969,7 +969,7 @@ const fn upper_hex(v: u8) -> u8 {
 
 /// Bits of the configured media prefixes.
 #[inline(always)]
-fn media_bits(cfg: &Config) -> u8 {
+fn media_bits(cfg: &KernelConfig) -> u8 {
     let n = cfg.media_prefix_count as usize;
     if n >= MAX_MEDIA_PREFIXES {
         0xff

@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xchg};
 
-use limiter_common::{Config, DayCounters, FAULT_BAD_ORG, day_index};
+use limiter_common::{DayCounters, FAULT_BAD_ORG, KernelConfig, day_index};
 
 use crate::{
     atomic::{add, cas, load},
@@ -81,12 +81,12 @@ pub(crate) enum Counter {
 }
 
 #[inline(always)]
-pub(crate) fn count(org: u32, c: &Config, what: Counter) {
+pub(crate) fn count(org: u32, c: &KernelConfig, what: Counter) {
     count_n(org, c, what, 1);
 }
 
 #[inline(always)]
-pub(crate) fn count_n(org: u32, c: &Config, what: Counter, n: u64) {
+pub(crate) fn count_n(org: u32, c: &KernelConfig, what: Counter, n: u64) {
     let Some(slot) = day_counters(org, today(c)) else {
         return;
     };

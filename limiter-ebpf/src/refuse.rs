@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    Config, FAULT_REPLY, OrgLimits, day,
+    FAULT_REPLY, KernelConfig, OrgLimits, day,
     reply::{NAME_MAX, Policy, RefuseArgs, Reply, Scratch, Sink},
     stream::{F_REFUSED, S_CLOSED},
 };
@@ -156,7 +156,7 @@ fn try_refuse(ctx: &SkBuffContext) -> u32 {
 #[inline(always)]
 fn reply_to<'a>(
     args: &RefuseArgs,
-    c: &Config,
+    c: &KernelConfig,
     l: &'a OrgLimits,
     scratch: &mut Scratch,
 ) -> Reply<'a> {

@@ -2,7 +2,7 @@
 //! hand-off to the current daemon start's programs.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_tai_ns, maps::ProgramArray};
-use limiter_common::{CONFIG_F_READY, Config, Event, FAULT_EVENTS_FULL, day};
+use limiter_common::{CONFIG_F_READY, Event, FAULT_EVENTS_FULL, KernelConfig, day};
 
 use crate::{
     atomic::add,
@@ -10,14 +10,14 @@ use crate::{
 };
 
 #[inline(always)]
-pub(crate) fn config() -> Option<&'static Config> {
+pub(crate) fn config() -> Option<&'static KernelConfig> {
     let c = CONFIG.get(0)?;
     (c.flags & CONFIG_F_READY != 0).then_some(c)
 }
 
 /// Today's day number per the kernel clock and the daemon's offset.
 #[inline(always)]
-pub(crate) fn today(c: &Config) -> u64 {
+pub(crate) fn today(c: &KernelConfig) -> u64 {
     // SAFETY: a helper without arguments.
     let tai = unsafe { bpf_ktime_get_tai_ns() };
     day::day_number(day::limiter_time(tai, c.clock_offset_ns), c.day_len_ns)

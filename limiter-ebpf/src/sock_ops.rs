@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use limiter_common::{
-    Config, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
-    FAULT_UNMAPPED_UNTRACKED, ORG_F_CONC_REJECT, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT, SockState,
-    UNMAPPED_ORG, stream::Stream,
+    EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
+    FAULT_UNMAPPED_UNTRACKED, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT,
+    SockState, UNMAPPED_ORG, stream::Stream,
 };
 
 use crate::{
@@ -120,7 +120,7 @@ fn on_inbound(ctx: &SockOpsContext) {
 /// Counts a new connection; the org's `ORG_F_*` flags when it arrived while the org was at its
 /// concurrency limit.
 #[inline(always)]
-fn connection_opened(org: u32, c: &Config) -> Option<u32> {
+fn connection_opened(org: u32, c: &KernelConfig) -> Option<u32> {
     let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
         fault(FAULT_BAD_ORG);
         return None;

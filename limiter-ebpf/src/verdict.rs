@@ -10,11 +10,11 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    Config, DayCounters, EVENT_QUOTA_EXHAUSTED, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY,
-    ORG_F_ACTIVE, ORG_F_DRY_RUN, OrgLimits, SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED,
-    TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST,
-    TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT, TRACE_R_NONE,
-    TRACE_R_NOT_HTTP, UNMAPPED_ORG, day_index,
+    DayCounters, EVENT_QUOTA_EXHAUSTED, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY,
+    KernelConfig, ORG_F_ACTIVE, ORG_F_DRY_RUN, OrgLimits, SOCK_F_OVER_LIMIT, SockState,
+    TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED,
+    TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT,
+    TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG, day_index,
     reply::Policy,
     stream::{F_REFUSED, S_CLOSED, S_OPAQUE, Stream, Tally, WALK_SLOTS},
 };
@@ -154,7 +154,7 @@ struct Sock {
 
 /// Counts what the walk found in a chunk, and decides on it.
 #[inline(always)]
-fn decide(c: &Config, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) -> Decision {
+fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) -> Decision {
     let org = sock.org;
     if flags & F_REFUSED != 0 {
         // After a `Connection: close` 429: what the client still sent is counted (counted
@@ -196,7 +196,7 @@ fn decide(c: &Config, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) ->
 /// Counts the chunk's `t.counted` requests against the org's limits, and refuses them when
 /// over (or when the framing broke): the refusal is handed to `limiter_refuse`.
 #[inline(always)]
-fn limit(c: &Config, sock: &Sock, t: &Tally, from_boundary: bool) -> Decision {
+fn limit(c: &KernelConfig, sock: &Sock, t: &Tally, from_boundary: bool) -> Decision {
     let (org, kind) = (sock.org, sock.kind);
     let day = today(c);
     let Some(slot) = day_counters(org, day) else {
@@ -305,7 +305,7 @@ fn take_quota(requests: *mut u64, remote: u64, limit: u64, n: u64) -> bool {
 /// open-connection count along (or, from other org maps, count it here), so added and removed
 /// orgs take effect on existing keep-alive connections too.
 #[inline(always)]
-fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &Config) {
+fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
     let org = peer_addr!(ctx.skb.skb).map(org_of).unwrap_or(UNMAPPED_ORG);
     // SAFETY: valid map value; verdicts of one socket run one at a time.
     unsafe {

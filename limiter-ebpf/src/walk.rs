@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    Config,
+    KernelConfig,
     stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index},
 };
 
@@ -19,7 +19,7 @@ use crate::maps::{MEDIA_MATCH, WALK};
 #[repr(C)]
 struct Walk {
     skb: *mut __sk_buff,
-    cfg: *const Config,
+    cfg: *const KernelConfig,
     slot: *mut WalkSlot,
     stream: *mut Stream,
 }
@@ -35,7 +35,12 @@ extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn try_walk_step(skb: *mut __sk_buff, w: &mut WalkSlot, stream: &mut Stream, cfg: &Config) -> i64 {
+fn try_walk_step(
+    skb: *mut __sk_buff,
+    w: &mut WalkSlot,
+    stream: &mut Stream,
+    cfg: &KernelConfig,
+) -> i64 {
     if w.pos >= w.len {
         return 1;
     }
@@ -117,7 +122,7 @@ const WALK_MAX: u64 = 1 << 23;
 #[inline(always)]
 pub(crate) fn walk_chunk(
     ctx: &SkBuffContext,
-    c: &Config,
+    c: &KernelConfig,
     stream: *mut Stream,
     len: u64,
 ) -> Option<Tally> {
@@ -140,7 +145,7 @@ pub(crate) fn walk_chunk(
 #[inline(always)]
 fn walk_in(
     ctx: &SkBuffContext,
-    c: &Config,
+    c: &KernelConfig,
     stream: *mut Stream,
     len: u64,
     slot: *mut WalkSlot,
@@ -179,7 +184,7 @@ fn walk_in(
     }
     let mut walk = Walk {
         skb: ctx.skb.skb,
-        cfg: c as *const Config,
+        cfg: c as *const KernelConfig,
         slot,
         stream,
     };

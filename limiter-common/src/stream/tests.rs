@@ -6,20 +6,20 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn config(prefixes: &[&str]) -> Config {
-    let mut c = Config::empty();
+fn config(prefixes: &[&str]) -> KernelConfig {
+    let mut c = KernelConfig::empty();
     for p in prefixes {
         assert!(c.push_media_prefix(p.as_bytes()));
     }
     c
 }
 
-fn media() -> Config {
+fn media() -> KernelConfig {
     config(&["/media/", "/files/dl/"])
 }
 
 /// Feeds `chunks` one after the other; the sum of their tallies and the final stream.
-fn feed_chunks(chunks: &[&[u8]], cfg: &Config) -> (Tally, Stream) {
+fn feed_chunks(chunks: &[&[u8]], cfg: &KernelConfig) -> (Tally, Stream) {
     let mut s = Stream::new();
     let mut sum = Tally::default();
     for c in chunks {
@@ -36,7 +36,7 @@ fn feed_chunks(chunks: &[&[u8]], cfg: &Config) -> (Tally, Stream) {
     (sum, s)
 }
 
-fn feed_all(bytes: &[u8], cfg: &Config) -> (Tally, Stream) {
+fn feed_all(bytes: &[u8], cfg: &KernelConfig) -> (Tally, Stream) {
     feed_chunks(&[bytes], cfg)
 }
 

@@ -48,7 +48,7 @@ pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 250;
 pub struct Config {
     pub api: Api,
     pub limits: Limits,
-    pub daemon: Daemon,
+    pub daemon: DaemonSettings,
     /// One quota across many API hosts, shared through Redis; None: this host alone.
     pub cluster: RestartOnly<Option<Cluster>>,
     pub orgs: Vec<Org>,
@@ -170,7 +170,7 @@ impl fmt::Display for LogFormat {
 /// `[daemon]`: where the daemon keeps its pins, state and socket. All of it is opened, bound or
 /// scheduled at startup, so a reload changes none of it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Daemon {
+pub struct DaemonSettings {
     pub pin_dir: RestartOnly<PathBuf>,
     pub state_dir: RestartOnly<PathBuf>,
     pub log_format: RestartOnly<LogFormat>,
@@ -180,10 +180,10 @@ pub struct Daemon {
     pub metrics: RestartOnly<Option<std::net::SocketAddr>>,
 }
 
-impl Default for Daemon {
+impl Default for DaemonSettings {
     fn default() -> Self {
         let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
-        Daemon {
+        DaemonSettings {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR).into(),
             control_socket: state_dir.join(CONTROL_SOCKET_NAME).into(),
             state_dir: state_dir.into(),

@@ -3,7 +3,7 @@
 use std::ops::Deref;
 use std::path::Path;
 
-use super::{Api, Cluster, Config, ConfigError, Daemon, Limits};
+use super::{Api, Cluster, Config, ConfigError, DaemonSettings, Limits};
 
 /// 1-based line and column (in characters) in the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub struct Changed {
 pub struct Sections<'a> {
     pub api: &'a Api,
     pub limits: &'a Limits,
-    pub daemon: &'a Daemon,
+    pub daemon: &'a DaemonSettings,
     pub cluster: &'a RestartOnly<Option<Cluster>>,
 }
 

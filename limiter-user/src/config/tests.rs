@@ -59,7 +59,7 @@ fn full_example() {
     assert_eq!(c.api.media_get_prefixes, vec!["/media/".to_owned()]);
     assert!(c.api.interfaces.is_empty());
     assert_eq!(c.limits, Limits::default());
-    assert_eq!(c.daemon, Daemon::default());
+    assert_eq!(c.daemon, DaemonSettings::default());
     assert_eq!(
         c.daemon.control_socket,
         PathBuf::from("/var/lib/limiter/control.sock")

@@ -11,7 +11,8 @@ use toml::Spanned;
 use super::error::{Src, count_newlines};
 use super::{
     Api, CONTROL_SOCKET_NAME, Cluster, Config, ConfigError, DEFAULT_MEDIA_PREFIX,
-    DEFAULT_SYNC_INTERVAL_MS, Daemon, Limits, Org, RestartOnly, default_cgroup, default_host_id,
+    DEFAULT_SYNC_INTERVAL_MS, DaemonSettings, Limits, Org, RestartOnly, default_cgroup,
+    default_host_id,
 };
 use super::{orgs_file, raw};
 
@@ -246,8 +247,8 @@ fn limits(src: &Src<'_>, raw: Option<Spanned<raw::Table<raw::Limits>>>) -> Limit
 fn daemon(
     src: &Src<'_>,
     raw: Option<Spanned<raw::Table<raw::Daemon>>>,
-) -> Result<Daemon, ConfigError> {
-    let defaults = Daemon::default();
+) -> Result<DaemonSettings, ConfigError> {
+    let defaults = DaemonSettings::default();
     let Some(raw) = raw else { return Ok(defaults) };
     let table = raw.span();
     let raw = raw.into_inner().0;
@@ -281,7 +282,7 @@ fn daemon(
     let (log_format, log_at) = split(raw.log_format);
     let (interval, interval_at) = split(raw.snapshot_interval_secs);
     let (metrics, metrics_at) = split(raw.metrics);
-    Ok(Daemon {
+    Ok(DaemonSettings {
         pin_dir: path(raw.pin_dir, &defaults.pin_dir),
         state_dir,
         log_format: restart_only(src, log_format.unwrap_or_default(), log_at, t),

@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
-    AddrKey, CONFIG_F_READY, Config as KernelConfig, HOST_PREFIX_LEN, ORG_F_ACTIVE,
-    ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
+    AddrKey, CONFIG_F_READY, HOST_PREFIX_LEN, KernelConfig, ORG_F_ACTIVE, ORG_F_CONC_DELAY,
+    ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
     layout::{CONFIG, MEDIA_MATCH, MapSpec, ORG_BY_HOST, ORG_LIMITS},
     stream::{MEDIA_MATCH_ENTRIES, media_match_entry},
 };

@@ -8,7 +8,9 @@ use tracing::error;
 use super::maps::KernelMaps;
 use crate::{
     clock::Clock,
-    config::{Api, Cluster, ConcurrencyMode, Config, Daemon, Limits, RestartOnly, Sections},
+    config::{
+        Api, Cluster, ConcurrencyMode, Config, DaemonSettings, Limits, RestartOnly, Sections,
+    },
     counters::{Applied, ApplyStats, CountersError},
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
 };
@@ -19,7 +21,7 @@ use crate::{
 pub struct Settings {
     pub api: Api,
     pub limits: Limits,
-    pub daemon: Daemon,
+    pub daemon: DaemonSettings,
     pub cluster: RestartOnly<Option<Cluster>>,
 }
 
