@@ -72,31 +72,24 @@ fn day_slot_if(tag: *mut u64, slot: *mut DayCounters, day: u64) -> Option<*mut D
     (load(tag) == day).then_some(slot)
 }
 
-/// Which counter of today's slot a chunk or connection touches.
+/// Which counter of today's slot a chunk or connection touches by one.
 #[derive(Clone, Copy)]
 pub(crate) enum Counter {
-    ExemptMedia,
     ExemptPush,
     Unparsed,
 }
 
 #[inline(always)]
 pub(crate) fn count(org: u32, c: &KernelConfig, what: Counter) {
-    count_n(org, c, what, 1);
-}
-
-#[inline(always)]
-pub(crate) fn count_n(org: u32, c: &KernelConfig, what: Counter, n: u64) {
     let Some(slot) = day_counters(org, today(c)) else {
         return;
     };
     // SAFETY: `slot` points into a valid map value.
     let field = unsafe {
         match what {
-            Counter::ExemptMedia => &raw mut (*slot).exempt_media_gets,
             Counter::ExemptPush => &raw mut (*slot).exempt_pushes,
             Counter::Unparsed => &raw mut (*slot).unparsed,
         }
     };
-    add(field, n);
+    add(field, 1);
 }

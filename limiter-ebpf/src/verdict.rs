@@ -22,7 +22,7 @@ use limiter_common::{
 use crate::{
     addr::{org_of, peer_addr},
     atomic::{add, add_i64, cas, load},
-    days::{Counter, count, count_n, day_counters},
+    days::{Counter, count, day_counters},
     maps::{ORG_CONNS, ORG_LIMITS, ORG_REMOTE, REFUSE, SCRATCH, VERDICT_NEXT, WALK},
     shared::{config, emit, fault, forward, today},
     sock_table::sock_state,
@@ -176,32 +176,41 @@ fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bo
         count(org, c, Counter::Unparsed);
         return Decision::pass(TRACE_O_UNPARSED, TRACE_R_NOT_HTTP);
     }
-    if t.media > 0 {
-        count_n(org, c, Counter::ExemptMedia, t.media as u64);
+    if t.counted == 0 && t.media == 0 && !t.broken {
+        // Body bytes or the rest of a head: nothing to count, no clock read.
+        return Decision::pass(TRACE_O_PASSED, TRACE_R_NONE);
     }
-    if t.broken {
-        count(org, c, Counter::Unparsed);
+    // One clock read and one slot for everything the chunk counts.
+    let day = today(c);
+    let Some(slot) = day_counters(org, day) else {
+        return Decision::pass(TRACE_O_PASSED, TRACE_R_FAULT);
+    };
+    // SAFETY: `slot` is a valid map value.
+    unsafe {
+        if t.media > 0 {
+            add(&raw mut (*slot).exempt_media_gets, t.media as u64);
+        }
+        if t.broken {
+            add(&raw mut (*slot).unparsed, 1);
+        }
     }
     if t.counted == 0 && !t.broken {
-        let outcome = if t.media > 0 {
-            TRACE_O_EXEMPT
-        } else {
-            TRACE_O_PASSED
-        };
-        return Decision::pass(outcome, TRACE_R_NONE);
+        return Decision::pass(TRACE_O_EXEMPT, TRACE_R_NONE);
     }
-    limit(c, sock, t, from_boundary)
+    limit(sock, t, from_boundary, day, slot)
 }
 
 /// Counts the chunk's `t.counted` requests against the org's limits, and refuses them when
 /// over (or when the framing broke): the refusal is handed to `limiter_refuse`.
 #[inline(always)]
-fn limit(c: &KernelConfig, sock: &Sock, t: &Tally, from_boundary: bool) -> Decision {
+fn limit(
+    sock: &Sock,
+    t: &Tally,
+    from_boundary: bool,
+    day: u64,
+    slot: *mut DayCounters,
+) -> Decision {
     let (org, kind) = (sock.org, sock.kind);
-    let day = today(c);
-    let Some(slot) = day_counters(org, day) else {
-        return Decision::pass(TRACE_O_PASSED, TRACE_R_FAULT);
-    };
     let limits = ORG_LIMITS.get(org);
     let n = t.counted as u64;
     // One refusal for every policy: the verifier walks the 429 path once, not per policy.
