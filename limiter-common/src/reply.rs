@@ -698,8 +698,12 @@ mod tests {
             }
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             let detail = v["detail"].as_str().unwrap().to_string();
-            prop_assert!(detail.starts_with(&name), "{}", detail);
-            prop_assert!(detail.contains(&limit.to_string()), "{}", detail);
+            let want = if conc {
+                std::format!("{name} already has {limit} concurrent API connections open")
+            } else {
+                std::format!("{name} has used its {limit} API calls for today")
+            };
+            prop_assert_eq!(detail, want);
         }
     }
 }

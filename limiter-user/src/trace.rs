@@ -522,6 +522,15 @@ mod tests {
         assert!(!is_limiter("limiter-lab\n"));
         // This test binary runs, but it is no tracer.
         assert!(!pid_alive(u64::from(std::process::id())));
+        // A process named `limiter` is.
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("limiter");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("5").spawn().unwrap();
+        let alive = pid_alive(u64::from(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(alive, "a running `limiter` is a live tracer");
         assert!(!pid_alive(u64::from(u32::MAX)));
     }
 

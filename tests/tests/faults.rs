@@ -744,7 +744,7 @@ fn slow_metrics_readers_do_not_hold_the_endpoint() -> Result<()> {
     let slots = limiter_user::metrics::ServeLimits::default().max_connections as u64;
     let ready = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let ((fresh, fds_held), tally) = under_traffic(&w, ip, 50_000, |load| {
+    let (fresh, tally) = under_traffic(&w, ip, 50_000, |load| {
         std::thread::scope(|s| {
             let readers = s.spawn(|| -> Result<()> {
                 let rt = tokio::runtime::Runtime::new()?;
@@ -772,8 +772,9 @@ fn slow_metrics_readers_do_not_hold_the_endpoint() -> Result<()> {
                 })?;
                 // Queued behind every reader, the fresh client is answered at its first try.
                 let fresh = scrape(port)?;
-                // The daemon let the readers go: it holds no more than its limit of them.
-                let fds = wait_for(
+                // The daemon let the readers go: it holds no more than its limit of them
+                // (the wait fails the test otherwise).
+                wait_for(
                     "the daemon's connections back within its limit",
                     FAULT_DEADLINE,
                     || {
@@ -786,7 +787,7 @@ fn slow_metrics_readers_do_not_hold_the_endpoint() -> Result<()> {
                     },
                 )?;
                 load.wait_more(20)?;
-                Ok((fresh, fds))
+                Ok(fresh)
             })();
             stop.store(true, Ordering::SeqCst);
             readers
@@ -797,7 +798,6 @@ fn slow_metrics_readers_do_not_hold_the_endpoint() -> Result<()> {
     })?;
     assert!(fresh.starts_with("HTTP/1.1 200 OK"), "{fresh}");
     assert!(fresh.len() >= page.len() / 2, "a whole page: {fresh}");
-    assert!(fds_held <= fds_before + slots);
     assert_eq!(tally.count(200), tally.statuses.len());
     let total = tally.statuses.len() as u64;
     assert_eq!(counts(&w, "acme")?, (total, 0));

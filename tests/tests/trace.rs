@@ -147,8 +147,21 @@ fn each_request_is_traced_with_its_org_and_outcome() -> Result<()> {
     if p1["requests"] == 2 {
         assert_eq!((&p1["request"], &p2["request"]), (&1.into(), &2.into()));
         assert_eq!((&p2["requests"], &p2["counted"]), (&2.into(), &2.into()));
+    } else {
+        // Two chunks: a line each, each its own first request.
+        for p in [p1, p2] {
+            assert_eq!(
+                (&p["request"], &p["requests"]),
+                (&1.into(), &1.into()),
+                "{p}"
+            );
+        }
     }
     assert_eq!(tracer_flag(&w)?, 0, "the tracer turned tracing off on exit");
+    assert!(
+        !w.daemon_log().contains("the tracer is gone"),
+        "the tracer cleared its flag itself, not the daemon"
+    );
     Ok(())
 }
 

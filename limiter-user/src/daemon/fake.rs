@@ -210,8 +210,10 @@ impl KernelMaps for FakeMaps {
 
     fn apply(&mut self, old: &Applied, new: &Applied) -> Result<ApplyStats, FakeError> {
         if std::mem::take(&mut self.fail_apply) {
+            // Half written, visibly: the caller must put the old tables back.
             let half = new.limits.len() / 2;
             self.applied.limits = new.limits[..half].to_vec();
+            self.applied.cidrs = new.cidrs.clone();
             return Err(FakeError("writing limits: no space left".into()));
         }
         let old_cidrs: BTreeSet<_> = old.cidrs.iter().copied().collect();

@@ -94,6 +94,8 @@ fn a_past_day_is_reported_from_its_snapshot_or_not_at_all() {
     w.daemon.maps.count(1, D, 4);
     let (maps, ids, clock) = (&w.daemon.maps, &w.daemon.orgs.ids, &w.daemon.clock);
     w.daemon.days.write_snapshot(maps, ids, clock, D);
+    // The kernel's slot moves on: only the snapshot still says 4.
+    w.daemon.maps.count(1, D, 100);
     // Three days on, the kernel no longer holds D: the report comes from its snapshot.
     let date = w.daemon.clock.date(D);
     w.daemon.days = super::days::Days::new(w.dir.path().join("state").as_path(), D + 3);
@@ -186,7 +188,9 @@ fn a_reload_refuses_restart_only_changes_and_names_them_all() {
 fn a_reload_applies_the_differences() {
     let mut w = world(&["acme", "initech"]);
     w.daemon.maps.count(2, D, 3);
-    let acme = w.daemon.orgs.ids.id("acme");
+    // Left over in the slot of the id the new org gets: the reload must clear it.
+    w.daemon.maps.count(3, D, 9);
+    let acme = w.daemon.orgs.ids.id("acme").expect("acme has an id");
     w.write(&config_text(w.dir.path(), &["acme", "newco"], "").replace(
         "name = \"acme\"\ncidrs = [\"10.0.0.0/24\"]",
         "name = \"acme\"\ncidrs = [\"10.0.0.0/24\"]\ndaily_requests = 9",
@@ -205,16 +209,13 @@ fn a_reload_applies_the_differences() {
     assert_eq!(reload.len(), 1);
     assert_eq!(reload[0]["limits_written"], 2);
     let ids = &w.daemon.orgs.ids;
-    assert_eq!(ids.id("acme"), acme, "an org that stays keeps its id");
+    assert_eq!(ids.id("acme"), Some(acme), "an org that stays keeps its id");
     let newco = ids.id("newco").expect("newco has an id");
     assert_ne!(
         newco, 2,
         "a new org does not take a removed org's id while others are free"
     );
-    assert_eq!(
-        w.daemon.orgs.limits.get(acme.unwrap_or(0)).daily_requests,
-        9
-    );
+    assert_eq!(w.daemon.orgs.limits.get(acme).daily_requests, 9);
     let mut written: Vec<u32> = w
         .daemon
         .maps
@@ -226,6 +227,7 @@ fn a_reload_applies_the_differences() {
     written.sort_unstable();
     assert_eq!(written, [1, newco]);
     // The new org's slots start empty.
+    assert_eq!(newco, 3, "the first free id");
     assert_eq!(w.daemon.maps.slot(day_index(newco, D)).requests, 0);
 }
 
