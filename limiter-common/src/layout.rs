@@ -7,8 +7,8 @@
 
 use crate::{
     API_SOCKS_FACTOR, AddrKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, KernelConfig,
-    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, OrgLimits, RemoteCount, SockSlot, SockState,
-    TRACE_BYTES, TRACE_ON_ENTRIES,
+    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MAX_TRUSTED_PROXIES, MIN_API_KEYS, OrgLimits,
+    RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
     reply::Scratch,
     stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
@@ -35,6 +35,10 @@ macro_rules! map_layout {
             /// trie. The config forbids overlapping CIDRs, so an exact hit is always the longest
             /// match.
             ORG_BY_HOST: HashMap<AddrKey, u32> = Cidrs, Layout;
+            /// An API key's SipHash digest (keyed by `KernelConfig::key_secret`) -> its org.
+            API_KEYS: HashMap<u64, u32> = Keys, Layout;
+            /// `api.trusted_proxies`: peers whose PROXY and forwarded headers are believed.
+            TRUSTED_PROXIES: LpmTrie<AddrKey, u8> = Fixed(MAX_TRUSTED_PROXIES), Layout;
             /// Each org's limits, by org id.
             ORG_LIMITS: Array<u32, OrgLimits> = PerOrg(1), Layout;
             /// Each org's open connections (written by the kernel alone).
@@ -120,6 +124,8 @@ pub enum Entries {
     PerOrg(u32),
     /// One per address-table entry.
     Cidrs,
+    /// One per API key slot.
+    Keys,
     /// This many per inbound socket with state.
     PerSocket(u32),
 }
@@ -129,6 +135,7 @@ pub enum Entries {
 pub struct Sizes {
     pub orgs: u32,
     pub cidrs: u32,
+    pub keys: u32,
     pub sockets: u32,
 }
 
@@ -137,6 +144,7 @@ impl Sizes {
     pub const BUILT_IN: Sizes = Sizes {
         orgs: MAX_ORGS,
         cidrs: MAX_CIDRS,
+        keys: MIN_API_KEYS,
         sockets: MAX_SOCKETS,
     };
 }
@@ -147,6 +155,7 @@ impl Entries {
             Entries::Fixed(n) => n,
             Entries::PerOrg(n) => sizes.orgs * n,
             Entries::Cidrs => sizes.cidrs,
+            Entries::Keys => sizes.keys,
             Entries::PerSocket(n) => sizes.sockets * n,
         }
     }
@@ -270,6 +279,7 @@ mod tests {
         let sizes = Sizes {
             orgs: 8,
             cidrs: 16,
+            keys: 32,
             sockets: 4,
         };
         assert_eq!(ORG_DAYS::DEF.max_entries(sizes), 8 * DAY_SLOTS);
@@ -285,6 +295,7 @@ mod tests {
         let b = Sizes {
             orgs: a.orgs * 2,
             cidrs: a.cidrs * 2,
+            keys: a.keys * 2,
             ..a
         };
         for m in MAPS.iter().filter(|m| m.pin == Pin::Sockets) {

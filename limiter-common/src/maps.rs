@@ -52,6 +52,40 @@ pub const MAX_MEDIA_PREFIXES: usize = 8;
 /// Longest media prefix the kernel compares.
 pub const MEDIA_PREFIX_MAX: usize = 64;
 
+/// Default capacity of the API_KEYS map (more when the keys file needs it).
+pub const MIN_API_KEYS: u32 = 4096;
+/// Entries of the TRUSTED_PROXIES map (CIDRs of `api.trusted_proxies`).
+pub const MAX_TRUSTED_PROXIES: u32 = 1024;
+/// Longest API key the kernel looks up (bytes of the key itself: a Bearer token, a Basic user
+/// name or a plain header value); a longer one is an unknown key.
+pub const API_KEY_MAX: usize = 128;
+/// Longest header name for `api.api_key_header` and `api.forwarded_header`.
+pub const HEADER_NAME_MAX: usize = 32;
+
+/// Where an org can be known from, in the order of `KernelConfig::identify_by` (`ID_END` ends
+/// the list).
+pub const ID_END: u8 = 0;
+/// The connection's peer address.
+pub const ID_ADDRESS: u8 = 1;
+/// The source address of a PROXY protocol header from a trusted proxy.
+pub const ID_PROXY_PROTOCOL: u8 = 2;
+/// A forwarded-address header of a request from a trusted proxy.
+pub const ID_FORWARDED: u8 = 3;
+/// A request's API key.
+pub const ID_API_KEY: u8 = 4;
+/// Most entries of `identify_by`.
+pub const ID_SOURCES: usize = 4;
+
+/// `KernelConfig::forwarded_kind`: which header syntax carries the forwarded address.
+pub const FWD_X_FORWARDED_FOR: u8 = 0;
+pub const FWD_FORWARDED: u8 = 1;
+pub const FWD_X_REAL_IP: u8 = 2;
+
+/// `KernelConfig::key_kind`: the key is the header's whole value.
+pub const KEY_PLAIN: u8 = 0;
+/// The key is an `Authorization` value's Bearer token or Basic user name.
+pub const KEY_AUTHORIZATION: u8 = 1;
+
 /// The single entry of the CONFIG array map. Written by the daemon, read by every program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -72,6 +106,23 @@ pub struct KernelConfig {
     pub org_epoch: u32,
     pub media_prefix_len: [u8; MAX_MEDIA_PREFIXES],
     pub media_prefixes: [[u8; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
+    /// SipHash-2-4 key of API_KEYS' digests: a secret, so that no client can craft a key that
+    /// lands on another org's digest.
+    pub key_secret: [u64; 2],
+    /// `ID_*` sources, tried in order; `ID_END` ends the list.
+    pub identify_by: [u8; ID_SOURCES],
+    /// `FWD_*`.
+    pub forwarded_kind: u8,
+    /// `KEY_*`.
+    pub key_kind: u8,
+    /// Bytes of `key_header` (0: no API key header).
+    pub key_header_len: u8,
+    /// Bytes of `fwd_header` (0: no forwarded header).
+    pub fwd_header_len: u8,
+    /// The API key header's name, lowercase.
+    pub key_header: [u8; HEADER_NAME_MAX],
+    /// The forwarded header's name, lowercase.
+    pub fwd_header: [u8; HEADER_NAME_MAX],
 }
 
 /// The daemon has written a valid config; until then the programs pass everything uncounted.
@@ -88,6 +139,14 @@ impl KernelConfig {
             org_epoch: 0,
             media_prefix_len: [0; MAX_MEDIA_PREFIXES],
             media_prefixes: [[0; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
+            key_secret: [0; 2],
+            identify_by: [ID_ADDRESS, ID_END, ID_END, ID_END],
+            forwarded_kind: FWD_X_FORWARDED_FOR,
+            key_kind: KEY_PLAIN,
+            key_header_len: 0,
+            fwd_header_len: 0,
+            key_header: [0; HEADER_NAME_MAX],
+            fwd_header: [0; HEADER_NAME_MAX],
         }
     }
 
@@ -169,6 +228,16 @@ pub struct DayCounters {
     pub delayed_syns: u64,
     /// Connections answered with the concurrency 429 (`concurrency_mode = "reject"`).
     pub concurrency_rejected: u64,
+    /// Requests of the org (counted, rejected or exempt) known by the peer address.
+    pub by_address: u64,
+    /// ... by a trusted PROXY protocol header's source address.
+    pub by_proxy_protocol: u64,
+    /// ... by a trusted forwarded-address header.
+    pub by_forwarded: u64,
+    /// ... by an API key.
+    pub by_api_key: u64,
+    /// Requests that carried an API key no org has (kept on the unmapped org).
+    pub unknown_keys: u64,
 }
 
 impl DayCounters {
@@ -184,6 +253,11 @@ impl DayCounters {
             concurrency_breaches: 0,
             delayed_syns: 0,
             concurrency_rejected: 0,
+            by_address: 0,
+            by_proxy_protocol: 0,
+            by_forwarded: 0,
+            by_api_key: 0,
+            unknown_keys: 0,
         }
     }
 
@@ -198,6 +272,11 @@ impl DayCounters {
             | self.concurrency_breaches
             | self.delayed_syns
             | self.concurrency_rejected
+            | self.by_address
+            | self.by_proxy_protocol
+            | self.by_forwarded
+            | self.by_api_key
+            | self.unknown_keys
             == 0
     }
 }

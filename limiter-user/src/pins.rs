@@ -16,7 +16,7 @@ use std::{
 
 use aya::maps::MapInfo;
 use limiter_common::{
-    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, SOCK_FORMAT,
+    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MIN_API_KEYS, SOCK_FORMAT,
     layout::{MAPS, MapDef, Pin, Sizes},
 };
 use thiserror::Error;
@@ -64,6 +64,8 @@ pub struct Capacity {
     /// Org slots, slot 0 (unmapped) included.
     pub orgs: u32,
     pub cidrs: u32,
+    /// API key slots.
+    pub keys: u32,
 }
 
 impl Default for Capacity {
@@ -71,6 +73,7 @@ impl Default for Capacity {
         Capacity {
             orgs: MAX_ORGS,
             cidrs: MAX_CIDRS,
+            keys: MIN_API_KEYS,
         }
     }
 }
@@ -86,6 +89,7 @@ impl Capacity {
         Capacity {
             orgs: up(orgs + 1, MAX_ORGS),
             cidrs: up(cidrs, MAX_CIDRS),
+            keys: MIN_API_KEYS,
         }
     }
 }
@@ -96,6 +100,7 @@ impl Capacity {
         Sizes {
             orgs: self.orgs,
             cidrs: self.cidrs,
+            keys: self.keys,
             sockets: sock_capacity(),
         }
     }

@@ -527,7 +527,11 @@ mod tests {
         let exe = dir.path().join("limiter");
         std::fs::copy("/bin/sleep", &exe).unwrap();
         let mut child = std::process::Command::new(&exe).arg("5").spawn().unwrap();
-        let alive = pid_alive(u64::from(child.id()));
+        // Until it has exec'd, the child still carries this test's name.
+        let alive = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            pid_alive(u64::from(child.id()))
+        });
         let _ = child.kill();
         let _ = child.wait();
         assert!(alive, "a running `limiter` is a live tracer");

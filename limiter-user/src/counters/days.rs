@@ -185,6 +185,11 @@ fn added(a: DayCounters, b: DayCounters, day: u64) -> DayCounters {
         concurrency_breaches: a.concurrency_breaches + b.concurrency_breaches,
         delayed_syns: a.delayed_syns + b.delayed_syns,
         concurrency_rejected: a.concurrency_rejected + b.concurrency_rejected,
+        by_address: a.by_address + b.by_address,
+        by_proxy_protocol: a.by_proxy_protocol + b.by_proxy_protocol,
+        by_forwarded: a.by_forwarded + b.by_forwarded,
+        by_api_key: a.by_api_key + b.by_api_key,
+        unknown_keys: a.unknown_keys + b.unknown_keys,
     }
 }
 
