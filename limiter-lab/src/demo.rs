@@ -348,6 +348,7 @@ pub fn run() -> Result<ExitCode> {
             listen: vec![SocketAddr::from((Ipv6Addr::UNSPECIFIED, API_PORT))],
             log: access_log.clone(),
             body_bytes: 0,
+            proxy_protocol: false,
         },
     ))?;
     tb.wait_listening(Side::Server, API_PORT, Duration::from_secs(10))?;
@@ -360,6 +361,7 @@ pub fn run() -> Result<ExitCode> {
             listen: vec![SocketAddr::from((acme4, PUSH_PORT))],
             log: push_log.clone(),
             body_bytes: 0,
+            proxy_protocol: false,
         },
     ))?;
     tb.wait_listening(Side::Client, PUSH_PORT, Duration::from_secs(10))?;

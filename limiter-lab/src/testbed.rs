@@ -11,6 +11,7 @@
 
 mod client;
 pub mod http;
+mod peers;
 mod server;
 mod sys;
 
@@ -33,9 +34,14 @@ pub use client::{
     REQUEST_TIMEOUT, Request, Response, exchange_raw, http_requests, open_idle, parse_response,
     push_main, push_on, reset, send_raw,
 };
+pub use peers::{
+    CLIENT_TIMEOUT_SECS, Cert, Curl, CurlReply, curl_command, haproxy_conf, make_cert,
+    nginx_tls_conf, parse_curl_output, write_private,
+};
 pub use server::{
-    AccessEntry, AccessLog, ServeArgs, ServerHandle, bind_listener, parse_access_log,
-    read_access_log, serve, serve_in_thread, serve_main,
+    API_KEY_HEADER, AccessEntry, AccessLog, FORWARDED_HEADER, LoggedRequest, Origin, ServeArgs,
+    ServerHandle, bind_listener, parse_access_log, parse_proxy_header, read_access_log, serve,
+    serve_in_thread, serve_main,
 };
 
 /// The hidden `limiter-lab testbed …` commands (helpers for the demo and the integration tests).
@@ -416,6 +422,9 @@ pub fn serve_command(exe: &Path, args: &ServeArgs) -> Command {
         .arg(&args.log)
         .arg("--body-bytes")
         .arg(args.body_bytes.to_string());
+    if args.proxy_protocol {
+        c.arg("--proxy-protocol");
+    }
     c
 }
 

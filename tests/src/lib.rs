@@ -65,6 +65,7 @@ impl World {
             ))],
             log: server_log.clone(),
             body_bytes: 0,
+            proxy_protocol: false,
         };
         tb.spawn_in_server(testbed::serve_command(&lab, &args))?;
         World::serving(tb, exe, lab, server_log)

@@ -112,6 +112,7 @@ fn pushes_are_exempt_and_multi_segment_bodies_count_once() -> Result<()> {
         listen: vec![(acme, PUSH_PORT).into()],
         log: receiver_log.clone(),
         body_bytes: 0,
+        proxy_protocol: false,
     };
     w.tb.spawn_in_client(testbed::serve_command(&w.lab, &recv))?;
     w.tb.wait_listening(

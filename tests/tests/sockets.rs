@@ -196,6 +196,7 @@ fn a_connection_lives_across_a_restart_that_resizes_the_org_maps() -> Result<()>
         listen: vec![(acme4, PUSH_PORT).into()],
         log: w.dir().join("receiver.log"),
         body_bytes: 0,
+        proxy_protocol: false,
     };
     w.tb.spawn_in_client(testbed::serve_command(&w.lab, &receiver))?;
     w.tb.wait_listening(testbed::Side::Client, PUSH_PORT, Duration::from_secs(10))?;

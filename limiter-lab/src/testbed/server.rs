@@ -1,6 +1,10 @@
 //! The test API server (`limiter-lab testbed serve`): a small HTTP/1.1 server written directly on
 //! tokio (epoll based; blocking-I/O servers can lose kernel-injected responses)
 //! that writes an access log the tests compare with the limiter's counters.
+//!
+//! Behind a load balancer it can read a PROXY protocol header (v1 or v2) at the start of each
+//! connection, as nginx's `listen … proxy_protocol` does; the header's source address is then
+//! the client the log names, next to the connection's peer.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -30,7 +34,16 @@ pub struct ServeArgs {
     /// Extra response body bytes after `ok <method> <path>\n`.
     #[arg(long, default_value_t = 0)]
     pub body_bytes: usize,
+    /// Every connection starts with a PROXY protocol header (v1 or v2); a connection without a
+    /// valid one is logged as garbage and closed.
+    #[arg(long)]
+    pub proxy_protocol: bool,
 }
+
+/// The header whose value the log records as the request's API key.
+pub const API_KEY_HEADER: &str = "X-API-Key";
+/// The header whose value the log records as the request's forwarded-for chain.
+pub const FORWARDED_HEADER: &str = "X-Forwarded-For";
 
 /// Largest chunked request body we buffer before calling the connection garbage.
 const MAX_CHUNKED_BODY: usize = 64 << 20;
@@ -57,7 +70,7 @@ pub fn serve_main(args: ServeArgs) -> Result<()> {
             .context("installing the SIGTERM handler")?;
         tracing::info!(listen = ?args.listen, log = %args.log.display(), "test server ready");
         tokio::select! {
-            r = serve_on(listeners, log, args.body_bytes) => r,
+            r = serve_on(listeners, log, args.body_bytes, args.proxy_protocol) => r,
             _ = term.recv() => Ok(()),
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
@@ -120,17 +133,167 @@ impl AccessLog {
         }
     }
 
-    /// Logs one complete request.
-    pub fn request(&self, client: IpAddr, method: &str, path: &str, body: usize) {
-        self.line(&format!(
-            "{} {method} {path} {body}\n",
-            client.to_canonical()
-        ));
+    /// Logs one complete request: `CLIENT METHOD PATH BODY`, then `peer=` when a PROXY header
+    /// named another client than the peer, `xff=` and `key=` when the request carried
+    /// [`FORWARDED_HEADER`] and [`API_KEY_HEADER`] (values percent-encoded).
+    pub fn request(&self, r: &LoggedRequest<'_>) {
+        let mut line = format!(
+            "{} {} {} {}",
+            r.origin.client.to_canonical(),
+            r.method,
+            r.path,
+            r.body
+        );
+        r.origin.push_peer(&mut line);
+        if let Some(v) = r.forwarded {
+            line.push_str(&format!(" xff={}", encode_field(v)));
+        }
+        if let Some(v) = r.api_key {
+            line.push_str(&format!(" key={}", encode_field(v)));
+        }
+        line.push('\n');
+        self.line(&line);
     }
 
-    /// Logs bytes that were not HTTP/1.x.
-    pub fn garbage(&self, client: IpAddr, bytes: usize) {
-        self.line(&format!("{} GARBAGE - {bytes}\n", client.to_canonical()));
+    /// Logs bytes that were not HTTP/1.x (or a PROXY connection without a valid header).
+    pub fn garbage(&self, origin: Origin, bytes: usize) {
+        let mut line = format!("{} GARBAGE - {bytes}", origin.client.to_canonical());
+        origin.push_peer(&mut line);
+        line.push('\n');
+        self.line(&line);
+    }
+}
+
+/// Who sent a connection's bytes: the client (a trusted PROXY header's source, else the peer)
+/// and the TCP peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub client: IpAddr,
+    pub peer: IpAddr,
+}
+
+impl Origin {
+    /// A connection without a PROXY header: the peer is the client.
+    pub fn direct(peer: IpAddr) -> Origin {
+        Origin { client: peer, peer }
+    }
+
+    fn push_peer(&self, line: &mut String) {
+        if self.client.to_canonical() != self.peer.to_canonical() {
+            line.push_str(&format!(" peer={}", self.peer.to_canonical()));
+        }
+    }
+}
+
+/// One request as the access log records it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoggedRequest<'a> {
+    pub origin: Origin,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub body: usize,
+    pub forwarded: Option<&'a str>,
+    pub api_key: Option<&'a str>,
+}
+
+/// Percent-encodes what would break a whitespace-separated log field.
+fn encode_field(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Undoes [`encode_field`].
+fn decode_field(v: &str) -> Result<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = v
+                .get(i + 1..i + 3)
+                .with_context(|| format!("a cut %-escape in {v:?}"))?;
+            out.push(
+                u8::from_str_radix(hex, 16).with_context(|| format!("bad %-escape in {v:?}"))?,
+            );
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).with_context(|| format!("{v:?} is not UTF-8 once decoded"))
+}
+
+/// The PROXY protocol v2 signature.
+const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// The PROXY protocol v1 prefix.
+const PROXY_V1_PREFIX: &[u8] = b"PROXY ";
+/// Longest PROXY v1 line (the protocol's own limit).
+const PROXY_V1_MAX: usize = 107;
+/// Longest PROXY v2 header we wait for (16-byte fixed part and a 16-bit length).
+const PROXY_V2_MAX: usize = 16 + 65535;
+
+/// Reads a PROXY protocol header (v1 or v2) at the start of `buf`: the source address it names
+/// (None for the LOCAL command, v1's UNKNOWN and non-IP families: keep the peer) and its length
+/// in bytes. TLVs are skipped (they count in the length).
+pub fn parse_proxy_header(buf: &[u8]) -> Parse<(Option<IpAddr>, usize)> {
+    let n = buf.len().min(PROXY_V2_SIGNATURE.len());
+    if buf[..n] == PROXY_V2_SIGNATURE[..n] {
+        if buf.len() < 16 {
+            return Parse::Partial;
+        }
+        let len = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        if buf.len() < len {
+            return if len <= PROXY_V2_MAX {
+                Parse::Partial
+            } else {
+                Parse::Invalid("PROXY v2 header too long".into())
+            };
+        }
+        return match ppp::v2::Header::try_from(&buf[..len]) {
+            Ok(h) => {
+                let src = match (h.command, h.addresses) {
+                    (ppp::v2::Command::Local, _) => None,
+                    (_, ppp::v2::Addresses::IPv4(a)) => Some(IpAddr::V4(a.source_address)),
+                    (_, ppp::v2::Addresses::IPv6(a)) => Some(IpAddr::V6(a.source_address)),
+                    _ => None,
+                };
+                Parse::Done((src, h.len()))
+            }
+            Err(e) => Parse::Invalid(format!("bad PROXY v2 header: {e}")),
+        };
+    }
+    let n = buf.len().min(PROXY_V1_PREFIX.len());
+    if buf[..n] != PROXY_V1_PREFIX[..n] {
+        return Parse::Invalid("no PROXY header".into());
+    }
+    let Some(cr) = buf.iter().position(|&b| b == b'\r') else {
+        return if buf.len() < PROXY_V1_MAX {
+            Parse::Partial
+        } else {
+            Parse::Invalid("PROXY v1 line too long".into())
+        };
+    };
+    if buf.len() < cr + 2 {
+        return Parse::Partial;
+    }
+    match ppp::v1::Header::try_from(&buf[..cr + 2]) {
+        Ok(h) => {
+            let src = match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => Some(IpAddr::V4(a.source_address)),
+                ppp::v1::Addresses::Tcp6(a) => Some(IpAddr::V6(a.source_address)),
+                ppp::v1::Addresses::Unknown => None,
+            };
+            Parse::Done((src, cr + 2))
+        }
+        Err(e) => Parse::Invalid(format!("bad PROXY v1 line: {e}")),
     }
 }
 
@@ -141,13 +304,14 @@ pub async fn serve(
     body_bytes: usize,
 ) -> Result<()> {
     let log = AccessLog::open(log)?;
-    serve_on(listeners, log, body_bytes).await
+    serve_on(listeners, log, body_bytes, false).await
 }
 
 async fn serve_on(
     listeners: Vec<std::net::TcpListener>,
     log: Arc<AccessLog>,
     body_bytes: usize,
+    proxy_protocol: bool,
 ) -> Result<()> {
     if listeners.is_empty() {
         bail!("no listeners");
@@ -159,7 +323,7 @@ async fn serve_on(
             .context("O_NONBLOCK on a listener")?;
         let l = TcpListener::from_std(l).context("registering a listener with tokio")?;
         let (log, filler) = (log.clone(), filler.clone());
-        tasks.spawn(accept_loop(l, log, filler));
+        tasks.spawn(accept_loop(l, log, filler, proxy_protocol));
     }
     while let Some(r) = tasks.join_next().await {
         r.context("accept loop panicked")?;
@@ -168,11 +332,17 @@ async fn serve_on(
 }
 
 /// Accepts forever; transient errors (EMFILE, aborted connections) only pause briefly.
-async fn accept_loop(l: TcpListener, log: Arc<AccessLog>, filler: Arc<[u8]>) {
+async fn accept_loop(l: TcpListener, log: Arc<AccessLog>, filler: Arc<[u8]>, proxy_protocol: bool) {
     loop {
         match l.accept().await {
             Ok((s, peer)) => {
-                tokio::spawn(handle_conn(s, peer.ip(), log.clone(), filler.clone()));
+                tokio::spawn(handle_conn(
+                    s,
+                    peer.ip(),
+                    log.clone(),
+                    filler.clone(),
+                    proxy_protocol,
+                ));
             }
             Err(e) => {
                 tracing::debug!(error = %e, "accept");
@@ -190,10 +360,35 @@ async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usiz
     Ok(n)
 }
 
-/// One connection: a loop of request → log line → response, until close or garbage.
-async fn handle_conn(mut s: TcpStream, peer: IpAddr, log: Arc<AccessLog>, filler: Arc<[u8]>) {
+/// One connection: its PROXY header if one is expected, then a loop of request → log line →
+/// response, until close or garbage.
+async fn handle_conn(
+    mut s: TcpStream,
+    peer: IpAddr,
+    log: Arc<AccessLog>,
+    filler: Arc<[u8]>,
+    proxy_protocol: bool,
+) {
     let _ = s.set_nodelay(true);
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    let mut origin = Origin::direct(peer);
+    if proxy_protocol {
+        loop {
+            match parse_proxy_header(&buf) {
+                Parse::Done((src, len)) => {
+                    buf.drain(..len);
+                    origin.client = src.unwrap_or(peer);
+                    break;
+                }
+                Parse::Partial => match read_more(&mut s, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                Parse::Invalid(_) => return garbage(s, buf.len(), origin, &log).await,
+            }
+        }
+    }
+    let peer = origin;
     loop {
         // Read a request head (tolerating stray CRLFs between requests).
         let head = loop {
@@ -261,7 +456,14 @@ async fn handle_conn(mut s: TcpStream, peer: IpAddr, log: Arc<AccessLog>, filler
             },
         };
         // Log before answering, so a client holding the response finds its line in the log.
-        log.request(peer, &head.method, &head.target, body_len);
+        log.request(&LoggedRequest {
+            origin: peer,
+            method: &head.method,
+            path: &head.target,
+            body: body_len,
+            forwarded: head.header(FORWARDED_HEADER),
+            api_key: head.header(API_KEY_HEADER),
+        });
         let keep = head.keep_alive();
         let mut body = format!("ok {} {}\n", head.method, head.target).into_bytes();
         body.extend_from_slice(&filler);
@@ -285,7 +487,7 @@ async fn handle_conn(mut s: TcpStream, peer: IpAddr, log: Arc<AccessLog>, filler
 }
 
 /// Counts the rest of a non-HTTP stream (bounded in bytes and idle time), logs it, closes.
-async fn garbage(mut s: TcpStream, already: usize, peer: IpAddr, log: &AccessLog) {
+async fn garbage(mut s: TcpStream, already: usize, peer: Origin, log: &AccessLog) {
     let mut n = already;
     let mut tmp = [0u8; 16 * 1024];
     while n < MAX_GARBAGE_DRAIN {
@@ -324,7 +526,7 @@ pub fn serve_in_thread(
         .spawn(move || {
             let r = rt.block_on(async move {
                 tokio::select! {
-                    r = serve_on(listeners, log, body_bytes) => r,
+                    r = serve_on(listeners, log, body_bytes, false) => r,
                     _ = rx => Ok(()),
                 }
             });
@@ -369,8 +571,15 @@ impl Drop for ServerHandle {
 /// One access-log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessEntry {
-    /// The client's address (IPv4-mapped IPv6 already shown as IPv4).
+    /// The client's address (IPv4-mapped IPv6 already shown as IPv4): the source of the
+    /// connection's PROXY header, or its peer.
     pub client: IpAddr,
+    /// The connection's TCP peer (the load balancer behind a PROXY header).
+    pub peer: IpAddr,
+    /// The request's [`FORWARDED_HEADER`] value.
+    pub forwarded: Option<String>,
+    /// The request's [`API_KEY_HEADER`] value.
+    pub api_key: Option<String>,
     /// The request method, or `GARBAGE` for bytes that were not HTTP.
     pub method: String,
     /// The request target, `-` for garbage.
@@ -406,8 +615,8 @@ pub fn parse_access_log(text: &str) -> Result<Vec<AccessEntry>> {
             continue;
         }
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [client, method, path, body] = f[..] else {
-            bail!("line {}: expected 4 fields, got {:?}", i + 1, line);
+        let (&[client, method, path, body], extra) = f.split_at(f.len().min(4)) else {
+            bail!("line {}: expected at least 4 fields, got {:?}", i + 1, line);
         };
         let client: IpAddr = client
             .parse()
@@ -415,12 +624,36 @@ pub fn parse_access_log(text: &str) -> Result<Vec<AccessEntry>> {
         let body: usize = body
             .parse()
             .with_context(|| format!("line {}: bad byte count {body:?}", i + 1))?;
-        out.push(AccessEntry {
-            client: client.to_canonical(),
+        let client = client.to_canonical();
+        let mut entry = AccessEntry {
+            client,
+            peer: client,
             method: method.to_string(),
             path: path.to_string(),
             body,
-        });
+            forwarded: None,
+            api_key: None,
+        };
+        for field in extra {
+            match field.split_once('=') {
+                Some(("peer", v)) => {
+                    entry.peer = v
+                        .parse::<IpAddr>()
+                        .with_context(|| format!("line {}: bad peer {v:?}", i + 1))?
+                        .to_canonical();
+                }
+                Some(("xff", v)) => {
+                    entry.forwarded =
+                        Some(decode_field(v).with_context(|| format!("line {}", i + 1))?)
+                }
+                Some(("key", v)) => {
+                    entry.api_key =
+                        Some(decode_field(v).with_context(|| format!("line {}", i + 1))?)
+                }
+                _ => bail!("line {}: unknown field {field:?}", i + 1),
+            }
+        }
+        out.push(entry);
     }
     Ok(out)
 }
@@ -431,25 +664,36 @@ mod tests {
 
     #[test]
     fn access_log_parse() {
-        let text = "10.1.2.10 GET /a 0\n::ffff:10.1.2.11 POST /b?x=1 5000\n\nfd00:1:2::10 GARBAGE - 517\n10.1.2.1 GE";
+        let text = "10.1.2.10 GET /a 0\n::ffff:10.1.2.11 POST /b?x=1 5000\n\nfd00:1:2::10 GARBAGE - 517\n\
+                    192.0.2.9 GET /c 0 peer=::ffff:127.0.0.1 xff=192.0.2.9,%20127.0.0.1 key=k%25ey\n10.1.2.1 GE";
         let e = parse_access_log(text).expect("parses");
-        assert_eq!(e.len(), 3);
+        assert_eq!(e.len(), 4);
         assert_eq!(
             e[0],
             AccessEntry {
                 client: "10.1.2.10".parse().expect("ip"),
+                peer: "10.1.2.10".parse().expect("ip"),
                 method: "GET".into(),
                 path: "/a".into(),
-                body: 0
+                body: 0,
+                forwarded: None,
+                api_key: None,
             }
         );
         assert_eq!(e[1].client, "10.1.2.11".parse::<IpAddr>().expect("ip"));
+        assert_eq!(e[1].peer, e[1].client);
         assert_eq!(e[1].path, "/b?x=1");
         assert_eq!(e[1].body, 5000);
         assert!(e[2].is_garbage());
         assert_eq!(e[2].body, 517);
+        assert_eq!(e[3].client, "192.0.2.9".parse::<IpAddr>().expect("ip"));
+        assert_eq!(e[3].peer, "127.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(e[3].forwarded.as_deref(), Some("192.0.2.9, 127.0.0.1"));
+        assert_eq!(e[3].api_key.as_deref(), Some("k%ey"));
         assert!(parse_access_log("10.0.0.1 GET /\n").is_err());
         assert!(parse_access_log("nope GET / 1\n").is_err());
+        assert!(parse_access_log("10.0.0.1 GET / 1 who=me\n").is_err());
+        assert!(parse_access_log("10.0.0.1 GET / 1 key=%4\n").is_err());
         assert!(parse_access_log("").expect("empty").is_empty());
     }
 
@@ -458,13 +702,105 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("a.log");
         let log = AccessLog::open(&p).expect("open");
-        log.request("::ffff:192.0.2.7".parse().expect("ip"), "GET", "/x", 0);
-        log.garbage("2001:db8::1".parse().expect("ip"), 9);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let mut r = LoggedRequest {
+            origin: Origin::direct(ip("::ffff:192.0.2.7")),
+            method: "GET",
+            path: "/x",
+            body: 0,
+            forwarded: None,
+            api_key: None,
+        };
+        log.request(&r);
+        log.garbage(Origin::direct(ip("2001:db8::1")), 9);
+        r.origin = Origin {
+            client: ip("198.51.100.4"),
+            peer: ip("::ffff:127.0.0.1"),
+        };
+        r.forwarded = Some("198.51.100.4, 10.0.0.1");
+        r.api_key = Some("key one");
+        log.request(&r);
+        log.garbage(r.origin, 3);
         assert_eq!(
             std::fs::read_to_string(&p).expect("read"),
-            "192.0.2.7 GET /x 0\n2001:db8::1 GARBAGE - 9\n"
+            "192.0.2.7 GET /x 0\n2001:db8::1 GARBAGE - 9\n\
+             198.51.100.4 GET /x 0 peer=127.0.0.1 xff=198.51.100.4,%2010.0.0.1 key=key%20one\n\
+             198.51.100.4 GARBAGE - 3 peer=127.0.0.1\n"
         );
         let e = read_access_log(&p).expect("parse");
-        assert_eq!(e.len(), 2);
+        assert_eq!(e.len(), 4);
+        assert_eq!(e[2].forwarded.as_deref(), r.forwarded);
+        assert_eq!(e[2].api_key.as_deref(), r.api_key);
+        assert_eq!(e[3].peer, ip("127.0.0.1"));
+    }
+
+    #[test]
+    fn proxy_headers() {
+        use ppp::v2;
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let rest = b"GET / HTTP/1.1\r\n\r\n";
+        // v1, IPv4 and IPv6, then the request.
+        let v1 = b"PROXY TCP4 192.0.2.1 10.0.0.1 5555 8080\r\n";
+        let buf = [&v1[..], rest].concat();
+        assert_eq!(
+            parse_proxy_header(&buf),
+            Parse::Done((Some(ip("192.0.2.1")), v1.len()))
+        );
+        let v1_6 = b"PROXY TCP6 2001:db8::7 ::1 5555 8080\r\n";
+        assert_eq!(
+            parse_proxy_header(v1_6),
+            Parse::Done((Some(ip("2001:db8::7")), v1_6.len()))
+        );
+        assert_eq!(
+            parse_proxy_header(b"PROXY UNKNOWN\r\n"),
+            Parse::Done((None, 15))
+        );
+        // Every cut of a header is partial.
+        for cut in 0..v1.len() {
+            assert_eq!(parse_proxy_header(&v1[..cut]), Parse::Partial, "cut {cut}");
+        }
+        // v2 with a TLV, and LOCAL.
+        let v2 = v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Proxy,
+            v2::Protocol::Stream,
+            (
+                "[2001:db8::9]:4000".parse::<SocketAddr>().expect("addr"),
+                "[::1]:8080".parse::<SocketAddr>().expect("addr"),
+            ),
+        )
+        .write_tlv(v2::Type::NoOp, b"xyz")
+        .expect("tlv")
+        .build()
+        .expect("v2");
+        let buf = [&v2[..], rest].concat();
+        assert_eq!(
+            parse_proxy_header(&buf),
+            Parse::Done((Some(ip("2001:db8::9")), v2.len()))
+        );
+        for cut in 0..v2.len() {
+            assert_eq!(parse_proxy_header(&v2[..cut]), Parse::Partial, "cut {cut}");
+        }
+        let local = v2::Builder::new(
+            v2::Version::Two | v2::Command::Local,
+            v2::AddressFamily::Unspecified | v2::Protocol::Unspecified,
+        )
+        .build()
+        .expect("local");
+        assert_eq!(parse_proxy_header(&local), Parse::Done((None, 16)));
+        // Not a header.
+        for bad in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"PROXY TCP4 nope\r\n",
+            b"\x16\x03\x01",
+        ] {
+            assert!(
+                matches!(parse_proxy_header(bad), Parse::Invalid(_)),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            parse_proxy_header(&[b'P'; 200][..]),
+            Parse::Invalid(_)
+        ));
     }
 }

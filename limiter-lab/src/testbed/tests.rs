@@ -29,6 +29,7 @@ fn testbed_commands() {
         listen: vec!["[::]:8080".parse().expect("addr")],
         log: "/tmp/x.log".into(),
         body_bytes: 5,
+        proxy_protocol: false,
     };
     let c = serve_command(Path::new("/bin/limiter-lab"), &serve);
     let args: Vec<_> = c
@@ -108,11 +109,15 @@ fn sleeper() -> Command {
 }
 
 fn entry(client: impl Into<IpAddr>, method: &str, path: &str, body: usize) -> AccessEntry {
+    let client = client.into();
     AccessEntry {
-        client: client.into(),
+        client,
+        peer: client,
         method: method.into(),
         path: path.into(),
         body,
+        forwarded: None,
+        api_key: None,
     }
 }
 
