@@ -40,8 +40,8 @@ pub use peers::{
 };
 pub use server::{
     API_KEY_HEADER, AccessEntry, AccessLog, FORWARDED_HEADER, LoggedRequest, Origin, ServeArgs,
-    ServerHandle, bind_listener, parse_access_log, parse_proxy_header, read_access_log, serve,
-    serve_in_thread, serve_main,
+    ServerHandle, bind_listener, parse_access_log, parse_proxy_header, proxy_v1_header,
+    proxy_v2_header, read_access_log, serve, serve_in_thread, serve_main,
 };
 
 /// The hidden `limiter-lab testbed …` commands (helpers for the demo and the integration tests).

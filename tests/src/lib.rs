@@ -23,6 +23,12 @@ use serde_json::Value;
 pub const API_PORT: u16 = 8080;
 /// Where push receivers listen (client side).
 pub const PUSH_PORT: u16 = 9090;
+/// The TLS port of the peers in front of the API (nginx or HAProxy), on the server's addresses.
+pub const TLS_PORT: u16 = 8443;
+/// Where the peers in front of the API send its traffic: the API port on the loopback, so the
+/// API sees every proxied connection from 127.0.0.1 (the `trusted_proxies` entry).
+pub const PROXY_UPSTREAM: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), API_PORT);
 /// How long to wait for counts that settle asynchronously (connection closes).
 const SETTLE: Duration = Duration::from_secs(15);
 
@@ -56,6 +62,17 @@ impl World {
     /// A testbed with `v4`/`v6` extra client addresses and the API server listening on
     /// `[::]:8080` (dual-stack, so IPv4 clients arrive IPv4-mapped) in the server netns and cgroup.
     pub fn new(name: &str, v4: usize, v6: usize) -> Result<World> {
+        World::serve(name, v4, v6, false)
+    }
+
+    /// Like [`World::new`], with an API server that reads a PROXY protocol header at the start
+    /// of every connection (as nginx's `listen … proxy_protocol` does) and logs its source as
+    /// the client, next to the peer.
+    pub fn with_proxy_protocol(name: &str, v4: usize, v6: usize) -> Result<World> {
+        World::serve(name, v4, v6, true)
+    }
+
+    fn serve(name: &str, v4: usize, v6: usize, proxy_protocol: bool) -> Result<World> {
         let (tb, exe, lab) = testbed_for(name, v4, v6)?;
         let server_log = tb.dir().join("access.log");
         let args = ServeArgs {
@@ -65,7 +82,7 @@ impl World {
             ))],
             log: server_log.clone(),
             body_bytes: 0,
-            proxy_protocol: false,
+            proxy_protocol,
         };
         tb.spawn_in_server(testbed::serve_command(&lab, &args))?;
         World::serving(tb, exe, lab, server_log)
@@ -366,6 +383,83 @@ pub fn hooked_limiter() -> Result<PathBuf> {
         );
     }
     Ok(exe)
+}
+
+// Peers in front of the API: TLS terminators, load balancers and their clients.
+
+impl World {
+    /// A certificate for the server's addresses (IPv4 and IPv6), made by the test.
+    pub fn tls_cert(&self) -> Result<testbed::Cert> {
+        testbed::make_cert(
+            self.dir(),
+            "api",
+            &[self.tb.server_v4().into(), self.tb.server_v6().into()],
+        )
+    }
+
+    /// nginx terminating TLS on [`TLS_PORT`] and proxying to [`PROXY_UPSTREAM`] over an
+    /// upstream keep-alive pool, adding `X-Forwarded-For`; returns the certificate to trust.
+    pub fn start_nginx_tls(&self) -> Result<testbed::Cert> {
+        let cert = self.tls_cert()?;
+        self.tb.start_nginx_tls(TLS_PORT, &cert, PROXY_UPSTREAM)?;
+        Ok(cert)
+    }
+
+    /// HAProxy terminating TLS on [`TLS_PORT`] in TCP mode, sending each connection to
+    /// [`PROXY_UPSTREAM`] with a PROXY v2 header; returns the certificate to trust.
+    pub fn start_haproxy(&self) -> Result<testbed::Cert> {
+        let cert = self.tls_cert()?;
+        self.tb.start_haproxy(TLS_PORT, &cert, PROXY_UPSTREAM)?;
+        Ok(cert)
+    }
+
+    /// `https://<server v4>:<TLS_PORT><path>`.
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://{}:{TLS_PORT}{path}", self.tb.server_v4())
+    }
+
+    /// The peers' TLS address (IPv4).
+    pub fn tls4(&self) -> SocketAddr {
+        SocketAddr::from((self.tb.server_v4(), TLS_PORT))
+    }
+
+    /// Writes the API keys file (`ORG KEY` lines, mode 0600); returns its path.
+    pub fn write_api_keys(&self, keys: &[(&str, &str)]) -> Result<PathBuf> {
+        let path = self.dir().join("api-keys");
+        let text: String = std::iter::once("# org key\n".to_string())
+            .chain(keys.iter().map(|(org, key)| format!("{org} {key}\n")))
+            .collect();
+        testbed::write_private(&path, text.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Runs the curl clients at the same time (each in its own process in the client netns);
+    /// returns each one's replies, in the order given.
+    pub fn curl_all(&self, runs: &[testbed::Curl]) -> Result<Vec<Vec<testbed::CurlReply>>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = runs.iter().map(|c| s.spawn(|| self.tb.curl(c))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a curl thread panicked"))?
+                })
+                .collect()
+        })
+    }
+}
+
+/// `[[orgs]]` table text without CIDRs (an org known by another source than its address).
+pub fn org_without_cidrs(name: &str, extra: &str) -> String {
+    format!("[[orgs]]\nname = {name:?}\n{extra}\n")
+}
+
+/// The request count of `source` (`address`, `proxy_protocol`, `forwarded`, `api_key`) in a
+/// report entry's `identified_by`.
+pub fn identified_by(v: &Value, source: &str) -> u64 {
+    v["identified_by"][source]
+        .as_u64()
+        .unwrap_or_else(|| panic!("identified_by.{source} missing or not a number in {v}"))
 }
 
 /// `[[orgs]]` table text.

@@ -28,7 +28,7 @@ const TOOLCHAIN_PACKAGES: [&str; 7] = [
 ];
 /// Debian packages the tests, the demo, the benchmark and the Debian package (dpkg-shlibdeps)
 /// use.
-const TEST_PACKAGES: [&str; 7] = [
+const TEST_PACKAGES: [&str; 9] = [
     "iproute2",
     "curl",
     "python3",
@@ -36,6 +36,10 @@ const TEST_PACKAGES: [&str; 7] = [
     "wrk",
     "redis-server",
     "dpkg-dev",
+    // The identity tests' peers: a load balancer with the PROXY protocol, and the certificates
+    // and raw TLS client they use.
+    "haproxy",
+    "openssl",
 ];
 const BPF_LINKER_INSTALL: &str = "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version ^0.13 --no-default-features --features llvm-22";
 

@@ -240,6 +240,32 @@ const PROXY_V1_MAX: usize = 107;
 /// Longest PROXY v2 header we wait for (16-byte fixed part and a 16-bit length).
 const PROXY_V2_MAX: usize = 16 + 65535;
 
+/// A PROXY protocol v1 line naming `src` as the client of a connection to `dst` (both of one
+/// family).
+pub fn proxy_v1_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
+}
+
+/// A PROXY protocol v2 header (PROXY command, TCP) naming `src` as the client of a connection to
+/// `dst` (both of one family).
+pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Result<Vec<u8>> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .context("building a PROXY v2 header")
+}
+
 /// Reads a PROXY protocol header (v1 or v2) at the start of `buf`: the source address it names
 /// (None for the LOCAL command, v1's UNKNOWN and non-IP families: keep the peer) and its length
 /// in bytes. TLVs are skipped (they count in the length).
@@ -787,6 +813,20 @@ mod tests {
         .build()
         .expect("local");
         assert_eq!(parse_proxy_header(&local), Parse::Done((None, 16)));
+        // The builders' headers read back.
+        let (src, dst) = (
+            "192.0.2.5:1234".parse::<SocketAddr>().expect("addr"),
+            "10.0.0.1:8080".parse::<SocketAddr>().expect("addr"),
+        );
+        for h in [
+            proxy_v1_header(src, dst),
+            proxy_v2_header(src, dst).expect("v2"),
+        ] {
+            assert_eq!(
+                parse_proxy_header(&h),
+                Parse::Done((Some(src.ip()), h.len()))
+            );
+        }
         // Not a header.
         for bad in [
             &b"GET / HTTP/1.1\r\n"[..],
