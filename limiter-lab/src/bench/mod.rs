@@ -85,11 +85,89 @@ pub enum Shape {
     Pipelined10,
     /// A POST with a 64 KiB body: many chunks per request.
     Post64k,
+    /// An API GET of about 400 bytes carrying [`BENCH_KEY`] in `X-API-Key` (the
+    /// `identify_by = ["api_key"]` rows: one key lookup per request).
+    ApiKey400,
+    /// A PROXY v2 header, then a GET, on each connection (the `identify_by =
+    /// ["proxy_protocol"]` rows, one request per connection, against [`nginx::PROXY_PORT`]).
+    ProxyV2,
+}
+
+/// The bench org's API key among the [`BENCH_KEYS`] of the keys file.
+const BENCH_KEY: &str = "bk-5d41402abc4b2a76b9719d911017c592";
+/// Keys in the api_key rows' keys file (one of them the bench org's).
+const BENCH_KEYS: usize = 100_000;
+/// The client a PROXY header of the [`Shape::ProxyV2`] load names (the bench org has it).
+const PROXIED_CLIENT: &str = "198.51.100.10";
+/// The CIDR of [`PROXIED_CLIENT`] in the bench org.
+const PROXIED_NET: &str = "198.51.100.0/24";
+
+/// `bytes` as a Lua string literal (decimal escapes, which every Lua reads).
+fn lua_bytes(bytes: &[u8]) -> String {
+    let mut s = String::from("\"");
+    for b in bytes {
+        s.push_str(&format!("\\{b:03}"));
+    }
+    s.push('"');
+    s
+}
+
+/// The PROXY v2 header of [`Shape::ProxyV2`]: [`PROXIED_CLIENT`] to the API's proxy port.
+fn bench_proxy_header() -> Result<Vec<u8>> {
+    let src: std::net::IpAddr = PROXIED_CLIENT.parse()?;
+    testbed::proxy_v2_header(
+        SocketAddr::new(src, 40000),
+        SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), nginx::PROXY_PORT)),
+    )
 }
 
 impl Shape {
     /// The wrk script of the shape, if it needs one.
-    fn script(self) -> Option<&'static str> {
+    fn script(self) -> Option<String> {
+        match self {
+            Shape::ApiKey400 => Some(format!(
+                r#"wrk.path = "/api/v1/items?page=2&per_page=50&fields=id,name,updated_at"
+wrk.headers["User-Agent"] = "acme-sync/2.3 (+https://acme.example/integrations)"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["X-API-Key"] = "{BENCH_KEY}"
+wrk.headers["X-Request-Id"] = "5f0c6e1a-8b2d-4c3e-9f7a-1d2e3f4a5b6c"
+wrk.headers["Traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+"#
+            )),
+            Shape::ProxyV2 => bench_proxy_header().ok().map(|h| {
+                // wrk checks the script's first request with its HTTP parser, which a PROXY
+                // header fails: that one check gets the plain GET.
+                format!(
+                    "local proxy = {}\ninit = function(args)\n  req = proxy .. wrk.format()\nend\n\
+                     local checked = false\nrequest = function()\n  if not checked then\n    \
+                     checked = true\n    return wrk.format()\n  end\n  return req\nend\n",
+                    lua_bytes(&h)
+                )
+            }),
+            other => other.static_script().map(str::to_string),
+        }
+    }
+
+    /// The `identified_by` source a limiter run of the shape must show, if any.
+    fn identity(self) -> Option<&'static str> {
+        match self {
+            Shape::ApiKey400 => Some("api_key"),
+            Shape::ProxyV2 => Some("proxy_protocol"),
+            _ => None,
+        }
+    }
+
+    /// The port the shape's load goes to.
+    fn port(self) -> u16 {
+        if self == Shape::ProxyV2 {
+            nginx::PROXY_PORT
+        } else {
+            PORT
+        }
+    }
+
+    fn static_script(self) -> Option<&'static str> {
         const API_HEADERS: &str = r#"wrk.path = "/api/v1/items?page=2&per_page=50"
 wrk.headers["User-Agent"] = "acme-sync/2.3 (+https://acme.example/integrations)"
 wrk.headers["Accept"] = "application/json"
@@ -124,6 +202,7 @@ wrk.body = string.rep("x", 65536)
 wrk.headers["Content-Type"] = "application/octet-stream"
 "#,
             ),
+            Shape::ApiKey400 | Shape::ProxyV2 => None,
         }
     }
 }
@@ -182,6 +261,14 @@ pub struct KernelCost {
     /// The verdict per chunk of 64 KiB POSTs (most chunks are body).
     pub post64k_ns_per_run: f64,
     pub post64k_runs: u64,
+    /// The verdict per passing 400-byte API GET identified by its key (`identify_by =
+    /// ["api_key"]`, a keys file of [`BENCH_KEYS`] keys).
+    pub api_key_ns_per_run: f64,
+    pub api_key_runs: u64,
+    /// The verdict per chunk of connections that each send a PROXY v2 header and one GET
+    /// (`identify_by = ["proxy_protocol"]`).
+    pub proxy_v2_ns_per_run: f64,
+    pub proxy_v2_runs: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -328,6 +415,73 @@ impl Bench {
         Ok(path)
     }
 
+    /// The passing config of an identity row: `identify_by = ["api_key"]` with a keys file of
+    /// [`BENCH_KEYS`] keys (mode 0600), or `["proxy_protocol"]` on [`nginx::PROXY_PORT`] with
+    /// the client namespace as the trusted proxy and [`PROXIED_NET`] in the bench org.
+    fn identity_config(&self, shape: Shape) -> Result<PathBuf> {
+        let [a, b, c, _] = self.tb.server_v4().octets();
+        let client_net = format!("{a}.{b}.{c}.0/24");
+        let head = self.config_head(1_000_000_000_000);
+        let (api, cidrs) = match shape {
+            Shape::ApiKey400 => {
+                let path = self.tb.dir().join("bench-api-keys");
+                let mut keys = String::with_capacity(BENCH_KEYS * 48);
+                keys.push_str(&format!("{BENCH_ORG} {BENCH_KEY}\n"));
+                for i in 1..BENCH_KEYS {
+                    keys.push_str(&format!("{BENCH_ORG} bk-{i:032x}\n"));
+                }
+                testbed::write_private(&path, keys.as_bytes())?;
+                (
+                    format!(
+                        "identify_by = [\"api_key\"]\napi_key_header = \"X-API-Key\"\napi_keys_file = {:?}\n",
+                        path.display().to_string()
+                    ),
+                    format!("[{client_net:?}]"),
+                )
+            }
+            Shape::ProxyV2 => (
+                format!("identify_by = [\"proxy_protocol\"]\ntrusted_proxies = [{client_net:?}]\n"),
+                format!("[{client_net:?}, {PROXIED_NET:?}]"),
+            ),
+            other => bail!("{other:?} has no identity config"),
+        };
+        let head = head
+            .replacen(
+                &format!("ports = [{PORT}]"),
+                &format!("ports = [{}]", shape.port()),
+                1,
+            )
+            .replacen("[api]\n", &format!("[api]\n{api}"), 1);
+        let text = format!("{head}[[orgs]]\nname = \"{BENCH_ORG}\"\ncidrs = {cidrs}\n");
+        let path = self.tb.dir().join(format!("bench-{shape:?}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// How many of the bench org's requests today the daemon reports as identified by
+    /// `source`.
+    fn identified_by(&self, source: &str) -> Result<u64> {
+        let r = control::call(
+            &self.socket,
+            &Ctl::Report {
+                org: Some(BENCH_ORG.into()),
+                day: None,
+            },
+        )?;
+        let data = r
+            .data
+            .filter(|_| r.ok)
+            .with_context(|| format!("no report: {:?}", r.error))?;
+        let report: serde_json::Value = serde_json::from_str(data.get())?;
+        let org = report["orgs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|o| o["org"] == BENCH_ORG))
+            .with_context(|| format!("no {BENCH_ORG} in the report: {report}"))?;
+        org["identified_by"][source]
+            .as_u64()
+            .with_context(|| format!("no identified_by.{source} in {org}"))
+    }
+
     /// Starts the daemon and waits until it answers a report of `org`; returns the time that
     /// took.
     fn start(&mut self, config: &Path, org: &str) -> Result<Duration> {
@@ -387,7 +541,7 @@ impl Bench {
     /// wrk (one thread) for `load` against `server`, for `secs` whole seconds, to run in the
     /// client namespace; with `latency`, its summary has the percentiles.
     fn wrk_command(&self, server: Ipv4Addr, load: &Load, secs: f64, latency: bool) -> Command {
-        let url = format!("http://{server}:{PORT}{}", load.path);
+        let url = format!("http://{server}:{}{}", load.shape.port(), load.path);
         let mut cmd = Command::new("wrk");
         cmd.args(["-t1", "--timeout", "5s"])
             .arg(format!("-c{}", load.conns))
@@ -477,6 +631,15 @@ impl Bench {
         }
         let run = self.wrk(load)?;
         let what = format!("{} on {}", side_name(side, load), load.path);
+        if side == Side2::Limiter
+            && let Some(source) = load.shape.identity()
+        {
+            let n = self.identified_by(source)?;
+            ensure!(
+                n > 0,
+                "{what}: the daemon reports no request identified by {source}; this row would not measure what it claims"
+            );
+        }
         let refuses = side == Side2::KernelRefuses
             || (side == Side2::Nginx && [nginx::REFUSE, nginx::RETURN_429].contains(&load.path));
         if refuses {
@@ -647,7 +810,9 @@ fn markdown(r: &Results) -> String {
         "\nKernel cost (bpf_stats, separate runs): verdict {:.0} ns per passing request over {} runs; \
          verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs; \
          verdict while `limiter trace` reads {:.0} ns per passing keep-alive request over {} runs. \
-         By request shape: API GET (~200 B) {:.0} ns per request; ten pipelined API GETs {:.0} ns per chunk; 64 KiB POST {:.0} ns per chunk over {} chunks.\n\n\
+         By request shape: API GET (~200 B) {:.0} ns per request; ten pipelined API GETs {:.0} ns per chunk; 64 KiB POST {:.0} ns per chunk over {} chunks. \
+         By identity: a 400-byte API GET identified by its API key ({} keys) {:.0} ns per request over {} runs; \
+         a PROXY v2 header and a GET per connection {:.0} ns per chunk over {} runs.\n\n\
          | orgs | load (s), median (min–max) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
         r.kernel_cost.verdict_ns_per_run,
         r.kernel_cost.verdict_runs,
@@ -660,7 +825,12 @@ fn markdown(r: &Results) -> String {
         r.kernel_cost.api_get_ns_per_run,
         r.kernel_cost.pipelined10_ns_per_run,
         r.kernel_cost.post64k_ns_per_run,
-        r.kernel_cost.post64k_runs
+        r.kernel_cost.post64k_runs,
+        BENCH_KEYS,
+        r.kernel_cost.api_key_ns_per_run,
+        r.kernel_cost.api_key_runs,
+        r.kernel_cost.proxy_v2_ns_per_run,
+        r.kernel_cost.proxy_v2_runs
     ));
     for x in &r.scale {
         s.push_str(&format!(
@@ -811,6 +981,31 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             for (scenario, (side_a, side_b)) in comparisons {
                 rows.push(b.compare(scenario, side_a, side_b, cfgs)?);
             }
+            // Passing traffic with the org known by another source than the address.
+            for (scenario, shape, keep_alive) in [
+                (
+                    "passing, identify_by api_key (400 B GET), keep-alive, 64 conns",
+                    Shape::ApiKey400,
+                    true,
+                ),
+                (
+                    "passing, identify_by proxy_protocol (v2), conn per request, 64 conns",
+                    Shape::ProxyV2,
+                    false,
+                ),
+            ] {
+                let cfg = b.identity_config(shape)?;
+                let load = Load {
+                    shape,
+                    ..l(nginx::RETURN_200, 64, keep_alive, false)
+                };
+                rows.push(b.compare(
+                    scenario,
+                    (Side2::Nginx, load.clone()),
+                    (Side2::Limiter, load),
+                    (&cfg, &cfg),
+                )?);
+            }
         }
         for shape in [Shape::Plain, Shape::ApiHeaders] {
             let n = neighbors::run(&mut b, &addrs, shape)?;
@@ -842,6 +1037,20 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             b.cost_run(&pass, &load)
         };
         let post64k = shaped(&mut b, Shape::Post64k)?;
+        let api_key = b.cost_run(
+            &b.identity_config(Shape::ApiKey400)?,
+            &Load {
+                shape: Shape::ApiKey400,
+                ..l(nginx::RETURN_200, 64, true, false)
+            },
+        )?;
+        let proxy_v2 = b.cost_run(
+            &b.identity_config(Shape::ProxyV2)?,
+            &Load {
+                shape: Shape::ProxyV2,
+                ..l(nginx::RETURN_200, 64, false, false)
+            },
+        )?;
         let runs = keep.verdict_runs + close.verdict_runs;
         let avg = |a: f64, an: u64, b: f64, bn: u64| {
             if an + bn == 0 {
@@ -873,6 +1082,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             pipelined10_ns_per_run: shaped(&mut b, Shape::Pipelined10)?.verdict_ns_per_run,
             post64k_ns_per_run: post64k.verdict_ns_per_run,
             post64k_runs: post64k.verdict_runs,
+            api_key_ns_per_run: api_key.verdict_ns_per_run,
+            api_key_runs: api_key.verdict_runs,
+            proxy_v2_ns_per_run: proxy_v2.verdict_ns_per_run,
+            proxy_v2_runs: proxy_v2.verdict_runs,
         }
     };
     println!(
@@ -892,6 +1105,14 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         kernel_cost.pipelined10_ns_per_run / 10.0,
         kernel_cost.post64k_ns_per_run,
         kernel_cost.post64k_runs
+    );
+
+    println!(
+        "kernel cost by identity: 400-byte API GET with a key lookup ({BENCH_KEYS} keys) {:.0} ns per request over {} runs (target < 500); PROXY v2 header and a GET per connection {:.0} ns per chunk over {} runs",
+        kernel_cost.api_key_ns_per_run,
+        kernel_cost.api_key_runs,
+        kernel_cost.proxy_v2_ns_per_run,
+        kernel_cost.proxy_v2_runs
     );
 
     let mut scale = Vec::new();
@@ -1010,6 +1231,50 @@ mod tests {
         assert!(check("x", &run(100, 95), Expect::Refuse).is_ok());
         assert!(check("x", &run(100, 50), Expect::Refuse).is_err());
         assert!(check("x", &run(0, 0), Expect::Refuse).is_err());
+    }
+
+    /// The api_key rows' head is the 400 bytes the cost target speaks of (wrk's request line,
+    /// its Host header for a testbed address, the script's headers and the blank line).
+    #[test]
+    fn api_key_head_is_400_bytes() {
+        let script = Shape::ApiKey400.script().expect("a script");
+        let path = script
+            .lines()
+            .find_map(|l| l.strip_prefix("wrk.path = "))
+            .expect("a path")
+            .trim_matches('"');
+        let mut len = format!("GET {path} HTTP/1.1\r\nHost: 10.123.234.1:{PORT}\r\n").len() + 2;
+        for l in script
+            .lines()
+            .filter_map(|l| l.strip_prefix("wrk.headers[\""))
+        {
+            let (k, v) = l.split_once("\"] = ").expect("a header");
+            len += format!("{k}: {}\r\n", v.trim_matches('"')).len();
+        }
+        assert!((380..=420).contains(&len), "the head is {len} bytes");
+        assert!(script.contains(BENCH_KEY));
+    }
+
+    /// The PROXY load's Lua string is exactly the header the test server's parser reads.
+    #[test]
+    fn proxy_script_carries_the_header() {
+        let h = bench_proxy_header().expect("header");
+        let script = Shape::ProxyV2.script().expect("a script");
+        let lit = lua_bytes(&h);
+        assert!(script.contains(&lit));
+        let decoded: Vec<u8> = lit
+            .trim_matches('"')
+            .split('\\')
+            .filter(|d| !d.is_empty())
+            .map(|d| d.parse::<u8>().expect("a decimal escape"))
+            .collect();
+        assert_eq!(decoded, h);
+        assert_eq!(
+            testbed::parse_proxy_header(&decoded),
+            testbed::http::Parse::Done((Some(PROXIED_CLIENT.parse().expect("ip")), h.len()))
+        );
+        assert_eq!(Shape::ProxyV2.port(), nginx::PROXY_PORT);
+        assert_eq!(Shape::ApiKey400.identity(), Some("api_key"));
     }
 
     #[test]

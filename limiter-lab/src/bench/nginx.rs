@@ -8,6 +8,10 @@ use std::{net::Ipv4Addr, path::Path};
 
 use super::PORT;
 
+/// The same server behind `listen … proxy_protocol`: every connection starts with a PROXY
+/// header (the `identify_by = ["proxy_protocol"]` rows).
+pub const PROXY_PORT: u16 = 8081;
+
 /// The static file every limited location serves (under `<dir>/www`).
 pub const FILE: &str = "ok.txt";
 
@@ -50,7 +54,7 @@ pub fn conf(dir: &Path, flooder: Ipv4Addr) -> String {
          limit_req_zone $binary_remote_addr zone=refuse:1m rate=1r/m;\n\
          map $remote_addr $flooder {{ \"{flooder}\" $binary_remote_addr; default \"\"; }}\n\
          limit_req_zone $flooder zone=flooder:1m rate=1r/s;\n\
-         server {{\n    listen {PORT};\n    root {d}/www;\n\
+         server {{\n    listen {PORT};\n    listen {PROXY_PORT} proxy_protocol;\n    root {d}/www;\n\
          location / {{ return 200 \"ok\\n\"; }}\n\
          location /static/ {{ try_files /{FILE} =404; }}\n\
          location /limited/ {{ limit_req zone=perip burst=10000000 nodelay; limit_req zone=probe; \
@@ -102,6 +106,7 @@ mod tests {
         assert!(location(&conf, LIMITED).contains("limit_conn "));
         assert!(location(&conf, NEIGHBORS).contains("zone=flooder"));
         assert!(conf.contains("\"10.1.2.10\" $binary_remote_addr"));
+        assert!(conf.contains(&format!("listen {PROXY_PORT} proxy_protocol;")));
     }
 
     /// nginx itself accepts the config (`nginx -t`; needs the nginx that `cargo xtask setup`
