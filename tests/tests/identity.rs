@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Result, ensure};
 use integration_tests::{
-    PROXY_UPSTREAM, World, cidr, identified_by, n, org_toml, org_without_cidrs,
+    PROXY_UPSTREAM, TLS_PORT, World, cidr, identified_by, n, org_toml, org_without_cidrs,
 };
 use limiter_lab::testbed::{
     AccessEntry, Curl, CurlReply, exchange_raw, proxy_v1_header, proxy_v2_header,
@@ -198,10 +198,12 @@ fn identity_api_keys_through_nginx_tls_count_per_org() -> Result<()> {
 
 /// Orgs known by their clients' addresses behind the nginx TLS terminator: nginx is the only
 /// trusted proxy and adds `X-Forwarded-For`, so each request counts for the org of the address
-/// that sent it, although all of them reach the API from nginx over shared connections.
+/// (IPv4 or IPv6) that sent it, although all of them reach the API from nginx over shared
+/// connections.
 #[test]
 fn identity_forwarded_through_nginx_tls_counts_the_real_client() -> Result<()> {
-    let mut w = World::new("identity_forwarded_nginx", 3, 0)?;
+    let mut w = World::new("identity_forwarded_nginx", 3, 1)?;
+    let c6: IpAddr = w.tb.clients_v6()[0].into();
     let c: Vec<IpAddr> = w.tb.clients_v4().iter().map(|&a| a.into()).collect();
     w.write_config_with(
         &format!(
@@ -212,7 +214,7 @@ fn identity_forwarded_through_nginx_tls_counts_the_real_client() -> Result<()> {
         "",
         &[
             org_toml("acme", &[cidr(c[0]), cidr(c[1])], ""),
-            org_toml("globex", &[cidr(c[2])], ""),
+            org_toml("globex", &[cidr(c[2]), cidr(c6)], ""),
         ]
         .concat(),
     )?;
@@ -220,16 +222,23 @@ fn identity_forwarded_through_nginx_tls_counts_the_real_client() -> Result<()> {
     w.start_nginx_tls()?;
 
     let counts = [5, 4, 6];
-    let runs: Vec<Curl> = c
+    let mut runs: Vec<Curl> = c
         .iter()
         .zip(counts)
         .enumerate()
         .map(|(i, (&src, k))| curl(&w, src, &format!("c{i}"), k, &[]))
         .collect();
+    let v6_count = 3;
+    runs.push(Curl {
+        urls: (0..v6_count)
+            .map(|i| format!("https://[{}]:{TLS_PORT}/v6/{i}", w.tb.server_v6()))
+            .collect(),
+        ..curl(&w, c6, "v6", 0, &[])
+    });
     let replies = w.curl_all(&runs)?;
     assert_eq!(
         statuses(&replies),
-        BTreeMap::from([(200, counts.iter().sum::<usize>() as u64)])
+        BTreeMap::from([(200, (counts.iter().sum::<usize>() + v6_count) as u64)])
     );
 
     // nginx wrote each client's address into X-Forwarded-For; the API saw only nginx.
@@ -258,8 +267,17 @@ fn identity_forwarded_through_nginx_tls_counts_the_real_client() -> Result<()> {
         [0, 0, n(&acme, "requests"), 0],
         "acme: {acme}"
     );
-    assert_eq!(n(&globex, "requests"), served(&c[2..]), "globex: {globex}");
-    assert_eq!(n(&globex, "requests"), counts[2] as u64, "globex: {globex}");
+    assert_eq!(served(&[c6]), v6_count as u64, "{log:?}");
+    assert_eq!(
+        n(&globex, "requests"),
+        served(&[c[2], c6]),
+        "globex: {globex}"
+    );
+    assert_eq!(
+        n(&globex, "requests"),
+        (counts[2] + v6_count) as u64,
+        "globex: {globex}"
+    );
     assert_eq!(
         sources(&globex),
         [0, 0, n(&globex, "requests"), 0],
@@ -304,13 +322,7 @@ fn identity_proxy_protocol_through_haproxy_counts_the_real_client() -> Result<()
     let v6_count = 3;
     runs.push(Curl {
         urls: (0..v6_count)
-            .map(|i| {
-                format!(
-                    "https://[{}]:{}/v6/{i}",
-                    w.tb.server_v6(),
-                    integration_tests::TLS_PORT
-                )
-            })
+            .map(|i| format!("https://[{}]:{TLS_PORT}/v6/{i}", w.tb.server_v6()))
             .collect(),
         ..curl(&w, c6, "v6", 0, &[])
     });
