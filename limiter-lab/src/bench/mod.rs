@@ -299,6 +299,19 @@ impl ScaleRow {
     }
 }
 
+/// How a keys file of `keys` API keys loads.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyScaleRow {
+    pub keys: usize,
+    /// Median (min, max) over the starts, each until the daemon answers.
+    pub load_secs: f64,
+    pub load_min_secs: f64,
+    pub load_max_secs: f64,
+    pub map_memory_mib: f64,
+    pub daemon_rss_mib: f64,
+    pub note: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Results {
     pub machine: String,
@@ -309,6 +322,8 @@ pub struct Results {
     pub rows: Vec<Row>,
     pub kernel_cost: KernelCost,
     pub scale: Vec<ScaleRow>,
+    /// API keys files by size (not run with `--cost-only`).
+    pub key_scale: Vec<KeyScaleRow>,
     /// Not run with `--cost-only`: one per request shape.
     pub neighbors: Vec<neighbors::Neighbors>,
 }
@@ -416,21 +431,22 @@ impl Bench {
     }
 
     /// The passing config of an identity row: `identify_by = ["api_key"]` with a keys file of
-    /// [`BENCH_KEYS`] keys (mode 0600), or `["proxy_protocol"]` on [`nginx::PROXY_PORT`] with
-    /// the client namespace as the trusted proxy and [`PROXIED_NET`] in the bench org.
-    fn identity_config(&self, shape: Shape) -> Result<PathBuf> {
+    /// `keys` keys (mode 0600; the first one [`BENCH_KEY`]), or `["proxy_protocol"]` on
+    /// [`nginx::PROXY_PORT`] with the client namespace as the trusted proxy and [`PROXIED_NET`]
+    /// in the bench org.
+    fn identity_config(&self, shape: Shape, keys: usize) -> Result<PathBuf> {
         let [a, b, c, _] = self.tb.server_v4().octets();
         let client_net = format!("{a}.{b}.{c}.0/24");
         let head = self.config_head(1_000_000_000_000);
         let (api, cidrs) = match shape {
             Shape::ApiKey400 => {
-                let path = self.tb.dir().join("bench-api-keys");
-                let mut keys = String::with_capacity(BENCH_KEYS * 48);
-                keys.push_str(&format!("{BENCH_ORG} {BENCH_KEY}\n"));
-                for i in 1..BENCH_KEYS {
-                    keys.push_str(&format!("{BENCH_ORG} bk-{i:032x}\n"));
+                let path = self.tb.dir().join(format!("bench-api-keys-{keys}"));
+                let mut text = String::with_capacity(keys * 48);
+                text.push_str(&format!("{BENCH_ORG} {BENCH_KEY}\n"));
+                for i in 1..keys {
+                    text.push_str(&format!("{BENCH_ORG} bk-{i:032x}\n"));
                 }
-                testbed::write_private(&path, keys.as_bytes())?;
+                testbed::write_private(&path, text.as_bytes())?;
                 (
                     format!(
                         "identify_by = [\"api_key\"]\napi_key_header = \"X-API-Key\"\napi_keys_file = {:?}\n",
@@ -453,7 +469,7 @@ impl Bench {
             )
             .replacen("[api]\n", &format!("[api]\n{api}"), 1);
         let text = format!("{head}[[orgs]]\nname = \"{BENCH_ORG}\"\ncidrs = {cidrs}\n");
-        let path = self.tb.dir().join(format!("bench-{shape:?}.toml"));
+        let path = self.tb.dir().join(format!("bench-{shape:?}-{keys}.toml"));
         std::fs::write(&path, text)?;
         Ok(path)
     }
@@ -747,6 +763,33 @@ impl Drop for Bench {
     }
 }
 
+/// `starts` starts of the daemon with a keys file of `keys` keys: load time, and the memory of
+/// the last start.
+fn key_scale_row(b: &mut Bench, keys: usize, starts: usize) -> Result<KeyScaleRow> {
+    let cfg = b.identity_config(Shape::ApiKey400, keys)?;
+    let mut loads = Vec::new();
+    let (mut mem, mut rss) = (0.0, 0.0);
+    for _ in 0..starts.max(1) {
+        loads.push(b.start(&cfg, BENCH_ORG)?.as_secs_f64());
+        (mem, rss) = memory_of(b.daemon.as_ref().map(|c| c.id()).unwrap_or(0));
+        b.stop();
+    }
+    let (load, load_min, load_max) = median_min_max(&loads);
+    println!(
+        "keys {keys:>9}: load {load:.2} s ({load_min:.2}–{load_max:.2} over {} starts), map memory {mem:.1} MiB, daemon RSS {rss:.1} MiB",
+        loads.len()
+    );
+    Ok(KeyScaleRow {
+        keys,
+        load_secs: load,
+        load_min_secs: load_min,
+        load_max_secs: load_max,
+        map_memory_mib: mem,
+        daemon_rss_mib: rss,
+        note: String::new(),
+    })
+}
+
 fn kernel_cost() -> KernelCost {
     let mut k = KernelCost::default();
     for p in aya::programs::loaded_programs().flatten() {
@@ -843,6 +886,23 @@ fn markdown(r: &Results) -> String {
             x.daemon_rss_mib,
             x.passing_ratio,
             x.note
+        ));
+    }
+    if !r.key_scale.is_empty() {
+        s.push_str(
+            "\n| API keys | load (s), median (min–max) | map memory (MiB) | daemon RSS (MiB) | note |\n|---|---|---|---|---|\n",
+        );
+    }
+    for k in &r.key_scale {
+        s.push_str(&format!(
+            "| {} | {:.2} ({:.2}–{:.2}) | {:.1} | {:.1} | {} |\n",
+            k.keys,
+            k.load_secs,
+            k.load_min_secs,
+            k.load_max_secs,
+            k.map_memory_mib,
+            k.daemon_rss_mib,
+            k.note
         ));
     }
     for n in &r.neighbors {
@@ -994,7 +1054,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
                     false,
                 ),
             ] {
-                let cfg = b.identity_config(shape)?;
+                let cfg = b.identity_config(shape, BENCH_KEYS)?;
                 let load = Load {
                     shape,
                     ..l(nginx::RETURN_200, 64, keep_alive, false)
@@ -1038,14 +1098,14 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         };
         let post64k = shaped(&mut b, Shape::Post64k)?;
         let api_key = b.cost_run(
-            &b.identity_config(Shape::ApiKey400)?,
+            &b.identity_config(Shape::ApiKey400, BENCH_KEYS)?,
             &Load {
                 shape: Shape::ApiKey400,
                 ..l(nginx::RETURN_200, 64, true, false)
             },
         )?;
         let proxy_v2 = b.cost_run(
-            &b.identity_config(Shape::ProxyV2)?,
+            &b.identity_config(Shape::ProxyV2, 0)?,
             &Load {
                 shape: Shape::ProxyV2,
                 ..l(nginx::RETURN_200, 64, false, false)
@@ -1169,6 +1229,37 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         }
         b.stop();
     }
+    // API keys files by size: how long the daemon takes to load one, and what it holds.
+    let mut key_scale = Vec::new();
+    let key_sizes: &[usize] = if args.cost_only {
+        &[]
+    } else if args.quick {
+        &[10_000, 100_000]
+    } else {
+        &[10_000, 1_000_000]
+    };
+    for &keys in key_sizes {
+        key_scale.push(match key_scale_row(&mut b, keys, reps.min(3)) {
+            Ok(row) => row,
+            Err(e) => {
+                let first = format!("{e:#}")
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_string();
+                KeyScaleRow {
+                    keys,
+                    load_secs: 0.0,
+                    load_min_secs: 0.0,
+                    load_max_secs: 0.0,
+                    map_memory_mib: 0.0,
+                    daemon_rss_mib: 0.0,
+                    note: first,
+                }
+            }
+        });
+        b.stop();
+    }
     let results = Results {
         machine: format!(
             "{} cores, {:.0} GiB",
@@ -1193,6 +1284,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         rows,
         kernel_cost,
         scale,
+        key_scale,
         neighbors,
     };
     std::fs::create_dir_all(&args.out)?;
