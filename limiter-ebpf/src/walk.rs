@@ -8,11 +8,14 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    KernelConfig,
-    stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index},
+    HEADER_NAME_MAX, KernelConfig,
+    stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, id_header, media_match_index},
 };
 
-use crate::maps::{MEDIA_MATCH, WALK};
+use crate::{
+    ident::KernelResolve,
+    maps::{MEDIA_MATCH, WALK},
+};
 
 /// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
 /// everything that changes lives in map memory, where the verifier does not follow values.
@@ -24,7 +27,36 @@ struct Walk {
     stream: *mut Stream,
 }
 
-/// One `bpf_loop` iteration: one [`Stream::step`].
+/// One round of the walk: the steps up to the next event (or the chunk's end), then the event,
+/// resolved with the maps ([`Stream::settle`]). Two nested loops, so that the verifier checks the
+/// step and the event's handling each once, not the one inside the other.
+#[inline(never)]
+extern "C" fn walk_round(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    if slot.pos >= slot.len || slot.failed != 0 {
+        return 1;
+    }
+    let left = slot.len - slot.pos;
+    let loops = if left < WALK_MAX { left } else { WALK_MAX };
+    // SAFETY: `walk_step` is a static function of this program; `ctx` outlives the loop.
+    unsafe {
+        bpf_loop(
+            loops as u32,
+            walk_step as *const () as *mut c_void,
+            ctx,
+            0,
+        )
+    };
+    if slot.tally.event == 0 {
+        return 1;
+    }
+    stream.settle(cfg, &KernelResolve { cfg }, &mut slot.key, &mut slot.tally);
+    0
+}
+
+/// One `bpf_loop` iteration: one [`Stream::step`]; the loop stops at an event.
 #[inline(never)]
 extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the verdict's `Walk`, on its stack for the whole loop; its pointers are
@@ -86,23 +118,35 @@ fn try_walk_step(
         at & (WIN - 1),
         w.win_n as usize,
         w.len - w.pos,
-        &KernelMedia(all),
+        &KernelMedia { all, cfg },
         &mut w.tally,
     );
     if used == 0 {
         return 1;
     }
     w.pos += used;
+    if w.tally.event != 0 {
+        return 1;
+    }
     0
 }
 
-/// The media prefixes through MEDIA_MATCH; `0` holds the configured prefixes' bits.
-struct KernelMedia(u8);
+/// The media prefixes through MEDIA_MATCH (`all`: the configured prefixes' bits), and the
+/// identification headers' names.
+struct KernelMedia<'a> {
+    all: u8,
+    cfg: &'a KernelConfig,
+}
 
-impl MediaPrefixes for KernelMedia {
+impl MediaPrefixes for KernelMedia<'_> {
     #[inline(always)]
     fn all(&self) -> u8 {
-        self.0
+        self.all
+    }
+
+    #[inline(always)]
+    fn id_header(&self, which: usize) -> (&[u8; HEADER_NAME_MAX], u8) {
+        id_header(self.cfg, which)
     }
 
     #[inline(always)]
@@ -117,29 +161,38 @@ impl MediaPrefixes for KernelMedia {
 /// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
 const WALK_MAX: u64 = 1 << 23;
 
-/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot. None when it could not be
+/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot, and says what it held in
+/// `t` (which comes in with the connection's org and source). False when it could not be
 /// followed to its end (a fault; the chunk passes).
+///
+/// (An out-parameter, not an `Option<Tally>`: LLVM stores a `None`'s undefined payload from
+/// whatever register, which the verifier rejects.)
 #[inline(always)]
 pub(crate) fn walk_chunk(
     ctx: &SkBuffContext,
     c: &KernelConfig,
     stream: *mut Stream,
     len: u64,
-) -> Option<Tally> {
-    let top = WALK.get_ptr_mut(0)?;
+    t: &mut Tally,
+) -> bool {
+    let Some(top) = WALK.get_ptr_mut(0) else {
+        return false;
+    };
     // SAFETY: this CPU's slot 0. A verdict that interrupts this one runs to its end before this
     // one goes on, so a plain read and write of the depth cannot interleave with another.
     let depth = unsafe { (*top).depth };
     if depth >= WALK_SLOTS as u64 {
-        return None;
+        return false;
     }
-    let slot = WALK.get_ptr_mut(depth as u32)?;
+    let Some(slot) = WALK.get_ptr_mut(depth as u32) else {
+        return false;
+    };
     // SAFETY: as above.
     unsafe { (*top).depth = depth + 1 };
-    let tally = walk_in(ctx, c, stream, len, slot);
+    let ok = walk_in(ctx, c, stream, len, slot, t);
     // SAFETY: as above.
     unsafe { (*top).depth = depth };
-    tally
+    ok
 }
 
 #[inline(always)]
@@ -149,7 +202,8 @@ fn walk_in(
     stream: *mut Stream,
     len: u64,
     slot: *mut WalkSlot,
-) -> Option<Tally> {
+    t: &mut Tally,
+) -> bool {
     // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back. Volatile stores, field
     // by field: LLVM turns plain ones into a call to a byte-at-a-time memset.
     let w = unsafe {
@@ -163,6 +217,10 @@ fn walk_in(
         put(&raw mut (*slot).tally.media, 0);
         put(&raw mut (*slot).tally.starts, 0);
         put(&raw mut (*slot).tally.head_method, false);
+        put(&raw mut (*slot).tally.org, t.org);
+        put(&raw mut (*slot).tally.via, t.via);
+        put(&raw mut (*slot).tally.event, 0);
+        put(&raw mut (*slot).tally.other_over, false);
         put(&raw mut (*slot).tally.opaque, false);
         put(&raw mut (*slot).tally.broken, false);
         &mut *slot
@@ -178,7 +236,7 @@ fn walk_in(
             )
         } != 0
         {
-            return None;
+            return false;
         }
         w.win_n = len;
     }
@@ -188,15 +246,20 @@ fn walk_in(
         slot,
         stream,
     };
-    let loops = if len < WALK_MAX { len } else { WALK_MAX };
-    // SAFETY: `walk_step` is a static function of this program; `walk` outlives the loop.
+    // Each round but the last ends at an event, after at least a byte.
+    let rounds = if len < WALK_MAX { len + 1 } else { WALK_MAX };
+    // SAFETY: `walk_round` is a static function of this program; `walk` outlives the loop.
     unsafe {
         bpf_loop(
-            loops as u32,
-            walk_step as *const () as *mut c_void,
+            rounds as u32,
+            walk_round as *const () as *mut c_void,
             &mut walk as *mut Walk as *mut c_void,
             0,
         )
     };
-    (w.failed == 0).then_some(w.tally)
+    if w.failed != 0 {
+        return false;
+    }
+    *t = w.tally;
+    true
 }
