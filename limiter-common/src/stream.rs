@@ -18,13 +18,10 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::http::byte_eq_mask;
-use crate::ident::CAP;
 use crate::maps::{
-    AddrKey, HEADER_NAME_MAX, KernelConfig, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX, UNMAPPED_ORG,
+    AddrKey, ID_ADDRESS, ID_END, ID_PROXY_PROTOCOL, ID_SOURCES, KernelConfig, MAX_MEDIA_PREFIXES,
+    MEDIA_PREFIX_MAX, UNMAPPED_ORG,
 };
-
-mod identify;
-pub use identify::{Resolve, listed};
 
 /// The media prefixes as the stream compares them, a byte at a time.
 pub trait MediaPrefixes {
@@ -34,15 +31,7 @@ pub trait MediaPrefixes {
     /// with `c` there and those already wholly matched. `c == 0` (never a path byte) asks for
     /// the wholly matched ones alone.
     fn matching(&self, pos: u8, c: u8) -> u8;
-    /// The identification header `which` (0: the API key's, 1: the forwarded address's),
-    /// lowercase, and its length (0: none).
-    fn id_header(&self, which: usize) -> (&[u8; HEADER_NAME_MAX], u8) {
-        let _ = which;
-        (&NO_NAME, 0)
-    }
 }
-
-const NO_NAME: [u8; HEADER_NAME_MAX] = [0; HEADER_NAME_MAX];
 
 /// Entries of the kernel's MEDIA_MATCH table: one row of 256 per position below
 /// [`MEDIA_PREFIX_MAX`], and a last row for every position from there on.
@@ -84,20 +73,6 @@ impl MediaPrefixes for KernelConfig {
 
     fn matching(&self, pos: u8, c: u8) -> u8 {
         media_match_entry(self, media_match_index(pos, c))
-    }
-
-    fn id_header(&self, which: usize) -> (&[u8; HEADER_NAME_MAX], u8) {
-        id_header(self, which)
-    }
-}
-
-/// The config's identification header `which` (see [`MediaPrefixes::id_header`]).
-#[inline(always)]
-pub fn id_header(cfg: &KernelConfig, which: usize) -> (&[u8; HEADER_NAME_MAX], u8) {
-    if which == 0 {
-        (&cfg.key_header, cfg.key_header_len)
-    } else {
-        (&cfg.fwd_header, cfg.fwd_header_len)
     }
 }
 
@@ -150,56 +125,6 @@ pub const S_TCR: u8 = 19;
 pub const S_OPAQUE: u8 = 20;
 /// Refused or broken: nothing more reaches the application.
 pub const S_CLOSED: u8 = 21;
-/// The connection's first bytes: a PROXY protocol header may come before the first request.
-pub const S_START: u8 = 22;
-/// In a PROXY v1 line (captured).
-pub const S_PROXY1: u8 = 23;
-/// In a PROXY v2 header (the fixed part and addresses captured, TLVs skipped).
-pub const S_PROXY2: u8 = 24;
-/// In the value of an identification header (captured).
-pub const S_VALUE: u8 = 25;
-
-/// `Stream::id`: the connection was opened (the flags below are set).
-pub const ID_OPEN: u16 = 1;
-/// The peer is a trusted proxy.
-pub const ID_TRUSTED: u16 = 2;
-/// The API key header is read.
-pub const ID_KEYS: u16 = 4;
-/// The forwarded header is read (a trusted peer).
-pub const ID_FWD: u16 = 8;
-/// The current request's key is in `key_digest`.
-pub const ID_KEY_OK: u16 = 16;
-/// The current request had a key header (a second one makes the key unreadable).
-pub const ID_KEY_SEEN: u16 = 32;
-/// The current request's forwarded address is in `fwd_addr`.
-pub const ID_FWD_OK: u16 = 64;
-/// The current request is an exempt media GET.
-pub const ID_REQ_MEDIA: u16 = 128;
-/// A request line was read whose head has not ended yet.
-pub const ID_REQ_OPEN: u16 = 256;
-/// A trusted PROXY header named the source in `proxy_addr` (org `proxy_org`).
-pub const ID_PROXY_OK: u16 = 512;
-/// The connection's org (`conn_org`) may have changed: the kernel moves its count.
-pub const ID_CONN_DIRTY: u16 = 1024;
-/// Requests are attributed one by one, at the end of their heads.
-const ID_PER_REQUEST: u16 = ID_KEYS | ID_FWD;
-
-/// `Stream::cap`: [`CAP`] bytes and room for a word's overrun.
-const CAP_BUF: usize = CAP + 8;
-
-/// What `cap` holds.
-const CAP_KEY: u8 = 1;
-const CAP_FWD: u8 = 2;
-const CAP_PROXY1: u8 = 3;
-const CAP_PROXY2: u8 = 4;
-
-/// `Tally::event`: the step stopped at something the kernel must resolve with its maps
-/// ([`Stream::settle`]) before the stream goes on.
-pub const EV_KEY: u8 = 1;
-pub const EV_FWD: u8 = 2;
-pub const EV_PROXY: u8 = 3;
-/// A request head of a per-request connection ended: attribute and count it.
-pub const EV_HEAD: u8 = 4;
 
 /// The connection has carried an HTTP request (so bytes that do not start one are an error, not
 /// an opaque protocol).
@@ -230,7 +155,7 @@ pub const CHUNK_DIGITS_MAX: u8 = 12;
 
 /// The framing state of one connection (kept in the socket's state in the kernel).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Stream {
     /// Bytes left in the current body or chunk; the number being read in a chunk-size line or a
     /// `Content-Length` line.
@@ -255,27 +180,38 @@ pub struct Stream {
     pub seg: u8,
     /// Percent-decoding state: 0, [`PCT_OPEN`] after `%`, or [`PCT_HALF`] | first hex digit.
     pub pct: u8,
-    /// The current request's API key digest (with [`ID_KEY_OK`]).
-    pub key_digest: u64,
-    /// Bytes of the captured value or PROXY header seen so far.
-    pub cap_len: u32,
-    /// The org of the peer address.
+    /// The org of the peer address (0: unmapped, or `address` is not a source).
     pub peer_org: u32,
     /// The org of a believed PROXY header's source (with [`ID_PROXY_OK`]).
     pub proxy_org: u32,
-    /// `ID_*`.
+    /// A believed PROXY header's source address (its org is looked up again on reloads).
+    pub proxy_addr: AddrKey,
+    /// `ID_*` flags.
     pub id: u16,
-    /// What `cap` holds (`CAP_*`).
-    pub cap_kind: u8,
     /// The `ID_*` source the connection's org comes from (0: none).
     pub via: u8,
-    /// The current request's forwarded address (with [`ID_FWD_OK`]).
-    pub fwd_addr: AddrKey,
-    /// A believed PROXY header's source address.
-    pub proxy_addr: AddrKey,
-    /// An identification header's value (a key: its first bytes; a forwarded list: its last,
-    /// as a ring) or a PROXY header.
-    pub cap: [u8; CAP_BUF],
+    pub _pad: [u8; 5],
+}
+
+/// `Stream::id`: the connection's first bytes were looked at (a PROXY header skipped and,
+/// from a trusted proxy, believed).
+pub const ID_OPEN: u16 = 1;
+/// A trusted PROXY header named the source in `proxy_addr`.
+pub const ID_PROXY_OK: u16 = 2;
+/// The connection's org may have changed: the kernel moves its open-connection count.
+pub const ID_CONN_DIRTY: u16 = 4;
+
+/// Whether `source` is in `identify_by`.
+#[inline(always)]
+pub fn listed(cfg: &KernelConfig, source: u8) -> bool {
+    let mut i = 0;
+    while i < ID_SOURCES {
+        if cfg.identify_by[i] == source {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 const SEG_START: u8 = 0;
@@ -294,21 +230,17 @@ pub struct Tally {
     pub media: u32,
     /// Request lines that started in the chunk.
     pub starts: u32,
-    /// The org the chunk's counted and exempt requests belong to, and its `ID_*` source.
+    /// The org the chunk's requests count for, and its `ID_*` source.
     pub org: u32,
     pub via: u8,
     /// The last request started was a HEAD (its 429 must not carry a body it does not expect).
     pub head_method: bool,
-    /// `EV_*`: set by a step, cleared by [`Stream::settle`].
-    pub event: u8,
-    /// A request of another org in the chunk was over its quota: the chunk is refused.
-    pub other_over: bool,
     /// The connection turned out not to be HTTP/1.x (first bytes).
     pub opaque: bool,
     /// The framing broke: the connection must be closed.
     pub broken: bool,
     /// No padding: a copy must not carry undefined bytes (the verifier rejects them).
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 4],
 }
 
 /// The kernel's working space for walking one chunk (a per-CPU map value: the verifier tracks
@@ -331,8 +263,6 @@ pub struct WalkSlot {
     /// The stream of a socket whose state could not be stored (followed one chunk at a time).
     pub stream: Stream,
     pub win: [u8; WIN_BUF],
-    /// An API key as [`ident::api_key`] takes it out of its header.
-    pub key: [u8; CAP],
 }
 
 /// Walk slots per CPU: a verdict and one that interrupts it.
@@ -343,10 +273,6 @@ pub const HEADER_NAMES: [[u8; 32]; 2] = [pad32(b"content-length"), pad32(b"trans
 const HEADER_LENS: [u8; 2] = [14, 17];
 const NAME_CL: u8 = 1;
 const NAME_TE: u8 = 2;
-/// The API key header.
-const NAME_KEY: u8 = 4;
-/// The forwarded header.
-const NAME_FWD: u8 = 8;
 const CHUNKED: &[u8; 8] = b"chunked\0";
 
 const fn pad32(name: &[u8]) -> [u8; 32] {
@@ -475,12 +401,6 @@ pub fn find_lf(win: &[u8; WIN_BUF], at: usize, n: usize) -> Option<usize> {
     None
 }
 
-impl Default for Stream {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Stream {
     /// The state of a new connection.
     pub const fn new() -> Self {
@@ -488,7 +408,7 @@ impl Stream {
             remaining: 0,
             length: 0,
             method: 0,
-            state: S_START,
+            state: S_IDLE,
             sub: 0,
             flags: 0,
             names: 0,
@@ -496,17 +416,34 @@ impl Stream {
             mpos: 0,
             seg: 0,
             pct: 0,
-            key_digest: 0,
-            cap_len: 0,
             peer_org: UNMAPPED_ORG,
             proxy_org: UNMAPPED_ORG,
-            id: 0,
-            cap_kind: 0,
-            via: 0,
-            fwd_addr: [0; 16],
             proxy_addr: [0; 16],
-            cap: [0; CAP_BUF],
+            id: 0,
+            via: 0,
+            _pad: [0; 5],
         }
+    }
+
+    /// The org of the connection as a whole and its `ID_*` source: the first of the
+    /// connection's sources (`proxy_protocol`, `address`) in `identify_by` that names an org.
+    #[inline(always)]
+    pub fn conn_org(&self, cfg: &KernelConfig) -> (u32, u8) {
+        let mut i = 0;
+        while i < ID_SOURCES {
+            let s = cfg.identify_by[i];
+            let org = match s {
+                ID_PROXY_PROTOCOL if self.id & ID_PROXY_OK != 0 => self.proxy_org,
+                ID_ADDRESS => self.peer_org,
+                ID_END => break,
+                _ => UNMAPPED_ORG,
+            };
+            if org != UNMAPPED_ORG {
+                return (org, s);
+            }
+            i += 1;
+        }
+        (UNMAPPED_ORG, 0)
     }
 
     /// Whether the next step reads bytes (else it only skips `remaining` of them).
@@ -524,7 +461,7 @@ impl Stream {
     /// Between requests: what comes next starts a new one.
     #[inline(always)]
     pub const fn at_boundary(&self) -> bool {
-        self.state == S_IDLE || self.state == S_START
+        self.state == S_IDLE
     }
 
     /// Consumes bytes of the chunk: `win[at..n]` are its next bytes and `left` (≥ 1) how many
@@ -540,12 +477,6 @@ impl Stream {
         cfg: &impl MediaPrefixes,
         t: &mut Tally,
     ) -> u64 {
-        if self.state == S_START {
-            let used = self.start(win, at, n, t);
-            if used != 0 {
-                return used;
-            }
-        }
         match self.state {
             S_BODY | S_CDATA => {
                 let take = if self.remaining < left {
@@ -561,7 +492,6 @@ impl Stream {
             }
             S_OPAQUE | S_CLOSED => 0,
             S_LINE | S_SKIP | S_TSKIP | S_CEXT => self.skip_line(win, at, n),
-            S_VALUE | S_PROXY1 | S_PROXY2 => self.captured(win, at, n, t),
             _ => {
                 let b = win[at & (WIN - 1)];
                 self.byte(b, win, at, n, cfg, t)
@@ -634,12 +564,12 @@ impl Stream {
                     self.head_end(t);
                     return 2;
                 }
-                if self.header_start(b, cfg, t) {
+                if self.header_start(b, t) {
                     // An uninteresting header: skip its line in the same step.
                     return 1 + self.skip_rest(win, at + 1, n);
                 }
             }
-            S_NAME => self.name_byte(b, cfg),
+            S_NAME => self.name_byte(b),
             S_EOH => {
                 if b == b'\n' {
                     self.head_end(t);
@@ -769,7 +699,7 @@ impl Stream {
             self.emit(b'/', cfg);
             return;
         }
-        self.count(false, t);
+        t.counted += 1;
         self.state = if b == b'\n' { S_HDR } else { S_LINE };
     }
 
@@ -860,7 +790,11 @@ impl Stream {
     /// made it; the request line goes on to its end.
     #[inline(always)]
     fn path_settled(&mut self, exempt: bool, b: u8, t: &mut Tally) {
-        self.count(exempt, t);
+        if exempt {
+            t.media += 1;
+        } else {
+            t.counted += 1;
+        }
         self.media = 0;
         self.pct = 0;
         self.state = if b == b'\n' { S_HDR } else { S_LINE };
@@ -868,7 +802,7 @@ impl Stream {
 
     /// The first byte of a header line. True when the line is to be skipped from here.
     #[inline(always)]
-    fn header_start(&mut self, b: u8, cfg: &impl MediaPrefixes, t: &mut Tally) -> bool {
+    fn header_start(&mut self, b: u8, t: &mut Tally) -> bool {
         let framing_line = self.flags & F_FRAMING_LINE != 0;
         self.flags &= !(F_FRAMING_LINE | F_CR);
         match b {
@@ -892,9 +826,6 @@ impl Stream {
                 if l == HEADER_NAMES[1][0] {
                     names |= NAME_TE;
                 }
-                if self.id & ID_PER_REQUEST != 0 {
-                    names |= self.id_names(l, cfg);
-                }
                 if names == 0 || !is_tchar(b) {
                     self.state = S_SKIP;
                     return true;
@@ -907,38 +838,15 @@ impl Stream {
         false
     }
 
-    /// The identification headers this connection reads whose name starts with `l`.
     #[inline(always)]
-    fn id_names(&self, l: u8, cfg: &impl MediaPrefixes) -> u8 {
-        let mut names = 0;
-        let (key, key_len) = cfg.id_header(0);
-        if self.id & ID_KEYS != 0 && key_len > 0 && key[0] == l {
-            names |= NAME_KEY;
-        }
-        let (fwd, fwd_len) = cfg.id_header(1);
-        if self.id & ID_FWD != 0 && fwd_len > 0 && fwd[0] == l {
-            names |= NAME_FWD;
-        }
-        names
-    }
-
-    #[inline(always)]
-    fn name_byte(&mut self, b: u8, cfg: &impl MediaPrefixes) {
+    fn name_byte(&mut self, b: u8) {
         let pos = self.sub as usize;
         if b == b':' {
             let cl = self.names & NAME_CL != 0 && pos == HEADER_LENS[0] as usize;
             let te = self.names & NAME_TE != 0 && pos == HEADER_LENS[1] as usize;
-            let key = self.names & NAME_KEY != 0 && pos == cfg.id_header(0).1 as usize;
-            let fwd = self.names & NAME_FWD != 0 && pos == cfg.id_header(1).1 as usize;
             self.sub = 0;
             self.remaining = 0;
-            if key || fwd {
-                // Captured; a folded line after it is refused, as after a framing header.
-                self.state = S_VALUE;
-                self.cap_kind = if key { CAP_KEY } else { CAP_FWD };
-                self.cap_len = 0;
-                self.flags |= F_FRAMING_LINE;
-            } else if cl {
+            if cl {
                 self.state = S_CL;
                 self.flags |= F_FRAMING_LINE;
             } else if te {
@@ -962,15 +870,6 @@ impl Stream {
                 self.names &= !(1 << i);
             }
             i += 1;
-        }
-        let mut j = 0;
-        while j < 2 {
-            let bit = NAME_KEY << j;
-            let (name, len) = cfg.id_header(j);
-            if self.names & bit != 0 && (pos >= len as usize || name[pos & 31] != l) {
-                self.names &= !bit;
-            }
-            j += 1;
         }
         if self.names == 0 {
             self.state = S_SKIP;
@@ -1049,7 +948,6 @@ impl Stream {
     /// The empty line after the headers: the body's framing is known now.
     #[inline(always)]
     fn head_end(&mut self, t: &mut Tally) {
-        self.head_done(t);
         let f = self.flags;
         self.flags = f & F_CONNECTION;
         self.remaining = 0;
@@ -1109,34 +1007,7 @@ impl Stream {
 
     /// Feeds a whole chunk, a window at a time, as the kernel does (host side and tests).
     pub fn feed(&mut self, bytes: &[u8], cfg: &impl MediaPrefixes) -> Tally {
-        self.feed_with(bytes, cfg, &mut |_: &mut Stream, _: &mut Tally| {})
-    }
-
-    /// [`feed`](Self::feed) that hands every event of a step to `settle`, as the kernel's walk
-    /// does. The tally starts with the connection's org.
-    pub fn feed_identified(
-        &mut self,
-        bytes: &[u8],
-        cfg: &KernelConfig,
-        r: &impl Resolve,
-    ) -> Tally {
-        let mut key = [0u8; CAP];
-        self.feed_with(bytes, cfg, &mut |s: &mut Stream, t: &mut Tally| {
-            s.settle(cfg, r, &mut key, t)
-        })
-    }
-
-    fn feed_with(
-        &mut self,
-        bytes: &[u8],
-        cfg: &impl MediaPrefixes,
-        settle: &mut impl FnMut(&mut Stream, &mut Tally),
-    ) -> Tally {
-        let mut t = Tally {
-            org: self.peer_org,
-            via: self.via,
-            ..Tally::default()
-        };
+        let mut t = Tally::default();
         let mut win = [0u8; WIN_BUF];
         let (mut win_off, mut win_n) = (0usize, 0usize);
         let mut pos = 0usize;
@@ -1149,10 +1020,6 @@ impl Stream {
             }
             let at = pos.wrapping_sub(win_off);
             let used = self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t);
-            if t.event != 0 {
-                settle(self, &mut t);
-                t.event = 0;
-            }
             if used == 0 {
                 break;
             }

@@ -8,14 +8,11 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    HEADER_NAME_MAX, KernelConfig,
-    stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, id_header, media_match_index},
+    KernelConfig,
+    stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index},
 };
 
-use crate::{
-    ident::KernelResolve,
-    maps::{MEDIA_MATCH, WALK},
-};
+use crate::maps::{MEDIA_MATCH, WALK};
 
 /// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
 /// everything that changes lives in map memory, where the verifier does not follow values.
@@ -27,36 +24,7 @@ struct Walk {
     stream: *mut Stream,
 }
 
-/// One round of the walk: the steps up to the next event (or the chunk's end), then the event,
-/// resolved with the maps ([`Stream::settle`]). Two nested loops, so that the verifier checks the
-/// step and the event's handling each once, not the one inside the other.
-#[inline(never)]
-extern "C" fn walk_round(_i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: as in `walk_step`.
-    let w = unsafe { &*(ctx as *const Walk) };
-    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    if slot.pos >= slot.len || slot.failed != 0 {
-        return 1;
-    }
-    let left = slot.len - slot.pos;
-    let loops = if left < WALK_MAX { left } else { WALK_MAX };
-    // SAFETY: `walk_step` is a static function of this program; `ctx` outlives the loop.
-    unsafe {
-        bpf_loop(
-            loops as u32,
-            walk_step as *const () as *mut c_void,
-            ctx,
-            0,
-        )
-    };
-    if slot.tally.event == 0 {
-        return 1;
-    }
-    stream.settle(cfg, &KernelResolve { cfg }, &mut slot.key, &mut slot.tally);
-    0
-}
-
-/// One `bpf_loop` iteration: one [`Stream::step`]; the loop stops at an event.
+/// One `bpf_loop` iteration: one [`Stream::step`].
 #[inline(never)]
 extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the verdict's `Walk`, on its stack for the whole loop; its pointers are
@@ -118,35 +86,23 @@ fn try_walk_step(
         at & (WIN - 1),
         w.win_n as usize,
         w.len - w.pos,
-        &KernelMedia { all, cfg },
+        &KernelMedia(all),
         &mut w.tally,
     );
     if used == 0 {
         return 1;
     }
     w.pos += used;
-    if w.tally.event != 0 {
-        return 1;
-    }
     0
 }
 
-/// The media prefixes through MEDIA_MATCH (`all`: the configured prefixes' bits), and the
-/// identification headers' names.
-struct KernelMedia<'a> {
-    all: u8,
-    cfg: &'a KernelConfig,
-}
+/// The media prefixes through MEDIA_MATCH; `0` holds the configured prefixes' bits.
+struct KernelMedia(u8);
 
-impl MediaPrefixes for KernelMedia<'_> {
+impl MediaPrefixes for KernelMedia {
     #[inline(always)]
     fn all(&self) -> u8 {
-        self.all
-    }
-
-    #[inline(always)]
-    fn id_header(&self, which: usize) -> (&[u8; HEADER_NAME_MAX], u8) {
-        id_header(self.cfg, which)
+        self.0
     }
 
     #[inline(always)]
@@ -219,8 +175,6 @@ fn walk_in(
         put(&raw mut (*slot).tally.head_method, false);
         put(&raw mut (*slot).tally.org, t.org);
         put(&raw mut (*slot).tally.via, t.via);
-        put(&raw mut (*slot).tally.event, 0);
-        put(&raw mut (*slot).tally.other_over, false);
         put(&raw mut (*slot).tally.opaque, false);
         put(&raw mut (*slot).tally.broken, false);
         &mut *slot
@@ -246,13 +200,12 @@ fn walk_in(
         slot,
         stream,
     };
-    // Each round but the last ends at an event, after at least a byte.
-    let rounds = if len < WALK_MAX { len + 1 } else { WALK_MAX };
-    // SAFETY: `walk_round` is a static function of this program; `walk` outlives the loop.
+    let loops = if len < WALK_MAX { len } else { WALK_MAX };
+    // SAFETY: `walk_step` is a static function of this program; `walk` outlives the loop.
     unsafe {
         bpf_loop(
-            rounds as u32,
-            walk_round as *const () as *mut c_void,
+            loops as u32,
+            walk_step as *const () as *mut c_void,
             &mut walk as *mut Walk as *mut c_void,
             0,
         )
