@@ -1,0 +1,1000 @@
+//! Knowing a request's org by what it carries: an API key, a PROXY protocol header, a forwarded
+//! header.
+//!
+//! The kernel captures a header value (or a connection's first bytes) into a fixed [`CAP`]-byte
+//! buffer and calls one of these functions on it, once per request head or connection, inside a
+//! `bpf_loop` callback. So they are written for the verifier: no allocation, no panics, every
+//! index masked into the buffer, every loop bounded by a constant, fixed arrays and lengths
+//! instead of slices. The daemon and the host tests call the very same code.
+//!
+//! Buffers come in two layouts. A key header or a PROXY header is captured linearly: byte `i`
+//! of the value at `buf[i]`, the first [`CAP`] bytes kept. A forwarded header is captured as a
+//! ring: byte `i` at `buf[i % CAP]`, the last [`CAP`] bytes kept, because proxies append on the
+//! right and the client controls the left. Positions passed to the parsers are positions in the
+//! value; they are reduced modulo [`CAP`], so one parser reads both layouts.
+
+use crate::maps::{
+    API_KEY_MAX, AddrKey, FWD_FORWARDED, FWD_X_FORWARDED_FOR, FWD_X_REAL_IP, KEY_AUTHORIZATION,
+    KEY_PLAIN, v4_mapped,
+};
+
+/// Bytes of a captured header value (a power of two: indexes are masked with `CAP - 1`).
+pub const CAP: usize = 128;
+const M: usize = CAP - 1;
+const _: () = assert!(CAP == API_KEY_MAX && CAP.is_power_of_two());
+
+/// Longest IPv6 text (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
+pub const IPV6_TEXT_MAX: usize = 45;
+/// Longest IPv4 text (`255.255.255.255`).
+pub const IPV4_TEXT_MAX: usize = 15;
+/// Entries of a forwarded header examined from the right; a request that passed more trusted
+/// proxies than this is not identified by the header.
+pub const FWD_ENTRIES_MAX: usize = 8;
+
+/// Longest PROXY protocol v1 line, `\r\n` included.
+pub const PROXY_V1_MAX: usize = 107;
+/// What a PROXY protocol v1 header starts with.
+pub const PROXY_V1_PREFIX: [u8; 6] = *b"PROXY ";
+/// What a PROXY protocol v2 header starts with.
+pub const PROXY_V2_SIG: [u8; 12] = [
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+];
+/// The fixed part of a v2 header: signature, version and command, family and protocol, length.
+pub const PROXY_V2_FIXED: usize = 16;
+
+#[inline(always)]
+const fn at(buf: &[u8; CAP], i: usize) -> u8 {
+    buf[i & M]
+}
+
+#[inline(always)]
+const fn lower(b: u8) -> u8 {
+    if b.is_ascii_uppercase() { b | 0x20 } else { b }
+}
+
+/// Whitespace around header values and list elements (OWS), and the line end the capture keeps.
+#[inline(always)]
+const fn is_blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+#[inline(always)]
+const fn hex(b: u8) -> Option<u32> {
+    match b {
+        b'0'..=b'9' => Some((b - b'0') as u32),
+        b'a'..=b'f' => Some((b - b'a' + 10) as u32),
+        b'A'..=b'F' => Some((b - b'A' + 10) as u32),
+        _ => None,
+    }
+}
+
+/// `buf[start..end]` without the blanks at its end.
+#[inline(always)]
+fn trim_end(buf: &[u8; CAP], start: usize, end: usize) -> usize {
+    let mut e = end;
+    let mut k = 0;
+    while k < CAP {
+        if e <= start || !is_blank(at(buf, e - 1)) {
+            break;
+        }
+        e -= 1;
+        k += 1;
+    }
+    e
+}
+
+/// `buf[start..end]` without the blanks at its start.
+#[inline(always)]
+fn trim_start(buf: &[u8; CAP], start: usize, end: usize) -> usize {
+    let mut s = start;
+    let mut k = 0;
+    while k < CAP {
+        if s >= end || !is_blank(at(buf, s)) {
+            break;
+        }
+        s += 1;
+        k += 1;
+    }
+    s
+}
+
+/// Whether `buf[start..]` (below `end`) begins with `pat`, ASCII case ignored (`pat` lowercase).
+#[inline(always)]
+fn starts_with_ci<const N: usize>(
+    buf: &[u8; CAP],
+    start: usize,
+    end: usize,
+    pat: &[u8; N],
+) -> bool {
+    if end < start + N {
+        return false;
+    }
+    let mut k = 0;
+    while k < N {
+        if lower(at(buf, start + k)) != pat[k] {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
+/// Where `c` first is in `buf[start..end]`, looking at `max` bytes at most (`end` if nowhere).
+#[inline(always)]
+fn find(buf: &[u8; CAP], start: usize, end: usize, c: u8, max: usize) -> usize {
+    let mut k = 0;
+    while k < CAP {
+        let i = start + k;
+        if i >= end || k >= max {
+            break;
+        }
+        if at(buf, i) == c {
+            return i;
+        }
+        k += 1;
+    }
+    end
+}
+
+// ---------------------------------------------------------------------------------------------
+// SipHash
+
+struct Sip {
+    v0: u64,
+    v1: u64,
+    v2: u64,
+    v3: u64,
+}
+
+impl Sip {
+    #[inline(always)]
+    fn round(&mut self) {
+        self.v0 = self.v0.wrapping_add(self.v1);
+        self.v1 = self.v1.rotate_left(13) ^ self.v0;
+        self.v0 = self.v0.rotate_left(32);
+        self.v2 = self.v2.wrapping_add(self.v3);
+        self.v3 = self.v3.rotate_left(16) ^ self.v2;
+        self.v0 = self.v0.wrapping_add(self.v3);
+        self.v3 = self.v3.rotate_left(21) ^ self.v0;
+        self.v2 = self.v2.wrapping_add(self.v1);
+        self.v1 = self.v1.rotate_left(17) ^ self.v2;
+        self.v2 = self.v2.rotate_left(32);
+    }
+
+    #[inline(always)]
+    fn compress(&mut self, m: u64) {
+        self.v3 ^= m;
+        self.round();
+        self.round();
+        self.v0 ^= m;
+    }
+}
+
+/// SipHash-2-4 (64-bit output) of `data[..len]` (`len` above [`CAP`] counts as [`CAP`]): the
+/// keyed digest API_KEYS is indexed by, so that the kernel never holds a raw key and no client
+/// can craft a key that lands on another org's digest. Equal to `siphasher`'s `SipHasher24`.
+#[inline(always)]
+pub fn siphash24(k: [u64; 2], data: &[u8; CAP], len: usize) -> u64 {
+    let len = if len > CAP { CAP } else { len };
+    let mut s = Sip {
+        v0: k[0] ^ 0x736f_6d65_7073_6575,
+        v1: k[1] ^ 0x646f_7261_6e64_6f6d,
+        v2: k[0] ^ 0x6c79_6765_6e65_7261,
+        v3: k[1] ^ 0x7465_6462_7974_6573,
+    };
+    let mut i = 0;
+    while i < CAP / 8 {
+        let o = i * 8;
+        if o + 8 > len {
+            break;
+        }
+        let w = u64::from_le_bytes([
+            at(data, o),
+            at(data, o + 1),
+            at(data, o + 2),
+            at(data, o + 3),
+            at(data, o + 4),
+            at(data, o + 5),
+            at(data, o + 6),
+            at(data, o + 7),
+        ]);
+        s.compress(w);
+        i += 1;
+    }
+    // The last 0..7 bytes, with the length in the top byte.
+    let base = len & !7;
+    let mut last = (len as u64) << 56;
+    let mut j = 0;
+    while j < 7 {
+        if base + j < len {
+            last |= (at(data, base + j) as u64) << (8 * j);
+        }
+        j += 1;
+    }
+    s.compress(last);
+    s.v2 ^= 0xff;
+    s.round();
+    s.round();
+    s.round();
+    s.round();
+    s.v0 ^ s.v1 ^ s.v2 ^ s.v3
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+
+/// A byte an API key may hold: visible ASCII. The kernel takes nothing else from a header, so the
+/// daemon refuses keys with other bytes in the keys file (they could never match).
+#[inline(always)]
+pub const fn valid_key_byte(b: u8) -> bool {
+    b > 0x20 && b < 0x7f
+}
+
+/// The API key of a captured key header value (`len` = the value's whole length, `value` its
+/// first bytes): the key's bytes go to `out`, their number is returned. `kind` is a `KEY_*`:
+/// the value itself, or an `Authorization` value's Bearer token or Basic user name. None when the
+/// value holds no usable key (empty, another scheme, bad base64, a byte that is not visible
+/// ASCII, or a key longer than [`API_KEY_MAX`], which no org can have).
+#[inline(always)]
+pub fn api_key(kind: u8, value: &[u8; CAP], len: u32, out: &mut [u8; CAP]) -> Option<usize> {
+    let len = len as usize;
+    let truncated = len > CAP;
+    // A truncated capture ends inside the value: its last bytes are no trailing whitespace.
+    let end = if truncated {
+        CAP
+    } else {
+        trim_end(value, 0, len)
+    };
+    let start = trim_start(value, 0, end);
+    if kind == KEY_PLAIN {
+        if truncated {
+            return None;
+        }
+        return copy_key(value, start, end, out);
+    }
+    if kind != KEY_AUTHORIZATION {
+        return None;
+    }
+    if starts_with_ci(value, start, end, b"bearer ") {
+        if truncated {
+            return None;
+        }
+        let c = skip_spaces(value, start + 7, end);
+        return copy_key(value, c, end, out);
+    }
+    if starts_with_ci(value, start, end, b"basic ") {
+        let c = skip_spaces(value, start + 6, end);
+        return basic_user(value, c, end, truncated, out);
+    }
+    None
+}
+
+#[inline(always)]
+fn skip_spaces(buf: &[u8; CAP], start: usize, end: usize) -> usize {
+    let mut s = start;
+    let mut k = 0;
+    while k < CAP {
+        if s >= end || at(buf, s) != b' ' {
+            break;
+        }
+        s += 1;
+        k += 1;
+    }
+    s
+}
+
+/// `buf[start..end]` into `out` when it is a non-empty run of key bytes.
+#[inline(always)]
+fn copy_key(buf: &[u8; CAP], start: usize, end: usize, out: &mut [u8; CAP]) -> Option<usize> {
+    if start >= end {
+        return None;
+    }
+    let mut k = 0;
+    while k < CAP {
+        let i = start + k;
+        if i >= end {
+            break;
+        }
+        let b = at(buf, i);
+        if !valid_key_byte(b) {
+            return None;
+        }
+        out[k & M] = b;
+        k += 1;
+    }
+    Some(end - start)
+}
+
+#[inline(always)]
+const fn base64_value(b: u8) -> Option<u32> {
+    match b {
+        b'A'..=b'Z' => Some((b - b'A') as u32),
+        b'a'..=b'z' => Some((b - b'a' + 26) as u32),
+        b'0'..=b'9' => Some((b - b'0' + 52) as u32),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    }
+}
+
+/// The user name of Basic credentials `buf[start..end]` (RFC 7617: base64 of `user:password`,
+/// standard alphabet; padding as clients send it, or none). Decodes into `out` up to the first
+/// `:`; the rest is only checked to be base64. When the value was `truncated`, the `:` must lie
+/// within the captured part, and its end is not checked.
+#[inline(always)]
+fn basic_user(
+    buf: &[u8; CAP],
+    start: usize,
+    end: usize,
+    truncated: bool,
+    out: &mut [u8; CAP],
+) -> Option<usize> {
+    let mut acc: u32 = 0;
+    let mut bits: u32 = 0;
+    let mut n = 0usize;
+    let mut user = false;
+    let mut chars = 0usize;
+    let mut pad = 0usize;
+    let mut k = 0;
+    while k < CAP {
+        let i = start + k;
+        if i >= end {
+            break;
+        }
+        k += 1;
+        let b = at(buf, i);
+        if b == b'=' {
+            pad += 1;
+            if pad > 2 {
+                return None;
+            }
+            continue;
+        }
+        if pad > 0 {
+            return None;
+        }
+        let v = base64_value(b)?;
+        chars += 1;
+        acc = ((acc << 6) | v) & 0xfff;
+        bits += 6;
+        if bits < 8 {
+            continue;
+        }
+        bits -= 8;
+        let c = (acc >> bits) as u8;
+        if user {
+            continue;
+        }
+        if c == b':' {
+            user = true;
+        } else if valid_key_byte(c) {
+            out[n & M] = c;
+            n += 1;
+        } else {
+            return None;
+        }
+    }
+    if !truncated {
+        let whole = if pad > 0 {
+            (chars + pad) & 3 == 0
+        } else {
+            chars & 3 != 1
+        };
+        if !whole {
+            return None;
+        }
+    }
+    if user && n > 0 { Some(n) } else { None }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+
+/// The IPv4 dotted quad `buf[start..end]`, as `std::net::Ipv4Addr` reads it (four decimal
+/// octets, no leading zeros).
+#[inline(always)]
+pub fn parse_ipv4(buf: &[u8; CAP], start: usize, end: usize) -> Option<[u8; 4]> {
+    if end <= start || end - start > IPV4_TEXT_MAX {
+        return None;
+    }
+    let mut o = [0u8; 4];
+    let mut part = 0usize;
+    let mut val: u32 = 0;
+    let mut digits = 0u32;
+    let mut k = 0;
+    while k < IPV4_TEXT_MAX {
+        let i = start + k;
+        if i >= end {
+            break;
+        }
+        k += 1;
+        let b = at(buf, i);
+        if b == b'.' {
+            if digits == 0 || part >= 3 {
+                return None;
+            }
+            o[part & 3] = val as u8;
+            part += 1;
+            val = 0;
+            digits = 0;
+        } else if b.is_ascii_digit() {
+            if digits > 0 && val == 0 {
+                return None;
+            }
+            val = val * 10 + (b - b'0') as u32;
+            digits += 1;
+            if val > 255 {
+                return None;
+            }
+        } else {
+            return None;
+        }
+    }
+    if part != 3 || digits == 0 {
+        return None;
+    }
+    o[3] = val as u8;
+    Some(o)
+}
+
+/// The IPv6 text `buf[start..end]` (full, `::`-compressed, with an IPv4 suffix; no zone), as
+/// `std::net::Ipv6Addr` reads it.
+#[inline(always)]
+pub fn parse_ipv6(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> {
+    const NO_GAP: usize = 8;
+    if end <= start || end - start > IPV6_TEXT_MAX {
+        return None;
+    }
+    let mut g = [0u32; 8];
+    let mut ng = 0usize;
+    // Where `::` stands among the groups.
+    let mut gap = NO_GAP;
+    let mut val: u32 = 0;
+    let mut digits = 0u32;
+    // Where the current group's text starts (an IPv4 suffix is read again from there).
+    let mut tok = start;
+    let mut v4 = false;
+    let mut k = 0;
+    if at(buf, start) == b':' {
+        if end - start < 2 || at(buf, start + 1) != b':' {
+            return None;
+        }
+        gap = 0;
+        k = 2;
+        tok = start + 2;
+    }
+    while k < IPV6_TEXT_MAX {
+        let i = start + k;
+        if i >= end {
+            break;
+        }
+        let b = at(buf, i);
+        if b == b':' {
+            if digits == 0 || ng >= 8 {
+                return None;
+            }
+            g[ng & 7] = val;
+            ng += 1;
+            val = 0;
+            digits = 0;
+            if i + 1 >= end {
+                // A single `:` cannot end the address.
+                return None;
+            }
+            if at(buf, i + 1) == b':' {
+                if gap != NO_GAP {
+                    return None;
+                }
+                gap = ng;
+                k += 2;
+                tok = i + 2;
+            } else {
+                k += 1;
+                tok = i + 1;
+            }
+            continue;
+        }
+        if b == b'.' {
+            let o = parse_ipv4(buf, tok, end)?;
+            if ng + 2 > 8 {
+                return None;
+            }
+            g[ng & 7] = ((o[0] as u32) << 8) | o[1] as u32;
+            g[(ng + 1) & 7] = ((o[2] as u32) << 8) | o[3] as u32;
+            ng += 2;
+            v4 = true;
+            break;
+        }
+        let h = hex(b)?;
+        if digits >= 4 {
+            return None;
+        }
+        val = (val << 4) | h;
+        digits += 1;
+        k += 1;
+    }
+    if !v4 && digits > 0 {
+        if ng >= 8 {
+            return None;
+        }
+        g[ng & 7] = val;
+        ng += 1;
+    }
+    // Groups the `::` stands for (none without one; then all eight must be there).
+    let zeros = if gap == NO_GAP {
+        if ng != 8 {
+            return None;
+        }
+        0
+    } else {
+        if ng > 7 {
+            return None;
+        }
+        8 - ng
+    };
+    let mut out = [0u8; 16];
+    let mut j = 0;
+    while j < 8 {
+        let v = if j < gap {
+            g[j & 7]
+        } else if j >= gap + zeros {
+            g[(j - zeros) & 7]
+        } else {
+            0
+        };
+        out[(2 * j) & 15] = (v >> 8) as u8;
+        out[(2 * j + 1) & 15] = v as u8;
+        j += 1;
+    }
+    Some(out)
+}
+
+/// `buf[start..end]` as IPv6 text (`v6`) or IPv4 text (IPv4-mapped in the key).
+#[inline(always)]
+fn parse_ip(buf: &[u8; CAP], start: usize, end: usize, v6: bool) -> Option<AddrKey> {
+    if v6 {
+        parse_ipv6(buf, start, end)
+    } else {
+        parse_ipv4(buf, start, end).map(v4_mapped)
+    }
+}
+
+/// An IP address in text, `buf[start..end]`, as `std::net::IpAddr` reads it, into the key the
+/// address maps use (IPv4 IPv4-mapped).
+#[inline(always)]
+pub fn parse_addr(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> {
+    // IPv6 text has a `:` within its first five bytes (a group has four digits at most); IPv4
+    // text has none.
+    let v6 = find(buf, start, end, b':', 5) < end;
+    parse_ip(buf, start, end, v6)
+}
+
+/// The port of a PROXY v1 line: decimal, no leading zero, at most 65535.
+#[inline(always)]
+fn parse_port(buf: &[u8; CAP], start: usize, end: usize) -> Option<u16> {
+    if end <= start || end - start > 5 {
+        return None;
+    }
+    let mut v: u32 = 0;
+    let mut k = 0;
+    while k < 5 {
+        let i = start + k;
+        if i >= end {
+            break;
+        }
+        let b = at(buf, i);
+        if !b.is_ascii_digit() || (k > 0 && v == 0) {
+            return None;
+        }
+        v = v * 10 + (b - b'0') as u32;
+        k += 1;
+    }
+    if v > 65535 { None } else { Some(v as u16) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarded headers
+
+/// The client address of a captured forwarded header value (`ring`, `len` = the value's whole
+/// length; see the module doc for the ring). `kind` is a `FWD_*`:
+/// - `X-Forwarded-For`: a comma-separated list; the rightmost address that is not `trusted` (the
+///   nearest proxy wrote it; whatever is left of it, the client may have forged).
+/// - `Forwarded` (RFC 7239): the `for=` of each element, the same way.
+/// - `X-Real-IP`: the whole value.
+///
+/// None when the header cannot be read (an entry that is not an address, an obfuscated `for=`,
+/// a truncated value whose captured entries are all trusted, more than [`FWD_ENTRIES_MAX`]
+/// trusted entries): the request falls through to the next source. A whole value whose entries
+/// are all trusted gives its leftmost one.
+#[inline(always)]
+pub fn forwarded_addr(
+    kind: u8,
+    ring: &[u8; CAP],
+    len: u32,
+    trusted: &impl Fn(&AddrKey) -> bool,
+) -> Option<AddrKey> {
+    let len = len as usize;
+    // The first position the ring still holds.
+    let lo = len.saturating_sub(CAP);
+    if kind == FWD_X_REAL_IP {
+        if lo > 0 {
+            return None;
+        }
+        let e = trim_end(ring, 0, len);
+        let s = trim_start(ring, 0, e);
+        return parse_addr(ring, s, e);
+    }
+    let fwd = kind == FWD_FORWARDED;
+    if !fwd && kind != FWD_X_FORWARDED_FOR {
+        return None;
+    }
+
+    // Right to left over the captured bytes: the entries' spans (trimmed; for `Forwarded`, the
+    // value of the element's `for=`), nearest proxy first. An empty span stands for an entry
+    // that cannot be read.
+    let mut starts = [0usize; FWD_ENTRIES_MAX];
+    let mut ends = [0usize; FWD_ENTRIES_MAX];
+    let mut n = 0usize;
+    // The current pair's (or list entry's) first and last non-blank byte.
+    let mut first = 0usize;
+    let mut last = usize::MAX;
+    // The current element's `for=` value and how many it has.
+    let (mut for_s, mut for_e, mut fors) = (0usize, 0usize, 0u32);
+    let mut whole = false;
+    let mut k = 0;
+    while k < CAP + 1 {
+        if n >= FWD_ENTRIES_MAX {
+            break;
+        }
+        // The left end of the value (or of what the ring holds) acts as a separator.
+        let edge = len.saturating_sub(k) <= lo;
+        let p = len.wrapping_sub(k + 1);
+        let b = if edge { b',' } else { at(ring, p) };
+        k += 1;
+        if b == b',' || (fwd && b == b';') {
+            if fwd && last != usize::MAX && starts_with_ci(ring, first, last + 1, b"for=") {
+                for_s = first + 4;
+                for_e = last + 1;
+                fors += 1;
+            }
+            if b == b',' {
+                if edge && lo > 0 {
+                    // The leftmost entry was cut: it does not count.
+                    break;
+                }
+                let (s, e) = if fwd {
+                    if fors == 1 { (for_s, for_e) } else { (0, 0) }
+                } else if last != usize::MAX {
+                    (first, last + 1)
+                } else {
+                    (0, 0)
+                };
+                starts[n & (FWD_ENTRIES_MAX - 1)] = s;
+                ends[n & (FWD_ENTRIES_MAX - 1)] = e;
+                n += 1;
+                fors = 0;
+                if edge {
+                    whole = true;
+                    break;
+                }
+            }
+            last = usize::MAX;
+        } else if !is_blank(b) {
+            if last == usize::MAX {
+                last = p;
+            }
+            first = p;
+        }
+    }
+
+    let mut leftmost = None;
+    let mut j = 0;
+    while j < FWD_ENTRIES_MAX {
+        if j >= n {
+            break;
+        }
+        let s = starts[j & (FWD_ENTRIES_MAX - 1)];
+        let e = ends[j & (FWD_ENTRIES_MAX - 1)];
+        let (s, e, v6) = if fwd {
+            forwarded_node(ring, s, e)?
+        } else {
+            (s, e, find(ring, s, e, b':', 5) < e)
+        };
+        let a = parse_ip(ring, s, e, v6)?;
+        if !trusted(&a) {
+            return Some(a);
+        }
+        leftmost = Some(a);
+        j += 1;
+    }
+    if whole { leftmost } else { None }
+}
+
+/// The address text in a `Forwarded` node (RFC 7239 §6), `ring[start..end]`, token or quoted:
+/// `192.0.2.1`, `"192.0.2.1:4711"`, `"[2001:db8::1]"`, `"[2001:db8::1]:4711"`. Returns the
+/// address's span and whether it is IPv6; None for anything else (`unknown`, `_hidden`, junk).
+#[inline(always)]
+fn forwarded_node(ring: &[u8; CAP], start: usize, end: usize) -> Option<(usize, usize, bool)> {
+    let (mut s, mut e) = (start, end);
+    if s >= e {
+        return None;
+    }
+    if at(ring, s) == b'"' {
+        if e - s < 2 || at(ring, e - 1) != b'"' {
+            return None;
+        }
+        s += 1;
+        e -= 1;
+    }
+    if s >= e {
+        return None;
+    }
+    let (a_s, a_e, rest, v6) = if at(ring, s) == b'[' {
+        let close = find(ring, s + 1, e, b']', IPV6_TEXT_MAX + 1);
+        if close >= e {
+            return None;
+        }
+        (s + 1, close, close + 1, true)
+    } else {
+        let colon = find(ring, s, e, b':', IPV4_TEXT_MAX + 1);
+        (s, colon, colon, false)
+    };
+    if rest < e && (at(ring, rest) != b':' || !node_port(ring, rest + 1, e)) {
+        return None;
+    }
+    Some((a_s, a_e, v6))
+}
+
+/// A `Forwarded` node-port: 1 to 5 digits, or an obfuscated port (`_` then letters, digits,
+/// `.`, `_`, `-`).
+#[inline(always)]
+fn node_port(ring: &[u8; CAP], start: usize, end: usize) -> bool {
+    const MAX: usize = 16;
+    if end <= start || end - start > MAX {
+        return false;
+    }
+    let obfuscated = at(ring, start) == b'_';
+    if !obfuscated && end - start > 5 {
+        return false;
+    }
+    let mut k = 0;
+    while k < MAX {
+        let i = start + k;
+        if i >= end {
+            break;
+        }
+        let b = at(ring, i);
+        let ok = if obfuscated {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+        } else {
+            b.is_ascii_digit()
+        };
+        if !ok {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// PROXY protocol
+
+/// What a connection's first bytes say about a PROXY protocol header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyStart {
+    /// No PROXY header: the bytes are the application's.
+    NotProxy,
+    /// `PROXY `: a v1 line, up to its `\r\n`.
+    V1,
+    /// The v2 signature: [`proxy_v2_len`] bytes once the fixed part is in.
+    V2,
+    /// The bytes so far begin a header's prefix: wait for more.
+    NeedMore,
+}
+
+/// What a PROXY header says about the connection's source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxySource {
+    /// v2 LOCAL (the proxy's own connection, a health check): the peer address stands.
+    Local,
+    /// The proxy does not know the source (v1 UNKNOWN, v2 AF_UNSPEC, AF_UNIX, a non-stream
+    /// protocol): the peer address stands.
+    Unknown,
+    /// The client's address.
+    Addr(AddrKey),
+    /// Malformed: the header cannot be believed.
+    Bad,
+}
+
+/// 1 when `buf[..n]` begins with all of `pat`, 0 when it holds a prefix of it, -1 otherwise.
+#[inline(always)]
+fn prefix_state<const N: usize>(buf: &[u8; CAP], n: usize, pat: &[u8; N]) -> i8 {
+    let mut k = 0;
+    while k < N {
+        if k >= n {
+            return 0;
+        }
+        if at(buf, k) != pat[k] {
+            return -1;
+        }
+        k += 1;
+    }
+    1
+}
+
+/// Whether the first `n` bytes of a connection start a PROXY header (v1 `PROXY `, or the v2
+/// signature), so the kernel knows to read it before the request stream starts.
+#[inline(always)]
+pub fn proxy_start(buf: &[u8; CAP], n: usize) -> ProxyStart {
+    if n == 0 {
+        return ProxyStart::NeedMore;
+    }
+    let (state, found) = if at(buf, 0) == PROXY_V1_PREFIX[0] {
+        (prefix_state(buf, n, &PROXY_V1_PREFIX), ProxyStart::V1)
+    } else {
+        (prefix_state(buf, n, &PROXY_V2_SIG), ProxyStart::V2)
+    };
+    match state {
+        1 => found,
+        0 => ProxyStart::NeedMore,
+        _ => ProxyStart::NotProxy,
+    }
+}
+
+/// The whole length of a v2 header whose fixed part is in `buf`: the bytes to hand on before
+/// the application's own.
+#[inline(always)]
+pub const fn proxy_v2_len(buf: &[u8; CAP]) -> usize {
+    PROXY_V2_FIXED + (((buf[14] as usize) << 8) | buf[15] as usize)
+}
+
+/// The source of a v1 header, `buf[..n]` being the whole line with its `\r\n`:
+/// `PROXY TCP4|TCP6 src dst sport dport\r\n` or `PROXY UNKNOWN …\r\n`.
+#[inline(always)]
+pub fn proxy_v1_source(buf: &[u8; CAP], n: usize) -> ProxySource {
+    // `PROXY ` and `\r\n` at least.
+    if !(8..=PROXY_V1_MAX).contains(&n)
+        || prefix_state(buf, n, &PROXY_V1_PREFIX) != 1
+        || at(buf, n - 2) != b'\r'
+        || at(buf, n - 1) != b'\n'
+    {
+        return ProxySource::Bad;
+    }
+    let end = n - 2;
+    if starts_with_exact(buf, 6, end, b"UNKNOWN") {
+        // Anything may follow, up to the line end.
+        if end > 13 && at(buf, 13) != b' ' {
+            return ProxySource::Bad;
+        }
+        if find(buf, 13, end, b'\r', PROXY_V1_MAX) < end
+            || find(buf, 13, end, b'\n', PROXY_V1_MAX) < end
+        {
+            return ProxySource::Bad;
+        }
+        return ProxySource::Unknown;
+    }
+    let v6 = if starts_with_exact(buf, 6, end, b"TCP4 ") {
+        false
+    } else if starts_with_exact(buf, 6, end, b"TCP6 ") {
+        true
+    } else {
+        return ProxySource::Bad;
+    };
+    // src dst sport dport, one space between.
+    let mut sp = [0usize; 3];
+    let mut ns = 0usize;
+    let mut k = 0;
+    while k < PROXY_V1_MAX {
+        let i = 11 + k;
+        if i >= end {
+            break;
+        }
+        if at(buf, i) == b' ' {
+            let Some(slot) = sp.get_mut(ns) else {
+                return ProxySource::Bad;
+            };
+            *slot = i;
+            ns += 1;
+        }
+        k += 1;
+    }
+    if ns != 3 {
+        return ProxySource::Bad;
+    }
+    let (s0, s1, s2) = (sp[0], sp[1], sp[2]);
+    let Some(src) = parse_ip(buf, 11, s0, v6) else {
+        return ProxySource::Bad;
+    };
+    if parse_ip(buf, s0 + 1, s1, v6).is_none()
+        || parse_port(buf, s1 + 1, s2).is_none()
+        || parse_port(buf, s2 + 1, end).is_none()
+    {
+        return ProxySource::Bad;
+    }
+    ProxySource::Addr(src)
+}
+
+/// Whether `buf[start..end]` begins with `pat`, case kept (the PROXY v1 keywords are uppercase).
+#[inline(always)]
+fn starts_with_exact<const N: usize>(
+    buf: &[u8; CAP],
+    start: usize,
+    end: usize,
+    pat: &[u8; N],
+) -> bool {
+    if end < start + N {
+        return false;
+    }
+    let mut k = 0;
+    while k < N {
+        if at(buf, start + k) != pat[k] {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
+/// The source of a v2 header, `buf[..n]` holding its first `min(total, CAP)` bytes (the
+/// addresses come before any TLV, so those are never needed).
+#[inline(always)]
+pub fn proxy_v2_source(buf: &[u8; CAP], n: usize) -> ProxySource {
+    if n < PROXY_V2_FIXED || prefix_state(buf, n, &PROXY_V2_SIG) != 1 {
+        return ProxySource::Bad;
+    }
+    let ver_cmd = at(buf, 12);
+    if ver_cmd >> 4 != 2 {
+        return ProxySource::Bad;
+    }
+    match ver_cmd & 0x0f {
+        // LOCAL: the family and addresses are to be ignored.
+        0 => return ProxySource::Local,
+        1 => {}
+        _ => return ProxySource::Bad,
+    }
+    let fam = at(buf, 13) >> 4;
+    let proto = at(buf, 13) & 0x0f;
+    let total = proxy_v2_len(buf);
+    if n < total && n < CAP {
+        // Cut short of what the capture should hold.
+        return ProxySource::Bad;
+    }
+    let len = total - PROXY_V2_FIXED;
+    // Address block sizes: AF_INET, AF_INET6, AF_UNIX.
+    let need = match fam {
+        0 => 0,
+        1 => 12,
+        2 => 36,
+        3 => 216,
+        _ => return ProxySource::Bad,
+    };
+    if proto > 2 || len < need {
+        return ProxySource::Bad;
+    }
+    // 1: STREAM.
+    if (fam != 1 && fam != 2) || proto != 1 {
+        return ProxySource::Unknown;
+    }
+    if n < PROXY_V2_FIXED + need {
+        return ProxySource::Bad;
+    }
+    if fam == 1 {
+        return ProxySource::Addr(v4_mapped([
+            at(buf, 16),
+            at(buf, 17),
+            at(buf, 18),
+            at(buf, 19),
+        ]));
+    }
+    let mut a = [0u8; 16];
+    let mut k = 0;
+    while k < 16 {
+        a[k & 15] = at(buf, 16 + k);
+        k += 1;
+    }
+    ProxySource::Addr(a)
+}
+
+#[cfg(test)]
+mod tests;
