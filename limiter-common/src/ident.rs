@@ -13,6 +13,8 @@
 //! right and the client controls the left. Positions passed to the parsers are positions in the
 //! value; they are reduced modulo [`CAP`], so one parser reads both layouts.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::maps::{
     API_KEY_MAX, AddrKey, FWD_FORWARDED, FWD_X_FORWARDED_FOR, FWD_X_REAL_IP, KEY_AUTHORIZATION,
     KEY_PLAIN, v4_mapped,
@@ -437,116 +439,296 @@ pub fn parse_ipv4(buf: &[u8; CAP], start: usize, end: usize) -> Option<[u8; 4]> 
     Some(o)
 }
 
-/// The IPv6 text `buf[start..end]` (full, `::`-compressed, with an IPv4 suffix; no zone), as
-/// `std::net::Ipv6Addr` reads it.
-#[inline(always)]
-pub fn parse_ipv6(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> {
-    const NO_GAP: usize = 8;
-    if end <= start || end - start > IPV6_TEXT_MAX {
-        return None;
+/// Reads IP text a byte at a time (IPv4 dotted quad, or IPv6: full, `::`-compressed, with an
+/// IPv4 suffix; no zone), accepting exactly what `std::net::IpAddr` accepts.
+///
+/// For the kernel: a loop over the bytes with its state on the stack multiplies the verifier's
+/// paths past its limit, so the kernel keeps this state in map memory and calls [`Self::push`]
+/// once per `bpf_loop` iteration (the verifier then checks one push, with unknown state).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrText {
+    /// The IPv6 groups read so far (an IPv4 part fills two of them as it is read).
+    pub groups: [u16; 8],
+    /// The current group, in hex.
+    pub val: u16,
+    /// The current token in decimal (an IPv4 octet).
+    pub dec: u16,
+    /// Bytes pushed.
+    pub len: u8,
+    /// Groups in `groups` (before an IPv4 part).
+    pub ng: u8,
+    /// Where `::` stands among the groups ([`NO_GAP`]: nowhere).
+    pub gap: u8,
+    /// Digits of the current token.
+    pub digits: u8,
+    /// IPv4 octets completed.
+    pub octets: u8,
+    /// `A_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// [`AddrText::gap`] when there is no `::`.
+pub const NO_GAP: u8 = 0xff;
+const A_BAD: u8 = 1;
+/// The last byte was a `:` ending a group.
+const A_COLON: u8 = 2;
+/// The last bytes were `::`.
+const A_DCOLON: u8 = 4;
+/// The text began with a single `:` (a second must follow).
+const A_LEAD: u8 = 8;
+/// A `:` was seen: IPv6.
+const A_V6: u8 = 16;
+/// In the dotted IPv4 part.
+const A_V4: u8 = 32;
+/// The current token is no decimal octet (a hex letter, a leading zero).
+const A_NOT_DEC: u8 = 64;
+
+impl AddrText {
+    pub const fn new() -> Self {
+        AddrText {
+            groups: [0; 8],
+            val: 0,
+            dec: 0,
+            len: 0,
+            ng: 0,
+            gap: NO_GAP,
+            digits: 0,
+            octets: 0,
+            flags: 0,
+            _pad: [0; 2],
+        }
     }
-    let mut g = [0u32; 8];
-    let mut ng = 0usize;
-    // Where `::` stands among the groups.
-    let mut gap = NO_GAP;
-    let mut val: u32 = 0;
-    let mut digits = 0u32;
-    // Where the current group's text starts (an IPv4 suffix is read again from there).
-    let mut tok = start;
-    let mut v4 = false;
-    let mut k = 0;
-    if at(buf, start) == b':' {
-        if end - start < 2 || at(buf, start + 1) != b':' {
+
+    /// Whether the text is already known not to be an address.
+    #[inline(always)]
+    pub const fn is_bad(&self) -> bool {
+        self.flags & A_BAD != 0
+    }
+
+    /// Whether the text is IPv6 so far (it has a `:`).
+    #[inline(always)]
+    pub const fn is_v6(&self) -> bool {
+        self.flags & A_V6 != 0
+    }
+
+    #[inline(always)]
+    fn bad(&mut self) {
+        self.flags |= A_BAD;
+    }
+
+    /// The next byte of the text.
+    #[inline(always)]
+    pub fn push(&mut self, b: u8) {
+        if self.flags & A_BAD != 0 {
+            return;
+        }
+        if self.len as usize >= IPV6_TEXT_MAX {
+            return self.bad();
+        }
+        self.len += 1;
+        match b {
+            b':' => self.colon(),
+            b'.' => self.dot(),
+            _ => match hex(b) {
+                Some(h) => self.digit(h as u16, b.is_ascii_digit()),
+                None => self.bad(),
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn digit(&mut self, h: u16, decimal: bool) {
+        let f = self.flags;
+        if f & A_LEAD != 0 {
+            return self.bad();
+        }
+        self.flags = f & !(A_COLON | A_DCOLON);
+        if f & A_V4 != 0 {
+            // An octet: decimal, no leading zero, at most 255.
+            if !decimal || (self.digits > 0 && self.dec == 0) {
+                return self.bad();
+            }
+            self.dec = self.dec * 10 + h;
+            self.digits += 1;
+            if self.dec > 255 {
+                self.bad();
+            }
+            return;
+        }
+        if self.digits >= 4 {
+            return self.bad();
+        }
+        self.val = (self.val << 4) | h;
+        self.digits += 1;
+        // The same token read as a decimal octet, in case a `.` follows.
+        if !decimal || (self.digits > 1 && self.dec == 0) {
+            self.flags |= A_NOT_DEC;
+        } else {
+            self.dec = self.dec * 10 + h;
+        }
+    }
+
+    #[inline(always)]
+    fn colon(&mut self) {
+        let f = self.flags;
+        if f & A_V4 != 0 || f & A_DCOLON != 0 {
+            return self.bad();
+        }
+        self.flags = f | A_V6;
+        if f & A_LEAD != 0 {
+            // The leading `::`.
+            self.gap = 0;
+            self.flags = (self.flags & !A_LEAD) | A_DCOLON;
+            return;
+        }
+        if self.digits > 0 {
+            if self.ng >= 8 {
+                return self.bad();
+            }
+            self.groups[self.ng as usize & 7] = self.val;
+            self.ng += 1;
+            self.val = 0;
+            self.dec = 0;
+            self.digits = 0;
+            self.flags = (self.flags & !A_NOT_DEC) | A_COLON;
+        } else if f & A_COLON != 0 {
+            if self.gap != NO_GAP {
+                return self.bad();
+            }
+            self.gap = self.ng;
+            self.flags = (self.flags & !A_COLON) | A_DCOLON;
+        } else {
+            // Only the very first byte gets here.
+            self.flags |= A_LEAD;
+        }
+    }
+
+    #[inline(always)]
+    fn dot(&mut self) {
+        let f = self.flags;
+        if self.digits == 0 {
+            return self.bad();
+        }
+        if f & A_V4 == 0 {
+            // The IPv4 part starts: the token so far is its first octet, and two groups remain.
+            if f & A_NOT_DEC != 0 || self.dec > 255 || self.ng > 6 {
+                return self.bad();
+            }
+            self.flags = f | A_V4;
+        } else if self.octets >= 3 {
+            return self.bad();
+        }
+        self.put_octet();
+    }
+
+    /// Stores the current octet into the groups.
+    #[inline(always)]
+    fn put_octet(&mut self) {
+        let o = self.octets;
+        let shift = if o & 1 == 0 { 8 } else { 0 };
+        let gi = (self.ng as usize + (o as usize >> 1)) & 7;
+        self.groups[gi] |= (self.dec & 0xff) << shift;
+        self.octets = o + 1;
+        self.dec = 0;
+        self.digits = 0;
+    }
+
+    /// The address, once every byte is pushed (IPv4 as IPv4-mapped).
+    #[inline(always)]
+    pub fn finish(&self) -> Option<AddrKey> {
+        let mut t = *self;
+        let f = t.flags;
+        if f & (A_BAD | A_LEAD) != 0 {
             return None;
         }
-        gap = 0;
-        k = 2;
-        tok = start + 2;
+        let ng;
+        if f & A_V4 != 0 {
+            if t.octets != 3 || t.digits == 0 {
+                return None;
+            }
+            t.put_octet();
+            if f & A_V6 == 0 {
+                let (a, b) = (t.groups[0], t.groups[1]);
+                return Some(v4_mapped([
+                    (a >> 8) as u8,
+                    a as u8,
+                    (b >> 8) as u8,
+                    b as u8,
+                ]));
+            }
+            ng = t.ng as usize + 2;
+        } else {
+            if f & A_V6 == 0 || f & A_COLON != 0 {
+                // No `:` at all, or a single one at the end.
+                return None;
+            }
+            let mut n = t.ng as usize;
+            if t.digits > 0 {
+                if n >= 8 {
+                    return None;
+                }
+                t.groups[n & 7] = t.val;
+                n += 1;
+            }
+            ng = n;
+        }
+        // Groups the `::` stands for (without one, all eight must be there).
+        let (gap, zeros) = if t.gap == NO_GAP {
+            if ng != 8 {
+                return None;
+            }
+            (8, 0)
+        } else {
+            if ng > 7 {
+                return None;
+            }
+            (t.gap as usize, 8 - ng)
+        };
+        let mut out = [0u8; 16];
+        let mut j = 0;
+        while j < 8 {
+            let v = if j < gap {
+                t.groups[j & 7]
+            } else if j >= gap + zeros {
+                t.groups[(j - zeros) & 7]
+            } else {
+                0
+            };
+            out[(2 * j) & 15] = (v >> 8) as u8;
+            out[(2 * j + 1) & 15] = v as u8;
+            j += 1;
+        }
+        Some(out)
     }
+}
+
+/// [`AddrText`] over `buf[start..end]` (host side and tests; the kernel pushes from `bpf_loop`).
+#[inline(always)]
+fn addr_text(buf: &[u8; CAP], start: usize, end: usize) -> AddrText {
+    let mut t = AddrText::new();
+    if end <= start || end - start > IPV6_TEXT_MAX {
+        t.bad();
+        return t;
+    }
+    let mut k = 0;
     while k < IPV6_TEXT_MAX {
         let i = start + k;
         if i >= end {
             break;
         }
-        let b = at(buf, i);
-        if b == b':' {
-            if digits == 0 || ng >= 8 {
-                return None;
-            }
-            g[ng & 7] = val;
-            ng += 1;
-            val = 0;
-            digits = 0;
-            if i + 1 >= end {
-                // A single `:` cannot end the address.
-                return None;
-            }
-            if at(buf, i + 1) == b':' {
-                if gap != NO_GAP {
-                    return None;
-                }
-                gap = ng;
-                k += 2;
-                tok = i + 2;
-            } else {
-                k += 1;
-                tok = i + 1;
-            }
-            continue;
-        }
-        if b == b'.' {
-            let o = parse_ipv4(buf, tok, end)?;
-            if ng + 2 > 8 {
-                return None;
-            }
-            g[ng & 7] = ((o[0] as u32) << 8) | o[1] as u32;
-            g[(ng + 1) & 7] = ((o[2] as u32) << 8) | o[3] as u32;
-            ng += 2;
-            v4 = true;
-            break;
-        }
-        let h = hex(b)?;
-        if digits >= 4 {
-            return None;
-        }
-        val = (val << 4) | h;
-        digits += 1;
+        t.push(at(buf, i));
         k += 1;
     }
-    if !v4 && digits > 0 {
-        if ng >= 8 {
-            return None;
-        }
-        g[ng & 7] = val;
-        ng += 1;
-    }
-    // Groups the `::` stands for (none without one; then all eight must be there).
-    let zeros = if gap == NO_GAP {
-        if ng != 8 {
-            return None;
-        }
-        0
-    } else {
-        if ng > 7 {
-            return None;
-        }
-        8 - ng
-    };
-    let mut out = [0u8; 16];
-    let mut j = 0;
-    while j < 8 {
-        let v = if j < gap {
-            g[j & 7]
-        } else if j >= gap + zeros {
-            g[(j - zeros) & 7]
-        } else {
-            0
-        };
-        out[(2 * j) & 15] = (v >> 8) as u8;
-        out[(2 * j + 1) & 15] = v as u8;
-        j += 1;
-    }
-    Some(out)
+    t
+}
+
+/// The IPv6 text `buf[start..end]` (full, `::`-compressed, with an IPv4 suffix; no zone), as
+/// `std::net::Ipv6Addr` reads it.
+pub fn parse_ipv6(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> {
+    let t = addr_text(buf, start, end);
+    if t.is_v6() { t.finish() } else { None }
 }
 
 /// `buf[start..end]` as IPv6 text (`v6`) or IPv4 text (IPv4-mapped in the key).
@@ -561,12 +743,8 @@ fn parse_ip(buf: &[u8; CAP], start: usize, end: usize, v6: bool) -> Option<AddrK
 
 /// An IP address in text, `buf[start..end]`, as `std::net::IpAddr` reads it, into the key the
 /// address maps use (IPv4 IPv4-mapped).
-#[inline(always)]
 pub fn parse_addr(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> {
-    // IPv6 text has a `:` within its first five bytes (a group has four digits at most); IPv4
-    // text has none.
-    let v6 = find(buf, start, end, b':', 5) < end;
-    parse_ip(buf, start, end, v6)
+    addr_text(buf, start, end).finish()
 }
 
 /// The port of a PROXY v1 line: decimal, no leading zero, at most 65535.
