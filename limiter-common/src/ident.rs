@@ -232,79 +232,266 @@ pub const fn valid_key_byte(b: u8) -> bool {
     b > 0x20 && b < 0x7f
 }
 
+/// Reads an API key header's value a byte at a time (see [`api_key`] for what it takes), writing
+/// the key's bytes to an output buffer as it goes.
+///
+/// For the kernel: the state lives in map memory and [`Self::push`] runs once per `bpf_loop`
+/// iteration (a loop over the value in one call passes the verifier's limit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KeyText {
+    /// Key bytes written.
+    pub n: u32,
+    /// Base64 bits not yet decoded.
+    pub acc: u32,
+    pub bits: u8,
+    /// Base64 characters and `=` read.
+    pub chars: u8,
+    pub pad: u8,
+    /// `KT_*`.
+    pub phase: u8,
+    /// Position in the scheme's name.
+    pub sub: u8,
+    /// The schemes the name may still be (`SCHEME_*`).
+    pub cand: u8,
+    /// `K_*`.
+    pub flags: u8,
+    /// `KEY_*`.
+    pub kind: u8,
+}
+
+/// Leading blanks.
+const KT_LEAD: u8 = 0;
+/// The Authorization scheme's name.
+const KT_SCHEME: u8 = 1;
+/// Spaces after the scheme.
+const KT_SPACES: u8 = 2;
+/// A plain key or a Bearer token.
+const KT_TOKEN: u8 = 3;
+/// Basic credentials (base64).
+const KT_BASIC: u8 = 4;
+const SCHEME_BEARER: u8 = 1;
+const SCHEME_BASIC: u8 = 2;
+const BEARER: [u8; 8] = *b"bearer\0\0";
+const BASIC: [u8; 8] = *b"basic\0\0\0";
+const K_BAD: u8 = 1;
+/// A blank was read after the key: only blanks may follow.
+const K_TRAILING: u8 = 2;
+/// The Basic user name is complete (its `:` was decoded).
+const K_USER: u8 = 4;
+
+impl KeyText {
+    /// The state before a `kind` (`KEY_*`) value's first byte.
+    pub const fn new(kind: u8) -> Self {
+        KeyText {
+            n: 0,
+            acc: 0,
+            bits: 0,
+            chars: 0,
+            pad: 0,
+            phase: KT_LEAD,
+            sub: 0,
+            cand: SCHEME_BEARER | SCHEME_BASIC,
+            flags: if kind == KEY_PLAIN || kind == KEY_AUTHORIZATION {
+                0
+            } else {
+                K_BAD
+            },
+            kind,
+        }
+    }
+
+    #[inline(always)]
+    fn bad(&mut self) {
+        self.flags |= K_BAD;
+    }
+
+    /// The value's next byte (of the first [`CAP`] at most); key bytes go to `out`.
+    #[inline(always)]
+    pub fn push(&mut self, b: u8, out: &mut [u8; CAP]) {
+        if self.flags & K_BAD != 0 {
+            return;
+        }
+        match self.phase {
+            KT_LEAD => {
+                if is_blank(b) {
+                    return;
+                }
+                if self.kind == KEY_PLAIN {
+                    self.phase = KT_TOKEN;
+                    self.token(b, out);
+                } else {
+                    self.phase = KT_SCHEME;
+                    self.scheme(b);
+                }
+            }
+            KT_SCHEME => self.scheme(b),
+            KT_SPACES => {
+                if b == b' ' {
+                    return;
+                }
+                if self.cand == SCHEME_BEARER {
+                    self.phase = KT_TOKEN;
+                    self.token(b, out);
+                } else {
+                    self.phase = KT_BASIC;
+                    self.basic(b, out);
+                }
+            }
+            KT_TOKEN => self.token(b, out),
+            _ => self.basic(b, out),
+        }
+    }
+
+    /// A byte of the scheme's name (case ignored), or the space that ends it.
+    #[inline(always)]
+    fn scheme(&mut self, b: u8) {
+        let pos = self.sub as usize & 7;
+        if b == b' ' {
+            self.cand &= if pos == 6 {
+                SCHEME_BEARER
+            } else if pos == 5 {
+                SCHEME_BASIC
+            } else {
+                0
+            };
+            if self.cand == 0 {
+                return self.bad();
+            }
+            self.phase = KT_SPACES;
+            return;
+        }
+        let l = lower(b);
+        if pos >= 6 || BEARER[pos] != l {
+            self.cand &= !SCHEME_BEARER;
+        }
+        if pos >= 5 || BASIC[pos] != l {
+            self.cand &= !SCHEME_BASIC;
+        }
+        if self.cand == 0 {
+            return self.bad();
+        }
+        self.sub += 1;
+    }
+
+    /// Blanks may only end the value: true when `b` is taken care of.
+    #[inline(always)]
+    fn trailing(&mut self, b: u8) -> bool {
+        if is_blank(b) {
+            self.flags |= K_TRAILING;
+            return true;
+        }
+        if self.flags & K_TRAILING != 0 {
+            self.bad();
+            return true;
+        }
+        false
+    }
+
+    #[inline(always)]
+    fn token(&mut self, b: u8, out: &mut [u8; CAP]) {
+        if self.trailing(b) {
+            return;
+        }
+        if !valid_key_byte(b) {
+            return self.bad();
+        }
+        out[self.n as usize & M] = b;
+        self.n += 1;
+    }
+
+    /// RFC 7617: base64 (standard alphabet) of `user:password`; the user name is decoded into
+    /// `out`, the rest only checked to be base64.
+    #[inline(always)]
+    fn basic(&mut self, b: u8, out: &mut [u8; CAP]) {
+        if self.trailing(b) {
+            return;
+        }
+        if b == b'=' {
+            if self.pad >= 2 {
+                return self.bad();
+            }
+            self.pad += 1;
+            self.chars = self.chars.wrapping_add(1);
+            return;
+        }
+        let Some(v) = base64_value(b) else {
+            return self.bad();
+        };
+        if self.pad > 0 {
+            return self.bad();
+        }
+        self.chars = self.chars.wrapping_add(1);
+        self.acc = ((self.acc << 6) | v) & 0xfff;
+        self.bits += 6;
+        if self.bits < 8 {
+            return;
+        }
+        self.bits -= 8;
+        let c = (self.acc >> (self.bits & 7)) as u8;
+        if self.flags & K_USER != 0 {
+            return;
+        }
+        if c == b':' {
+            self.flags |= K_USER;
+        } else if valid_key_byte(c) {
+            out[self.n as usize & M] = c;
+            self.n += 1;
+        } else {
+            self.bad();
+        }
+    }
+
+    /// The key's length in `out` once the captured bytes are pushed; `len` is the value's whole
+    /// length (beyond [`CAP`], the capture was truncated: a plain key or a token is then too
+    /// long, and a Basic user name counts only when its `:` was captured).
+    #[inline(always)]
+    pub fn finish(&self, len: u32) -> Option<usize> {
+        if self.flags & K_BAD != 0 || self.n == 0 {
+            return None;
+        }
+        let truncated = len as usize > CAP;
+        match self.phase {
+            KT_TOKEN if !truncated => Some(self.n as usize),
+            KT_BASIC => {
+                if self.flags & K_USER == 0 {
+                    return None;
+                }
+                // Whole base64: full quanta with their padding, or unpadded with no lone
+                // character left over.
+                let whole = if self.pad > 0 {
+                    self.chars & 3 == 0
+                } else {
+                    self.chars & 3 != 1
+                };
+                if truncated || whole {
+                    Some(self.n as usize)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The API key of a captured key header value (`len` = the value's whole length, `value` its
 /// first bytes): the key's bytes go to `out`, their number is returned. `kind` is a `KEY_*`:
 /// the value itself, or an `Authorization` value's Bearer token or Basic user name. None when the
 /// value holds no usable key (empty, another scheme, bad base64, a byte that is not visible
-/// ASCII, or a key longer than [`API_KEY_MAX`], which no org can have).
-#[inline(always)]
+/// ASCII, or a key longer than [`API_KEY_MAX`], which no org can have). Host side and tests: the
+/// kernel drives [`KeyText`] from `bpf_loop`.
 pub fn api_key(kind: u8, value: &[u8; CAP], len: u32, out: &mut [u8; CAP]) -> Option<usize> {
-    let len = len as usize;
-    let truncated = len > CAP;
-    // A truncated capture ends inside the value: its last bytes are no trailing whitespace.
-    let end = if truncated {
-        CAP
-    } else {
-        trim_end(value, 0, len)
-    };
-    let start = trim_start(value, 0, end);
-    if kind == KEY_PLAIN {
-        if truncated {
-            return None;
-        }
-        return copy_key(value, start, end, out);
-    }
-    if kind != KEY_AUTHORIZATION {
-        return None;
-    }
-    if starts_with_ci(value, start, end, b"bearer ") {
-        if truncated {
-            return None;
-        }
-        let c = skip_spaces(value, start + 7, end);
-        return copy_key(value, c, end, out);
-    }
-    if starts_with_ci(value, start, end, b"basic ") {
-        let c = skip_spaces(value, start + 6, end);
-        return basic_user(value, c, end, truncated, out);
-    }
-    None
-}
-
-#[inline(always)]
-fn skip_spaces(buf: &[u8; CAP], start: usize, end: usize) -> usize {
-    let mut s = start;
-    let mut k = 0;
-    while k < CAP {
-        if s >= end || at(buf, s) != b' ' {
+    let mut t = KeyText::new(kind);
+    let mut i = 0;
+    while i < CAP {
+        if i >= len as usize {
             break;
         }
-        s += 1;
-        k += 1;
+        t.push(at(value, i), out);
+        i += 1;
     }
-    s
-}
-
-/// `buf[start..end]` into `out` when it is a non-empty run of key bytes.
-#[inline(always)]
-fn copy_key(buf: &[u8; CAP], start: usize, end: usize, out: &mut [u8; CAP]) -> Option<usize> {
-    if start >= end {
-        return None;
-    }
-    let mut k = 0;
-    while k < CAP {
-        let i = start + k;
-        if i >= end {
-            break;
-        }
-        let b = at(buf, i);
-        if !valid_key_byte(b) {
-            return None;
-        }
-        out[k & M] = b;
-        k += 1;
-    }
-    Some(end - start)
+    t.finish(len)
 }
 
 #[inline(always)]
@@ -317,76 +504,6 @@ const fn base64_value(b: u8) -> Option<u32> {
         b'/' => Some(63),
         _ => None,
     }
-}
-
-/// The user name of Basic credentials `buf[start..end]` (RFC 7617: base64 of `user:password`,
-/// standard alphabet; padding as clients send it, or none). Decodes into `out` up to the first
-/// `:`; the rest is only checked to be base64. When the value was `truncated`, the `:` must lie
-/// within the captured part, and its end is not checked.
-#[inline(always)]
-fn basic_user(
-    buf: &[u8; CAP],
-    start: usize,
-    end: usize,
-    truncated: bool,
-    out: &mut [u8; CAP],
-) -> Option<usize> {
-    let mut acc: u32 = 0;
-    let mut bits: u32 = 0;
-    let mut n = 0usize;
-    let mut user = false;
-    let mut chars = 0usize;
-    let mut pad = 0usize;
-    let mut k = 0;
-    while k < CAP {
-        let i = start + k;
-        if i >= end {
-            break;
-        }
-        k += 1;
-        let b = at(buf, i);
-        if b == b'=' {
-            pad += 1;
-            if pad > 2 {
-                return None;
-            }
-            continue;
-        }
-        if pad > 0 {
-            return None;
-        }
-        let v = base64_value(b)?;
-        chars += 1;
-        acc = ((acc << 6) | v) & 0xfff;
-        bits += 6;
-        if bits < 8 {
-            continue;
-        }
-        bits -= 8;
-        let c = (acc >> bits) as u8;
-        if user {
-            continue;
-        }
-        if c == b':' {
-            user = true;
-        } else if valid_key_byte(c) {
-            out[n & M] = c;
-            n += 1;
-        } else {
-            return None;
-        }
-    }
-    if !truncated {
-        let whole = if pad > 0 {
-            (chars + pad) & 3 == 0
-        } else {
-            chars & 3 != 1
-        };
-        if !whole {
-            return None;
-        }
-    }
-    if user && n > 0 { Some(n) } else { None }
 }
 
 // ---------------------------------------------------------------------------------------------
