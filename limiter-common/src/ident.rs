@@ -70,36 +70,6 @@ const fn hex(b: u8) -> Option<u32> {
     }
 }
 
-/// `buf[start..end]` without the blanks at its end.
-#[inline(always)]
-fn trim_end(buf: &[u8; CAP], start: usize, end: usize) -> usize {
-    let mut e = end;
-    let mut k = 0;
-    while k < CAP {
-        if e <= start || !is_blank(at(buf, e - 1)) {
-            break;
-        }
-        e -= 1;
-        k += 1;
-    }
-    e
-}
-
-/// `buf[start..end]` without the blanks at its start.
-#[inline(always)]
-fn trim_start(buf: &[u8; CAP], start: usize, end: usize) -> usize {
-    let mut s = start;
-    let mut k = 0;
-    while k < CAP {
-        if s >= end || !is_blank(at(buf, s)) {
-            break;
-        }
-        s += 1;
-        k += 1;
-    }
-    s
-}
-
 /// Whether `buf[start..]` (below `end`) begins with `pat`, ASCII case ignored (`pat` lowercase).
 #[inline(always)]
 fn starts_with_ci<const N: usize>(
@@ -900,176 +870,347 @@ fn parse_port(buf: &[u8; CAP], start: usize, end: usize) -> Option<u16> {
 /// None when the header cannot be read (an entry that is not an address, an obfuscated `for=`,
 /// a truncated value whose captured entries are all trusted, more than [`FWD_ENTRIES_MAX`]
 /// trusted entries): the request falls through to the next source. A whole value whose entries
-/// are all trusted gives its leftmost one.
-#[inline(always)]
+/// are all trusted gives its leftmost one. Host side and tests: the kernel drives [`FwdText`]
+/// from `bpf_loop`.
 pub fn forwarded_addr(
     kind: u8,
     ring: &[u8; CAP],
     len: u32,
     trusted: &impl Fn(&AddrKey) -> bool,
 ) -> Option<AddrKey> {
-    let len = len as usize;
-    // The first position the ring still holds.
-    let lo = len.saturating_sub(CAP);
-    if kind == FWD_X_REAL_IP {
-        if lo > 0 {
-            return None;
-        }
-        let e = trim_end(ring, 0, len);
-        let s = trim_start(ring, 0, e);
-        return parse_addr(ring, s, e);
-    }
-    let fwd = kind == FWD_FORWARDED;
-    if !fwd && kind != FWD_X_FORWARDED_FOR {
-        return None;
-    }
-
-    // Right to left over the captured bytes: the entries' spans (trimmed; for `Forwarded`, the
-    // value of the element's `for=`), nearest proxy first. An empty span stands for an entry
-    // that cannot be read.
-    let mut starts = [0usize; FWD_ENTRIES_MAX];
-    let mut ends = [0usize; FWD_ENTRIES_MAX];
-    let mut n = 0usize;
-    // The current pair's (or list entry's) first and last non-blank byte.
-    let mut first = 0usize;
-    let mut last = usize::MAX;
-    // The current element's `for=` value and how many it has.
-    let (mut for_s, mut for_e, mut fors) = (0usize, 0usize, 0u32);
-    let mut whole = false;
-    let mut k = 0;
-    while k < CAP + 1 {
-        if n >= FWD_ENTRIES_MAX {
+    let mut t = FwdText::new(kind);
+    let mut i = 0;
+    while i < FWD_STEPS_MAX {
+        if t.step(ring, len, trusted) {
             break;
         }
-        // The left end of the value (or of what the ring holds) acts as a separator.
+        i += 1;
+    }
+    t.result()
+}
+
+/// Steps [`FwdText::step`] may take on one value: the scan and every entry's bytes.
+pub const FWD_STEPS_MAX: u32 = (CAP as u32 + 2) * (FWD_ENTRIES_MAX as u32 + 1);
+
+/// Reads a captured forwarded header value (see [`forwarded_addr`] for what it takes) one step
+/// at a time: first its bytes right to left, to find the entries' spans, then each entry's bytes
+/// left to right through an [`AddrText`], nearest proxy first, until an untrusted address.
+///
+/// For the kernel: the state lives in map memory and [`Self::step`] runs once per `bpf_loop`
+/// iteration, at most [`FWD_STEPS_MAX`] of them (it returns true when done).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FwdText {
+    /// The entries' spans (value positions), nearest proxy first; an empty span stands for an
+    /// entry that cannot be read.
+    pub starts: [u32; FWD_ENTRIES_MAX],
+    pub ends: [u32; FWD_ENTRIES_MAX],
+    /// Scan: bytes looked at from the right. Entries: the next byte's position.
+    pub k: u32,
+    /// The current pair's (or list entry's) first and last non-blank byte ([`NONE`]: none yet).
+    pub first: u32,
+    pub last: u32,
+    /// The current element's `for=` value.
+    pub for_s: u32,
+    pub for_e: u32,
+    pub _pad: u32,
+    pub addr: AddrText,
+    /// The last trusted address (the answer when a whole value holds only trusted ones).
+    pub leftmost: AddrKey,
+    pub result: AddrKey,
+    /// Entries found, and the one being read.
+    pub n: u8,
+    pub j: u8,
+    /// `for=` pairs in the current element.
+    pub fors: u8,
+    /// `FS_*`.
+    pub phase: u8,
+    /// `FWD_*`.
+    pub kind: u8,
+    /// `N_*`: where a `Forwarded` node's text stands.
+    pub node: u8,
+    /// Bytes of a `Forwarded` node's port.
+    pub plen: u8,
+    /// `FF_*`.
+    pub flags: u8,
+}
+
+const NONE: u32 = u32::MAX;
+const FS_SCAN: u8 = 0;
+const FS_ENTRY: u8 = 1;
+const FS_DONE: u8 = 2;
+/// The scan reached the value's start: every entry was seen.
+const FF_WHOLE: u8 = 1;
+const FF_LEFTMOST: u8 = 2;
+const FF_FOUND: u8 = 4;
+const N_STARTED: u8 = 1;
+const N_QUOTED: u8 = 2;
+const N_END_QUOTE: u8 = 4;
+const N_CONTENT: u8 = 8;
+const N_BRACKET: u8 = 16;
+const N_CLOSED: u8 = 32;
+const N_PORT: u8 = 64;
+const N_BAD: u8 = 128;
+
+impl FwdText {
+    /// The state before reading a `kind` (`FWD_*`) value.
+    pub const fn new(kind: u8) -> Self {
+        FwdText {
+            starts: [0; FWD_ENTRIES_MAX],
+            ends: [0; FWD_ENTRIES_MAX],
+            k: 0,
+            first: 0,
+            last: NONE,
+            for_s: 0,
+            for_e: 0,
+            _pad: 0,
+            addr: AddrText::new(),
+            leftmost: [0; 16],
+            result: [0; 16],
+            n: 0,
+            j: 0,
+            fors: 0,
+            phase: if matches!(kind, FWD_X_FORWARDED_FOR | FWD_FORWARDED | FWD_X_REAL_IP) {
+                FS_SCAN
+            } else {
+                FS_DONE
+            },
+            kind,
+            node: 0,
+            plen: 0,
+            flags: 0,
+        }
+    }
+
+    /// The client address, once [`Self::step`] returned true.
+    #[inline(always)]
+    pub const fn result(&self) -> Option<AddrKey> {
+        if self.phase == FS_DONE && self.flags & FF_FOUND != 0 {
+            Some(self.result)
+        } else {
+            None
+        }
+    }
+
+    /// One step over `ring` (the captured value, `len` its whole length); true when done.
+    #[inline(always)]
+    pub fn step(
+        &mut self,
+        ring: &[u8; CAP],
+        len: u32,
+        trusted: &impl Fn(&AddrKey) -> bool,
+    ) -> bool {
+        match self.phase {
+            FS_SCAN => self.scan(ring, len),
+            FS_ENTRY => self.entry(ring, trusted),
+            _ => {}
+        }
+        self.phase == FS_DONE
+    }
+
+    /// One byte of the value, right to left (the left end acts as a separator).
+    #[inline(always)]
+    fn scan(&mut self, ring: &[u8; CAP], len: u32) {
+        let len = len as usize;
+        let lo = len.saturating_sub(CAP);
+        let k = self.k as usize;
+        if self.n as usize >= FWD_ENTRIES_MAX || k > CAP {
+            return self.begin_entries();
+        }
+        let fwd = self.kind == FWD_FORWARDED;
         let edge = len.saturating_sub(k) <= lo;
         let p = len.wrapping_sub(k + 1);
-        let b = if edge { b',' } else { at(ring, p) };
-        k += 1;
-        if b == b',' || (fwd && b == b';') {
-            if fwd && last != usize::MAX && starts_with_ci(ring, first, last + 1, b"for=") {
-                for_s = first + 4;
-                for_e = last + 1;
-                fors += 1;
+        let b = if edge { 0 } else { at(ring, p) };
+        self.k += 1;
+        let elem_end = edge || (b == b',' && self.kind != FWD_X_REAL_IP);
+        if elem_end || (fwd && b == b';') {
+            let last = self.last as usize;
+            if fwd
+                && self.last != NONE
+                && starts_with_ci(ring, self.first as usize, last + 1, b"for=")
+            {
+                self.for_s = self.first + 4;
+                self.for_e = self.last + 1;
+                self.fors = self.fors.saturating_add(1);
             }
-            if b == b',' {
+            if elem_end {
                 if edge && lo > 0 {
                     // The leftmost entry was cut: it does not count.
-                    break;
+                    return self.begin_entries();
                 }
                 let (s, e) = if fwd {
-                    if fors == 1 { (for_s, for_e) } else { (0, 0) }
-                } else if last != usize::MAX {
-                    (first, last + 1)
+                    if self.fors == 1 {
+                        (self.for_s, self.for_e)
+                    } else {
+                        (0, 0)
+                    }
+                } else if self.last != NONE {
+                    (self.first, self.last + 1)
                 } else {
                     (0, 0)
                 };
-                starts[n & (FWD_ENTRIES_MAX - 1)] = s;
-                ends[n & (FWD_ENTRIES_MAX - 1)] = e;
-                n += 1;
-                fors = 0;
+                let i = self.n as usize & (FWD_ENTRIES_MAX - 1);
+                self.starts[i] = s;
+                self.ends[i] = e;
+                self.n += 1;
+                self.fors = 0;
                 if edge {
-                    whole = true;
-                    break;
+                    self.flags |= FF_WHOLE;
+                    return self.begin_entries();
                 }
             }
-            last = usize::MAX;
+            self.last = NONE;
         } else if !is_blank(b) {
-            if last == usize::MAX {
-                last = p;
+            if self.last == NONE {
+                self.last = p as u32;
             }
-            first = p;
+            self.first = p as u32;
         }
     }
 
-    let mut leftmost = None;
-    let mut j = 0;
-    while j < FWD_ENTRIES_MAX {
-        if j >= n {
-            break;
+    #[inline(always)]
+    fn begin_entries(&mut self) {
+        if self.n == 0 {
+            self.phase = FS_DONE;
+            return;
         }
-        let s = starts[j & (FWD_ENTRIES_MAX - 1)];
-        let e = ends[j & (FWD_ENTRIES_MAX - 1)];
-        let (s, e, v6) = if fwd {
-            forwarded_node(ring, s, e)?
-        } else {
-            (s, e, find(ring, s, e, b':', 5) < e)
+        self.phase = FS_ENTRY;
+        self.j = 0;
+        self.start_entry();
+    }
+
+    #[inline(always)]
+    fn start_entry(&mut self) {
+        self.k = self.starts[self.j as usize & (FWD_ENTRIES_MAX - 1)];
+        self.addr = AddrText::new();
+        self.node = 0;
+        self.plen = 0;
+    }
+
+    /// One byte of the current entry, or its end.
+    #[inline(always)]
+    fn entry(&mut self, ring: &[u8; CAP], trusted: &impl Fn(&AddrKey) -> bool) {
+        let j = self.j as usize & (FWD_ENTRIES_MAX - 1);
+        if self.k < self.ends[j] && self.k.wrapping_sub(self.starts[j]) < CAP as u32 {
+            let b = at(ring, self.k as usize);
+            self.k += 1;
+            if self.kind == FWD_FORWARDED {
+                self.node_byte(b);
+            } else {
+                self.addr.push(b);
+            }
+            return;
+        }
+        let Some(a) = self.entry_addr() else {
+            // An entry that cannot be read: the whole header cannot.
+            self.phase = FS_DONE;
+            return;
         };
-        let a = parse_ip(ring, s, e, v6)?;
-        if !trusted(&a) {
-            return Some(a);
+        if self.kind == FWD_X_REAL_IP || !trusted(&a) {
+            self.result = a;
+            self.flags |= FF_FOUND;
+            self.phase = FS_DONE;
+            return;
         }
-        leftmost = Some(a);
-        j += 1;
+        self.leftmost = a;
+        self.flags |= FF_LEFTMOST;
+        self.j += 1;
+        if self.j >= self.n {
+            if self.flags & (FF_WHOLE | FF_LEFTMOST) == FF_WHOLE | FF_LEFTMOST {
+                self.result = self.leftmost;
+                self.flags |= FF_FOUND;
+            }
+            self.phase = FS_DONE;
+            return;
+        }
+        self.start_entry();
     }
-    if whole { leftmost } else { None }
-}
 
-/// The address text in a `Forwarded` node (RFC 7239 §6), `ring[start..end]`, token or quoted:
-/// `192.0.2.1`, `"192.0.2.1:4711"`, `"[2001:db8::1]"`, `"[2001:db8::1]:4711"`. Returns the
-/// address's span and whether it is IPv6; None for anything else (`unknown`, `_hidden`, junk).
-#[inline(always)]
-fn forwarded_node(ring: &[u8; CAP], start: usize, end: usize) -> Option<(usize, usize, bool)> {
-    let (mut s, mut e) = (start, end);
-    if s >= e {
-        return None;
-    }
-    if at(ring, s) == b'"' {
-        if e - s < 2 || at(ring, e - 1) != b'"' {
-            return None;
+    /// A byte of a `Forwarded` node (RFC 7239 §6), token or quoted: `192.0.2.1`,
+    /// `"192.0.2.1:4711"`, `"[2001:db8::1]"`, `"[2001:db8::1]:4711"`, the port possibly
+    /// obfuscated (`_` then letters, digits, `.`, `_`, `-`).
+    #[inline(always)]
+    fn node_byte(&mut self, b: u8) {
+        let f = self.node;
+        if f & N_STARTED == 0 {
+            self.node = f | N_STARTED;
+            if b == b'"' {
+                self.node |= N_QUOTED;
+                return;
+            }
         }
-        s += 1;
-        e -= 1;
-    }
-    if s >= e {
-        return None;
-    }
-    let (a_s, a_e, rest, v6) = if at(ring, s) == b'[' {
-        let close = find(ring, s + 1, e, b']', IPV6_TEXT_MAX + 1);
-        if close >= e {
-            return None;
+        let f = self.node;
+        if f & N_END_QUOTE != 0 {
+            self.node |= N_BAD;
+            return;
         }
-        (s + 1, close, close + 1, true)
-    } else {
-        let colon = find(ring, s, e, b':', IPV4_TEXT_MAX + 1);
-        (s, colon, colon, false)
-    };
-    if rest < e && (at(ring, rest) != b':' || !node_port(ring, rest + 1, e)) {
-        return None;
-    }
-    Some((a_s, a_e, v6))
-}
-
-/// A `Forwarded` node-port: 1 to 5 digits, or an obfuscated port (`_` then letters, digits,
-/// `.`, `_`, `-`).
-#[inline(always)]
-fn node_port(ring: &[u8; CAP], start: usize, end: usize) -> bool {
-    const MAX: usize = 16;
-    if end <= start || end - start > MAX {
-        return false;
-    }
-    let obfuscated = at(ring, start) == b'_';
-    if !obfuscated && end - start > 5 {
-        return false;
-    }
-    let mut k = 0;
-    while k < MAX {
-        let i = start + k;
-        if i >= end {
-            break;
+        if f & N_QUOTED != 0 && b == b'"' {
+            self.node |= N_END_QUOTE;
+            return;
         }
-        let b = at(ring, i);
-        let ok = if obfuscated {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+        if f & N_PORT != 0 {
+            // The port: digits, or `_` and then letters, digits, `.`, `_`, `-` (bit 7 of
+            // `plen` says which).
+            let count = self.plen & 0x7f;
+            let obfuscated = if count == 0 {
+                b == b'_'
+            } else {
+                self.plen & 0x80 != 0
+            };
+            let ok = if obfuscated {
+                count == 0 || b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+            } else {
+                b.is_ascii_digit() && count < 5
+            };
+            if !ok || count >= 16 {
+                self.node |= N_BAD;
+                return;
+            }
+            self.plen = if obfuscated { 0x80 } else { 0 } | (count + 1);
+            return;
+        }
+        if f & N_CONTENT == 0 {
+            self.node |= N_CONTENT;
+            if b == b'[' {
+                self.node |= N_BRACKET;
+                return;
+            }
+        }
+        if f & N_BRACKET != 0 {
+            if f & N_CLOSED != 0 {
+                if b == b':' {
+                    self.node |= N_PORT;
+                } else {
+                    self.node |= N_BAD;
+                }
+            } else if b == b']' {
+                self.node |= N_CLOSED;
+            } else {
+                self.addr.push(b);
+            }
+            return;
+        }
+        if b == b':' {
+            self.node |= N_PORT;
         } else {
-            b.is_ascii_digit()
-        };
-        if !ok {
-            return false;
+            self.addr.push(b);
         }
-        k += 1;
     }
-    true
+
+    /// The current entry's address, once its bytes are read.
+    #[inline(always)]
+    fn entry_addr(&self) -> Option<AddrKey> {
+        if self.kind == FWD_FORWARDED {
+            let f = self.node;
+            let unclosed_quote = f & N_QUOTED != 0 && f & N_END_QUOTE == 0;
+            let bad_bracket = f & N_BRACKET != 0 && (f & N_CLOSED == 0 || !self.addr.is_v6());
+            let empty_port = f & N_PORT != 0 && self.plen & 0x7f == 0;
+            if f & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port {
+                return None;
+            }
+        }
+        self.addr.finish()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
