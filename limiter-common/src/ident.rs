@@ -27,8 +27,6 @@ const _: () = assert!(CAP == API_KEY_MAX && CAP.is_power_of_two());
 
 /// Longest IPv6 text (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
 pub const IPV6_TEXT_MAX: usize = 45;
-/// Longest IPv4 text (`255.255.255.255`).
-pub const IPV4_TEXT_MAX: usize = 15;
 /// Entries of a forwarded header examined from the right; a request that passed more trusted
 /// proxies than this is not identified by the header.
 pub const FWD_ENTRIES_MAX: usize = 8;
@@ -89,23 +87,6 @@ fn starts_with_ci<const N: usize>(
         k += 1;
     }
     true
-}
-
-/// Where `c` first is in `buf[start..end]`, looking at `max` bytes at most (`end` if nowhere).
-#[inline(always)]
-fn find(buf: &[u8; CAP], start: usize, end: usize, c: u8, max: usize) -> usize {
-    let mut k = 0;
-    while k < CAP {
-        let i = start + k;
-        if i >= end || k >= max {
-            break;
-        }
-        if at(buf, i) == c {
-            return i;
-        }
-        k += 1;
-    }
-    end
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,53 +460,6 @@ const fn base64_value(b: u8) -> Option<u32> {
 // ---------------------------------------------------------------------------------------------
 // Addresses
 
-/// The IPv4 dotted quad `buf[start..end]`, as `std::net::Ipv4Addr` reads it (four decimal
-/// octets, no leading zeros).
-#[inline(always)]
-pub fn parse_ipv4(buf: &[u8; CAP], start: usize, end: usize) -> Option<[u8; 4]> {
-    if end <= start || end - start > IPV4_TEXT_MAX {
-        return None;
-    }
-    let mut o = [0u8; 4];
-    let mut part = 0usize;
-    let mut val: u32 = 0;
-    let mut digits = 0u32;
-    let mut k = 0;
-    while k < IPV4_TEXT_MAX {
-        let i = start + k;
-        if i >= end {
-            break;
-        }
-        k += 1;
-        let b = at(buf, i);
-        if b == b'.' {
-            if digits == 0 || part >= 3 {
-                return None;
-            }
-            o[part & 3] = val as u8;
-            part += 1;
-            val = 0;
-            digits = 0;
-        } else if b.is_ascii_digit() {
-            if digits > 0 && val == 0 {
-                return None;
-            }
-            val = val * 10 + (b - b'0') as u32;
-            digits += 1;
-            if val > 255 {
-                return None;
-            }
-        } else {
-            return None;
-        }
-    }
-    if part != 3 || digits == 0 {
-        return None;
-    }
-    o[3] = val as u8;
-    Some(o)
-}
-
 /// Reads IP text a byte at a time (IPv4 dotted quad, or IPv6: full, `::`-compressed, with an
 /// IPv4 suffix; no zone), accepting exactly what `std::net::IpAddr` accepts.
 ///
@@ -818,43 +752,10 @@ pub fn parse_ipv6(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> 
     if t.is_v6() { t.finish() } else { None }
 }
 
-/// `buf[start..end]` as IPv6 text (`v6`) or IPv4 text (IPv4-mapped in the key).
-#[inline(always)]
-fn parse_ip(buf: &[u8; CAP], start: usize, end: usize, v6: bool) -> Option<AddrKey> {
-    if v6 {
-        parse_ipv6(buf, start, end)
-    } else {
-        parse_ipv4(buf, start, end).map(v4_mapped)
-    }
-}
-
 /// An IP address in text, `buf[start..end]`, as `std::net::IpAddr` reads it, into the key the
 /// address maps use (IPv4 IPv4-mapped).
 pub fn parse_addr(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> {
     addr_text(buf, start, end).finish()
-}
-
-/// The port of a PROXY v1 line: decimal, no leading zero, at most 65535.
-#[inline(always)]
-fn parse_port(buf: &[u8; CAP], start: usize, end: usize) -> Option<u16> {
-    if end <= start || end - start > 5 {
-        return None;
-    }
-    let mut v: u32 = 0;
-    let mut k = 0;
-    while k < 5 {
-        let i = start + k;
-        if i >= end {
-            break;
-        }
-        let b = at(buf, i);
-        if !b.is_ascii_digit() || (k > 0 && v == 0) {
-            return None;
-        }
-        v = v * 10 + (b - b'0') as u32;
-        k += 1;
-    }
-    if v > 65535 { None } else { Some(v as u16) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1285,91 +1186,183 @@ pub const fn proxy_v2_len(buf: &[u8; CAP]) -> usize {
     PROXY_V2_FIXED + (((buf[14] as usize) << 8) | buf[15] as usize)
 }
 
-/// The source of a v1 header, `buf[..n]` being the whole line with its `\r\n`:
-/// `PROXY TCP4|TCP6 src dst sport dport\r\n` or `PROXY UNKNOWN …\r\n`.
-#[inline(always)]
-pub fn proxy_v1_source(buf: &[u8; CAP], n: usize) -> ProxySource {
-    // `PROXY ` and `\r\n` at least.
-    if !(8..=PROXY_V1_MAX).contains(&n)
-        || prefix_state(buf, n, &PROXY_V1_PREFIX) != 1
-        || at(buf, n - 2) != b'\r'
-        || at(buf, n - 1) != b'\n'
-    {
-        return ProxySource::Bad;
-    }
-    let end = n - 2;
-    if starts_with_exact(buf, 6, end, b"UNKNOWN") {
-        // Anything may follow, up to the line end.
-        if end > 13 && at(buf, 13) != b' ' {
-            return ProxySource::Bad;
-        }
-        if find(buf, 13, end, b'\r', PROXY_V1_MAX) < end
-            || find(buf, 13, end, b'\n', PROXY_V1_MAX) < end
-        {
-            return ProxySource::Bad;
-        }
-        return ProxySource::Unknown;
-    }
-    let v6 = if starts_with_exact(buf, 6, end, b"TCP4 ") {
-        false
-    } else if starts_with_exact(buf, 6, end, b"TCP6 ") {
-        true
-    } else {
-        return ProxySource::Bad;
-    };
-    // src dst sport dport, one space between.
-    let mut sp = [0usize; 3];
-    let mut ns = 0usize;
-    let mut k = 0;
-    while k < PROXY_V1_MAX {
-        let i = 11 + k;
-        if i >= end {
-            break;
-        }
-        if at(buf, i) == b' ' {
-            let Some(slot) = sp.get_mut(ns) else {
-                return ProxySource::Bad;
-            };
-            *slot = i;
-            ns += 1;
-        }
-        k += 1;
-    }
-    if ns != 3 {
-        return ProxySource::Bad;
-    }
-    let (s0, s1, s2) = (sp[0], sp[1], sp[2]);
-    let Some(src) = parse_ip(buf, 11, s0, v6) else {
-        return ProxySource::Bad;
-    };
-    if parse_ip(buf, s0 + 1, s1, v6).is_none()
-        || parse_port(buf, s1 + 1, s2).is_none()
-        || parse_port(buf, s2 + 1, end).is_none()
-    {
-        return ProxySource::Bad;
-    }
-    ProxySource::Addr(src)
+/// Reads a PROXY v1 line a byte at a time: `PROXY TCP4|TCP6 src dst sport dport\r\n` or
+/// `PROXY UNKNOWN …\r\n` (see [`proxy_v1_source`]).
+///
+/// For the kernel: the state lives in map memory and [`Self::push`] runs once per `bpf_loop`
+/// iteration over the line's bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct V1Text {
+    pub src: AddrKey,
+    pub addr: AddrText,
+    /// The port being read.
+    pub port: u32,
+    /// Bytes pushed.
+    pub len: u8,
+    /// `V1_*`: the field being read.
+    pub field: u8,
+    /// Position in the field (prefix and protocol), or digits of the port.
+    pub sub: u8,
+    /// The protocols the word may still be (`PROTO_*`).
+    pub cand: u8,
 }
 
-/// Whether `buf[start..end]` begins with `pat`, case kept (the PROXY v1 keywords are uppercase).
-#[inline(always)]
-fn starts_with_exact<const N: usize>(
-    buf: &[u8; CAP],
-    start: usize,
-    end: usize,
-    pat: &[u8; N],
-) -> bool {
-    if end < start + N {
-        return false;
-    }
-    let mut k = 0;
-    while k < N {
-        if at(buf, start + k) != pat[k] {
-            return false;
+const V1_PREFIX: u8 = 0;
+const V1_PROTO: u8 = 1;
+const V1_SRC: u8 = 2;
+const V1_DST: u8 = 3;
+const V1_SPORT: u8 = 4;
+const V1_DPORT: u8 = 5;
+/// After UNKNOWN: anything up to the CR.
+const V1_REST: u8 = 6;
+/// The CR was read: the LF is next.
+const V1_CR: u8 = 7;
+const V1_END: u8 = 8;
+const V1_BAD: u8 = 9;
+const PROTO_TCP4: u8 = 1;
+const PROTO_TCP6: u8 = 2;
+const PROTO_UNKNOWN: u8 = 4;
+const PROTO_WORDS: [[u8; 8]; 3] = [*b"TCP4 \0\0\0", *b"TCP6 \0\0\0", *b"UNKNOWN\0"];
+
+impl V1Text {
+    pub const fn new() -> Self {
+        V1Text {
+            src: [0; 16],
+            addr: AddrText::new(),
+            port: 0,
+            len: 0,
+            field: V1_PREFIX,
+            sub: 0,
+            cand: PROTO_TCP4 | PROTO_TCP6 | PROTO_UNKNOWN,
         }
-        k += 1;
     }
-    true
+
+    /// The line's next byte.
+    #[inline(always)]
+    pub fn push(&mut self, b: u8) {
+        if self.field == V1_BAD {
+            return;
+        }
+        if self.len as usize >= PROXY_V1_MAX {
+            self.field = V1_BAD;
+            return;
+        }
+        self.len += 1;
+        let sub = self.sub as usize & 7;
+        match self.field {
+            V1_PREFIX => {
+                if b != PROXY_V1_PREFIX[sub % 6] {
+                    self.field = V1_BAD;
+                } else if sub == 5 {
+                    self.field = V1_PROTO;
+                    self.sub = 0;
+                } else {
+                    self.sub += 1;
+                }
+            }
+            V1_PROTO => self.proto(b, sub),
+            V1_SRC | V1_DST => {
+                if b != b' ' {
+                    return self.addr.push(b);
+                }
+                let v6 = self.cand == PROTO_TCP6;
+                match self.addr.finish() {
+                    Some(a) if self.addr.is_v6() == v6 => {
+                        if self.field == V1_SRC {
+                            self.src = a;
+                        }
+                        self.addr = AddrText::new();
+                        self.field += 1;
+                    }
+                    _ => self.field = V1_BAD,
+                }
+            }
+            V1_SPORT | V1_DPORT => {
+                let end = if self.field == V1_SPORT { b' ' } else { b'\r' };
+                if b == end && self.sub > 0 {
+                    self.field += if self.field == V1_SPORT { 1 } else { 2 };
+                    self.sub = 0;
+                    self.port = 0;
+                } else if b.is_ascii_digit() && self.sub < 5 && !(self.sub > 0 && self.port == 0) {
+                    self.port = self.port * 10 + (b - b'0') as u32;
+                    self.sub += 1;
+                    if self.port > 65535 {
+                        self.field = V1_BAD;
+                    }
+                } else {
+                    self.field = V1_BAD;
+                }
+            }
+            V1_REST => match b {
+                b'\r' => self.field = V1_CR,
+                b'\n' => self.field = V1_BAD,
+                _ => {}
+            },
+            V1_CR => self.field = if b == b'\n' { V1_END } else { V1_BAD },
+            _ => self.field = V1_BAD,
+        }
+    }
+
+    /// A byte of the protocol word: `TCP4 `, `TCP6 ` or `UNKNOWN` (then a space or the CR).
+    #[inline(always)]
+    fn proto(&mut self, b: u8, sub: usize) {
+        if self.cand == PROTO_UNKNOWN && sub == 7 {
+            self.field = match b {
+                b' ' => V1_REST,
+                b'\r' => V1_CR,
+                _ => V1_BAD,
+            };
+            return;
+        }
+        let mut i = 0;
+        while i < 3 {
+            if PROTO_WORDS[i][sub] != b {
+                self.cand &= !(1 << i);
+            }
+            i += 1;
+        }
+        if self.cand == 0 {
+            self.field = V1_BAD;
+        } else if sub == 4 && self.cand & PROTO_UNKNOWN == 0 {
+            // `TCP4 ` or `TCP6 ` (the two differ at their fourth byte).
+            self.field = V1_SRC;
+            self.sub = 0;
+        } else {
+            self.sub += 1;
+        }
+    }
+
+    /// The source, once the whole line (up to its LF) is pushed.
+    #[inline(always)]
+    pub const fn finish(&self) -> ProxySource {
+        if self.field != V1_END {
+            ProxySource::Bad
+        } else if self.cand == PROTO_UNKNOWN {
+            ProxySource::Unknown
+        } else {
+            ProxySource::Addr(self.src)
+        }
+    }
+}
+
+/// The source of a v1 header, `buf[..n]` being the whole line with its `\r\n`:
+/// `PROXY TCP4|TCP6 src dst sport dport\r\n` or `PROXY UNKNOWN …\r\n`. Host side and tests:
+/// the kernel drives [`V1Text`] from `bpf_loop`.
+pub fn proxy_v1_source(buf: &[u8; CAP], n: usize) -> ProxySource {
+    if n > PROXY_V1_MAX {
+        return ProxySource::Bad;
+    }
+    let mut t = V1Text::new();
+    let mut i = 0;
+    while i < PROXY_V1_MAX {
+        if i >= n {
+            break;
+        }
+        t.push(at(buf, i));
+        i += 1;
+    }
+    t.finish()
 }
 
 /// The source of a v2 header, `buf[..n]` holding its first `min(total, CAP)` bytes (the
