@@ -2,16 +2,30 @@
 //! header.
 //!
 //! The kernel captures a header value (or a connection's first bytes) into a fixed [`CAP`]-byte
-//! buffer and calls one of these functions on it, once per request head or connection, inside a
-//! `bpf_loop` callback. So they are written for the verifier: no allocation, no panics, every
-//! index masked into the buffer, every loop bounded by a constant, fixed arrays and lengths
-//! instead of slices. The daemon and the host tests call the very same code.
+//! buffer. Reading it in one call with a loop over its bytes is past the verifier's reach (it
+//! follows every path of every iteration: a 128-byte loop over an IPv6 text or a Basic value
+//! passed its million instructions). So each parser is a small state machine, `#[repr(C)]` and
+//! `Pod`, that takes one byte (or one step) per call: the kernel keeps it in map memory, whose
+//! values the verifier does not track, and calls it once per `bpf_loop` iteration, so the
+//! verifier checks one call:
+//!
+//! | reads | state | kernel | host |
+//! |---|---|---|---|
+//! | an API key header | [`KeyText`] | `push` per byte, `finish` | [`api_key`] |
+//! | IP text | [`AddrText`] | `push` per byte, `finish` | [`parse_addr`] |
+//! | a forwarded header | [`FwdText`] | `step` until true (≤ [`FWD_STEPS_MAX`]), `result` | [`forwarded_addr`] |
+//! | a PROXY v1 line | [`V1Text`] | `push` per byte, `finish` | [`proxy_v1_source`] |
+//!
+//! [`siphash24`], [`proxy_start`], [`proxy_v2_len`] and [`proxy_v2_source`] are cheap enough to
+//! call whole. The host functions (the daemon's and the tests' entry points) drive the same state
+//! machines over a buffer. Everything is written for the verifier: no allocation, no panics,
+//! every index masked into its array, loops bounded by constants.
 //!
 //! Buffers come in two layouts. A key header or a PROXY header is captured linearly: byte `i`
 //! of the value at `buf[i]`, the first [`CAP`] bytes kept. A forwarded header is captured as a
 //! ring: byte `i` at `buf[i % CAP]`, the last [`CAP`] bytes kept, because proxies append on the
-//! right and the client controls the left. Positions passed to the parsers are positions in the
-//! value; they are reduced modulo [`CAP`], so one parser reads both layouts.
+//! right and the client controls the left. Positions are positions in the value, reduced modulo
+//! [`CAP`], so one reader serves both layouts.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -189,7 +203,7 @@ pub const fn valid_key_byte(b: u8) -> bool {
 /// For the kernel: the state lives in map memory and [`Self::push`] runs once per `bpf_loop`
 /// iteration (a loop over the value in one call passes the verifier's limit).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct KeyText {
     /// Key bytes written.
     pub n: u32,
@@ -467,7 +481,7 @@ const fn base64_value(b: u8) -> Option<u32> {
 /// paths past its limit, so the kernel keeps this state in map memory and calls [`Self::push`]
 /// once per `bpf_loop` iteration (the verifier then checks one push, with unknown state).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct AddrText {
     /// The IPv6 groups read so far (an IPv4 part fills two of them as it is read).
     pub groups: [u16; 8],
@@ -505,6 +519,12 @@ const A_V6: u8 = 16;
 const A_V4: u8 = 32;
 /// The current token is no decimal octet (a hex letter, a leading zero).
 const A_NOT_DEC: u8 = 64;
+
+impl Default for AddrText {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl AddrText {
     pub const fn new() -> Self {
@@ -800,7 +820,7 @@ pub const FWD_STEPS_MAX: u32 = (CAP as u32 + 2) * (FWD_ENTRIES_MAX as u32 + 1);
 /// For the kernel: the state lives in map memory and [`Self::step`] runs once per `bpf_loop`
 /// iteration, at most [`FWD_STEPS_MAX`] of them (it returns true when done).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FwdText {
     /// The entries' spans (value positions), nearest proxy first; an empty span stands for an
     /// entry that cannot be read.
@@ -1192,7 +1212,7 @@ pub const fn proxy_v2_len(buf: &[u8; CAP]) -> usize {
 /// For the kernel: the state lives in map memory and [`Self::push`] runs once per `bpf_loop`
 /// iteration over the line's bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct V1Text {
     pub src: AddrKey,
     pub addr: AddrText,
@@ -1224,6 +1244,12 @@ const PROTO_TCP4: u8 = 1;
 const PROTO_TCP6: u8 = 2;
 const PROTO_UNKNOWN: u8 = 4;
 const PROTO_WORDS: [[u8; 8]; 3] = [*b"TCP4 \0\0\0", *b"TCP6 \0\0\0", *b"UNKNOWN\0"];
+
+impl Default for V1Text {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl V1Text {
     pub const fn new() -> Self {

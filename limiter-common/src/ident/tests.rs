@@ -656,6 +656,32 @@ proptest! {
 }
 
 #[test]
+fn forwarded_steps_suffice() {
+    // The longest walk: the ring full of short trusted entries, each read after the scan.
+    for kind in [FWD_X_FORWARDED_FOR, FWD_FORWARDED] {
+        let entry = if kind == FWD_FORWARDED {
+            "for=10.0.0.1"
+        } else {
+            "10.0.0.1"
+        };
+        let mut v = String::new();
+        while v.len() < 3 * CAP {
+            v.push_str(entry);
+            v.push(',');
+        }
+        v.push_str(entry);
+        let (buf, len) = ring(v.as_bytes());
+        let mut t = FwdText::new(kind);
+        let mut steps = 0;
+        while !t.step(&buf, len, &trusted) {
+            steps += 1;
+            assert!(steps < FWD_STEPS_MAX, "{kind}");
+        }
+        assert_eq!(t.result(), None, "more trusted entries than are read");
+    }
+}
+
+#[test]
 fn forwarded_for() {
     assert_eq!(
         forwarded("for=192.0.2.60;proto=http;by=203.0.113.43"),
