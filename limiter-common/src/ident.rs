@@ -209,6 +209,8 @@ pub struct KeyText {
     pub n: u32,
     /// Base64 bits not yet decoded.
     pub acc: u32,
+    /// Bytes pushed.
+    pub seen: u32,
     pub bits: u8,
     /// Base64 characters and `=` read.
     pub chars: u8,
@@ -251,6 +253,7 @@ impl KeyText {
         KeyText {
             n: 0,
             acc: 0,
+            seen: 0,
             bits: 0,
             chars: 0,
             pad: 0,
@@ -271,9 +274,11 @@ impl KeyText {
         self.flags |= K_BAD;
     }
 
-    /// The value's next byte (of the first [`CAP`] at most); key bytes go to `out`.
+    /// The value's next byte; key bytes go to `out`. The kernel may push the first [`CAP`]
+    /// bytes of a longer value (see [`Self::finish`]) or all of them.
     #[inline(always)]
     pub fn push(&mut self, b: u8, out: &mut [u8; CAP]) {
+        self.seen = self.seen.saturating_add(1);
         if self.flags & K_BAD != 0 {
             return;
         }
@@ -358,7 +363,7 @@ impl KeyText {
         if self.trailing(b) {
             return;
         }
-        if !valid_key_byte(b) {
+        if !valid_key_byte(b) || self.n as usize >= CAP {
             return self.bad();
         }
         out[self.n as usize & M] = b;
@@ -399,7 +404,7 @@ impl KeyText {
         }
         if c == b':' {
             self.flags |= K_USER;
-        } else if valid_key_byte(c) {
+        } else if valid_key_byte(c) && (self.n as usize) < CAP {
             out[self.n as usize & M] = c;
             self.n += 1;
         } else {
@@ -407,15 +412,16 @@ impl KeyText {
         }
     }
 
-    /// The key's length in `out` once the captured bytes are pushed; `len` is the value's whole
-    /// length (beyond [`CAP`], the capture was truncated: a plain key or a token is then too
-    /// long, and a Basic user name counts only when its `:` was captured).
+    /// The key's length in `out` once the bytes are pushed; `len` is the value's whole length.
+    /// When fewer bytes were pushed, the value was cut: a plain key or a token is then too long
+    /// (longer than [`API_KEY_MAX`] anyway), and a Basic user name counts only when its `:` was
+    /// pushed.
     #[inline(always)]
     pub fn finish(&self, len: u32) -> Option<usize> {
         if self.flags & K_BAD != 0 || self.n == 0 {
             return None;
         }
-        let truncated = len as usize > CAP;
+        let truncated = len > self.seen;
         match self.phase {
             KT_TOKEN if !truncated => Some(self.n as usize),
             KT_BASIC => {

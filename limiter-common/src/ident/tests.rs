@@ -261,6 +261,65 @@ fn basic_long_values() {
     assert_eq!(auth(&basic(cred.as_bytes())), Some(user));
 }
 
+/// Every byte of `value` pushed into a KeyText (as a kernel that follows the stream would).
+fn key_streamed(kind: u8, value: &[u8]) -> Option<Vec<u8>> {
+    let mut out = [0u8; CAP];
+    let mut t = KeyText::new(kind);
+    for b in value {
+        t.push(*b, &mut out);
+    }
+    let n = t.finish(value.len() as u32)?;
+    Some(out[..n].to_vec())
+}
+
+#[test]
+fn keys_pushed_whole() {
+    let longest = "k".repeat(API_KEY_MAX);
+    // The line end pushed too: a key of API_KEY_MAX bytes still reads.
+    let v = format!("{longest} \r\n");
+    assert_eq!(
+        key_streamed(KEY_PLAIN, v.as_bytes()),
+        Some(longest.clone().into_bytes())
+    );
+    assert_eq!(
+        key_streamed(KEY_PLAIN, format!("{longest}k").as_bytes()),
+        None,
+        "too long"
+    );
+    assert_eq!(
+        key_streamed(KEY_PLAIN, "k".repeat(1000).as_bytes()),
+        None,
+        "too long"
+    );
+    let v = format!("Bearer {longest}\r");
+    assert_eq!(
+        key_streamed(KEY_AUTHORIZATION, v.as_bytes()),
+        Some(longest.into_bytes())
+    );
+    // A Basic value is checked to its end: its padding, and base64 all along.
+    let cred = format!("bob:{}", "p".repeat(400));
+    let v = basic(cred.as_bytes());
+    assert_eq!(
+        key_streamed(KEY_AUTHORIZATION, v.as_bytes()),
+        Some(b"bob".to_vec())
+    );
+    assert_eq!(
+        key_streamed(KEY_AUTHORIZATION, format!("{v}=").as_bytes()),
+        None
+    );
+    assert_eq!(
+        key_streamed(KEY_AUTHORIZATION, format!("{v}!").as_bytes()),
+        None
+    );
+    let user = "u".repeat(200);
+    let v = basic(format!("{user}:pw").as_bytes());
+    assert_eq!(
+        key_streamed(KEY_AUTHORIZATION, v.as_bytes()),
+        None,
+        "user name too long"
+    );
+}
+
 fn visible() -> impl Strategy<Value = String> {
     proptest::string::string_regex("[!-~]{1,128}").unwrap()
 }
