@@ -196,6 +196,8 @@ pub struct Stream {
 /// `Stream::id`: the connection's first bytes were looked at (a PROXY header skipped and,
 /// from a trusted proxy, believed).
 pub const ID_OPEN: u16 = 1;
+/// The peer is a trusted proxy and `proxy_protocol` a source: a PROXY header is believed.
+pub const ID_TRUSTED: u16 = 8;
 /// A trusted PROXY header named the source in `proxy_addr`.
 pub const ID_PROXY_OK: u16 = 2;
 /// The connection's org may have changed: the kernel moves its open-connection count.
@@ -263,6 +265,10 @@ pub struct WalkSlot {
     /// The stream of a socket whose state could not be stored (followed one chunk at a time).
     pub stream: Stream,
     pub win: [u8; WIN_BUF],
+    /// A connection's first bytes, read for a PROXY header.
+    pub first: [u8; crate::ident::CAP],
+    /// A PROXY v1 line as read so far.
+    pub v1: crate::ident::V1Text,
 }
 
 /// Walk slots per CPU: a verdict and one that interrupts it.

@@ -25,8 +25,8 @@
 mod addr;
 mod atomic;
 mod days;
-mod maps;
 mod ident;
+mod maps;
 mod push;
 mod quota;
 mod refuse;

@@ -71,4 +71,3 @@ fn take_quota(requests: *mut u64, remote: u64, limit: u64, n: u64) -> bool {
     add(requests, n);
     true
 }
-

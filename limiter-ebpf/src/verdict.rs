@@ -17,8 +17,8 @@ use limiter_common::{
     TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
     reply::Policy,
     stream::{
-        F_REFUSED, ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, S_CLOSED, S_OPAQUE, Stream, Tally,
-        WALK_SLOTS, listed,
+        F_REFUSED, ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, S_CLOSED, S_OPAQUE, Stream,
+        Tally, WALK_SLOTS, listed,
     },
 };
 
@@ -81,8 +81,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
                 .unwrap_or(UNMAPPED_ORG);
             // SAFETY: this CPU's last walk slot's stream, used only here.
             let stream = unsafe { &raw mut (*w).stream };
-            // SAFETY: as above.
-            unsafe { *stream = Stream::new() };
+            fresh(stream);
             open(ctx, c, stream, org);
             // SAFETY: as above.
             (unsafe { (*stream).conn_org(c).0 }, 0, stream)
@@ -206,7 +205,7 @@ fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bo
         count(org, c, Counter::Unparsed);
         return Decision::pass(TRACE_O_UNPARSED, TRACE_R_NOT_HTTP);
     }
-    if t.counted == 0 && t.media == 0 && !t.broken && !t.other_over {
+    if t.counted == 0 && t.media == 0 && !t.broken {
         // Body bytes or the rest of a head: nothing to count, no clock read.
         return Decision::pass(TRACE_O_PASSED, TRACE_R_NONE);
     }
@@ -225,7 +224,7 @@ fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bo
             add(&raw mut (*slot).unparsed, 1);
         }
     }
-    if t.counted == 0 && !t.broken && !t.other_over {
+    if t.counted == 0 && !t.broken {
         return Decision::pass(TRACE_O_EXEMPT, TRACE_R_NONE);
     }
     limit(sock, t, from_boundary, day, slot)
@@ -256,8 +255,6 @@ fn limit(
         match daily_verdict(org, day, slot, limits, n) {
             Some(p) => p,
             None if t.broken => Policy::BadRequest,
-            // Another org's request in the chunk was over its quota.
-            None if t.other_over => Policy::Daily,
             None => return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE),
         }
     };
@@ -322,16 +319,43 @@ fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
     }
 }
 
+/// Makes `stream` a new connection's, field by field (volatile): a whole-struct store becomes a
+/// byte-at-a-time memset the verifier walks byte by byte.
+#[inline(always)]
+fn fresh(stream: *mut Stream) {
+    // SAFETY: a map value (this CPU's last walk slot's stream).
+    unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*stream).remaining, 0);
+        put(&raw mut (*stream).length, 0);
+        put(&raw mut (*stream).method, 0);
+        put(&raw mut (*stream).state, 0);
+        put(&raw mut (*stream).sub, 0);
+        put(&raw mut (*stream).flags, 0);
+        put(&raw mut (*stream).names, 0);
+        put(&raw mut (*stream).media, 0);
+        put(&raw mut (*stream).mpos, 0);
+        put(&raw mut (*stream).seg, 0);
+        put(&raw mut (*stream).pct, 0);
+        put(&raw mut (*stream).peer_org, UNMAPPED_ORG);
+        put(&raw mut (*stream).proxy_org, UNMAPPED_ORG);
+        put(&raw mut (*stream).id, 0);
+        put(&raw mut (*stream).via, 0);
+    }
+}
+
 /// A new connection's identification: its peer's org, and whether the peer is a trusted proxy
-/// (looked up only when a source needs it).
+/// (looked up only when `proxy_protocol` is a source). The walk reads its first bytes next.
 #[inline(always)]
 fn open(ctx: &SkBuffContext, c: &KernelConfig, stream: *mut Stream, peer_org: u32) {
-    let trusted = (listed(c, ID_PROXY_PROTOCOL) || listed(c, ID_FORWARDED))
-        && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
+    let trusted =
+        listed(c, ID_PROXY_PROTOCOL) && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
     // SAFETY: a map value; verdicts of one socket run one at a time.
     unsafe {
-        (*stream).open(c, peer_org, trusted);
-        (*stream).id |= ID_CONN_DIRTY;
+        (*stream).peer_org = peer_org;
+        (*stream).id = if trusted { ID_TRUSTED } else { 0 };
+        let (_, via) = (*stream).conn_org(c);
+        (*stream).via = via;
     }
 }
 
