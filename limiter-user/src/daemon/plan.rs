@@ -3,7 +3,7 @@
 //! and the map contents (most of a million-org daemon's memory) are dropped.
 
 use limiter_common::UNMAPPED_ORG;
-use tracing::error;
+use tracing::{error, info, warn};
 
 use super::maps::KernelMaps;
 use crate::{
@@ -13,6 +13,7 @@ use crate::{
     },
     counters::{Applied, ApplyStats, CountersError},
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
+    secret::KeySecret,
 };
 
 /// The config in force without its org list: what the orgs need at runtime is in [`Orgs`], and
@@ -44,6 +45,7 @@ impl Settings {
             daemon,
             cluster,
             orgs: _,
+            keys: _,
         } = cfg;
         Settings {
             api,
@@ -92,6 +94,10 @@ pub struct Plan {
     /// Some org (or the default) delays connections over the limit, but no interface carries the
     /// SYN gate that does it.
     pub delay_without_gate: bool,
+    /// A secret for the keys' digests that the state directory does not hold yet, and why.
+    new_secret: Option<(KeySecret, String)>,
+    /// How many API keys the plan writes.
+    pub key_count: usize,
 }
 
 impl Plan {
@@ -102,8 +108,15 @@ impl Plan {
     }
 
     /// [`Plan::new`] with the map contents already built (a first start builds them while the
-    /// kernel loads).
-    pub fn with_desired(cfg: Config, ids: OrgIds, desired: Applied) -> Self {
+    /// kernel loads). The config's API keys move into the map contents.
+    pub fn with_desired(mut cfg: Config, ids: OrgIds, mut desired: Applied) -> Self {
+        let mut new_secret = None;
+        if let Some(keys) = cfg.keys.as_mut() {
+            let entries = std::mem::take(&mut keys.entries);
+            let orgs = &cfg.orgs;
+            desired.take_keys(entries, |i| ids.id_at(i, &orgs.get(i)?.name));
+            new_secret = keys.secret_is_new.take().map(|why| (keys.secret, why));
+        }
         let limits = OrgLimitTable::new(&cfg, &ids);
         let delay = |m: Option<ConcurrencyMode>| m == Some(ConcurrencyMode::Delay);
         let delay_without_gate = cfg.api.interfaces.is_empty()
@@ -112,6 +125,8 @@ impl Plan {
         Plan {
             org_count: cfg.orgs.len(),
             delay_without_gate,
+            new_secret,
+            key_count: desired.keys.len(),
             settings: Settings::of(cfg),
             orgs: Orgs { ids, limits },
             desired,
@@ -121,6 +136,30 @@ impl Plan {
     /// What the daemon keeps once the plan is applied: the map contents are dropped.
     pub fn into_parts(self) -> (Settings, Orgs) {
         (self.settings, self.orgs)
+    }
+
+    /// Keeps a new secret of the keys' digests in the state directory before the digests reach
+    /// the kernel, so the next start finds them valid. A failure is logged: the next start then
+    /// makes another secret and rewrites the digests.
+    pub fn keep_new_secret(&mut self) {
+        let Some((secret, why)) = self.new_secret.take() else {
+            return;
+        };
+        let state_dir = &self.settings.daemon.state_dir;
+        match crate::secret::write(state_dir, &secret) {
+            Ok(path) => info!(
+                event = "key_secret",
+                path = %path.display(),
+                reason = why.as_str(),
+                "a new secret for the API keys' digests: every digest is written anew"
+            ),
+            Err(e) => warn!(
+                event = "fault",
+                error = %e,
+                path = %crate::secret::path(state_dir).display(),
+                "the API keys' secret could not be kept; the next start makes another and rewrites the digests"
+            ),
+        }
     }
 
     /// How many address entries the plan writes.
