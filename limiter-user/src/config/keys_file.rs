@@ -238,3 +238,6 @@ fn key_on_line(path: &Path, line: u32) -> Option<(Vec<u8>, usize)> {
     let (at, key) = fields(text).nth(1)?;
     Some((key.to_vec(), column(text, at)))
 }
+
+#[cfg(test)]
+mod tests;

@@ -142,7 +142,8 @@ pub struct KeyDiff<'a> {
     pub write: Cow<'a, [(u64, u32)]>,
     /// How many of `write` are digests the table does not hold yet.
     pub added: usize,
-    pub remove: Vec<u64>,
+    /// (digest, org id it had).
+    pub remove: Vec<(u64, u32)>,
 }
 
 impl<'a> KeyDiff<'a> {
@@ -166,11 +167,11 @@ impl<'a> KeyDiff<'a> {
                     j += 1;
                 }
                 (Some(o), Some(n)) if o.0 < n.0 => {
-                    remove.push(o.0);
+                    remove.push(*o);
                     i += 1;
                 }
                 (Some(o), None) => {
-                    remove.push(o.0);
+                    remove.push(*o);
                     i += 1;
                 }
                 (_, Some(n)) => {
@@ -186,6 +187,19 @@ impl<'a> KeyDiff<'a> {
             added,
             remove,
         }
+    }
+
+    /// The org ids whose keys change (on either side), each once, in order.
+    pub fn orgs(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .write
+            .iter()
+            .chain(&self.remove)
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Whether the new digests fit beside the old ones; if not, the removals go first (keys
@@ -372,7 +386,15 @@ pub fn apply(
         limits_written: diff.limits.len(),
         keys_written: keys.write.len(),
         keys_removed: keys.remove.len(),
-        orgs_changed: if first_start { Vec::new() } else { diff.orgs() },
+        orgs_changed: if first_start {
+            Vec::new()
+        } else {
+            let mut ids = diff.orgs();
+            ids.extend(keys.orgs());
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        },
     })
 }
 
@@ -489,12 +511,13 @@ fn write_keys(kernel: &mut Kernel, entries: &[(u64, u32)]) -> Result<(), Counter
 
 /// Removes digests from API_KEYS a batch at a time (one by one where a batch fails: a digest
 /// already gone ends a batch).
-fn remove_keys(kernel: &mut Kernel, digests: &[u64]) -> Result<(), CountersError> {
-    for chunk in digests.chunks(KEY_CHUNK) {
-        if chunk.len() > 1 && crate::bpf::delete_batch(fd(&kernel.api_keys), chunk).is_ok() {
+fn remove_keys(kernel: &mut Kernel, entries: &[(u64, u32)]) -> Result<(), CountersError> {
+    for chunk in entries.chunks(KEY_CHUNK) {
+        let digests: Vec<u64> = chunk.iter().map(|(d, _)| *d).collect();
+        if chunk.len() > 1 && crate::bpf::delete_batch(fd(&kernel.api_keys), &digests).is_ok() {
             continue;
         }
-        for digest in chunk {
+        for digest in &digests {
             match kernel.api_keys.remove(digest) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(API_KEYS::DEF.name)(e)),
@@ -667,6 +690,64 @@ mod tests {
         assert_eq!(Diff::new(&old, &new).orgs(), [1, 2, 3, 4, 5, 6]);
         assert_eq!(Diff::new(&old, &old).orgs(), [] as [u32; 0]);
     }
+    #[test]
+    fn the_key_diff_writes_new_and_moved_digests_and_removes_the_rest() {
+        let old = [(1, 1), (3, 1), (5, 2), (7, 2)];
+        // 1 stays, 3 goes, 5 moves to org 3, 6 is new, 7 stays.
+        let new = [(1, 1), (5, 3), (6, 2), (7, 2)];
+        let d = KeyDiff::new(&old, &new);
+        assert_eq!(d.write.as_ref(), [(5, 3), (6, 2)]);
+        assert_eq!(d.added, 1);
+        assert_eq!(d.remove, [(3, 1)]);
+        assert_eq!(d.orgs(), [1, 2, 3]);
+        assert!(d.fits(old.len(), 5));
+        assert!(!d.fits(old.len(), 4));
+        // A first start writes the new side as it is, without a copy.
+        let first = KeyDiff::new(&[], &new);
+        assert!(matches!(first.write, Cow::Borrowed(_)));
+        assert_eq!((first.added, first.remove.len()), (4, 0));
+        let same = KeyDiff::new(&old, &old);
+        assert!(same.write.is_empty() && same.remove.is_empty());
+    }
+
+    #[test]
+    fn the_identification_settings_reach_the_kernel_config() {
+        let mut kc = KernelConfig::empty();
+        let identify = Identify {
+            by: vec![Source::ApiKey, Source::Forwarded, Source::Address],
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            forwarded_header: crate::config::ForwardedHeader::XRealIp,
+            api_key_header: "authorization".into(),
+            api_keys_file: None,
+        };
+        identify_config(&mut kc, &identify);
+        use limiter_common::{FWD_X_REAL_IP, ID_ADDRESS, ID_API_KEY, ID_FORWARDED};
+        assert_eq!(
+            kc.identify_by,
+            [ID_API_KEY, ID_FORWARDED, ID_ADDRESS, ID_END]
+        );
+        assert_eq!(
+            (kc.forwarded_kind, kc.key_kind),
+            (FWD_X_REAL_IP, KEY_AUTHORIZATION)
+        );
+        assert_eq!(&kc.fwd_header[..kc.fwd_header_len as usize], b"x-real-ip");
+        assert_eq!(
+            &kc.key_header[..kc.key_header_len as usize],
+            b"authorization"
+        );
+        // Headers of sources not listed are not named.
+        let mut kc = KernelConfig::empty();
+        identify_config(&mut kc, &Identify::default());
+        assert_eq!(
+            kc.identify_by,
+            [limiter_common::ID_ADDRESS, ID_END, ID_END, ID_END]
+        );
+        assert_eq!(
+            (kc.fwd_header_len, kc.key_header_len, kc.key_kind),
+            (0, 0, KEY_PLAIN)
+        );
+    }
+
     #[test]
     fn the_address_generation_moves_only_when_the_table_changes() {
         let a = ((120, limiter_common::v4_mapped([10, 0, 0, 0])), 1);

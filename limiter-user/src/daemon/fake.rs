@@ -234,9 +234,10 @@ impl KernelMaps for FakeMaps {
             .filter(limits_differ)
             .chain(readdressed)
             .collect();
+        let keys = counters::KeyDiff::new(&old.keys, &new.keys);
+        changed.extend(keys.orgs());
         changed.sort_unstable();
         changed.dedup();
-        let keys = counters::KeyDiff::new(&old.keys, &new.keys);
         let stats = ApplyStats {
             keys_written: keys.write.len(),
             keys_removed: keys.remove.len(),
