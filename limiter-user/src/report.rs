@@ -268,7 +268,7 @@ impl Report {
         let _ = writeln!(out, "day {} (resets in {h}h{m:02}m)", self.day);
         let _ = writeln!(
             out,
-            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}  {}",
+            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}  IDENTIFIED BY",
             "ORG",
             "REQUESTS",
             "LIMIT",
@@ -279,8 +279,7 @@ impl Report {
             "UNPARSED",
             "CONNS",
             "PEAK",
-            "BREACHES",
-            "IDENTIFIED BY"
+            "BREACHES"
         );
         for o in &self.orgs {
             let _ = writeln!(
