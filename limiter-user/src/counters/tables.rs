@@ -491,14 +491,27 @@ fn write_removals(kernel: &mut Kernel, diff: &Diff<'_>) -> Result<(), CountersEr
 }
 
 /// Writes (digest, org id) entries into API_KEYS a batch at a time, one by one where the kernel
-/// refuses a batch.
+/// refuses a batch. Many entries are written by two threads: the hash's buckets have their own
+/// locks, and a million inserts take about a second on one.
 fn write_keys(kernel: &mut Kernel, entries: &[(u64, u32)]) -> Result<(), CountersError> {
-    for chunk in entries.chunks(KEY_CHUNK) {
-        let (digests, ids): (Vec<u64>, Vec<u32>) = chunk.iter().copied().unzip();
-        if chunk.len() > 1 && crate::bpf::update_batch(fd(&kernel.api_keys), &digests, &ids).is_ok()
-        {
-            continue;
+    let chunks: Vec<&[(u64, u32)]> = entries.chunks(KEY_CHUNK).collect();
+    let refused: Vec<&[(u64, u32)]> = {
+        let map = fd(&kernel.api_keys);
+        let refused_of = |part| refused_chunks(map, part);
+        let (first, second) = chunks.split_at(chunks.len() / 2);
+        if first.is_empty() {
+            refused_of(second)
+        } else {
+            std::thread::scope(|s| {
+                let other = s.spawn(|| refused_of(second));
+                let mut refused = refused_of(first);
+                // A thread that died is taken as having written nothing: its chunks again.
+                refused.extend(other.join().unwrap_or_else(|_| second.to_vec()));
+                refused
+            })
         }
+    };
+    for chunk in refused {
         for (digest, id) in chunk {
             kernel
                 .api_keys
@@ -507,6 +520,20 @@ fn write_keys(kernel: &mut Kernel, entries: &[(u64, u32)]) -> Result<(), Counter
         }
     }
     Ok(())
+}
+
+/// The chunks of `part` the kernel did not take as a batch.
+fn refused_chunks<'a>(
+    map: std::os::fd::BorrowedFd<'_>,
+    part: &[&'a [(u64, u32)]],
+) -> Vec<&'a [(u64, u32)]> {
+    part.iter()
+        .copied()
+        .filter(|chunk| {
+            let (digests, ids): (Vec<u64>, Vec<u32>) = chunk.iter().copied().unzip();
+            chunk.len() < 2 || crate::bpf::update_batch(map, &digests, &ids).is_err()
+        })
+        .collect()
 }
 
 /// Removes digests from API_KEYS a batch at a time (one by one where a batch fails: a digest
