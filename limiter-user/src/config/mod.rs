@@ -188,7 +188,7 @@ impl Identify {
 
 /// The keys of `api.api_keys_file` as the kernel holds them: digests under a secret, never the
 /// keys themselves.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ApiKeys {
     /// The digests' key.
     pub secret: crate::secret::KeySecret,
@@ -197,6 +197,17 @@ pub struct ApiKeys {
     pub secret_is_new: Option<String>,
     /// One entry per key, sorted by digest (each digest once).
     pub entries: Vec<KeyEntry>,
+}
+
+/// How many keys, not a million digests.
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeys")
+            .field("secret", &self.secret)
+            .field("secret_is_new", &self.secret_is_new)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
 }
 
 /// One line of the keys file, without its key.
