@@ -65,8 +65,12 @@ pub fn run(config_path: &Path) -> Vec<Check> {
         "config",
         cfg.as_ref()
             .map(|c| {
+                let keys = match &c.keys {
+                    Some(k) => format!(", {} API keys", k.entries.len()),
+                    None => String::new(),
+                };
                 format!(
-                    "{}: {} orgs, ports {:?}",
+                    "{}: {} orgs, ports {:?}{keys}",
                     config_path.display(),
                     c.orgs.len(),
                     c.api.ports

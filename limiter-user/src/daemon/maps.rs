@@ -90,6 +90,9 @@ pub trait KernelMaps {
 
     /// How many address entries the maps have room for.
     fn cidr_capacity(&self) -> u32;
+
+    /// How many API keys the maps have room for.
+    fn key_capacity(&self) -> u32;
 }
 
 impl KernelMaps for Kernel {
@@ -192,6 +195,10 @@ impl KernelMaps for Kernel {
 
     fn cidr_capacity(&self) -> u32 {
         self.capacity.cidrs
+    }
+
+    fn key_capacity(&self) -> u32 {
+        self.capacity.keys
     }
 }
 
