@@ -143,6 +143,8 @@ pub const F_CR: u8 = 32;
 /// A 429 with `Connection: close` was sent: the stream is still followed, so that what the
 /// client had already sent is counted (as refused), but nothing more reaches the application.
 pub const F_REFUSED: u8 = 64;
+/// Empty lines opened the connection (before any request).
+pub const F_EMPTY_START: u8 = 128;
 /// Flags of the connection (the rest belong to the current request).
 const F_CONNECTION: u8 = F_HTTP | F_REFUSED;
 
@@ -351,6 +353,9 @@ fn known_method(w: u64) -> Option<(u64, u8)> {
 const HEAD: u64 = u64::from_le_bytes(*b"HEAD\0\0\0\0");
 const PRI: u64 = u64::from_le_bytes(*b"PRI\0\0\0\0\0");
 const CONNECT: u64 = u64::from_le_bytes(*b"CONNECT\0");
+/// A PROXY v1 line read as a request line: one the first look at the connection could not see
+/// whole (cut across segments).
+const PROXY: u64 = u64::from_le_bytes(*b"PROXY\0\0\0");
 
 /// 8 bytes of the window from `at` (masked into the buffer), little-endian.
 #[inline(always)]
@@ -645,6 +650,15 @@ impl Stream {
     #[inline(always)]
     fn idle(&mut self, b: u8, t: &mut Tally) {
         if b == b'\r' || b == b'\n' {
+            if self.flags & F_HTTP == 0 {
+                self.flags |= F_EMPTY_START;
+            }
+            return;
+        }
+        if b == 0 && self.flags & (F_HTTP | F_EMPTY_START) == F_EMPTY_START {
+            // Empty lines then a zero byte: a PROXY v2 signature cut across segments, which a
+            // server that expects one reads. Not followed as such, so never left unread.
+            self.broken(t);
             return;
         }
         if !is_tchar(b) {
@@ -686,6 +700,9 @@ impl Stream {
             } else {
                 matches!(b, b'/' | b'*' | b'h' | b'H')
             };
+            if method == PROXY {
+                return self.broken(t);
+            }
             // `PRI * HTTP/2.0`: the HTTP/2 connection preface.
             if !plausible || (method == PRI && b == b'*') {
                 self.not_http(t);

@@ -11,8 +11,8 @@ use limiter_common::{
     KernelConfig,
     ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
     stream::{
-        ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, MediaPrefixes, S_BODY, Stream, Tally,
-        WALK_SLOTS, WIN, WalkSlot, media_match_index,
+        ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, MediaPrefixes, S_BODY, S_CLOSED, Stream,
+        Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index,
     },
 };
 
@@ -181,8 +181,7 @@ fn proxy_header(skb: *mut __sk_buff, c: &KernelConfig, s: &mut Stream, w: &mut W
             if total as u64 > len {
                 // Cut across segments: not followed as a header, so the stream is broken
                 // (a 400 and the connection closed) rather than left unread.
-                w.tally.broken = true;
-                return true;
+                return broken(s, w);
             }
             let have = if total < CAP { total } else { CAP };
             (total, ident::proxy_v2_source(&w.first, have))
@@ -204,16 +203,17 @@ fn proxy_header(skb: *mut __sk_buff, c: &KernelConfig, s: &mut Stream, w: &mut W
             };
             let line = w.v1.len as usize;
             if line == 0 || w.first[(line - 1) & (CAP - 1)] != b'\n' {
-                w.tally.broken = true;
-                return true;
+                return broken(s, w);
             }
             (line, w.v1.finish())
         }
     };
+    if matches!(source, ProxySource::Bad) {
+        return broken(s, w);
+    }
     s.state = S_BODY;
     s.remaining = skip as u64;
     match source {
-        ProxySource::Bad => w.tally.broken = true,
         ProxySource::Addr(a) if s.id & ID_TRUSTED != 0 => {
             s.proxy_addr = a;
             s.proxy_org = org_of(a);
@@ -225,6 +225,15 @@ fn proxy_header(skb: *mut __sk_buff, c: &KernelConfig, s: &mut Stream, w: &mut W
         }
         _ => {}
     }
+    true
+}
+
+/// A PROXY header the server would not take: nothing more of the connection is followed, and
+/// it is closed with a 400.
+#[inline(always)]
+fn broken(s: &mut Stream, w: &mut WalkSlot) -> bool {
+    s.state = S_CLOSED;
+    w.tally.broken = true;
     true
 }
 
