@@ -6,6 +6,7 @@
 
 pub mod day;
 pub mod http;
+pub mod ident;
 pub mod layout;
 pub mod maps;
 pub mod reply;

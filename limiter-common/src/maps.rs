@@ -228,7 +228,9 @@ pub struct DayCounters {
     pub delayed_syns: u64,
     /// Connections answered with the concurrency 429 (`concurrency_mode = "reject"`).
     pub concurrency_rejected: u64,
-    /// Requests of the org (counted, rejected or exempt) known by the peer address.
+    /// Requests of the org (counted, rejected or exempt) known by the peer address. The four
+    /// `by_*` counters follow one another in the order of the `ID_*` numbers (the kernel indexes
+    /// them).
     pub by_address: u64,
     /// ... by a trusted PROXY protocol header's source address.
     pub by_proxy_protocol: u64,
@@ -461,3 +463,15 @@ pub const fn v4_mapped(octets: [u8; 4]) -> AddrKey {
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
     ]
 }
+
+// The kernel finds a source's `by_*` counter by its `ID_*` number.
+const _: () = {
+    use core::mem::offset_of;
+    let base = offset_of!(DayCounters, by_address);
+    assert!(offset_of!(DayCounters, by_proxy_protocol) == base + 8);
+    assert!(offset_of!(DayCounters, by_forwarded) == base + 16);
+    assert!(offset_of!(DayCounters, by_api_key) == base + 24);
+    assert!(ID_PROXY_PROTOCOL == ID_ADDRESS + 1);
+    assert!(ID_FORWARDED == ID_ADDRESS + 2);
+    assert!(ID_API_KEY == ID_ADDRESS + 3);
+};

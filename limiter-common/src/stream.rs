@@ -18,7 +18,10 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::http::byte_eq_mask;
-use crate::maps::{KernelConfig, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX};
+use crate::maps::{
+    AddrKey, ID_ADDRESS, ID_END, ID_PROXY_PROTOCOL, ID_SOURCES, KernelConfig, MAX_MEDIA_PREFIXES,
+    MEDIA_PREFIX_MAX, UNMAPPED_ORG,
+};
 
 /// The media prefixes as the stream compares them, a byte at a time.
 pub trait MediaPrefixes {
@@ -140,6 +143,8 @@ pub const F_CR: u8 = 32;
 /// A 429 with `Connection: close` was sent: the stream is still followed, so that what the
 /// client had already sent is counted (as refused), but nothing more reaches the application.
 pub const F_REFUSED: u8 = 64;
+/// Empty lines opened the connection (before any request).
+pub const F_EMPTY_START: u8 = 128;
 /// Flags of the connection (the rest belong to the current request).
 const F_CONNECTION: u8 = F_HTTP | F_REFUSED;
 
@@ -177,6 +182,40 @@ pub struct Stream {
     pub seg: u8,
     /// Percent-decoding state: 0, [`PCT_OPEN`] after `%`, or [`PCT_HALF`] | first hex digit.
     pub pct: u8,
+    /// The org of the peer address (0: unmapped, or `address` is not a source).
+    pub peer_org: u32,
+    /// The org of a believed PROXY header's source (with [`ID_PROXY_OK`]).
+    pub proxy_org: u32,
+    /// A believed PROXY header's source address (its org is looked up again on reloads).
+    pub proxy_addr: AddrKey,
+    /// `ID_*` flags.
+    pub id: u16,
+    /// The `ID_*` source the connection's org comes from (0: none).
+    pub via: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `Stream::id`: the connection's first bytes were looked at (a PROXY header skipped and,
+/// from a trusted proxy, believed).
+pub const ID_OPEN: u16 = 1;
+/// The peer is a trusted proxy and `proxy_protocol` a source: a PROXY header is believed.
+pub const ID_TRUSTED: u16 = 8;
+/// A trusted PROXY header named the source in `proxy_addr`.
+pub const ID_PROXY_OK: u16 = 2;
+/// The connection's org may have changed: the kernel moves its open-connection count.
+pub const ID_CONN_DIRTY: u16 = 4;
+
+/// Whether `source` is in `identify_by`.
+#[inline(always)]
+pub fn listed(cfg: &KernelConfig, source: u8) -> bool {
+    let mut i = 0;
+    while i < ID_SOURCES {
+        if cfg.identify_by[i] == source {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 const SEG_START: u8 = 0;
@@ -195,12 +234,17 @@ pub struct Tally {
     pub media: u32,
     /// Request lines that started in the chunk.
     pub starts: u32,
+    /// The org the chunk's requests count for, and its `ID_*` source.
+    pub org: u32,
+    pub via: u8,
     /// The last request started was a HEAD (its 429 must not carry a body it does not expect).
     pub head_method: bool,
     /// The connection turned out not to be HTTP/1.x (first bytes).
     pub opaque: bool,
     /// The framing broke: the connection must be closed.
     pub broken: bool,
+    /// No padding: a copy must not carry undefined bytes (the verifier rejects them).
+    pub _pad: [u8; 4],
 }
 
 /// The kernel's working space for walking one chunk (a per-CPU map value: the verifier tracks
@@ -223,6 +267,10 @@ pub struct WalkSlot {
     /// The stream of a socket whose state could not be stored (followed one chunk at a time).
     pub stream: Stream,
     pub win: [u8; WIN_BUF],
+    /// A connection's first bytes, read for a PROXY header.
+    pub first: [u8; crate::ident::CAP],
+    /// A PROXY v1 line as read so far.
+    pub v1: crate::ident::V1Text,
 }
 
 /// Walk slots per CPU: a verdict and one that interrupts it.
@@ -305,6 +353,9 @@ fn known_method(w: u64) -> Option<(u64, u8)> {
 const HEAD: u64 = u64::from_le_bytes(*b"HEAD\0\0\0\0");
 const PRI: u64 = u64::from_le_bytes(*b"PRI\0\0\0\0\0");
 const CONNECT: u64 = u64::from_le_bytes(*b"CONNECT\0");
+/// A PROXY v1 line read as a request line: one the first look at the connection could not see
+/// whole (cut across segments).
+const PROXY: u64 = u64::from_le_bytes(*b"PROXY\0\0\0");
 
 /// 8 bytes of the window from `at` (masked into the buffer), little-endian.
 #[inline(always)]
@@ -376,7 +427,34 @@ impl Stream {
             mpos: 0,
             seg: 0,
             pct: 0,
+            peer_org: UNMAPPED_ORG,
+            proxy_org: UNMAPPED_ORG,
+            proxy_addr: [0; 16],
+            id: 0,
+            via: 0,
+            _pad: [0; 5],
         }
+    }
+
+    /// The org of the connection as a whole and its `ID_*` source: the first of the
+    /// connection's sources (`proxy_protocol`, `address`) in `identify_by` that names an org.
+    #[inline(always)]
+    pub fn conn_org(&self, cfg: &KernelConfig) -> (u32, u8) {
+        let mut i = 0;
+        while i < ID_SOURCES {
+            let s = cfg.identify_by[i];
+            let org = match s {
+                ID_PROXY_PROTOCOL if self.id & ID_PROXY_OK != 0 => self.proxy_org,
+                ID_ADDRESS => self.peer_org,
+                ID_END => break,
+                _ => UNMAPPED_ORG,
+            };
+            if org != UNMAPPED_ORG {
+                return (org, s);
+            }
+            i += 1;
+        }
+        (UNMAPPED_ORG, 0)
     }
 
     /// Whether the next step reads bytes (else it only skips `remaining` of them).
@@ -572,6 +650,15 @@ impl Stream {
     #[inline(always)]
     fn idle(&mut self, b: u8, t: &mut Tally) {
         if b == b'\r' || b == b'\n' {
+            if self.flags & F_HTTP == 0 {
+                self.flags |= F_EMPTY_START;
+            }
+            return;
+        }
+        if b == 0 && self.flags & (F_HTTP | F_EMPTY_START) == F_EMPTY_START {
+            // Empty lines then a zero byte: a PROXY v2 signature cut across segments, which a
+            // server that expects one reads. Not followed as such, so never left unread.
+            self.broken(t);
             return;
         }
         if !is_tchar(b) {
@@ -613,6 +700,9 @@ impl Stream {
             } else {
                 matches!(b, b'/' | b'*' | b'h' | b'H')
             };
+            if method == PROXY {
+                return self.broken(t);
+            }
             // `PRI * HTTP/2.0`: the HTTP/2 connection preface.
             if !plausible || (method == PRI && b == b'*') {
                 self.not_http(t);

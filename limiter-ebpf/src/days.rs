@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xchg};
 
-use limiter_common::{DayCounters, FAULT_BAD_ORG, KernelConfig, day_index};
+use limiter_common::{DayCounters, FAULT_BAD_ORG, ID_ADDRESS, KernelConfig, day_index};
 
 use crate::{
     atomic::{add, cas, load},
@@ -56,6 +56,11 @@ pub(crate) fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
             (*slot).concurrency_breaches = 0;
             (*slot).delayed_syns = 0;
             (*slot).concurrency_rejected = 0;
+            (*slot).by_address = 0;
+            (*slot).by_proxy_protocol = 0;
+            (*slot).by_forwarded = 0;
+            (*slot).by_api_key = 0;
+            (*slot).unknown_keys = 0;
             atomic_xchg::<u64, { SeqCst }>(tag, day);
         }
         return Some(slot);
@@ -72,11 +77,25 @@ fn day_slot_if(tag: *mut u64, slot: *mut DayCounters, day: u64) -> Option<*mut D
     (load(tag) == day).then_some(slot)
 }
 
+/// Adds `n` requests to the count of the source (`ID_*`) that named their org.
+#[inline(always)]
+pub(crate) fn add_by(slot: *mut DayCounters, via: u8, n: u64) {
+    // by_address, by_proxy_protocol, by_forwarded and by_api_key follow one another, in the
+    // order of the ID_* numbers; the mask bounds the index for the verifier.
+    let i = (via as usize).wrapping_sub(ID_ADDRESS as usize);
+    if i >= 4 || n == 0 {
+        return;
+    }
+    // SAFETY: `slot` points into a valid map value; `i & 3` stays within the four fields.
+    add(unsafe { (&raw mut (*slot).by_address).add(i & 3) }, n);
+}
+
 /// Which counter of today's slot a chunk or connection touches by one.
 #[derive(Clone, Copy)]
 pub(crate) enum Counter {
     ExemptPush,
     Unparsed,
+    UnknownKey,
 }
 
 #[inline(always)]
@@ -89,6 +108,7 @@ pub(crate) fn count(org: u32, c: &KernelConfig, what: Counter) {
         match what {
             Counter::ExemptPush => &raw mut (*slot).exempt_pushes,
             Counter::Unparsed => &raw mut (*slot).unparsed,
+            Counter::UnknownKey => &raw mut (*slot).unknown_keys,
         }
     };
     add(field, 1);

@@ -25,8 +25,10 @@
 mod addr;
 mod atomic;
 mod days;
+mod ident;
 mod maps;
 mod push;
+mod quota;
 mod refuse;
 mod shared;
 mod sock_ops;

@@ -18,8 +18,9 @@ use aya_ebpf::{
 };
 use limiter_common::{
     EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
-    FAULT_UNMAPPED_UNTRACKED, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_INBOUND, SOCK_F_OVER_LIMIT,
-    SockState, UNMAPPED_ORG, stream::Stream,
+    FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_INBOUND,
+    SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
+    stream::{Stream, listed},
 };
 
 use crate::{
@@ -70,7 +71,12 @@ fn on_inbound(ctx: &SockOpsContext) {
     let Some(addr) = peer_addr!(ctx.ops) else {
         return;
     };
-    let org = org_of(addr);
+    // Without `address` among the sources, a connection is nobody's until it says otherwise.
+    let org = if listed(c, ID_ADDRESS) {
+        org_of(addr)
+    } else {
+        UNMAPPED_ORG
+    };
     let cookie = cookie_of_ops(ctx);
     let state = SockState {
         org,
@@ -120,7 +126,7 @@ fn on_inbound(ctx: &SockOpsContext) {
 /// Counts a new connection; the org's `ORG_F_*` flags when it arrived while the org was at its
 /// concurrency limit.
 #[inline(always)]
-fn connection_opened(org: u32, c: &KernelConfig) -> Option<u32> {
+pub(crate) fn connection_opened(org: u32, c: &KernelConfig) -> Option<u32> {
     let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
         fault(FAULT_BAD_ORG);
         return None;

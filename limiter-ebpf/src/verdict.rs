@@ -10,21 +10,27 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    DayCounters, EVENT_QUOTA_EXHAUSTED, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY,
-    KernelConfig, ORG_F_ACTIVE, ORG_F_DRY_RUN, OrgLimits, SOCK_F_OVER_LIMIT, SockState,
-    TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED,
-    TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT,
-    TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG, day_index,
+    DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_PROXY_PROTOCOL,
+    KernelConfig, ORG_F_CONC_REJECT, SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT,
+    TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED,
+    TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP,
+    UNMAPPED_ORG,
     reply::Policy,
-    stream::{F_REFUSED, S_CLOSED, S_OPAQUE, Stream, Tally, WALK_SLOTS},
+    stream::{
+        F_REFUSED, ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, S_CLOSED, S_OPAQUE, Stream,
+        Tally, WALK_SLOTS, listed,
+    },
 };
 
 use crate::{
     addr::{org_of, peer_addr},
-    atomic::{add, add_i64, cas, load},
-    days::{Counter, count, day_counters},
-    maps::{ORG_CONNS, ORG_LIMITS, ORG_REMOTE, REFUSE, SCRATCH, VERDICT_NEXT, WALK},
-    shared::{config, emit, fault, forward, today},
+    atomic::{add, add_i64},
+    days::{Counter, add_by, count, day_counters},
+    ident,
+    maps::{ORG_CONNS, ORG_LIMITS, REFUSE, SCRATCH, VERDICT_NEXT, WALK},
+    quota::daily_verdict,
+    shared::{config, fault, forward, today},
+    sock_ops::connection_opened,
     sock_table::sock_state,
     trace::{self, Traced, tracing},
     walk::walk_chunk,
@@ -49,10 +55,17 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let (org, kind, stream) = match st {
         // SAFETY: valid map value; verdicts of one socket run one at a time.
         Some(st) => unsafe {
+            let stream = &raw mut (*st).stream;
+            if (*stream).id & ID_OPEN == 0 {
+                open(ctx, c, stream, (*st).org);
+            }
             if (*st).addr_gen != c.addr_gen || (*st).org_epoch != c.org_epoch {
                 reattribute(ctx, st, c);
             }
-            ((*st).org, (*st).kind, &raw mut (*st).stream)
+            if (*stream).id & ID_CONN_DIRTY != 0 {
+                move_conn(st, c);
+            }
+            ((*st).org, (*st).kind, stream)
         },
         None => {
             // Nothing to follow the stream with: each chunk is read as if it began the
@@ -62,14 +75,16 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
                 return SK_PASS;
             };
             let addr = peer_addr!(ctx.skb.skb);
+            let org = addr
+                .filter(|_| listed(c, ID_ADDRESS))
+                .map(org_of)
+                .unwrap_or(UNMAPPED_ORG);
             // SAFETY: this CPU's last walk slot's stream, used only here.
-            unsafe { (*w).stream = Stream::new() };
-            (
-                addr.map(org_of).unwrap_or(UNMAPPED_ORG),
-                0,
-                // SAFETY: as above.
-                unsafe { &raw mut (*w).stream },
-            )
+            let stream = unsafe { &raw mut (*w).stream };
+            fresh(stream);
+            open(ctx, c, stream, org);
+            // SAFETY: as above.
+            (unsafe { (*stream).conn_org(c).0 }, 0, stream)
         }
     };
     // SAFETY: a map value, as above.
@@ -81,18 +96,32 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         S_OPAQUE => return SK_PASS,
         _ => {}
     }
-    let walked = walk_chunk(ctx, c, stream, len);
-    let d = match walked {
-        Some(t) => {
-            let sock = Sock { org, kind, stream };
-            decide(c, &sock, &t, flags, from_boundary)
-        }
-        None => {
-            // The stream cannot be followed past here: fail open.
-            fault(FAULT_PARSE);
-            Decision::pass(TRACE_O_UNPARSED, TRACE_R_FAULT)
-        }
+    // SAFETY: a map value, as above.
+    let via = unsafe { (*stream).via };
+    let mut t = Tally {
+        org,
+        via,
+        ..Tally::default()
     };
+    let walked = walk_chunk(ctx, c, stream, len, &mut t);
+    // A trusted PROXY header named the connection's org.
+    // SAFETY: as above.
+    if let Some(st) = st
+        && unsafe { (*stream).id } & ID_CONN_DIRTY != 0
+    {
+        move_conn(st, c);
+    }
+    let d = if walked {
+        let sock = Sock { org, kind, stream };
+        decide(c, &sock, &t, flags, from_boundary)
+    } else {
+        // The stream cannot be followed past here: fail open.
+        fault(FAULT_PARSE);
+        Decision::pass(TRACE_O_UNPARSED, TRACE_R_FAULT)
+    };
+    // The org the chunk's requests belong to (the connection's, unless its requests are
+    // attributed one by one).
+    let org = t.org;
     if tracing() {
         let traced = Traced {
             cookie,
@@ -101,7 +130,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
             reason: d.reason,
             at_start: from_boundary,
         };
-        trace::record(ctx, &traced, &walked.unwrap_or_default());
+        trace::record(ctx, &traced, &t);
     }
     match d.action {
         Action::Pass => SK_PASS,
@@ -155,7 +184,7 @@ struct Sock {
 /// Counts what the walk found in a chunk, and decides on it.
 #[inline(always)]
 fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) -> Decision {
-    let org = sock.org;
+    let org = t.org;
     if flags & F_REFUSED != 0 {
         // After a `Connection: close` 429: what the client still sent is counted (counted
         // requests as refused) and dropped.
@@ -185,6 +214,7 @@ fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bo
     let Some(slot) = day_counters(org, day) else {
         return Decision::pass(TRACE_O_PASSED, TRACE_R_FAULT);
     };
+    add_by(slot, t.via, (t.counted + t.media) as u64);
     // SAFETY: `slot` is a valid map value.
     unsafe {
         if t.media > 0 {
@@ -210,11 +240,13 @@ fn limit(
     day: u64,
     slot: *mut DayCounters,
 ) -> Decision {
-    let (org, kind) = (sock.org, sock.kind);
+    let org = t.org;
     let limits = ORG_LIMITS.get(org);
     let n = t.counted as u64;
+    // The connection's concurrency limit holds for its own org's requests.
+    let over = sock.kind & SOCK_F_OVER_LIMIT != 0 && org == sock.org;
     // One refusal for every policy: the verifier walks the 429 path once, not per policy.
-    let policy = if kind & SOCK_F_OVER_LIMIT != 0 && limits.is_some() && n > 0 {
+    let policy = if over && limits.is_some() && n > 0 {
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).concurrency_rejected }, 1);
         add(unsafe { &raw mut (*slot).rejected }, n);
@@ -248,76 +280,26 @@ fn limit(
     }
 }
 
-/// The daily quota's decision for the `n` counted requests of a chunk: None lets them through
-/// (counted), Some refuses them all (counted as rejected).
-#[inline(always)]
-fn daily_verdict(
-    org: u32,
-    day: u64,
-    slot: *mut DayCounters,
-    limits: Option<&OrgLimits>,
-    n: u64,
-) -> Option<Policy> {
-    // SAFETY: valid map value.
-    let requests = unsafe { &raw mut (*slot).requests };
-    if n == 0 {
-        return None;
-    }
-    let Some(l) = limits.filter(|l| org != UNMAPPED_ORG && l.flags & ORG_F_ACTIVE != 0) else {
-        add(requests, n);
-        return None;
-    };
-    // In a cluster the other hosts' count of today counts against the same limit.
-    let remote = ORG_REMOTE
-        .get(day_index(org, day))
-        .filter(|r| r.day == day)
-        .map(|r| r.requests)
-        .unwrap_or(0);
-    if take_quota(requests, remote, l.daily_requests, n) {
-        return None;
-    }
-    // Over quota: the requests go to `rejected`, not `requests`.
-    // SAFETY: valid map value.
-    if add(unsafe { &raw mut (*slot).rejected }, n) == 0 {
-        emit(EVENT_QUOTA_EXHAUSTED, org, l.daily_requests, day);
-    }
-    if l.flags & ORG_F_DRY_RUN != 0 {
-        return None;
-    }
-    Some(Policy::Daily)
-}
-
-/// Counts `n` requests against the quota if all fit: a compare-and-swap from below the limit,
-/// so the limit is never passed across CPUs and a refusal never touches the count (a reset or
-/// day change landing meanwhile cannot make it wrap). Under heavy contention the bounded loop
-/// gives up and lets the requests through, counted (fail open).
-#[inline(always)]
-fn take_quota(requests: *mut u64, remote: u64, limit: u64, n: u64) -> bool {
-    let mut cur = load(requests);
-    let mut i = 0;
-    while i < 16 {
-        if cur.saturating_add(remote).saturating_add(n) > limit {
-            return false;
-        }
-        match cas(requests, cur, cur + n) {
-            Ok(()) => return true,
-            Err(now) => cur = now,
-        }
-        i += 1;
-    }
-    add(requests, n);
-    true
-}
-
 /// The address table changed (a reload) since this connection was attributed, or the org maps
 /// were replaced (a restart that resized them): look its org up again, and move its
 /// open-connection count along (or, from other org maps, count it here), so added and removed
 /// orgs take effect on existing keep-alive connections too.
 #[inline(always)]
 fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
-    let org = peer_addr!(ctx.skb.skb).map(org_of).unwrap_or(UNMAPPED_ORG);
+    let peer = peer_addr!(ctx.skb.skb)
+        .filter(|_| listed(c, ID_ADDRESS))
+        .map(org_of)
+        .unwrap_or(UNMAPPED_ORG);
     // SAFETY: valid map value; verdicts of one socket run one at a time.
     unsafe {
+        let s = &raw mut (*st).stream;
+        (*s).peer_org = peer;
+        if (*s).id & ID_PROXY_OK != 0 {
+            (*s).proxy_org = org_of((*s).proxy_addr);
+        }
+        let (org, via) = (*s).conn_org(c);
+        (*s).via = via;
+        (*s).id &= !ID_CONN_DIRTY;
         let old = (*st).org;
         let counted_here = (*st).org_epoch == c.org_epoch;
         (*st).addr_gen = c.addr_gen;
@@ -334,6 +316,75 @@ fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
             add_i64(to, 1);
         }
         (*st).org = org;
+    }
+}
+
+/// Makes `stream` a new connection's, field by field (volatile): a whole-struct store becomes a
+/// byte-at-a-time memset the verifier walks byte by byte.
+#[inline(always)]
+fn fresh(stream: *mut Stream) {
+    // SAFETY: a map value (this CPU's last walk slot's stream).
+    unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*stream).remaining, 0);
+        put(&raw mut (*stream).length, 0);
+        put(&raw mut (*stream).method, 0);
+        put(&raw mut (*stream).state, 0);
+        put(&raw mut (*stream).sub, 0);
+        put(&raw mut (*stream).flags, 0);
+        put(&raw mut (*stream).names, 0);
+        put(&raw mut (*stream).media, 0);
+        put(&raw mut (*stream).mpos, 0);
+        put(&raw mut (*stream).seg, 0);
+        put(&raw mut (*stream).pct, 0);
+        put(&raw mut (*stream).peer_org, UNMAPPED_ORG);
+        put(&raw mut (*stream).proxy_org, UNMAPPED_ORG);
+        put(&raw mut (*stream).id, 0);
+        put(&raw mut (*stream).via, 0);
+    }
+}
+
+/// A new connection's identification: its peer's org, and whether the peer is a trusted proxy
+/// (looked up only when `proxy_protocol` is a source). The walk reads its first bytes next.
+#[inline(always)]
+fn open(ctx: &SkBuffContext, c: &KernelConfig, stream: *mut Stream, peer_org: u32) {
+    let trusted =
+        listed(c, ID_PROXY_PROTOCOL) && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
+    // SAFETY: a map value; verdicts of one socket run one at a time.
+    unsafe {
+        (*stream).peer_org = peer_org;
+        (*stream).id = if trusted { ID_TRUSTED } else { 0 };
+        let (_, via) = (*stream).conn_org(c);
+        (*stream).via = via;
+    }
+}
+
+/// The connection's org changed (a trusted PROXY header, or sources that leave the peer
+/// address out): its open-connection count moves there, and the new org's concurrency limit
+/// is checked as for a new connection.
+#[inline(always)]
+fn move_conn(st: *mut SockState, c: &KernelConfig) {
+    // SAFETY: valid map value; verdicts of one socket run one at a time.
+    unsafe {
+        let s = &raw mut (*st).stream;
+        (*s).id &= !ID_CONN_DIRTY;
+        let (to, via) = (*s).conn_org(c);
+        (*s).via = via;
+        let from = (*st).org;
+        if to == from {
+            return;
+        }
+        (*st).org = to;
+        (*st).kind &= !SOCK_F_OVER_LIMIT;
+        if (*st).open != 1 || (*st).org_epoch != c.org_epoch {
+            return;
+        }
+        if let Some(conns) = ORG_CONNS.get_ptr_mut(from) {
+            add_i64(conns, -1);
+        }
+        if connection_opened(to, c).is_some_and(|f| f & ORG_F_CONC_REJECT != 0) {
+            (*st).kind |= SOCK_F_OVER_LIMIT;
+        }
     }
 }
 

@@ -9,10 +9,17 @@ use aya_ebpf::{
 };
 use limiter_common::{
     KernelConfig,
-    stream::{MediaPrefixes, Stream, Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index},
+    ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
+    stream::{
+        ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, MediaPrefixes, S_BODY, S_CLOSED, Stream,
+        Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index,
+    },
 };
 
-use crate::maps::{MEDIA_MATCH, WALK};
+use crate::{
+    addr::org_of,
+    maps::{MEDIA_MATCH, WALK},
+};
 
 /// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
 /// everything that changes lives in map memory, where the verifier does not follow values.
@@ -114,32 +121,179 @@ impl MediaPrefixes for KernelMedia {
     }
 }
 
+/// The connection's first chunk, before its walk: see [`proxy_header`].
+#[inline(never)]
+extern "C" fn open_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    if !proxy_header(w.skb, cfg, stream, slot) {
+        slot.failed = 1;
+    }
+    1
+}
+
+/// A connection's first chunk: a PROXY header at its start is skipped (the application that
+/// expects it reads it), and from a trusted proxy its source becomes the connection's
+/// `proxy_protocol` address. False when the chunk could not be read.
+#[inline(always)]
+fn proxy_header(skb: *mut __sk_buff, c: &KernelConfig, s: &mut Stream, w: &mut WalkSlot) -> bool {
+    let len = w.len;
+    s.id |= ID_OPEN;
+    let cap = CAP as u64;
+    let loaded = if len < cap {
+        let short = len as u32;
+        if short == 0 {
+            return true;
+        }
+        // SAFETY: `first` holds CAP > len bytes; the verifier sees 1 <= len < CAP.
+        unsafe {
+            bpf_skb_load_bytes(
+                skb as *const c_void,
+                0,
+                w.first.as_mut_ptr() as *mut c_void,
+                short,
+            )
+        }
+    } else {
+        // SAFETY: `first` holds CAP bytes, and the chunk at least as many.
+        unsafe {
+            bpf_skb_load_bytes(
+                skb as *const c_void,
+                0,
+                w.first.as_mut_ptr() as *mut c_void,
+                CAP as u32,
+            )
+        }
+    };
+    if loaded != 0 {
+        return false;
+    }
+    let n = if len < cap { len } else { cap } as usize;
+    let (skip, source) = match ident::proxy_start(&w.first, n) {
+        ProxyStart::NotProxy | ProxyStart::NeedMore => return true,
+        ProxyStart::V2 => {
+            let total = if n >= 16 {
+                ident::proxy_v2_len(&w.first)
+            } else {
+                usize::MAX
+            };
+            if total as u64 > len {
+                // Cut across segments: not followed as a header, so the stream is broken
+                // (a 400 and the connection closed) rather than left unread.
+                return broken(s, w);
+            }
+            let have = if total < CAP { total } else { CAP };
+            (total, ident::proxy_v2_source(&w.first, have))
+        }
+        ProxyStart::V1 => {
+            w.v1 = V1Text::new();
+            let mut v1 = V1Walk {
+                slot: &raw mut *w,
+                n: n as u64,
+            };
+            // SAFETY: `v1_step` is a static function of this program; `v1` outlives the loop.
+            unsafe {
+                bpf_loop(
+                    PROXY_V1_MAX as u32,
+                    v1_step as *const () as *mut c_void,
+                    &mut v1 as *mut V1Walk as *mut c_void,
+                    0,
+                )
+            };
+            let line = w.v1.len as usize;
+            if line == 0 || w.first[(line - 1) & (CAP - 1)] != b'\n' {
+                return broken(s, w);
+            }
+            (line, w.v1.finish())
+        }
+    };
+    if matches!(source, ProxySource::Bad) {
+        return broken(s, w);
+    }
+    s.state = S_BODY;
+    s.remaining = skip as u64;
+    match source {
+        ProxySource::Addr(a) if s.id & ID_TRUSTED != 0 => {
+            s.proxy_addr = a;
+            s.proxy_org = org_of(a);
+            s.id |= ID_PROXY_OK | ID_CONN_DIRTY;
+            let (org, via) = s.conn_org(c);
+            s.via = via;
+            w.tally.org = org;
+            w.tally.via = via;
+        }
+        _ => {}
+    }
+    true
+}
+
+/// A PROXY header the server would not take: nothing more of the connection is followed, and
+/// it is closed with a 400.
+#[inline(always)]
+fn broken(s: &mut Stream, w: &mut WalkSlot) -> bool {
+    s.state = S_CLOSED;
+    w.tally.broken = true;
+    true
+}
+
+/// What the PROXY v1 `bpf_loop` hands each iteration.
+#[repr(C)]
+struct V1Walk {
+    slot: *mut WalkSlot,
+    n: u64,
+}
+
+/// One byte of a PROXY v1 line, up to its LF.
+#[inline(never)]
+extern "C" fn v1_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is `proxy_header`'s `V1Walk`; `slot` this CPU's walk slot (a map value).
+    let v = unsafe { &*(ctx as *const V1Walk) };
+    // SAFETY: as above.
+    let w = unsafe { &mut *v.slot };
+    if i >= v.n {
+        return 1;
+    }
+    let b = w.first[i as usize & (CAP - 1)];
+    w.v1.push(b);
+    if b == b'\n' { 1 } else { 0 }
+}
+
 /// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
 const WALK_MAX: u64 = 1 << 23;
 
-/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot. None when it could not be
+/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot, and says what it held in
+/// `t` (which comes in with the connection's org and source). False when it could not be
 /// followed to its end (a fault; the chunk passes).
+///
+/// (An out-parameter, not an `Option<Tally>`: LLVM stores a `None`'s undefined payload from
+/// whatever register, which the verifier rejects.)
 #[inline(always)]
 pub(crate) fn walk_chunk(
     ctx: &SkBuffContext,
     c: &KernelConfig,
     stream: *mut Stream,
     len: u64,
-) -> Option<Tally> {
-    let top = WALK.get_ptr_mut(0)?;
+    t: &mut Tally,
+) -> bool {
+    let Some(top) = WALK.get_ptr_mut(0) else {
+        return false;
+    };
     // SAFETY: this CPU's slot 0. A verdict that interrupts this one runs to its end before this
     // one goes on, so a plain read and write of the depth cannot interleave with another.
     let depth = unsafe { (*top).depth };
     if depth >= WALK_SLOTS as u64 {
-        return None;
+        return false;
     }
-    let slot = WALK.get_ptr_mut(depth as u32)?;
+    let Some(slot) = WALK.get_ptr_mut(depth as u32) else {
+        return false;
+    };
     // SAFETY: as above.
     unsafe { (*top).depth = depth + 1 };
-    let tally = walk_in(ctx, c, stream, len, slot);
+    let ok = walk_in(ctx, c, stream, len, slot, t);
     // SAFETY: as above.
     unsafe { (*top).depth = depth };
-    tally
+    ok
 }
 
 #[inline(always)]
@@ -149,7 +303,8 @@ fn walk_in(
     stream: *mut Stream,
     len: u64,
     slot: *mut WalkSlot,
-) -> Option<Tally> {
+    t: &mut Tally,
+) -> bool {
     // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back. Volatile stores, field
     // by field: LLVM turns plain ones into a call to a byte-at-a-time memset.
     let w = unsafe {
@@ -163,6 +318,8 @@ fn walk_in(
         put(&raw mut (*slot).tally.media, 0);
         put(&raw mut (*slot).tally.starts, 0);
         put(&raw mut (*slot).tally.head_method, false);
+        put(&raw mut (*slot).tally.org, t.org);
+        put(&raw mut (*slot).tally.via, t.via);
         put(&raw mut (*slot).tally.opaque, false);
         put(&raw mut (*slot).tally.broken, false);
         &mut *slot
@@ -178,7 +335,7 @@ fn walk_in(
             )
         } != 0
         {
-            return None;
+            return false;
         }
         w.win_n = len;
     }
@@ -189,6 +346,23 @@ fn walk_in(
         stream,
     };
     let loops = if len < WALK_MAX { len } else { WALK_MAX };
+    // SAFETY: a map value; verdicts of one socket run one at a time.
+    if unsafe { (*stream).id } & ID_OPEN == 0 {
+        // In a callback of its own: what it finds goes to map memory, so the verifier does not
+        // walk the rest of the verdict once per way it ends.
+        // SAFETY: `open_step` is a static function of this program; `walk` outlives the loop.
+        unsafe {
+            bpf_loop(
+                1,
+                open_step as *const () as *mut c_void,
+                &mut walk as *mut Walk as *mut c_void,
+                0,
+            )
+        };
+        if w.failed != 0 {
+            return false;
+        }
+    }
     // SAFETY: `walk_step` is a static function of this program; `walk` outlives the loop.
     unsafe {
         bpf_loop(
@@ -198,5 +372,9 @@ fn walk_in(
             0,
         )
     };
-    (w.failed == 0).then_some(w.tally)
+    if w.failed != 0 {
+        return false;
+    }
+    *t = w.tally;
+    true
 }

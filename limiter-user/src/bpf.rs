@@ -131,6 +131,24 @@ pub fn update_batch<K: Pod, V: Pod>(
     Ok(())
 }
 
+/// Removes `keys` with one syscall per chunk (BPF_MAP_DELETE_BATCH). A key that is not there
+/// ends the batch with ENOENT (what came before it is removed).
+pub fn delete_batch<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    let mut done = 0;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(BATCH_CHUNK);
+        let k = keys[done..].as_ptr();
+        let mut attr = batch_attr::<K, u8>(map, None, None, k, std::ptr::null(), n);
+        sys_bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr)?;
+        let did = batch_done(&attr);
+        if did == 0 {
+            return Err(io::Error::other("batch delete made no progress"));
+        }
+        done += did;
+    }
+    Ok(())
+}
+
 /// Reads up to `max` elements of a map (BPF_MAP_LOOKUP_BATCH; an array in index order) a chunk
 /// per syscall, handing each chunk's keys and values to `each`, and returns how many there were.
 /// One lookup per element cost seconds of syscalls per snapshot, report, cluster sync or restart

@@ -64,15 +64,28 @@ pub fn run(config_path: &Path) -> Vec<Check> {
     out.push(check(
         "config",
         cfg.as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                c.api
+                    .identify
+                    .kernel_support(
+                        <crate::loader::Kernel as crate::daemon::maps::KernelMaps>::SOURCES,
+                    )
+                    .map(|()| c)
+                    .map_err(|m| format!("{}: {m}", config_path.display()))
+            })
             .map(|c| {
+                let keys = match &c.keys {
+                    Some(k) => format!(", {} API keys", k.entries.len()),
+                    None => String::new(),
+                };
                 format!(
-                    "{}: {} orgs, ports {:?}",
+                    "{}: {} orgs, ports {:?}{keys}",
                     config_path.display(),
                     c.orgs.len(),
                     c.api.ports
                 )
-            })
-            .map_err(|e| e.to_string()),
+            }),
     ));
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

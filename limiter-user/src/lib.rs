@@ -2,7 +2,7 @@
 //!
 //! One module per concern: `config` (the TOML file), `clock` (quota days), `orgs` (org ids and address table), `loader`
 //! (the kernel programs and maps), `counters` (reading and writing usage), `report` (the usage
-//! report), `control` (the CLI ↔ daemon socket), `daemon` (`limiter run`), `notify` (systemd readiness), `metrics` (Prometheus), `sync` (the cluster's Redis), `snapshot` (day files), `trace` (`limiter trace`), `pins` (bpffs), `bpf` (the bpf(2) commands aya lacks), `logging` (text/JSON
+//! report), `control` (the CLI ↔ daemon socket), `daemon` (`limiter run`), `notify` (systemd readiness), `metrics` (Prometheus), `sync` (the cluster's Redis), `snapshot` (day files), `secret` (the API keys' digest key), `trace` (`limiter trace`), `pins` (bpffs), `bpf` (the bpf(2) commands aya lacks), `logging` (text/JSON
 //! log lines), `check` (`limiter check`) and `hooks` (test hooks, compiled in only with the
 //! `test-hooks` feature). The test world, the demo and the bench live in the `limiter-lab` crate.
 
@@ -21,6 +21,7 @@ pub mod notify;
 pub mod orgs;
 pub mod pins;
 pub mod report;
+pub mod secret;
 pub mod snapshot;
 pub mod sync;
 pub mod trace;

@@ -15,9 +15,9 @@ use aya::{
 };
 use limiter_common::{
     layout::{
-        API_PORTS, API_SOCKS, CONFIG, EVENTS, FAULTS, Handle, MAPS, MEDIA_MATCH, MapSpec,
+        API_KEYS, API_PORTS, API_SOCKS, CONFIG, EVENTS, FAULTS, Handle, MAPS, MEDIA_MATCH, MapSpec,
         ORG_BY_ADDR, ORG_BY_HOST, ORG_CONNS, ORG_DAYS, ORG_LIMITS, ORG_REMOTE, PUSH_NEXT,
-        PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, TRACE_ON, VERDICT_NEXT,
+        PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, TRACE_ON, TRUSTED_PROXIES, VERDICT_NEXT,
     },
     programs,
 };
@@ -84,6 +84,9 @@ pub struct Kernel {
     pub org_by_addr: Handle<ORG_BY_ADDR>,
     /// Single addresses; see `HOST_PREFIX_LEN`.
     pub org_by_host: Handle<ORG_BY_HOST>,
+    /// API key digests → org ids.
+    pub api_keys: Handle<API_KEYS>,
+    pub trusted_proxies: Handle<TRUSTED_PROXIES>,
     pub org_limits: Handle<ORG_LIMITS>,
     pub org_conns: Handle<ORG_CONNS>,
     pub org_days: Handle<ORG_DAYS>,
@@ -268,6 +271,8 @@ impl Kernel {
             ports: take::<API_PORTS>(&mut ebpf)?,
             org_by_addr: take::<ORG_BY_ADDR>(&mut ebpf)?,
             org_by_host: take::<ORG_BY_HOST>(&mut ebpf)?,
+            api_keys: take::<API_KEYS>(&mut ebpf)?,
+            trusted_proxies: take::<TRUSTED_PROXIES>(&mut ebpf)?,
             org_limits: take::<ORG_LIMITS>(&mut ebpf)?,
             org_conns: take::<ORG_CONNS>(&mut ebpf)?,
             org_days: take::<ORG_DAYS>(&mut ebpf)?,

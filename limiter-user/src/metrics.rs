@@ -28,6 +28,12 @@ struct OrgLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    org: String,
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FaultLabel {
     fault: String,
 }
@@ -36,6 +42,9 @@ struct FaultLabel {
 pub struct Metrics {
     registry: Registry,
     per_org: Vec<(Field, Family<OrgLabel, Gauge>)>,
+    /// Requests by org and by the source that knew the org.
+    identified: Family<SourceLabel, Gauge>,
+    unknown_keys: Gauge,
     faults: Family<FaultLabel, Gauge>,
     /// The last rendering, what `/metrics` answers.
     text: Shared,
@@ -111,6 +120,18 @@ impl Metrics {
             registry.register(name, help, family.clone());
             per_org.push((field, family));
         }
+        let identified = Family::<SourceLabel, Gauge>::default();
+        registry.register(
+            "limiter_requests_identified_today",
+            "Requests today by the api.identify_by source that knew the org (api_key, proxy_protocol, forwarded, address)",
+            identified.clone(),
+        );
+        let unknown_keys = Gauge::default();
+        registry.register(
+            "limiter_unknown_keys_today",
+            "Requests today that carried an API key no org has",
+            unknown_keys.clone(),
+        );
         let faults = Family::<FaultLabel, Gauge>::default();
         registry.register(
             "limiter_faults",
@@ -120,6 +141,8 @@ impl Metrics {
         Metrics {
             registry,
             per_org,
+            identified,
+            unknown_keys,
             faults,
             text: Arc::new(Mutex::new(Arc::from(""))),
         }
@@ -143,6 +166,18 @@ impl Metrics {
                     .set(report.unmapped.requests as i64);
             }
         }
+        self.identified.clear();
+        for o in &report.orgs {
+            for (source, n) in o.identified_by.counts() {
+                self.identified
+                    .get_or_create(&SourceLabel {
+                        org: o.org.clone(),
+                        source,
+                    })
+                    .set(n as i64);
+            }
+        }
+        self.unknown_keys.set(report.unmapped.unknown_keys as i64);
         for (name, n) in faults {
             self.faults
                 .get_or_create(&FaultLabel {
@@ -283,12 +318,15 @@ mod tests {
         let mut d = DayCounters::for_day(1);
         d.requests = 12;
         d.rejected = 3;
+        d.by_api_key = 10;
+        d.by_forwarded = 5;
         let report = Report {
             day: "2026-11-28".into(),
             resets_in_seconds: 10,
             orgs: vec![OrgReport::new("acme", &d, 2, 2500, 3)],
             unmapped: UnmappedReport {
                 requests: 4,
+                unknown_keys: 6,
                 ..Default::default()
             },
         };
@@ -314,6 +352,18 @@ mod tests {
             text.contains("limiter_faults{fault=\"sock_state_full\"} 1"),
             "{text}"
         );
+        for (source, n) in [
+            ("api_key", 10),
+            ("forwarded", 5),
+            ("proxy_protocol", 0),
+            ("address", 0),
+        ] {
+            let line = format!(
+                "limiter_requests_identified_today{{org=\"acme\",source=\"{source}\"}} {n}"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains("limiter_unknown_keys_today 6"), "{text}");
     }
 
     /// A request on a fresh connection: the answer, or "" when the server closed it unanswered.

@@ -79,19 +79,31 @@ impl Default for Capacity {
 }
 
 impl Capacity {
-    /// What `cfg`'s orgs and CIDRs need.
+    /// What `cfg`'s orgs, CIDRs and API keys need.
     pub fn for_config(cfg: &crate::config::Config) -> Self {
-        Self::for_counts(cfg.orgs.len(), cfg.cidr_count())
+        Self::for_counts(cfg.orgs.len(), cfg.cidr_count()).with_keys(cfg.key_count())
     }
 
     pub fn for_counts(orgs: usize, cidrs: usize) -> Self {
-        let up = |n: usize, min: u32| (n.max(1).next_power_of_two() as u32).max(min);
         Capacity {
             orgs: up(orgs + 1, MAX_ORGS),
             cidrs: up(cidrs, MAX_CIDRS),
             keys: MIN_API_KEYS,
         }
     }
+
+    /// This capacity with room for `keys` API keys.
+    pub fn with_keys(self, keys: usize) -> Self {
+        Capacity {
+            keys: up(keys, MIN_API_KEYS),
+            ..self
+        }
+    }
+}
+
+/// `n` rounded up to a power of two, at least `min`.
+fn up(n: usize, min: u32) -> u32 {
+    (n.max(1).next_power_of_two() as u32).max(min)
 }
 
 impl Capacity {
@@ -404,5 +416,13 @@ mod tests {
         assert_eq!((c.orgs, c.cidrs), (1 << 20, 1 << 20));
         assert_eq!(Capacity::for_counts(65_535, 10).orgs, 65_536);
         assert_eq!(Capacity::for_counts(65_536, 10).orgs, 131_072);
+        let base = Capacity::for_counts(10, 10);
+        assert_eq!(base.with_keys(0).keys, MIN_API_KEYS);
+        assert_eq!(base.with_keys(MIN_API_KEYS as usize).keys, MIN_API_KEYS);
+        assert_eq!(
+            base.with_keys(MIN_API_KEYS as usize + 1).keys,
+            2 * MIN_API_KEYS
+        );
+        assert_eq!(base.with_keys(1_000_000).keys, 1 << 20);
     }
 }

@@ -41,12 +41,65 @@ pub struct OrgReport {
     /// SYNs held back by the XDP gate (`concurrency_mode = "delay"`).
     #[serde(default)]
     pub delayed_syns: u64,
+    /// Requests (counted, refused or exempt) by where the org was known from.
+    #[serde(default)]
+    pub identified_by: IdentifiedBy,
     /// In a cluster: requests of all hosts today (this one's `requests` included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_requests: Option<u64>,
     /// In a cluster: connections open on all hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_connections: Option<u64>,
+}
+
+/// An org's requests by the source of `api.identify_by` that knew the org.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentifiedBy {
+    pub address: u64,
+    pub proxy_protocol: u64,
+    pub forwarded: u64,
+    pub api_key: u64,
+}
+
+impl IdentifiedBy {
+    pub fn of(d: &DayCounters) -> Self {
+        IdentifiedBy {
+            address: d.by_address,
+            proxy_protocol: d.by_proxy_protocol,
+            forwarded: d.by_forwarded,
+            api_key: d.by_api_key,
+        }
+    }
+
+    /// (source name, count) in the order of the config's sources.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        [
+            ("api_key", self.api_key),
+            ("proxy_protocol", self.proxy_protocol),
+            ("forwarded", self.forwarded),
+            ("address", self.address),
+        ]
+    }
+
+    /// The table's form: the sources that counted, shortest names (`key=5,addr=2`), or `-`.
+    fn compact(&self) -> String {
+        let short = [
+            ("key", self.api_key),
+            ("proxy", self.proxy_protocol),
+            ("fwd", self.forwarded),
+            ("addr", self.address),
+        ];
+        let parts: Vec<String> = short
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect();
+        if parts.is_empty() {
+            "-".to_owned()
+        } else {
+            parts.join(",")
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +110,21 @@ pub struct UnmappedReport {
     /// Media GETs from unmapped clients (a key added to the original report; docs/cli.md).
     #[serde(default)]
     pub exempt_media_gets: u64,
+    /// Requests that carried an API key no org has.
+    #[serde(default)]
+    pub unknown_keys: u64,
+}
+
+impl UnmappedReport {
+    fn new(d: &DayCounters, conns: i64) -> Self {
+        UnmappedReport {
+            requests: d.requests,
+            connections: conns.max(0) as u64,
+            unparsed: d.unparsed,
+            exempt_media_gets: d.exempt_media_gets,
+            unknown_keys: d.unknown_keys,
+        }
+    }
 }
 
 impl OrgReport {
@@ -78,6 +146,7 @@ impl OrgReport {
             concurrency_breaches: d.concurrency_breaches,
             concurrency_rejected: d.concurrency_rejected,
             delayed_syns: d.delayed_syns,
+            identified_by: IdentifiedBy::of(d),
             platform_requests: None,
             platform_connections: None,
         }
@@ -146,12 +215,7 @@ pub fn build<M: KernelMaps>(inputs: &Inputs<'_, M>) -> Result<Report, M::Error> 
             0
         },
         orgs,
-        unmapped: UnmappedReport {
-            requests: u.requests,
-            connections: conns.max(0) as u64,
-            unparsed: u.unparsed,
-            exempt_media_gets: u.exempt_media_gets,
-        },
+        unmapped: UnmappedReport::new(&u, conns),
     })
 }
 
@@ -191,12 +255,7 @@ pub fn from_snapshot(
         day: snap.date.clone(),
         resets_in_seconds: 0,
         orgs,
-        unmapped: UnmappedReport {
-            requests: snap.unmapped.requests,
-            connections: 0,
-            unparsed: snap.unmapped.unparsed,
-            exempt_media_gets: snap.unmapped.exempt_media_gets,
-        },
+        unmapped: UnmappedReport::new(&snap.unmapped, 0),
     }
 }
 
@@ -209,7 +268,7 @@ impl Report {
         let _ = writeln!(out, "day {} (resets in {h}h{m:02}m)", self.day);
         let _ = writeln!(
             out,
-            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
+            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}  IDENTIFIED BY",
             "ORG",
             "REQUESTS",
             "LIMIT",
@@ -225,7 +284,7 @@ impl Report {
         for o in &self.orgs {
             let _ = writeln!(
                 out,
-                "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
+                "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}  {}",
                 o.org,
                 o.requests,
                 o.daily_limit,
@@ -236,13 +295,18 @@ impl Report {
                 o.unparsed,
                 format!("{}/{}", o.connections, o.concurrency_limit),
                 o.peak_connections,
-                o.concurrency_breaches
+                o.concurrency_breaches,
+                o.identified_by.compact()
             );
         }
         let u = &self.unmapped;
+        let unknown = match u.unknown_keys {
+            0 => "-".to_owned(),
+            n => format!("unknown_keys={n}"),
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}",
+            "{:<20} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>6} {:>5} {:>8}  {}",
             "(unmapped)",
             u.requests,
             "-",
@@ -253,7 +317,8 @@ impl Report {
             u.unparsed,
             u.connections,
             "-",
-            "-"
+            "-",
+            unknown
         );
         out
     }
@@ -311,12 +376,16 @@ mod tests {
         d.exempt_pushes = 2;
         d.peak_connections = 4;
         d.concurrency_breaches = 1;
+        d.by_api_key = 100;
+        d.by_forwarded = 20;
+        d.by_address = 6;
         let r = Report {
             day: "2026-11-27".into(),
             resets_in_seconds: 3600,
             orgs: vec![OrgReport::new("acme", &d, 1, 2500, 3)],
             unmapped: UnmappedReport {
                 requests: 3,
+                unknown_keys: 2,
                 ..Default::default()
             },
         };
@@ -325,7 +394,8 @@ mod tests {
             "org": "acme", "requests": 120, "daily_limit": 2500, "remaining": 2380, "rejected": 0,
             "exempt_media_gets": 4, "exempt_pushes": 2, "unparsed": 0,
             "connections": 1, "peak_connections": 4, "concurrency_limit": 3, "concurrency_breaches": 1,
-            "concurrency_rejected": 0, "delayed_syns": 0
+            "concurrency_rejected": 0, "delayed_syns": 0,
+            "identified_by": {"address": 6, "proxy_protocol": 0, "forwarded": 20, "api_key": 100}
         });
         assert_eq!(v["orgs"][0], want);
         assert_eq!(v["day"], "2026-11-27");
@@ -333,7 +403,48 @@ mod tests {
         assert_eq!(v["unmapped"]["requests"], 3);
         assert_eq!(v["unmapped"]["connections"], 0);
         assert_eq!(v["unmapped"]["unparsed"], 0);
-        assert!(r.table().contains("acme"));
+        assert_eq!(v["unmapped"]["unknown_keys"], 2);
+        let table = r.table();
+        let acme = table.lines().find(|l| l.starts_with("acme")).unwrap();
+        assert!(acme.ends_with("  key=100,fwd=20,addr=6"), "{table}");
+        let unmapped = table.lines().find(|l| l.starts_with("(unmapped)")).unwrap();
+        assert!(unmapped.ends_with("  unknown_keys=2"), "{table}");
+        // A report of an older daemon, without the identification fields, still reads.
+        let mut old = v.clone();
+        old["orgs"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("identified_by");
+        old["unmapped"]
+            .as_object_mut()
+            .unwrap()
+            .remove("unknown_keys");
+        let back: Report = serde_json::from_value(old).unwrap();
+        assert_eq!(back.orgs[0].identified_by, IdentifiedBy::default());
+    }
+
+    #[test]
+    fn a_past_days_report_keeps_the_sources_and_unknown_keys() {
+        let cfg = Config::parse(
+            "[api]\nports = [8080]\n[[orgs]]\nname = \"acme\"\ncidrs = [\"10.0.0.0/24\"]\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let ids = OrgIds::assign(cfg.orgs.iter().map(|o| o.name.as_str()), None, 10).unwrap();
+        let limits = OrgLimitTable::new(&cfg, &ids);
+        let mut snap = DaySnapshot {
+            day: 9,
+            date: "1970-01-10".into(),
+            ..Default::default()
+        };
+        let mut d = DayCounters::for_day(9);
+        d.requests = 5;
+        d.by_proxy_protocol = 5;
+        snap.orgs.insert("acme".into(), d);
+        snap.unmapped.unknown_keys = 3;
+        let r = from_snapshot(&ids, &limits, &snap, None);
+        assert_eq!(r.orgs[0].identified_by.proxy_protocol, 5);
+        assert_eq!(r.unmapped.unknown_keys, 3);
     }
 
     #[test]

@@ -207,8 +207,11 @@ mod tests {
         let mut d = DayCounters::for_day(20_785);
         d.requests = 7;
         d.rejected = 2;
+        d.by_api_key = 5;
+        d.by_forwarded = 4;
         snap.orgs.insert("acme".into(), d);
         snap.idle.push("initech".into());
+        snap.unmapped.unknown_keys = 3;
         let p = write(dir.path(), &snap).unwrap();
         assert!(p.ends_with("days/2026-11-28.json"));
         assert_eq!(read(dir.path(), "2026-11-28").unwrap(), Some(snap.clone()));

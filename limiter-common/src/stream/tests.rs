@@ -631,3 +631,47 @@ fn split_points_cover_the_bytes() {
     assert_eq!(parts.len(), 2);
     assert_eq!(split_at_points(&v, &[]), vec![v.clone()]);
 }
+
+/// A PROXY header the kernel's first look could not see whole (cut across segments) is never
+/// left unread: the stream breaks (a 400), where it would otherwise call the connection opaque
+/// and count nothing on it.
+#[test]
+fn a_cut_proxy_header_breaks_the_stream() {
+    let cfg = media();
+    for (first, rest) in [
+        (
+            &b"PROX"[..],
+            &b"Y TCP4 192.0.2.1 192.0.2.2 1 2\r\nGET / HTTP/1.1\r\n\r\n"[..],
+        ),
+        (
+            b"PROXY",
+            b" TCP4 192.0.2.1 192.0.2.2 1 2\r\nGET / HTTP/1.1\r\n\r\n",
+        ),
+        (b"\r\n\r\n", b"\0\r\nQUIT\n\x21\x11\0\x0c"),
+        (b"\r\n", b"\r\n\0\r\nQUIT\n"),
+    ] {
+        let mut s = Stream::new();
+        let a = s.feed(first, &cfg);
+        let b = s.feed(rest, &cfg);
+        assert!(a.broken || b.broken, "{first:?} + {rest:?}: {a:?} {b:?}");
+        assert!(!a.opaque && !b.opaque, "{first:?} + {rest:?}");
+        assert_eq!(s.state, S_CLOSED);
+    }
+    // Empty lines before a request, and methods that start like PROXY, are still requests.
+    for head in [
+        &b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"[..],
+        b"PROPFIND / HTTP/1.1\r\n\r\n",
+        b"PRO / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut s = Stream::new();
+        let t = s.feed(head, &cfg);
+        assert_eq!(
+            (t.counted, t.broken, t.opaque),
+            (1, false, false),
+            "{head:?}"
+        );
+    }
+    // Garbage that is not a cut signature stays opaque.
+    let mut s = Stream::new();
+    assert!(s.feed(b"\0\x01\x02", &cfg).opaque);
+}

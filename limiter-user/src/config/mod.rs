@@ -9,6 +9,7 @@
 //! `limiter reload`) can point at the exact spot.
 
 mod error;
+mod keys_file;
 mod orgs_file;
 mod raw;
 mod restart;
@@ -52,6 +53,8 @@ pub struct Config {
     /// One quota across many API hosts, shared through Redis; None: this host alone.
     pub cluster: RestartOnly<Option<Cluster>>,
     pub orgs: Vec<Org>,
+    /// The API keys' digests, when `api.identify_by` lists `"api_key"`.
+    pub keys: Option<ApiKeys>,
 }
 
 /// `[api]`: which traffic is the API.
@@ -67,6 +70,169 @@ pub struct Api {
     /// A file of orgs, one per line, read (and on reload re-read) beside `[[orgs]]`; its orgs
     /// are in [`Config::orgs`] after those of the config.
     pub orgs_file: Option<PathBuf>,
+    /// How requests are attributed to orgs.
+    pub identify: Identify,
+}
+
+/// Where an org can be known from (`api.identify_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    ApiKey,
+    ProxyProtocol,
+    Forwarded,
+    Address,
+}
+
+impl Source {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::ApiKey => "api_key",
+            Source::ProxyProtocol => "proxy_protocol",
+            Source::Forwarded => "forwarded",
+            Source::Address => "address",
+        }
+    }
+
+    /// The kernel's `ID_*` value.
+    pub fn kernel_id(self) -> u8 {
+        match self {
+            Source::ApiKey => limiter_common::ID_API_KEY,
+            Source::ProxyProtocol => limiter_common::ID_PROXY_PROTOCOL,
+            Source::Forwarded => limiter_common::ID_FORWARDED,
+            Source::Address => limiter_common::ID_ADDRESS,
+        }
+    }
+
+    /// Whether the source yields an address, looked up in the orgs' CIDRs.
+    pub fn by_address(self) -> bool {
+        self != Source::ApiKey
+    }
+}
+
+/// The header a trusted proxy puts the client's address in (`api.forwarded_header`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
+    XRealIp,
+}
+
+impl ForwardedHeader {
+    /// The header's name, lowercase (as the kernel compares it).
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+            ForwardedHeader::XRealIp => "x-real-ip",
+        }
+    }
+
+    /// The kernel's `FWD_*` value.
+    pub fn kernel_kind(self) -> u8 {
+        match self {
+            ForwardedHeader::XForwardedFor => limiter_common::FWD_X_FORWARDED_FOR,
+            ForwardedHeader::Forwarded => limiter_common::FWD_FORWARDED,
+            ForwardedHeader::XRealIp => limiter_common::FWD_X_REAL_IP,
+        }
+    }
+}
+
+/// The default of `api.api_key_header`.
+pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+
+/// How requests are attributed to orgs: `api.identify_by` and the settings of its sources. All
+/// of it is written into the kernel's maps, so a reload applies every change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identify {
+    /// Tried in this order (at least one, each once).
+    pub by: Vec<Source>,
+    /// Peers whose PROXY protocol and forwarded headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub forwarded_header: ForwardedHeader,
+    /// The API key header's name, lowercase; `authorization` takes the Bearer token or the
+    /// Basic user name.
+    pub api_key_header: String,
+    /// `ORG KEY` lines; read when `by` lists [`Source::ApiKey`].
+    pub api_keys_file: Option<PathBuf>,
+}
+
+impl Default for Identify {
+    fn default() -> Self {
+        Identify {
+            by: vec![Source::Address],
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
+            api_key_header: DEFAULT_API_KEY_HEADER.to_owned(),
+            api_keys_file: None,
+        }
+    }
+}
+
+impl Identify {
+    /// Refuses a source the kernel programs do not read (`supported`: those they do), rather
+    /// than run a config they would silently ignore. Checked by `limiter check`, at start and on
+    /// reload.
+    pub fn kernel_support(&self, supported: &[Source]) -> Result<(), String> {
+        match self.by.iter().find(|s| !supported.contains(s)) {
+            Some(s) => Err(format!(
+                "api.identify_by lists \"{}\": this version's kernel programs know orgs by \
+                 \"proxy_protocol\" and \"address\" only; request headers (API keys, forwarded \
+                 addresses) are not read yet",
+                s.as_str()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub fn uses(&self, source: Source) -> bool {
+        self.by.contains(&source)
+    }
+
+    /// Whether some source is looked up in the orgs' CIDRs.
+    pub fn by_address(&self) -> bool {
+        self.by.iter().any(|s| s.by_address())
+    }
+
+    /// Whether the key header is `Authorization` (Bearer token or Basic user name).
+    pub fn key_is_authorization(&self) -> bool {
+        self.api_key_header == "authorization"
+    }
+}
+
+/// The keys of `api.api_keys_file` as the kernel holds them: digests under a secret, never the
+/// keys themselves.
+#[derive(Clone, PartialEq)]
+pub struct ApiKeys {
+    /// The digests' key.
+    pub secret: crate::secret::KeySecret,
+    /// Why the secret is a new one rather than the one kept in the state directory (None: it
+    /// was read from there). The daemon keeps a new one before using it.
+    pub secret_is_new: Option<String>,
+    /// One entry per key, sorted by digest (each digest once).
+    pub entries: Vec<KeyEntry>,
+}
+
+/// How many keys, not a million digests.
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeys")
+            .field("secret", &self.secret)
+            .field("secret_is_new", &self.secret_is_new)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+/// One line of the keys file, without its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub digest: u64,
+    /// Index of the org in [`Config::orgs`].
+    pub org: u32,
+    /// 1-based line in the keys file.
+    pub line: u32,
 }
 
 /// `[limits]`: the defaults every org gets unless it overrides them.
@@ -264,6 +430,11 @@ impl Config {
         let src = error::Src { file, text };
         let raw = raw::read(&src)?;
         validate::config(&src, raw, max_orgs)
+    }
+
+    /// How many API keys the keys file lists (entries of the kernel's key table).
+    pub fn key_count(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.entries.len())
     }
 
     /// How many CIDRs the orgs list in all (entries of the kernel's address tables).

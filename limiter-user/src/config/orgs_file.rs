@@ -2,9 +2,12 @@
 //! tables quickly.
 //!
 //! ```text
-//! # NAME CIDR[,CIDR...] [daily_requests=N] [concurrent_connections=N] [concurrency_mode=M] [quota_mode=Q]
+//! # NAME [CIDR[,CIDR...]] [daily_requests=N] [concurrent_connections=N] [concurrency_mode=M] [quota_mode=Q]
 //! acme 192.0.2.0/24,2001:db8::/32 daily_requests=10000
+//! globex daily_requests=500
 //! ```
+//!
+//! An org without CIDRs (`globex`) is known by its API keys alone (`api.identify_by`).
 //!
 //! Each value goes through the same checks as in an `[[orgs]]` table (`raw`); what needs
 //! several orgs (duplicates, overlaps) is checked by `validate` across both sources.
@@ -27,6 +30,8 @@ pub(super) struct FileOrgs {
     pub orgs: Vec<Org>,
     pub names: Vec<usize>,
     pub cidrs: Vec<usize>,
+    /// Orgs (index in the file) without CIDRs, with their name's byte offset.
+    pub cidrless: Vec<(usize, usize)>,
 }
 
 /// Parses the orgs file in `src`; stops at the first bad line.
@@ -36,6 +41,7 @@ pub(super) fn parse(src: &Src<'_>) -> Result<FileOrgs, ConfigError> {
         orgs: Vec::new(),
         names: Vec::new(),
         cidrs: Vec::new(),
+        cidrless: Vec::new(),
     };
     let mut line_start = 0;
     for (index, line) in text.split('\n').enumerate() {
@@ -57,22 +63,22 @@ pub(super) fn parse(src: &Src<'_>) -> Result<FileOrgs, ConfigError> {
             quota_mode: None,
             line: index + 1,
         };
-        out.names.push(at(name).unwrap_or(start));
-        let Some(cidrs) = tokens.next() else {
-            let end = at(name).map(|n| n + name.len());
-            return Err(src.invalid(
-                end,
-                "cidrs",
-                "missing: each line is NAME CIDR[,CIDR...] [key=value ...]",
-            ));
-        };
-        let cidrs_at = at(cidrs).unwrap_or(start);
-        let mut offset = cidrs_at;
-        for (i, cidr) in cidrs.split(',').enumerate() {
-            let net = Cidr::new(cidr).map_err(|m| src.invalid(Some(offset), cidr_key(i), m))?;
-            org.cidrs.push(net.0);
-            out.cidrs.push(offset);
-            offset += cidr.len() + 1;
+        let name_at = at(name).unwrap_or(start);
+        out.names.push(name_at);
+        let mut tokens = tokens.peekable();
+        // CIDRs never hold '=': a first token with one is an option, and the org has no CIDRs.
+        match tokens.next_if(|t| !t.contains('=')) {
+            Some(cidrs) => {
+                let mut offset = at(cidrs).unwrap_or(start);
+                for (i, cidr) in cidrs.split(',').enumerate() {
+                    let net =
+                        Cidr::new(cidr).map_err(|m| src.invalid(Some(offset), cidr_key(i), m))?;
+                    org.cidrs.push(net.0);
+                    out.cidrs.push(offset);
+                    offset += cidr.len() + 1;
+                }
+            }
+            None => out.cidrless.push((out.orgs.len(), name_at)),
         }
         for option in tokens {
             set(src, &mut org, option, at(option).unwrap_or(start))?;

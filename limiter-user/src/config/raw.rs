@@ -14,7 +14,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 use super::error::Src;
-use super::{ConcurrencyMode, ConfigError, LogFormat, QuotaMode};
+use super::{ConcurrencyMode, ConfigError, ForwardedHeader, LogFormat, QuotaMode, Source};
 
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_IFNAME: usize = 15;
@@ -51,6 +51,11 @@ pub(super) struct Api {
     pub interfaces: Option<Spanned<Vec<Spanned<Interface>>>>,
     pub netns: Option<Spanned<AbsPath>>,
     pub orgs_file: Option<Spanned<AbsPath>>,
+    pub identify_by: Option<Spanned<Vec<Spanned<Source>>>>,
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<Cidr>>>>,
+    pub forwarded_header: Option<ForwardedHeader>,
+    pub api_key_header: Option<HeaderName>,
+    pub api_keys_file: Option<Spanned<AbsPath>>,
 }
 
 /// `[limits]`.
@@ -90,7 +95,7 @@ pub(super) struct Cluster {
 #[serde(deny_unknown_fields)]
 pub(super) struct Org {
     pub name: Spanned<OrgName>,
-    pub cidrs: Spanned<Vec<Spanned<Cidr>>>,
+    pub cidrs: Option<Spanned<Vec<Spanned<Cidr>>>>,
     pub daily_requests: Option<DailyRequests>,
     pub concurrent_connections: Option<Connections>,
     pub concurrency_mode: Option<ConcurrencyMode>,
@@ -319,6 +324,45 @@ deserialize_via!(LogFormat, str, |s| match s.as_str() {
     _ => Err(format!(
         "unknown log format \"{s}\" (expected \"text\" or \"json\")"
     )),
+});
+
+deserialize_via!(Source, str, |s| match s.as_str() {
+    "api_key" => Ok(Source::ApiKey),
+    "proxy_protocol" => Ok(Source::ProxyProtocol),
+    "forwarded" => Ok(Source::Forwarded),
+    "address" => Ok(Source::Address),
+    _ => Err(format!(
+        "unknown source \"{s}\" (expected \"api_key\", \"proxy_protocol\", \"forwarded\" or \"address\")"
+    )),
+});
+
+deserialize_via!(
+    ForwardedHeader,
+    str,
+    |s| match s.to_ascii_lowercase().as_str() {
+        "x-forwarded-for" => Ok(ForwardedHeader::XForwardedFor),
+        "forwarded" => Ok(ForwardedHeader::Forwarded),
+        "x-real-ip" => Ok(ForwardedHeader::XRealIp),
+        _ => Err(format!(
+            "unknown header \"{s}\" (expected \"X-Forwarded-For\", \"Forwarded\" or \"X-Real-IP\")"
+        )),
+    }
+);
+
+/// A header name the kernel can compare: an HTTP token of at most `HEADER_NAME_MAX` bytes,
+/// lowercase.
+pub(super) struct HeaderName(pub String);
+
+deserialize_via!(HeaderName, str, |s| {
+    use limiter_common::HEADER_NAME_MAX;
+    let tchar = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    if s.is_empty() || s.len() > HEADER_NAME_MAX || !s.bytes().all(tchar) {
+        return Err(format!(
+            "\"{s}\" is not a header name (1 to {HEADER_NAME_MAX} bytes of letters, digits \
+             and !#$%&'*+-.^_`|~)"
+        ));
+    }
+    Ok(HeaderName(s.to_ascii_lowercase()))
 });
 
 /// `daemon.metrics`: an address and port to listen on.

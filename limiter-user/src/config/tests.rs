@@ -672,11 +672,11 @@ fn arrays_of_tables() {
     assert_eq!(c.limits.daily_requests, 9);
     let err = expect_err(
         "[api]\nports = [1]\n[[orgs]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\n  [[orgs]]\nname = \"b\"\n",
-        6,
+        7,
         "orgs[1].cidrs",
-        "missing required key",
+        "must list at least one CIDR",
     );
-    assert_eq!(err.column(), Some(3));
+    assert_eq!(err.column(), Some(8));
     expect_err(
         "orgs = 1\n",
         1,
@@ -699,7 +699,7 @@ fn unknown_keys_name_the_known_ones() {
             3,
             2,
             "api.bogus",
-            "ports, cgroup, media_get_prefixes, interfaces, netns, orgs_file",
+            "ports, cgroup, media_get_prefixes, interfaces, netns, orgs_file, identify_by, trusted_proxies, forwarded_header, api_key_header, api_keys_file",
         ),
         (
             "[api]\nports = [1]\n[apis]\n",
@@ -834,7 +834,7 @@ fn readme_messages() {
         )
     );
     assert!(shown("[api]\nports = [1]\nbogus = 1\n").ends_with(
-        ": api.bogus: unknown key (expected one of: ports, cgroup, media_get_prefixes, interfaces, netns, orgs_file)"
+        ": api.bogus: unknown key (expected one of: ports, cgroup, media_get_prefixes, interfaces, netns, orgs_file, identify_by, trusted_proxies, forwarded_header, api_key_header, api_keys_file)"
     ));
     let twice = "[api]\nports = [1]\n[[orgs]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\n\
                  [[orgs]]\nname = \"a\"\ncidrs = [\"11.0.0.0/8\"]\n";
@@ -1101,4 +1101,123 @@ proptest! {
             (a, b) => prop_assert!(false, "{:?} vs {:?}", a, b),
         }
     }
+}
+
+/// The whole message of a config that must be refused.
+#[track_caller]
+fn error_text(text: &str) -> String {
+    parse(text)
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+#[test]
+fn identification_defaults_to_the_address() {
+    let c = parse("[api]\nports = [1]\n").unwrap();
+    assert_eq!(c.api.identify, Identify::default());
+    assert_eq!(c.api.identify.by, [Source::Address]);
+    assert_eq!(c.api.identify.api_key_header, "x-api-key");
+    assert_eq!(
+        c.api.identify.forwarded_header,
+        ForwardedHeader::XForwardedFor
+    );
+    assert!(c.keys.is_none());
+}
+
+#[test]
+fn identification_settings() {
+    let c = parse(
+        "[api]\nports = [1]\nidentify_by = [\"proxy_protocol\", \"forwarded\", \"address\"]\n\
+         trusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7\"]\n\
+         forwarded_header = \"FORWARDED\"\napi_key_header = \"Authorization\"\n",
+    )
+    .unwrap();
+    let id = &c.api.identify;
+    assert_eq!(
+        id.by,
+        [Source::ProxyProtocol, Source::Forwarded, Source::Address]
+    );
+    let nets: Vec<String> = id.trusted_proxies.iter().map(|n| n.to_string()).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
+    assert_eq!(id.forwarded_header, ForwardedHeader::Forwarded);
+    assert_eq!(id.api_key_header, "authorization");
+    assert!(id.key_is_authorization());
+    let c = parse("[api]\nports = [1]\napi_key_header = \"X-Tenant-Token\"\n").unwrap();
+    assert_eq!(c.api.identify.api_key_header, "x-tenant-token");
+    assert!(!c.api.identify.key_is_authorization());
+}
+
+#[test]
+fn identification_errors_name_line_column_and_key() {
+    let t = |rest: &str| format!("[api]\nports = [1]\n{rest}");
+    let long = "x".repeat(limiter_common::HEADER_NAME_MAX + 1);
+    let cases = [
+        (
+            t("identify_by = [\"address\", \"cookie\"]\n"),
+            "3:27: api.identify_by[1]: unknown source \"cookie\" (expected \"api_key\", \"proxy_protocol\", \"forwarded\" or \"address\")",
+        ),
+        (
+            t("identify_by = [\"address\", \"address\"]\n"),
+            "3:27: api.identify_by[1]: \"address\" is listed twice (also api.identify_by[0])",
+        ),
+        (
+            t("identify_by = []\n"),
+            "3:15: api.identify_by: must list at least one source (\"api_key\", \"proxy_protocol\", \"forwarded\" or \"address\")",
+        ),
+        (
+            t("identify_by = [\"address\", \"proxy_protocol\"]\n"),
+            "3:27: api.identify_by[1]: \"proxy_protocol\" believes headers only from api.trusted_proxies: list the CIDRs of the proxies or load balancers in front of the API there",
+        ),
+        (
+            t("identify_by = [\"forwarded\"]\ntrusted_proxies = []\n"),
+            "3:16: api.identify_by[0]: \"forwarded\" believes headers only from api.trusted_proxies: list the CIDRs of the proxies or load balancers in front of the API there",
+        ),
+        (
+            t("identify_by = [\"api_key\"]\n"),
+            "3:16: api.identify_by[0]: \"api_key\" needs api.api_keys_file, the file of \"ORG KEY\" lines",
+        ),
+        (
+            t("trusted_proxies = [\"10.0.0.1/8\"]\n"),
+            "3:20: api.trusted_proxies[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?",
+        ),
+        (
+            t("trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n"),
+            "3:34: api.trusted_proxies[1]: 10.0.0.0/8 is listed twice (also api.trusted_proxies[0])",
+        ),
+        (
+            t("forwarded_header = \"X-Client-IP\"\n"),
+            "3:20: api.forwarded_header: unknown header \"X-Client-IP\" (expected \"X-Forwarded-For\", \"Forwarded\" or \"X-Real-IP\")",
+        ),
+        (
+            t("api_key_header = \"X API Key\"\n"),
+            "3:18: api.api_key_header: \"X API Key\" is not a header name (1 to 32 bytes of letters, digits and !#$%&'*+-.^_`|~)",
+        ),
+        (
+            t(&format!("api_key_header = \"{long}\"\n")),
+            &format!(
+                "3:18: api.api_key_header: \"{long}\" is not a header name (1 to 32 bytes of letters, digits and !#$%&'*+-.^_`|~)"
+            ),
+        ),
+        (
+            t("api_keys_file = \"keys\"\n"),
+            "3:17: api.api_keys_file: \"keys\" is not an absolute path",
+        ),
+        (
+            "[api]\nports = [1]\n[[orgs]]\nname = \"x\"\n".to_owned(),
+            "4:8: orgs[0].cidrs: must list at least one CIDR: api.identify_by does not list \"api_key\", so nothing else identifies org \"x\"",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(error_text(&text), format!("{FILE}:{want}"), "{text}");
+    }
+    let many: Vec<String> = (0..=limiter_common::MAX_TRUSTED_PROXIES)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    assert_eq!(
+        error_text(&t(&format!("trusted_proxies = [{}]\n", many.join(", ")))),
+        format!(
+            "{FILE}:3:19: api.trusted_proxies: at most {} CIDRs are supported (the kernel's table)",
+            limiter_common::MAX_TRUSTED_PROXIES
+        )
+    );
 }

@@ -10,11 +10,12 @@ use toml::Spanned;
 
 use super::error::{Src, count_newlines};
 use super::{
-    Api, CONTROL_SOCKET_NAME, Cluster, Config, ConfigError, DEFAULT_MEDIA_PREFIX,
-    DEFAULT_SYNC_INTERVAL_MS, DaemonSettings, Limits, Org, RestartOnly, default_cgroup,
-    default_host_id,
+    Api, ApiKeys, CONTROL_SOCKET_NAME, Cluster, Config, ConfigError, DEFAULT_MEDIA_PREFIX,
+    DEFAULT_SYNC_INTERVAL_MS, DaemonSettings, Identify, Limits, Org, RestartOnly, Source,
+    default_cgroup, default_host_id,
 };
-use super::{orgs_file, raw};
+use super::{keys_file, orgs_file, raw};
+use crate::secret::{self, KeySecret};
 
 /// `sun_path` holds 108 bytes including the terminating NUL; longer socket paths fail at bind time.
 const MAX_SOCKET_PATH: usize = 107;
@@ -38,6 +39,12 @@ pub(super) fn config(
     written_as_table(src, "daemon", raw.daemon.as_ref().map(Spanned::span))?;
     written_as_table(src, "cluster", raw.cluster.as_ref().map(Spanned::span))?;
     let orgs_file = api_raw.get_mut().0.orgs_file.take();
+    let keys_file_at = api_raw
+        .get_ref()
+        .0
+        .api_keys_file
+        .as_ref()
+        .map(|f| f.span().start);
     let mut api = api(src, api_raw)?;
     let limits = limits(src, raw.limits);
     let daemon = daemon(src, raw.daemon)?;
@@ -73,6 +80,12 @@ pub(super) fn config(
                 format!("too many orgs: at most {max_orgs} are allowed (with those of [[orgs]])"),
             ));
         }
+        positions.cidrless.extend(
+            listed
+                .cidrless
+                .into_iter()
+                .map(|(i, at)| (toml_orgs + i, Loc::orgs_file(at))),
+        );
         orgs.extend(listed.orgs);
         positions
             .names
@@ -85,13 +98,98 @@ pub(super) fn config(
     }
     check_unique_names(&sources, &orgs, &positions.names)?;
     check_overlaps(&sources, &orgs, &positions.cidrs)?;
+    let (keys, has_key) = match &api.identify.api_keys_file {
+        Some(path) if api.identify.uses(Source::ApiKey) => {
+            let (secret, secret_is_new) = key_secret(src, keys_file_at, &daemon.state_dir)?;
+            let read = keys_file::read(src, keys_file_at, path, &secret, &orgs)?;
+            let keys = ApiKeys {
+                secret,
+                secret_is_new,
+                entries: read.entries,
+            };
+            (Some(keys), read.has_key)
+        }
+        _ => (None, Vec::new()),
+    };
+    check_identifiable(&sources, &api.identify, &orgs, &positions, &has_key)?;
     Ok(Config {
         api,
         limits,
         daemon,
         cluster,
         orgs,
+        keys,
     })
+}
+
+/// The secret kept in `state_dir`, or a new one (with why the kept one cannot serve) that the
+/// daemon keeps before it uses it. Only reads: `limiter check` changes nothing.
+fn key_secret(
+    src: &Src<'_>,
+    at: Option<usize>,
+    state_dir: &std::path::Path,
+) -> Result<(KeySecret, Option<String>), ConfigError> {
+    match secret::read(state_dir) {
+        Ok(s) => Ok((s, None)),
+        Err(why) => KeySecret::generate().map(|s| (s, Some(why))).map_err(|e| {
+            src.invalid(
+                at,
+                "api.api_keys_file",
+                format!("cannot make a secret for the keys' digests: {e}"),
+            )
+        }),
+    }
+}
+
+/// Every org must be identifiable by some source of `identify_by`: by its CIDRs where a source
+/// yields an address, by its keys where `api_key` is listed. `has_key[i]`: org `i` has a key.
+fn check_identifiable(
+    sources: &Sources<'_, '_>,
+    identify: &Identify,
+    orgs: &[Org],
+    positions: &OrgPositions,
+    has_key: &[bool],
+) -> Result<(), ConfigError> {
+    let keyed = |i: usize| has_key.get(i).copied().unwrap_or(false);
+    let keys_file = identify
+        .api_keys_file
+        .as_ref()
+        .map_or_else(String::new, |p| p.display().to_string());
+    let by_key = identify.uses(Source::ApiKey);
+    if identify.by_address() {
+        for &(i, at) in &positions.cidrless {
+            if keyed(i) {
+                continue;
+            }
+            let name = orgs.get(i).map_or("", |o| o.name.as_str());
+            let message = if by_key {
+                format!(
+                    "org \"{name}\" lists no CIDRs and has no key in {keys_file}: nothing identifies it"
+                )
+            } else {
+                format!(
+                    "must list at least one CIDR: api.identify_by does not list \"api_key\", so \
+                     nothing else identifies org \"{name}\""
+                )
+            };
+            return Err(sources.invalid(Some(at), sources.key(i, "cidrs"), message));
+        }
+        return Ok(());
+    }
+    for (i, org) in orgs.iter().enumerate() {
+        if !keyed(i) {
+            return Err(sources.invalid(
+                positions.names.get(i).copied(),
+                sources.key(i, "name"),
+                format!(
+                    "org \"{}\" has no key in {keys_file}, and api.identify_by knows orgs by \
+                     their keys alone",
+                    org.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `[api]`, `[limits]`, `[daemon]` and `[cluster]` are tables with a header (or inline): one
@@ -150,6 +248,18 @@ fn api(src: &Src<'_>, raw: Spanned<raw::Table<raw::Api>>) -> Result<Api, ConfigE
         None => Vec::new(),
     };
     let (netns, netns_at) = split(raw.netns);
+    let identify = identify(
+        src,
+        &table,
+        raw.identify_by,
+        raw.trusted_proxies,
+        raw.api_keys_file,
+    )?;
+    let identify = Identify {
+        forwarded_header: raw.forwarded_header.unwrap_or_default(),
+        api_key_header: raw.api_key_header.map_or(identify.api_key_header, |h| h.0),
+        ..identify
+    };
     Ok(Api {
         ports,
         cgroup: restart_only(src, cgroup, cgroup_at, Some(&table)),
@@ -157,7 +267,96 @@ fn api(src: &Src<'_>, raw: Spanned<raw::Table<raw::Api>>) -> Result<Api, ConfigE
         interfaces: restart_only(src, interfaces, interfaces_at, Some(&table)),
         netns: restart_only(src, netns.map(|p| p.0), netns_at, Some(&table)),
         orgs_file: None,
+        identify,
     })
+}
+
+/// `api.identify_by` with the settings its sources need: trusted proxies for the PROXY protocol
+/// and forwarded headers, a keys file for API keys.
+fn identify(
+    src: &Src<'_>,
+    table: &Range<usize>,
+    by: Option<Spanned<Vec<Spanned<Source>>>>,
+    trusted: Option<Spanned<Vec<Spanned<raw::Cidr>>>>,
+    keys_file: Option<Spanned<raw::AbsPath>>,
+) -> Result<Identify, ConfigError> {
+    let mut out = Identify {
+        api_keys_file: keys_file.map(|f| f.into_inner().0),
+        ..Identify::default()
+    };
+    let mut listed: Vec<(Source, usize)> = vec![(Source::Address, table.start)];
+    if let Some(by) = by {
+        let at = by.span().start;
+        let items = by.into_inner();
+        if items.is_empty() {
+            return Err(src.invalid(
+                Some(at),
+                "api.identify_by",
+                "must list at least one source (\"api_key\", \"proxy_protocol\", \"forwarded\" \
+                 or \"address\")",
+            ));
+        }
+        listed.clear();
+        for (i, item) in items.iter().enumerate() {
+            let source = *item.get_ref();
+            if let Some(first) = listed.iter().position(|(s, _)| *s == source) {
+                return Err(src.invalid(
+                    Some(item.span().start),
+                    format!("api.identify_by[{i}]"),
+                    format!(
+                        "\"{}\" is listed twice (also api.identify_by[{first}])",
+                        source.as_str()
+                    ),
+                ));
+            }
+            listed.push((source, item.span().start));
+        }
+    }
+    if let Some(list) = trusted {
+        use limiter_common::MAX_TRUSTED_PROXIES;
+        if list.get_ref().len() > MAX_TRUSTED_PROXIES as usize {
+            return Err(src.invalid(
+                Some(list.span().start),
+                "api.trusted_proxies",
+                format!("at most {MAX_TRUSTED_PROXIES} CIDRs are supported (the kernel's table)"),
+            ));
+        }
+        for (i, item) in list.get_ref().iter().enumerate() {
+            let net = item.get_ref().0;
+            if let Some(first) = out.trusted_proxies.iter().position(|n| *n == net) {
+                return Err(src.invalid(
+                    Some(item.span().start),
+                    format!("api.trusted_proxies[{i}]"),
+                    format!("{net} is listed twice (also api.trusted_proxies[{first}])"),
+                ));
+            }
+            out.trusted_proxies.push(net);
+        }
+    }
+    for (i, &(source, at)) in listed.iter().enumerate() {
+        let key = format!("api.identify_by[{i}]");
+        let proxied = matches!(source, Source::ProxyProtocol | Source::Forwarded);
+        if proxied && out.trusted_proxies.is_empty() {
+            return Err(src.invalid(
+                Some(at),
+                key,
+                format!(
+                    "\"{}\" believes headers only from api.trusted_proxies: list the CIDRs of \
+                     the proxies or load balancers in front of the API there",
+                    source.as_str()
+                ),
+            ));
+        }
+        if source == Source::ApiKey && out.api_keys_file.is_none() {
+            return Err(src.invalid(
+                Some(at),
+                key,
+                "\"api_key\" needs api.api_keys_file, the file of \"ORG KEY\" lines",
+            ));
+        }
+    }
+    out.by = listed.into_iter().map(|(s, _)| s).collect();
+    Ok(out)
 }
 
 fn ports(src: &Src<'_>, raw: Spanned<Vec<Spanned<raw::Port>>>) -> Result<Vec<u16>, ConfigError> {
@@ -314,6 +513,8 @@ fn cluster(
 struct OrgPositions {
     names: Vec<Loc>,
     cidrs: Vec<Loc>,
+    /// Orgs that list no CIDRs, with where to point at (their `cidrs`, else their name).
+    cidrless: Vec<(usize, Loc)>,
 }
 
 /// A byte offset in the config or in the orgs file.
@@ -404,20 +605,18 @@ fn orgs(
     let mut positions = OrgPositions {
         names: Vec::with_capacity(raw.len()),
         cidrs: Vec::with_capacity(raw.len()),
+        cidrless: Vec::new(),
     };
     let mut orgs = Vec::with_capacity(raw.len());
     for (index, org) in raw.into_iter().enumerate() {
         let org = org.into_inner().0;
-        let cidrs_at = org.cidrs.span().start;
-        let cidrs = org.cidrs.into_inner();
-        if cidrs.is_empty() {
-            return Err(src.invalid(
-                Some(cidrs_at),
-                format!("orgs[{index}].cidrs"),
-                "must list at least one CIDR",
-            ));
-        }
         let name_at = org.name.span().start;
+        let (cidrs, cidrs_at) = split(org.cidrs);
+        let cidrs = cidrs.unwrap_or_default();
+        if cidrs.is_empty() {
+            let at = cidrs_at.map_or(name_at, |s| s.start);
+            positions.cidrless.push((index, Loc::config(at)));
+        }
         positions.names.push(Loc::config(name_at));
         positions
             .cidrs

@@ -1,22 +1,26 @@
 //! The org and address tables: what a config asks of them, and bringing them there.
 
-use std::collections::BTreeSet;
+use std::{borrow::Cow, collections::BTreeSet};
 
 use aya::maps::{MapError, lpm_trie::Key};
 use limiter_common::{
-    AddrKey, CONFIG_F_READY, HOST_PREFIX_LEN, KernelConfig, ORG_F_ACTIVE, ORG_F_CONC_DELAY,
-    ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
-    layout::{CONFIG, MEDIA_MATCH, MapSpec, ORG_BY_HOST, ORG_LIMITS},
+    AddrKey, CONFIG_F_READY, HOST_PREFIX_LEN, ID_END, KEY_AUTHORIZATION, KEY_PLAIN, KernelConfig,
+    ORG_F_ACTIVE, ORG_F_CONC_DELAY, ORG_F_CONC_REJECT, ORG_F_DRY_RUN, OrgLimits,
+    layout::{API_KEYS, CONFIG, MEDIA_MATCH, MapSpec, ORG_BY_HOST, ORG_LIMITS, TRUSTED_PROXIES},
     stream::{MEDIA_MATCH_ENTRIES, media_match_entry},
 };
 
 use super::{CountersError, batched, fd, map_err, read_array, read_batches};
 use crate::{
     clock::Clock,
-    config::{ConcurrencyMode, Config, EffectiveLimits, QuotaMode},
+    config::{ConcurrencyMode, Config, EffectiveLimits, Identify, KeyEntry, QuotaMode, Source},
     loader::Kernel,
     orgs::{OrgIds, lpm_key},
 };
+
+/// Keys per batch write: the key table is written a chunk at a time, so a million keys need no
+/// second copy.
+const KEY_CHUNK: usize = 16_384;
 
 /// What the daemon has written into the maps: the desired state of a config, and what a later
 /// config is diffed against.
@@ -29,10 +33,15 @@ pub struct Applied {
     /// (org id, limits), each id once.
     pub limits: Vec<(u32, OrgLimits)>,
     pub kernel_config: Option<KernelConfig>,
+    /// (API key digest, org id), sorted by digest, each digest once.
+    pub keys: Vec<(u64, u32)>,
+    /// `api.trusted_proxies` as LPM keys, each once.
+    pub trusted: Vec<(u32, AddrKey)>,
 }
 
 impl Applied {
-    /// The map contents a config asks for.
+    /// The map contents a config asks for, but its keys: [`Applied::take_keys`] moves those
+    /// in.
     pub fn desired(cfg: &Config, ids: &OrgIds, clock: &Clock) -> Result<Self, CountersError> {
         Self::desired_with(cfg, clock, |index, name| ids.id_at(index, name))
     }
@@ -53,12 +62,27 @@ impl Applied {
                 return Err(CountersError::Prefix(p.clone()));
             }
         }
+        identify_config(&mut kc, &cfg.api.identify);
+        if let Some(keys) = &cfg.keys {
+            kc.key_secret = keys.secret.halves();
+        }
         let cidrs = cfg.cidr_count();
+        let mut trusted: Vec<(u32, AddrKey)> = cfg
+            .api
+            .identify
+            .trusted_proxies
+            .iter()
+            .map(lpm_key)
+            .collect();
+        trusted.sort_unstable();
+        trusted.dedup();
         let mut out = Applied {
             ports: cfg.api.ports.iter().copied().collect(),
             kernel_config: Some(kc),
             cidrs: Vec::with_capacity(cidrs),
             limits: Vec::with_capacity(cfg.orgs.len()),
+            keys: Vec::new(),
+            trusted,
         };
         for (index, org) in cfg.orgs.iter().enumerate() {
             let Some(id) = id_of(index, &org.name) else {
@@ -71,6 +95,117 @@ impl Applied {
             }
         }
         Ok(out)
+    }
+}
+
+impl Applied {
+    /// Moves the config's key entries in as (digest, org id), with the ids `id_of(index of the
+    /// org in the config)` gives; the entries' memory is reused, not copied.
+    pub fn take_keys(&mut self, entries: Vec<KeyEntry>, id_of: impl Fn(usize) -> Option<u32>) {
+        self.keys = entries
+            .into_iter()
+            .filter_map(|e| Some((e.digest, id_of(e.org as usize)?)))
+            .collect();
+    }
+}
+
+/// The identification settings of CONFIG: the sources in order, the headers' names and kinds.
+/// A header is named only when its source is listed.
+fn identify_config(kc: &mut KernelConfig, identify: &Identify) {
+    kc.identify_by = [ID_END; limiter_common::ID_SOURCES];
+    for (slot, source) in kc.identify_by.iter_mut().zip(&identify.by) {
+        *slot = source.kernel_id();
+    }
+    let copy = |to: &mut [u8; limiter_common::HEADER_NAME_MAX], name: &str| {
+        let n = name.len().min(to.len());
+        to[..n].copy_from_slice(&name.as_bytes()[..n]);
+        n as u8
+    };
+    kc.forwarded_kind = identify.forwarded_header.kernel_kind();
+    if identify.uses(Source::Forwarded) {
+        kc.fwd_header_len = copy(&mut kc.fwd_header, identify.forwarded_header.name());
+    }
+    kc.key_kind = if identify.key_is_authorization() {
+        KEY_AUTHORIZATION
+    } else {
+        KEY_PLAIN
+    };
+    if identify.uses(Source::ApiKey) {
+        kc.key_header_len = copy(&mut kc.key_header, &identify.api_key_header);
+    }
+}
+
+/// What it takes to bring the key table from `old` to `new` (both sorted by digest): the
+/// entries to write (new digests and those of another org now) and the digests to remove.
+#[derive(Debug, PartialEq)]
+pub struct KeyDiff<'a> {
+    pub write: Cow<'a, [(u64, u32)]>,
+    /// How many of `write` are digests the table does not hold yet.
+    pub added: usize,
+    /// (digest, org id it had).
+    pub remove: Vec<(u64, u32)>,
+}
+
+impl<'a> KeyDiff<'a> {
+    pub fn new(old: &[(u64, u32)], new: &'a [(u64, u32)]) -> Self {
+        if old.is_empty() {
+            return KeyDiff {
+                write: Cow::Borrowed(new),
+                added: new.len(),
+                remove: Vec::new(),
+            };
+        }
+        let (mut write, mut added, mut remove) = (Vec::new(), 0, Vec::new());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), new.get(j)) {
+                (Some(o), Some(n)) if o.0 == n.0 => {
+                    if o.1 != n.1 {
+                        write.push(*n);
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(o), Some(n)) if o.0 < n.0 => {
+                    remove.push(*o);
+                    i += 1;
+                }
+                (Some(o), None) => {
+                    remove.push(*o);
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    write.push(*n);
+                    added += 1;
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        KeyDiff {
+            write: Cow::Owned(write),
+            added,
+            remove,
+        }
+    }
+
+    /// The org ids whose keys change (on either side), each once, in order.
+    pub fn orgs(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .write
+            .iter()
+            .chain(&self.remove)
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Whether the new digests fit beside the old ones; if not, the removals go first (keys
+    /// being removed stop working a moment earlier, no key that stays is ever missing).
+    pub fn fits(&self, held: usize, capacity: u32) -> bool {
+        held + self.added <= capacity as usize
     }
 }
 
@@ -196,6 +331,8 @@ pub struct ApplyStats {
     pub cidrs_written: usize,
     pub cidrs_removed: usize,
     pub limits_written: usize,
+    pub keys_written: usize,
+    pub keys_removed: usize,
     /// Ids whose addresses or limits changed (orgs on one side only included); left empty on a
     /// first start, where every org is new.
     pub orgs_changed: Vec<u32>,
@@ -219,9 +356,19 @@ pub fn apply(
     }
     let first_start = old.kernel_config.is_none();
     write_changes(kernel, &diff, first_start)?;
+    let keys = KeyDiff::new(&old.keys, &new.keys);
+    let removals_first = !keys.fits(old.keys.len(), kernel.capacity.keys);
+    if removals_first {
+        remove_keys(kernel, &keys.remove)?;
+    }
+    write_keys(kernel, &keys.write)?;
+    let trusted_changed = write_trusted(kernel, &old.trusted, &new.trusted)?;
     // Test hook: the new limits and addresses are in, the removals and CONFIG not yet.
     crate::hooks::pause("LIMITER_TEST_PAUSE_MID_APPLY");
     write_removals(kernel, &diff)?;
+    if !removals_first {
+        remove_keys(kernel, &keys.remove)?;
+    }
     for port in old.ports.difference(&new.ports) {
         match kernel.ports.remove(port) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -229,13 +376,25 @@ pub fn apply(
         }
     }
     if let Some(kc) = new.kernel_config {
-        write_config(kernel, old, kc, diff.addresses_changed())?;
+        let sources_changed = old.kernel_config.map(|c| c.identify_by) != Some(kc.identify_by);
+        let reattribute = diff.addresses_changed() || trusted_changed || sources_changed;
+        write_config(kernel, old, kc, reattribute)?;
     }
     Ok(ApplyStats {
         cidrs_written: diff.hosts.len() + diff.nets.len(),
         cidrs_removed: diff.removed_cidrs.len(),
         limits_written: diff.limits.len(),
-        orgs_changed: if first_start { Vec::new() } else { diff.orgs() },
+        keys_written: keys.write.len(),
+        keys_removed: keys.remove.len(),
+        orgs_changed: if first_start {
+            Vec::new()
+        } else {
+            let mut ids = diff.orgs();
+            ids.extend(keys.orgs());
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        },
     })
 }
 
@@ -331,8 +490,97 @@ fn write_removals(kernel: &mut Kernel, diff: &Diff<'_>) -> Result<(), CountersEr
     Ok(())
 }
 
+/// Writes (digest, org id) entries into API_KEYS a batch at a time, one by one where the kernel
+/// refuses a batch. Many entries are written by two threads: the hash's buckets have their own
+/// locks, and a million inserts take about a second on one.
+fn write_keys(kernel: &mut Kernel, entries: &[(u64, u32)]) -> Result<(), CountersError> {
+    let chunks: Vec<&[(u64, u32)]> = entries.chunks(KEY_CHUNK).collect();
+    let refused: Vec<&[(u64, u32)]> = {
+        let map = fd(&kernel.api_keys);
+        let refused_of = |part| refused_chunks(map, part);
+        let (first, second) = chunks.split_at(chunks.len() / 2);
+        if first.is_empty() {
+            refused_of(second)
+        } else {
+            std::thread::scope(|s| {
+                let other = s.spawn(|| refused_of(second));
+                let mut refused = refused_of(first);
+                // A thread that died is taken as having written nothing: its chunks again.
+                refused.extend(other.join().unwrap_or_else(|_| second.to_vec()));
+                refused
+            })
+        }
+    };
+    for chunk in refused {
+        for (digest, id) in chunk {
+            kernel
+                .api_keys
+                .insert(digest, id, 0)
+                .map_err(map_err(format!("API key of org id {id}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The chunks of `part` the kernel did not take as a batch.
+fn refused_chunks<'a>(
+    map: std::os::fd::BorrowedFd<'_>,
+    part: &[&'a [(u64, u32)]],
+) -> Vec<&'a [(u64, u32)]> {
+    part.iter()
+        .copied()
+        .filter(|chunk| {
+            let (digests, ids): (Vec<u64>, Vec<u32>) = chunk.iter().copied().unzip();
+            chunk.len() < 2 || crate::bpf::update_batch(map, &digests, &ids).is_err()
+        })
+        .collect()
+}
+
+/// Removes digests from API_KEYS a batch at a time (one by one where a batch fails: a digest
+/// already gone ends a batch).
+fn remove_keys(kernel: &mut Kernel, entries: &[(u64, u32)]) -> Result<(), CountersError> {
+    for chunk in entries.chunks(KEY_CHUNK) {
+        let digests: Vec<u64> = chunk.iter().map(|(d, _)| *d).collect();
+        if chunk.len() > 1 && crate::bpf::delete_batch(fd(&kernel.api_keys), &digests).is_ok() {
+            continue;
+        }
+        for digest in &digests {
+            match kernel.api_keys.remove(digest) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(API_KEYS::DEF.name)(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Brings TRUSTED_PROXIES from `old` to `new` (additions first); whether it changed.
+fn write_trusted(
+    kernel: &mut Kernel,
+    old: &[(u32, AddrKey)],
+    new: &[(u32, AddrKey)],
+) -> Result<bool, CountersError> {
+    let mut changed = false;
+    for &(len, addr) in new.iter().filter(|k| !old.contains(k)) {
+        kernel
+            .trusted_proxies
+            .insert(&Key::new(len, addr), 1, 0)
+            .map_err(map_err(TRUSTED_PROXIES::DEF.name))?;
+        changed = true;
+    }
+    for &(len, addr) in old.iter().filter(|k| !new.contains(k)) {
+        match kernel.trusted_proxies.remove(&Key::new(len, addr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(TRUSTED_PROXIES::DEF.name)(e)),
+        }
+        changed = true;
+    }
+    Ok(changed)
+}
+
 /// Writes CONFIG (and MEDIA_MATCH before it, when the media prefixes changed), keeping `old`'s
-/// org epoch and address generation, the latter moved on when the address table changed.
+/// org epoch and address generation, the latter moved on when connections must look their org
+/// up again (the address table, the trusted proxies or the sources changed).
 fn write_config(
     kernel: &mut Kernel,
     old: &Applied,
@@ -410,6 +658,16 @@ pub fn read_applied(kernel: &Kernel) -> Result<Applied, CountersError> {
             out.limits.push((id as u32, l));
         }
     }
+    let max = kernel.capacity.keys as usize;
+    read_batches::<API_KEYS, _, _>(&kernel.api_keys, max, |digests, ids| {
+        out.keys
+            .extend(digests.iter().copied().zip(ids.iter().copied()));
+    })?;
+    out.keys.sort_unstable();
+    for entry in kernel.trusted_proxies.iter() {
+        let (key, _) = entry.map_err(map_err("reading the trusted proxies"))?;
+        out.trusted.push((key.prefix_len(), key.data()));
+    }
     out.kernel_config = Some(
         kernel
             .config
@@ -459,6 +717,64 @@ mod tests {
         assert_eq!(Diff::new(&old, &new).orgs(), [1, 2, 3, 4, 5, 6]);
         assert_eq!(Diff::new(&old, &old).orgs(), [] as [u32; 0]);
     }
+    #[test]
+    fn the_key_diff_writes_new_and_moved_digests_and_removes_the_rest() {
+        let old = [(1, 1), (3, 1), (5, 2), (7, 2)];
+        // 1 stays, 3 goes, 5 moves to org 3, 6 is new, 7 stays.
+        let new = [(1, 1), (5, 3), (6, 2), (7, 2)];
+        let d = KeyDiff::new(&old, &new);
+        assert_eq!(d.write.as_ref(), [(5, 3), (6, 2)]);
+        assert_eq!(d.added, 1);
+        assert_eq!(d.remove, [(3, 1)]);
+        assert_eq!(d.orgs(), [1, 2, 3]);
+        assert!(d.fits(old.len(), 5));
+        assert!(!d.fits(old.len(), 4));
+        // A first start writes the new side as it is, without a copy.
+        let first = KeyDiff::new(&[], &new);
+        assert!(matches!(first.write, Cow::Borrowed(_)));
+        assert_eq!((first.added, first.remove.len()), (4, 0));
+        let same = KeyDiff::new(&old, &old);
+        assert!(same.write.is_empty() && same.remove.is_empty());
+    }
+
+    #[test]
+    fn the_identification_settings_reach_the_kernel_config() {
+        let mut kc = KernelConfig::empty();
+        let identify = Identify {
+            by: vec![Source::ApiKey, Source::Forwarded, Source::Address],
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            forwarded_header: crate::config::ForwardedHeader::XRealIp,
+            api_key_header: "authorization".into(),
+            api_keys_file: None,
+        };
+        identify_config(&mut kc, &identify);
+        use limiter_common::{FWD_X_REAL_IP, ID_ADDRESS, ID_API_KEY, ID_FORWARDED};
+        assert_eq!(
+            kc.identify_by,
+            [ID_API_KEY, ID_FORWARDED, ID_ADDRESS, ID_END]
+        );
+        assert_eq!(
+            (kc.forwarded_kind, kc.key_kind),
+            (FWD_X_REAL_IP, KEY_AUTHORIZATION)
+        );
+        assert_eq!(&kc.fwd_header[..kc.fwd_header_len as usize], b"x-real-ip");
+        assert_eq!(
+            &kc.key_header[..kc.key_header_len as usize],
+            b"authorization"
+        );
+        // Headers of sources not listed are not named.
+        let mut kc = KernelConfig::empty();
+        identify_config(&mut kc, &Identify::default());
+        assert_eq!(
+            kc.identify_by,
+            [limiter_common::ID_ADDRESS, ID_END, ID_END, ID_END]
+        );
+        assert_eq!(
+            (kc.fwd_header_len, kc.key_header_len, kc.key_kind),
+            (0, 0, KEY_PLAIN)
+        );
+    }
+
     #[test]
     fn the_address_generation_moves_only_when_the_table_changes() {
         let a = ((120, limiter_common::v4_mapped([10, 0, 0, 0])), 1);

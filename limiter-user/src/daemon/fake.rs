@@ -1,6 +1,7 @@
 //! Kernel maps in memory, for the components' tests: day slots, connections and cluster counts
 //! indexed as the kernel indexes them, and what a config wrote kept as one [`Applied`].
 
+use crate::config::Source;
 use std::collections::{BTreeMap, BTreeSet};
 
 use limiter_common::{DAY_SLOTS, DayCounters, OrgLimits, RemoteCount, UNMAPPED_ORG, day_index};
@@ -27,6 +28,7 @@ pub struct FakeMaps {
     pub clock_offset_ns: Option<i64>,
     pub org_capacity: u32,
     pub cidr_capacity: u32,
+    pub key_capacity: u32,
     /// The next apply fails (after writing half of its limits, as a map write failing midway).
     pub fail_apply: bool,
     /// Reads of all slots fail.
@@ -46,6 +48,7 @@ impl Default for FakeMaps {
             clock_offset_ns: None,
             org_capacity: 64,
             cidr_capacity: 64,
+            key_capacity: 64,
             fail_apply: false,
             fail_reads: false,
             tracer: 0,
@@ -86,6 +89,13 @@ impl FakeMaps {
 }
 
 impl KernelMaps for FakeMaps {
+    /// A model of kernel programs that read every source, so the daemon's side of each is tested.
+    const SOURCES: &'static [Source] = &[
+        Source::ApiKey,
+        Source::ProxyProtocol,
+        Source::Forwarded,
+        Source::Address,
+    ];
     type Error = FakeError;
 
     fn usage(&self, id: u32, day: u64) -> Result<(DayCounters, i64), FakeError> {
@@ -214,6 +224,7 @@ impl KernelMaps for FakeMaps {
             let half = new.limits.len() / 2;
             self.applied.limits = new.limits[..half].to_vec();
             self.applied.cidrs = new.cidrs.clone();
+            self.applied.keys = new.keys[..new.keys.len() / 2].to_vec();
             return Err(FakeError("writing limits: no space left".into()));
         }
         let old_cidrs: BTreeSet<_> = old.cidrs.iter().copied().collect();
@@ -231,9 +242,13 @@ impl KernelMaps for FakeMaps {
             .filter(limits_differ)
             .chain(readdressed)
             .collect();
+        let keys = counters::KeyDiff::new(&old.keys, &new.keys);
+        changed.extend(keys.orgs());
         changed.sort_unstable();
         changed.dedup();
         let stats = ApplyStats {
+            keys_written: keys.write.len(),
+            keys_removed: keys.remove.len(),
             cidrs_written: new_cidrs.difference(&old_cidrs).count(),
             cidrs_removed: old_cidrs.difference(&new_cidrs).count(),
             limits_written: new_limits.keys().filter(|id| limits_differ(id)).count(),
@@ -253,6 +268,10 @@ impl KernelMaps for FakeMaps {
 
     fn cidr_capacity(&self) -> u32 {
         self.cidr_capacity
+    }
+
+    fn key_capacity(&self) -> u32 {
+        self.key_capacity
     }
 }
 

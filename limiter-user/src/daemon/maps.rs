@@ -2,6 +2,7 @@
 //! implement it by way of `counters`, and the components' tests use an in-memory fake, so no
 //! component needs root to be tested.
 
+use crate::config::Source;
 use limiter_common::{DayCounters, TRACE_PID};
 
 use crate::{
@@ -15,6 +16,9 @@ use crate::{
 /// Reads and writes of the kernel's maps, as the daemon's components make them.
 pub trait KernelMaps {
     type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The `api.identify_by` sources these kernel programs read.
+    const SOURCES: &'static [Source];
 
     /// One org's counters of `day` (zeros if its slot holds another day) and its open
     /// connections.
@@ -90,9 +94,14 @@ pub trait KernelMaps {
 
     /// How many address entries the maps have room for.
     fn cidr_capacity(&self) -> u32;
+
+    /// How many API keys the maps have room for.
+    fn key_capacity(&self) -> u32;
 }
 
 impl KernelMaps for Kernel {
+    /// The stream parser reads PROXY headers at a connection's start, not request headers yet.
+    const SOURCES: &'static [Source] = &[Source::ProxyProtocol, Source::Address];
     type Error = CountersError;
 
     fn usage(&self, id: u32, day: u64) -> Result<(DayCounters, i64), CountersError> {
@@ -192,6 +201,10 @@ impl KernelMaps for Kernel {
 
     fn cidr_capacity(&self) -> u32 {
         self.capacity.cidrs
+    }
+
+    fn key_capacity(&self) -> u32 {
+        self.capacity.keys
     }
 }
 

@@ -3,7 +3,7 @@
 //! and the map contents (most of a million-org daemon's memory) are dropped.
 
 use limiter_common::UNMAPPED_ORG;
-use tracing::error;
+use tracing::{error, info, warn};
 
 use super::maps::KernelMaps;
 use crate::{
@@ -13,6 +13,7 @@ use crate::{
     },
     counters::{Applied, ApplyStats, CountersError},
     orgs::{OrgIds, OrgLimitTable, UNMAPPED_NAME},
+    secret::KeySecret,
 };
 
 /// The config in force without its org list: what the orgs need at runtime is in [`Orgs`], and
@@ -44,6 +45,7 @@ impl Settings {
             daemon,
             cluster,
             orgs: _,
+            keys: _,
         } = cfg;
         Settings {
             api,
@@ -92,6 +94,10 @@ pub struct Plan {
     /// Some org (or the default) delays connections over the limit, but no interface carries the
     /// SYN gate that does it.
     pub delay_without_gate: bool,
+    /// A secret for the keys' digests that the state directory does not hold yet, and why.
+    new_secret: Option<(KeySecret, String)>,
+    /// How many API keys the plan writes.
+    pub key_count: usize,
 }
 
 impl Plan {
@@ -102,8 +108,15 @@ impl Plan {
     }
 
     /// [`Plan::new`] with the map contents already built (a first start builds them while the
-    /// kernel loads).
-    pub fn with_desired(cfg: Config, ids: OrgIds, desired: Applied) -> Self {
+    /// kernel loads). The config's API keys move into the map contents.
+    pub fn with_desired(mut cfg: Config, ids: OrgIds, mut desired: Applied) -> Self {
+        let mut new_secret = None;
+        if let Some(keys) = cfg.keys.as_mut() {
+            let entries = std::mem::take(&mut keys.entries);
+            let orgs = &cfg.orgs;
+            desired.take_keys(entries, |i| ids.id_at(i, &orgs.get(i)?.name));
+            new_secret = keys.secret_is_new.take().map(|why| (keys.secret, why));
+        }
         let limits = OrgLimitTable::new(&cfg, &ids);
         let delay = |m: Option<ConcurrencyMode>| m == Some(ConcurrencyMode::Delay);
         let delay_without_gate = cfg.api.interfaces.is_empty()
@@ -112,6 +125,8 @@ impl Plan {
         Plan {
             org_count: cfg.orgs.len(),
             delay_without_gate,
+            new_secret,
+            key_count: desired.keys.len(),
             settings: Settings::of(cfg),
             orgs: Orgs { ids, limits },
             desired,
@@ -121,6 +136,30 @@ impl Plan {
     /// What the daemon keeps once the plan is applied: the map contents are dropped.
     pub fn into_parts(self) -> (Settings, Orgs) {
         (self.settings, self.orgs)
+    }
+
+    /// Keeps a new secret of the keys' digests in the state directory before the digests reach
+    /// the kernel, so the next start finds them valid. A failure is logged: the next start then
+    /// makes another secret and rewrites the digests.
+    pub fn keep_new_secret(&mut self) {
+        let Some((secret, why)) = self.new_secret.take() else {
+            return;
+        };
+        let state_dir = &self.settings.daemon.state_dir;
+        match crate::secret::write(state_dir, &secret) {
+            Ok(path) => info!(
+                event = "key_secret",
+                path = %path.display(),
+                reason = why.as_str(),
+                "a new secret for the API keys' digests: every digest is written anew"
+            ),
+            Err(e) => warn!(
+                event = "fault",
+                error = %e,
+                path = %crate::secret::path(state_dir).display(),
+                "the API keys' secret could not be kept; the next start makes another and rewrites the digests"
+            ),
+        }
     }
 
     /// How many address entries the plan writes.
@@ -193,5 +232,94 @@ mod tests {
         assert!(plan_of("", delay).delay_without_gate);
         assert!(!plan_of("", "").delay_without_gate);
         assert!(!plan_of("interfaces = [\"eth0\"]", delay).delay_without_gate);
+    }
+}
+
+#[cfg(test)]
+mod scale {
+    use std::{io::Write as _, time::Instant};
+
+    use super::*;
+
+    /// Peak resident memory of this process so far, in KiB: `VmHWM`. (getrusage's `ru_maxrss`
+    /// survives exec, so under `cargo test` it starts at cargo's own peak.)
+    fn peak_rss_kib() -> i64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+                line.trim().trim_end_matches("kB").trim().parse().ok()
+            })
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The load path of a million API keys (10 orgs x 100,000): reading and checking the keys
+    /// file, the digests, and the map contents the daemon writes (in chunks) into API_KEYS.
+    /// A measurement, so it runs alone and in release:
+    /// `cargo test --release -p limiter-user --lib -- --ignored --exact daemon::plan::scale::a_million_keys`
+    #[test]
+    #[ignore = "a measurement; run alone in a release build"]
+    fn a_million_keys() {
+        const ORGS: usize = 10;
+        const PER_ORG: usize = 100_000;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let keys = dir.path().join("api-keys");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&keys)
+                .expect("keys file");
+            let mut out = std::io::BufWriter::new(file);
+            for i in 0..ORGS * PER_ORG {
+                // 40-byte keys, like the tokens of API platforms.
+                let key = crate::secret::KeySecret::from_bytes([7; 16]).digest(&i.to_le_bytes());
+                writeln!(out, "org-{} sk_live_{key:016x}{i:016x}", i % ORGS).expect("write");
+            }
+            out.flush().expect("flush");
+        }
+        let mut text = format!(
+            "[api]\nports = [8080]\nidentify_by = [\"api_key\"]\napi_keys_file = \"{}\"\n\
+             [daemon]\nstate_dir = \"{}\"\n",
+            keys.display(),
+            dir.path().join("state").display()
+        );
+        for o in 0..ORGS {
+            text.push_str(&format!("[[orgs]]\nname = \"org-{o}\"\n"));
+        }
+        let config = dir.path().join("limiter.toml");
+        std::fs::write(&config, text).expect("config");
+        let before = peak_rss_kib();
+        let started = Instant::now();
+        let cfg = Config::load(&config).expect("a valid config");
+        let parsed = started.elapsed();
+        let ids = OrgIds::assign(cfg.orgs.iter().map(|o| o.name.as_str()), None, 64).expect("ids");
+        let mut plan = Plan::new(cfg, ids, &Clock::new(0)).expect("plan");
+        plan.keep_new_secret();
+        // What `write_keys` builds for the kernel, a chunk at a time.
+        let written: usize = plan
+            .desired
+            .keys
+            .chunks(16_384)
+            .map(|chunk| {
+                let (d, i): (Vec<u64>, Vec<u32>) = chunk.iter().copied().unzip();
+                std::hint::black_box((d, i)).0.len()
+            })
+            .sum();
+        let elapsed = started.elapsed();
+        let peak = peak_rss_kib();
+        eprintln!(
+            "{} keys: parsed and digested in {:.2} s, planned in {:.2} s; peak RSS {:.1} MiB \
+             ({:.1} MiB before the load)",
+            written,
+            parsed.as_secs_f64(),
+            elapsed.as_secs_f64(),
+            peak as f64 / 1024.0,
+            before as f64 / 1024.0
+        );
+        assert_eq!((written, plan.key_count), (ORGS * PER_ORG, ORGS * PER_ORG));
+        assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
     }
 }

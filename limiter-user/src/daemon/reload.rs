@@ -21,6 +21,11 @@ impl<M: KernelMaps> Daemon<M> {
     /// Re-reads the config file and applies only the differences.
     pub(super) fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
         let new_cfg = Config::load(&self.config_path)?;
+        new_cfg
+            .api
+            .identify
+            .kernel_support(M::SOURCES)
+            .map_err(|m| anyhow::anyhow!("{}: {m}", self.config_path.display()))?;
         self.reload_with(new_cfg)
     }
 
@@ -39,13 +44,20 @@ impl<M: KernelMaps> Daemon<M> {
                 new_cfg.cidr_count(),
             );
         }
+        let key_capacity = self.maps.key_capacity();
+        if new_cfg.key_count() > key_capacity as usize {
+            anyhow::bail!(
+                "{path}: {} API keys do not fit the kernel's key table ({key_capacity}): restart the daemon to resize it",
+                new_cfg.key_count(),
+            );
+        }
         let names = new_cfg.orgs.iter().map(|o| o.name.as_str());
         let ids = OrgIds::assign(names, Some(&self.orgs.ids), self.maps.org_capacity())
             .map_err(|e| anyhow::anyhow!("{path}: {e}: restart the daemon to resize the maps"))?;
         let clock = self.clock.with_day_start(*new_cfg.limits.day_start_secs);
         // The old side is what the maps hold: the daemon keeps no copy of it.
         let old = self.maps.read_applied()?;
-        let plan = Plan::new(new_cfg, ids, &clock)?;
+        let mut plan = Plan::new(new_cfg, ids, &clock)?;
         let (added, removed) = added_and_removed(&self.orgs.ids, &plan.orgs.ids);
         let today = clock.today();
         for name in &added {
@@ -55,6 +67,7 @@ impl<M: KernelMaps> Daemon<M> {
                 self.maps.prepare_day(id, today + 1)?;
             }
         }
+        plan.keep_new_secret();
         let stats = plan
             .apply_or_roll_back(&mut self.maps, &old)
             .map_err(|e| anyhow::anyhow!("{path}: applying the new config failed: {e}"))?;
@@ -78,6 +91,8 @@ impl<M: KernelMaps> Daemon<M> {
             cidrs_written = stats.cidrs_written,
             cidrs_removed = stats.cidrs_removed,
             limits_written = stats.limits_written,
+            keys_written = stats.keys_written,
+            keys_removed = stats.keys_removed,
             "config reloaded"
         );
         (self.settings, self.orgs) = plan.into_parts();

@@ -135,6 +135,10 @@ impl Daemon<Kernel> {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
         let started = Instant::now();
+        cfg.api
+            .identify
+            .kernel_support(<Kernel as KernelMaps>::SOURCES)
+            .map_err(|m| anyhow::anyhow!("{}: {m}", config_path.display()))?;
         // Test hook: start as if the daemon had been away this long.
         let away = hooks::value("LIMITER_TEST_CLOCK_SHIFT_SECS").unwrap_or(0);
         let clock = Clock::new(*cfg.limits.day_start_secs).ahead_secs(away);
@@ -167,13 +171,14 @@ impl Daemon<Kernel> {
     fn apply_and_attach(
         config_path: &Path,
         mut kernel: Kernel,
-        plan: Plan,
+        mut plan: Plan,
         old: Applied,
         clock: Clock,
         restored: usize,
         t: Timings,
     ) -> anyhow::Result<Self> {
         let before_apply = Instant::now();
+        plan.keep_new_secret();
         let stats = plan.apply(&mut kernel, &old)?;
         drop(old);
         let api = &plan.settings.api;
@@ -181,6 +186,7 @@ impl Daemon<Kernel> {
             .attach(&api.cgroup, &api.interfaces, api.netns.as_deref())
             .context("attaching the kernel programs")?;
         let (org_count, delay_without_gate) = (plan.org_count, plan.delay_without_gate);
+        let key_count = plan.key_count;
         let (settings, orgs) = plan.into_parts();
         release_freed_memory();
         let apply_ms = before_apply.elapsed().as_millis() as u64;
@@ -199,6 +205,9 @@ impl Daemon<Kernel> {
             ports = ?settings.api.ports,
             orgs = org_count,
             cidrs = stats.cidrs_written,
+            identify_by = ?settings.api.identify.by.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            api_keys = key_count,
+            keys_written = stats.keys_written,
             media_get_prefixes = ?settings.api.media_get_prefixes,
             day = %clock.date(day),
             pins = %kernel.pin_dir.display(),

@@ -42,13 +42,20 @@ impl World {
 /// A daemon with `orgs` applied to fresh fake maps, `D` in force.
 fn world(orgs: &[&str]) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
+    let text = config_text(dir.path(), orgs, "");
+    world_of(dir, &text)
+}
+
+/// A daemon started as `limiter run` starts, with `text` as its config file in `dir`.
+fn world_of(dir: tempfile::TempDir, text: &str) -> World {
     let path = dir.path().join("limiter.toml");
-    std::fs::write(&path, config_text(dir.path(), orgs, "")).expect("writing the config");
+    std::fs::write(&path, text).expect("writing the config");
     let cfg = Config::load(&path).expect("test config");
     let clock = Clock::new(0);
     let names = cfg.orgs.iter().map(|o| o.name.as_str());
     let ids = OrgIds::assign(names, None, 64).expect("distinct names");
-    let plan = Plan::new(cfg, ids, &clock).expect("plan");
+    let mut plan = Plan::new(cfg, ids, &clock).expect("plan");
+    plan.keep_new_secret();
     let mut maps = FakeMaps::default();
     plan.apply(&mut maps, &Applied::default()).expect("apply");
     let (settings, orgs) = plan.into_parts();
@@ -265,4 +272,147 @@ fn a_reload_rereads_the_orgs_file() {
     let summary = w.daemon.reload().expect("orgs file applied");
     let want = serde_json::json!({"added": [], "removed": [], "changed": ["newco"]});
     assert_eq!(summary, want);
+}
+
+/// A daemon that knows `acme` and `initech` by their keys first, with `keys` as its keys file.
+fn keyed_world(keys: &str) -> World {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("api-keys");
+    write_keys(&file, keys, 0o600);
+    let extra = format!(
+        "identify_by = [\"api_key\", \"address\"]\napi_keys_file = \"{}\"",
+        file.display()
+    );
+    let text = config_text(dir.path(), &["acme", "initech"], &extra);
+    world_of(dir, &text)
+}
+
+fn write_keys(file: &std::path::Path, keys: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(file, keys).expect("writing the keys file");
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// The secret the daemon keeps, from its state directory.
+fn kept_secret(w: &World) -> crate::secret::KeySecret {
+    crate::secret::read(&w.dir.path().join("state")).expect("the daemon kept its secret")
+}
+
+/// (digest, org id) of `(key, org)` under the kept secret, sorted as the maps hold them.
+fn digests(w: &World, keys: &[(&str, &str)]) -> Vec<(u64, u32)> {
+    let secret = kept_secret(w);
+    let ids = &w.daemon.orgs.ids;
+    let mut out: Vec<(u64, u32)> = keys
+        .iter()
+        .map(|(key, org)| (secret.digest(key.as_bytes()), ids.id(org).expect("an org")))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn keys_reach_the_maps_under_the_kept_secret() {
+    let w = keyed_world("acme k-a1\nacme k-a2\ninitech k-i1\n");
+    let applied = &w.daemon.maps.applied;
+    let want = digests(
+        &w,
+        &[("k-a1", "acme"), ("k-a2", "acme"), ("k-i1", "initech")],
+    );
+    assert_eq!(applied.keys, want);
+    let kc = applied.kernel_config.expect("CONFIG written");
+    assert_eq!(kc.key_secret, kept_secret(&w).halves());
+    assert_eq!(
+        kc.identify_by[..2],
+        [limiter_common::ID_API_KEY, limiter_common::ID_ADDRESS]
+    );
+    assert_eq!(&kc.key_header[..kc.key_header_len as usize], b"x-api-key");
+}
+
+#[test]
+fn a_reload_replaces_the_keys_and_a_bad_keys_file_changes_nothing() {
+    let mut w = keyed_world("acme k-a1\nacme k-a2\ninitech k-i1\n");
+    let file = w.dir.path().join("api-keys");
+    write_keys(&file, "acme k-a1\ninitech k-i1\ninitech k-i2\n", 0o600);
+    let (summary, lines) = logged(|| w.daemon.reload());
+    let want = serde_json::json!({"added": [], "removed": [], "changed": ["acme", "initech"]});
+    assert_eq!(summary.ok(), Some(want));
+    let reload = events(&lines, "reload");
+    assert_eq!(
+        (
+            reload[0]["keys_written"].as_u64(),
+            reload[0]["keys_removed"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    let want = digests(
+        &w,
+        &[("k-a1", "acme"), ("k-i1", "initech"), ("k-i2", "initech")],
+    );
+    assert_eq!(w.daemon.maps.applied.keys, want, "k-a2 is gone, k-i2 is in");
+    // The same file again: the same secret, nothing to write.
+    let (_, lines) = logged(|| w.daemon.reload());
+    let reload = events(&lines, "reload");
+    assert_eq!(
+        (
+            reload[0]["keys_written"].as_u64(),
+            reload[0]["keys_removed"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+
+    let before = in_force(&w.daemon);
+    // An unknown org: the error points into the keys file, the old keys stay.
+    write_keys(&file, "acme k-a1\nnobody k-x\n", 0o600);
+    let e = w.daemon.reload().expect_err("an unknown org").to_string();
+    assert!(
+        e.starts_with(&format!("{}:2:1: org: no org \"nobody\"", file.display())),
+        "{e}"
+    );
+    assert!(in_force(&w.daemon) == before);
+    // A file others can read.
+    write_keys(&file, "acme k-a1\ninitech k-i1\n", 0o644);
+    let e = w.daemon.reload().expect_err("mode 0644").to_string();
+    assert!(
+        e.contains(&format!("{} has mode 0644", file.display())),
+        "{e}"
+    );
+    assert!(in_force(&w.daemon) == before);
+    // More keys than the kernel's table holds.
+    write_keys(&file, "acme k-a1\ninitech k-i1\ninitech k-i2\n", 0o600);
+    w.daemon.maps.key_capacity = 2;
+    let e = w.daemon.reload().expect_err("too many keys").to_string();
+    assert!(
+        e.contains("3 API keys do not fit the kernel's key table (2): restart"),
+        "{e}"
+    );
+    assert!(in_force(&w.daemon) == before);
+}
+
+#[test]
+fn a_lost_secret_is_replaced_and_every_digest_rewritten() {
+    let mut w = keyed_world("acme k-a1\ninitech k-i1\n");
+    let old = kept_secret(&w);
+    std::fs::remove_file(crate::secret::path(&w.dir.path().join("state"))).expect("rm");
+    let (summary, lines) = logged(|| w.daemon.reload());
+    summary.expect("the reload makes a new secret");
+    let new = kept_secret(&w);
+    assert_ne!(new, old);
+    assert_eq!(events(&lines, "key_secret").len(), 1);
+    let reload = events(&lines, "reload");
+    assert_eq!(
+        (
+            reload[0]["keys_written"].as_u64(),
+            reload[0]["keys_removed"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    let applied = &w.daemon.maps.applied;
+    assert_eq!(
+        applied.keys,
+        digests(&w, &[("k-a1", "acme"), ("k-i1", "initech")])
+    );
+    assert_eq!(
+        applied.kernel_config.map(|kc| kc.key_secret),
+        Some(new.halves())
+    );
 }

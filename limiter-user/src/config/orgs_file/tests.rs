@@ -109,7 +109,7 @@ fn errors_name_file_line_column_and_key() {
         ),
         (
             "acme\n",
-            "FILE:1:5: cidrs: missing: each line is NAME CIDR[,CIDR...] [key=value ...]",
+            "FILE:1:1: cidrs: must list at least one CIDR: api.identify_by does not list \"api_key\", so nothing else identifies org \"acme\"",
         ),
         (
             "acme 10.0.0.0/8,10.1.0.1/16\n",
