@@ -245,8 +245,10 @@ impl Testbed {
     }
 
     /// Sends `bytes` over TLS to `to` from `src` with `openssl s_client` in the client netns
-    /// (verifying `ca`), and returns what came back until the server closed.
+    /// (verifying `ca`), and returns what came back: up to the end of the first complete
+    /// response, or until the server closed (bounded by [`CLIENT_TIMEOUT_SECS`]).
     pub fn tls_raw(&self, src: IpAddr, to: SocketAddr, ca: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+        use std::io::Read as _;
         let mut cmd = Command::new("timeout");
         cmd.arg(CLIENT_TIMEOUT_SECS.to_string())
             .args([
@@ -265,21 +267,40 @@ impl Testbed {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = self.spawn_in_client(cmd)?;
-        child
-            .stdin
-            .take()
-            .context("s_client's stdin")?
-            .write_all(bytes)
-            .context("writing to s_client")?;
-        let out = child.wait_with_output().context("waiting for s_client")?;
-        if out.stdout.is_empty() && !out.status.success() {
+        // Stdin stays open until the answer is read: s_client ends the session at its EOF.
+        let mut stdin = child.stdin.take().context("s_client's stdin")?;
+        stdin.write_all(bytes).context("writing to s_client")?;
+        let mut stdout = child.stdout.take().context("s_client's stdout")?;
+        let mut out = Vec::new();
+        let mut tmp = [0u8; 16 * 1024];
+        loop {
+            match stdout.read(&mut tmp) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&tmp[..n]),
+            }
+            if matches!(
+                super::parse_response(&out, "GET", false),
+                super::http::Parse::Done(_)
+            ) {
+                break;
+            }
+        }
+        drop(stdin);
+        // SIGTERM, which `timeout` passes on to s_client (SIGKILL would orphan it).
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().context("waiting for s_client")?;
+        if out.is_empty() && !status.success() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
             bail!(
-                "openssl s_client from {src} to {to} ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "openssl s_client from {src} to {to} ({status}): {}",
+                err.trim()
             );
         }
-        Ok(out.stdout)
+        Ok(out)
     }
 }
 
