@@ -324,6 +324,8 @@ pub struct Results {
     pub scale: Vec<ScaleRow>,
     /// API keys files by size (not run with `--cost-only`).
     pub key_scale: Vec<KeyScaleRow>,
+    /// Runs that could not run, and why (an identity source this build's daemon refuses).
+    pub notes: Vec<String>,
     /// Not run with `--cost-only`: one per request shape.
     pub neighbors: Vec<neighbors::Neighbors>,
 }
@@ -763,6 +765,14 @@ impl Drop for Bench {
     }
 }
 
+/// Records that `what` could not run (its first error line is the daemon's or the check's).
+fn not_run(notes: &mut Vec<String>, what: &str, e: &anyhow::Error) {
+    let why = format!("{e:#}");
+    let note = format!("{what}: {}", why.lines().next().unwrap_or_default());
+    println!("not run: {note}");
+    notes.push(note);
+}
+
 /// `starts` starts of the daemon with a keys file of `keys` keys: load time, and the memory of
 /// the last start.
 fn key_scale_row(b: &mut Bench, keys: usize, starts: usize) -> Result<KeyScaleRow> {
@@ -905,6 +915,9 @@ fn markdown(r: &Results) -> String {
             k.note
         ));
     }
+    for note in &r.notes {
+        s.push_str(&format!("\nNot run: {note}\n"));
+    }
     for n in &r.neighbors {
         s.push('\n');
         s.push_str(&n.markdown());
@@ -1036,6 +1049,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     ];
     let mut rows = Vec::new();
     let mut neighbors = Vec::new();
+    let mut notes = Vec::new();
     if !args.cost_only {
         if !args.neighbors_only {
             for (scenario, (side_a, side_b)) in comparisons {
@@ -1059,12 +1073,16 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
                     shape,
                     ..l(nginx::RETURN_200, 64, keep_alive, false)
                 };
-                rows.push(b.compare(
+                // A source this build's daemon refuses leaves a note, not a failed bench.
+                match b.compare(
                     scenario,
                     (Side2::Nginx, load.clone()),
                     (Side2::Limiter, load),
                     (&cfg, &cfg),
-                )?);
+                ) {
+                    Ok(row) => rows.push(row),
+                    Err(e) => not_run(&mut notes, scenario, &e),
+                }
             }
         }
         for shape in [Shape::Plain, Shape::ApiHeaders] {
@@ -1097,20 +1115,36 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             b.cost_run(&pass, &load)
         };
         let post64k = shaped(&mut b, Shape::Post64k)?;
-        let api_key = b.cost_run(
-            &b.identity_config(Shape::ApiKey400, BENCH_KEYS)?,
-            &Load {
-                shape: Shape::ApiKey400,
-                ..l(nginx::RETURN_200, 64, true, false)
-            },
-        )?;
-        let proxy_v2 = b.cost_run(
-            &b.identity_config(Shape::ProxyV2, 0)?,
-            &Load {
-                shape: Shape::ProxyV2,
-                ..l(nginx::RETURN_200, 64, false, false)
-            },
-        )?;
+        let mut identity_cost = |b: &mut Bench, shape, keys, keep_alive, what: &str| {
+            let load = Load {
+                shape,
+                ..l(nginx::RETURN_200, 64, keep_alive, false)
+            };
+            match b
+                .identity_config(shape, keys)
+                .and_then(|cfg| b.cost_run(&cfg, &load))
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    not_run(&mut notes, what, &e);
+                    KernelCost::default()
+                }
+            }
+        };
+        let api_key = identity_cost(
+            &mut b,
+            Shape::ApiKey400,
+            BENCH_KEYS,
+            true,
+            "kernel cost, identify_by api_key",
+        );
+        let proxy_v2 = identity_cost(
+            &mut b,
+            Shape::ProxyV2,
+            0,
+            false,
+            "kernel cost, identify_by proxy_protocol",
+        );
         let runs = keep.verdict_runs + close.verdict_runs;
         let avg = |a: f64, an: u64, b: f64, bn: u64| {
             if an + bn == 0 {
@@ -1286,6 +1320,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         scale,
         key_scale,
         neighbors,
+        notes,
     };
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
