@@ -77,6 +77,40 @@ impl MediaPrefixes for KernelConfig {
 pub const WIN: usize = 128;
 /// The window buffer: [`WIN`] bytes plus room for an 8-byte load at any masked index.
 pub const WIN_BUF: usize = WIN + 8;
+const WIN_WORDS: usize = WIN_BUF / 8;
+
+/// The window's bytes, 8-aligned so that the scans read whole aligned words (the BPF target
+/// splits a load it cannot prove aligned into byte loads). Reads as a byte array.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window(pub [u8; WIN_BUF]);
+
+impl Window {
+    /// Aligned word `i` (bytes `8i..8i + 8`), little-endian; 0 past the buffer.
+    #[inline(always)]
+    fn word(&self, i: usize) -> u64 {
+        // SAFETY: `Window` is 8-aligned and WIN_BUF a multiple of 8, so it is also an array of
+        // WIN_WORDS u64s, every bit pattern of which is valid.
+        let words = unsafe { &*(self as *const Window as *const [u64; WIN_WORDS]) };
+        words.get(i).map_or(0, |w| u64::from_le(*w))
+    }
+}
+
+impl core::ops::Deref for Window {
+    type Target = [u8; WIN_BUF];
+
+    #[inline(always)]
+    fn deref(&self) -> &[u8; WIN_BUF] {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for Window {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut [u8; WIN_BUF] {
+        &mut self.0
+    }
+}
 
 /// Between requests (leading empty lines are skipped); a new connection starts here.
 pub const S_IDLE: u8 = 0;
@@ -222,7 +256,7 @@ pub struct WalkSlot {
     pub tally: Tally,
     /// The stream of a socket whose state could not be stored (followed one chunk at a time).
     pub stream: Stream,
-    pub win: [u8; WIN_BUF],
+    pub win: Window,
 }
 
 /// Walk slots per CPU: a verdict and one that interrupts it.
@@ -308,46 +342,40 @@ const CONNECT: u64 = u64::from_le_bytes(*b"CONNECT\0");
 
 /// 8 bytes of the window from `at` (masked into the buffer), little-endian.
 #[inline(always)]
-fn word(win: &[u8; WIN_BUF], at: usize) -> u64 {
+fn word(win: &Window, at: usize) -> u64 {
     let at = at & (WIN - 1);
-    let mut w = [0u8; 8];
-    if let Some(s) = win.get(at..at + 8) {
-        w.copy_from_slice(s);
+    let lo = win.word(at / 8);
+    let shift = (at % 8) * 8;
+    if shift == 0 {
+        return lo;
     }
-    u64::from_le_bytes(w)
+    (lo >> shift) | (win.word(at / 8 + 1) << (64 - shift))
 }
 
-/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one).
+/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one), without
+/// branches (BPF has no count-trailing-zeros instruction): the lowest mark, moved to bit 0 of
+/// its byte, multiplied so that the byte's index lands in the top byte.
 #[inline(always)]
 fn first_marked(m: u64) -> usize {
-    // A branch ladder: BPF has no count-trailing-zeros instruction.
-    if m & 0x8080_8080 != 0 {
-        if m & 0x8080 != 0 {
-            if m & 0x80 != 0 { 0 } else { 1 }
-        } else if m & 0x80_0000 != 0 {
-            2
-        } else {
-            3
-        }
-    } else if m & 0x8080_0000_0000 != 0 {
-        if m & 0x80_0000_0000 != 0 { 4 } else { 5 }
-    } else if m & 0x80_0000_0000_0000 != 0 {
-        6
-    } else {
-        7
-    }
+    let lowest = (m & m.wrapping_neg()) >> 7;
+    (lowest.wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
 }
 
-/// Offset of the first `\n` in `win[at..n]`, eight bytes at a time.
+/// Offset of the first `\n` in `win[at..n]`, an aligned word at a time.
 #[inline(always)]
-pub fn find_lf(win: &[u8; WIN_BUF], at: usize, n: usize) -> Option<usize> {
+pub fn find_lf(win: &Window, at: usize, n: usize) -> Option<usize> {
+    if at >= n || at >= WIN {
+        return None;
+    }
+    let mut o = at & !7;
+    // Bytes before `at` in the first word are not looked at.
+    let mut keep = u64::MAX << ((at - o) * 8);
     let mut k = 0;
     while k < WIN / 8 {
-        let o = at + k * 8;
         if o >= n || o >= WIN {
             return None;
         }
-        let mut m = byte_eq_mask(word(win, o), b'\n');
+        let mut m = byte_eq_mask(win.word(o / 8), b'\n') & keep;
         let valid = n - o;
         if valid < 8 {
             // Bytes past `n` are stale.
@@ -356,6 +384,8 @@ pub fn find_lf(win: &[u8; WIN_BUF], at: usize, n: usize) -> Option<usize> {
         if m != 0 {
             return Some(o + first_marked(m));
         }
+        keep = u64::MAX;
+        o += 8;
         k += 1;
     }
     None
@@ -403,7 +433,7 @@ impl Stream {
     #[inline(always)]
     pub fn step(
         &mut self,
-        win: &[u8; WIN_BUF],
+        win: &Window,
         at: usize,
         n: usize,
         left: u64,
@@ -434,7 +464,7 @@ impl Stream {
 
     /// Skips to the end of the current line (its LF consumed), then moves on.
     #[inline(always)]
-    fn skip_line(&mut self, win: &[u8; WIN_BUF], at: usize, n: usize) -> u64 {
+    fn skip_line(&mut self, win: &Window, at: usize, n: usize) -> u64 {
         let Some(lf) = find_lf(win, at, n) else {
             return (n - at) as u64;
         };
@@ -452,7 +482,7 @@ impl Stream {
     fn byte(
         &mut self,
         b: u8,
-        win: &[u8; WIN_BUF],
+        win: &Window,
         at: usize,
         n: usize,
         cfg: &impl MediaPrefixes,
@@ -544,7 +574,7 @@ impl Stream {
 
     /// [`Self::skip_line`] from `at` when the window still has bytes there.
     #[inline(always)]
-    fn skip_rest(&mut self, win: &[u8; WIN_BUF], at: usize, n: usize) -> u64 {
+    fn skip_rest(&mut self, win: &Window, at: usize, n: usize) -> u64 {
         if at >= n {
             return 0;
         }
@@ -941,14 +971,14 @@ impl Stream {
     /// Feeds a whole chunk, a window at a time, as the kernel does (host side and tests).
     pub fn feed(&mut self, bytes: &[u8], cfg: &impl MediaPrefixes) -> Tally {
         let mut t = Tally::default();
-        let mut win = [0u8; WIN_BUF];
+        let mut win = Window([0u8; WIN_BUF]);
         let (mut win_off, mut win_n) = (0usize, 0usize);
         let mut pos = 0usize;
         while pos < bytes.len() {
             if self.needs_bytes() && !(pos >= win_off && pos < win_off + win_n) {
                 win_off = pos;
                 win_n = (bytes.len() - pos).min(WIN);
-                win = [0xaa; WIN_BUF];
+                win = Window([0xaa; WIN_BUF]);
                 win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
             }
             let at = pos.wrapping_sub(win_off);
