@@ -80,6 +80,40 @@ impl MediaPrefixes for KernelConfig {
 pub const WIN: usize = 128;
 /// The window buffer: [`WIN`] bytes plus room for an 8-byte load at any masked index.
 pub const WIN_BUF: usize = WIN + 8;
+const WIN_WORDS: usize = WIN_BUF / 8;
+
+/// The window's bytes, 8-aligned so that the scans read whole aligned words (the BPF target
+/// splits a load it cannot prove aligned into byte loads). Reads as a byte array.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window(pub [u8; WIN_BUF]);
+
+impl Window {
+    /// Aligned word `i` (bytes `8i..8i + 8`), little-endian; 0 past the buffer.
+    #[inline(always)]
+    fn word(&self, i: usize) -> u64 {
+        // SAFETY: `Window` is 8-aligned and WIN_BUF a multiple of 8, so it is also an array of
+        // WIN_WORDS u64s, every bit pattern of which is valid.
+        let words = unsafe { &*(self as *const Window as *const [u64; WIN_WORDS]) };
+        words.get(i).map_or(0, |w| u64::from_le(*w))
+    }
+}
+
+impl core::ops::Deref for Window {
+    type Target = [u8; WIN_BUF];
+
+    #[inline(always)]
+    fn deref(&self) -> &[u8; WIN_BUF] {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for Window {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut [u8; WIN_BUF] {
+        &mut self.0
+    }
+}
 
 /// Between requests (leading empty lines are skipped); a new connection starts here.
 pub const S_IDLE: u8 = 0;
@@ -147,6 +181,9 @@ pub const F_REFUSED: u8 = 64;
 pub const F_EMPTY_START: u8 = 128;
 /// Flags of the connection (the rest belong to the current request).
 const F_CONNECTION: u8 = F_HTTP | F_REFUSED;
+
+/// Turns of the header-line scan in one step (each looks at a word or past a line).
+const SCAN_TURNS: usize = 16;
 
 /// Longest method token followed.
 pub const METHOD_MAX: u8 = 32;
@@ -243,8 +280,27 @@ pub struct Tally {
     pub opaque: bool,
     /// The framing broke: the connection must be closed.
     pub broken: bool,
-    /// No padding: a copy must not carry undefined bytes (the verifier rejects them).
-    pub _pad: [u8; 4],
+    /// Where a scan of header lines has got to in the window. Kept here, in map memory in the
+    /// kernel, so that the verifier does not follow its value: each turn of the scan's loop
+    /// then starts from the same state, however many lines came before. (Also what leaves the
+    /// tally without padding: a copy must not carry undefined bytes, which the verifier
+    /// rejects.)
+    pub scan: u32,
+}
+
+impl Tally {
+    #[inline(always)]
+    fn set_scan(&mut self, at: usize) {
+        // SAFETY: a plain field of `self`. Volatile, so the compiler does not carry the value
+        // past the memory that is to hide it from the verifier.
+        unsafe { core::ptr::write_volatile(&mut self.scan, at as u32) }
+    }
+
+    #[inline(always)]
+    fn scan(&self) -> usize {
+        // SAFETY: as in `set_scan`.
+        unsafe { core::ptr::read_volatile(&self.scan) as usize }
+    }
 }
 
 /// The kernel's working space for walking one chunk (a per-CPU map value: the verifier tracks
@@ -266,7 +322,7 @@ pub struct WalkSlot {
     pub tally: Tally,
     /// The stream of a socket whose state could not be stored (followed one chunk at a time).
     pub stream: Stream,
-    pub win: [u8; WIN_BUF],
+    pub win: Window,
     /// A connection's first bytes, read for a PROXY header.
     pub first: [u8; crate::ident::CAP],
     /// A PROXY v1 line as read so far.
@@ -359,46 +415,40 @@ const PROXY: u64 = u64::from_le_bytes(*b"PROXY\0\0\0");
 
 /// 8 bytes of the window from `at` (masked into the buffer), little-endian.
 #[inline(always)]
-fn word(win: &[u8; WIN_BUF], at: usize) -> u64 {
+fn word(win: &Window, at: usize) -> u64 {
     let at = at & (WIN - 1);
-    let mut w = [0u8; 8];
-    if let Some(s) = win.get(at..at + 8) {
-        w.copy_from_slice(s);
+    let lo = win.word(at / 8);
+    let shift = (at % 8) * 8;
+    if shift == 0 {
+        return lo;
     }
-    u64::from_le_bytes(w)
+    (lo >> shift) | (win.word(at / 8 + 1) << (64 - shift))
 }
 
-/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one).
+/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one), without
+/// branches (BPF has no count-trailing-zeros instruction): the lowest mark, moved to bit 0 of
+/// its byte, multiplied so that the byte's index lands in the top byte.
 #[inline(always)]
 fn first_marked(m: u64) -> usize {
-    // A branch ladder: BPF has no count-trailing-zeros instruction.
-    if m & 0x8080_8080 != 0 {
-        if m & 0x8080 != 0 {
-            if m & 0x80 != 0 { 0 } else { 1 }
-        } else if m & 0x80_0000 != 0 {
-            2
-        } else {
-            3
-        }
-    } else if m & 0x8080_0000_0000 != 0 {
-        if m & 0x80_0000_0000 != 0 { 4 } else { 5 }
-    } else if m & 0x80_0000_0000_0000 != 0 {
-        6
-    } else {
-        7
-    }
+    let lowest = (m & m.wrapping_neg()) >> 7;
+    (lowest.wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
 }
 
-/// Offset of the first `\n` in `win[at..n]`, eight bytes at a time.
+/// Offset of the first `\n` in `win[at..n]`, an aligned word at a time.
 #[inline(always)]
-pub fn find_lf(win: &[u8; WIN_BUF], at: usize, n: usize) -> Option<usize> {
+pub fn find_lf(win: &Window, at: usize, n: usize) -> Option<usize> {
+    if at >= n || at >= WIN {
+        return None;
+    }
+    let mut o = at & !7;
+    // Bytes before `at` in the first word are not looked at.
+    let mut keep = u64::MAX << ((at - o) * 8);
     let mut k = 0;
     while k < WIN / 8 {
-        let o = at + k * 8;
         if o >= n || o >= WIN {
             return None;
         }
-        let mut m = byte_eq_mask(word(win, o), b'\n');
+        let mut m = byte_eq_mask(win.word(o / 8), b'\n') & keep;
         let valid = n - o;
         if valid < 8 {
             // Bytes past `n` are stale.
@@ -407,6 +457,8 @@ pub fn find_lf(win: &[u8; WIN_BUF], at: usize, n: usize) -> Option<usize> {
         if m != 0 {
             return Some(o + first_marked(m));
         }
+        keep = u64::MAX;
+        o += 8;
         k += 1;
     }
     None
@@ -481,7 +533,7 @@ impl Stream {
     #[inline(always)]
     pub fn step(
         &mut self,
-        win: &[u8; WIN_BUF],
+        win: &Window,
         at: usize,
         n: usize,
         left: u64,
@@ -502,40 +554,123 @@ impl Stream {
                 take
             }
             S_OPAQUE | S_CLOSED => 0,
-            S_LINE | S_SKIP | S_TSKIP | S_CEXT => self.skip_line(win, at, n),
-            _ => {
-                let b = win[at & (WIN - 1)];
-                self.byte(b, win, at, n, cfg, t)
-            }
+            // Only from the step's own `at`: the verifier then meets the skip's loop with one
+            // state, not one per way the step could have got there.
+            S_LINE | S_SKIP | S_TSKIP | S_CEXT => self.skip_line(win, at, n, t),
+            _ => self.head_step(win, at, n, cfg, t),
         }
     }
 
-    /// Skips to the end of the current line (its LF consumed), then moves on.
+    /// A step of the other states that read bytes: a byte of a state that looks at each byte,
+    /// then the target when the method has just ended.
     #[inline(always)]
-    fn skip_line(&mut self, win: &[u8; WIN_BUF], at: usize, n: usize) -> u64 {
-        let Some(lf) = find_lf(win, at, n) else {
-            return (n - at) as u64;
-        };
-        match self.state {
-            S_LINE | S_SKIP => self.state = S_HDR,
-            S_TSKIP => self.state = S_TRL,
-            _ => self.chunk_size_line_end(),
-        }
-        (lf + 1 - at) as u64
-    }
-
-    /// One byte of a state that looks at each byte. Consumes it (and, where a line is then
-    /// skipped, the rest of that line in the window).
-    #[inline(always)]
-    fn byte(
+    fn head_step(
         &mut self,
-        b: u8,
-        win: &[u8; WIN_BUF],
+        win: &Window,
         at: usize,
         n: usize,
         cfg: &impl MediaPrefixes,
         t: &mut Tally,
     ) -> u64 {
+        let mut used = 0;
+        if !matches!(self.state, S_TARGET | S_PATH) {
+            used = self.byte(win[at & (WIN - 1)], win, at, n, t) as usize;
+        }
+        if matches!(self.state, S_TARGET | S_PATH) && at + used < n {
+            used += self.target(win, at + used, n, cfg, t) as usize;
+        }
+        used as u64
+    }
+
+    /// Skips to the end of the current line (its LF consumed), then moves on. After a request
+    /// or header line, the header lines that follow and do not matter are skipped too, and the
+    /// empty line that ends the head is taken, as far as the window goes.
+    #[inline(always)]
+    fn skip_line(&mut self, win: &Window, at: usize, n: usize, t: &mut Tally) -> u64 {
+        match self.state {
+            S_LINE | S_SKIP => self.skip_header_lines(win, at, n, t),
+            _ => {
+                let Some(lf) = find_lf(win, at, n) else {
+                    return (n - at) as u64;
+                };
+                if self.state == S_TSKIP {
+                    self.state = S_TRL;
+                } else {
+                    self.chunk_size_line_end();
+                }
+                (lf + 1 - at) as u64
+            }
+        }
+    }
+
+    /// [`Self::skip_line`] of a request or header line: a scan of the window, an aligned word
+    /// at a time, that goes on past each LF while [`Self::header_line`] skips the line after
+    /// it.
+    #[inline(always)]
+    fn skip_header_lines(&mut self, win: &Window, at: usize, n: usize, t: &mut Tally) -> u64 {
+        t.set_scan(at);
+        let mut k = 0;
+        while k < SCAN_TURNS {
+            k += 1;
+            let from = t.scan();
+            if from >= n || from >= WIN {
+                return n.saturating_sub(at) as u64;
+            }
+            let o = from & !7;
+            let mut m = byte_eq_mask(win.word(o / 8), b'\n') & (u64::MAX << ((from - o) * 8));
+            let valid = n - o;
+            if valid < 8 {
+                // Bytes past `n` are stale.
+                m &= (1u64 << (valid * 8)) - 1;
+            }
+            if m == 0 {
+                t.set_scan(o + 8);
+                continue;
+            }
+            let next = o + first_marked(m) + 1;
+            self.state = S_HDR;
+            if next >= n {
+                return (next - at) as u64;
+            }
+            let b = win[next & (WIN - 1)];
+            let after = (next + 1 < n).then(|| win[(next + 1) & (WIN - 1)]);
+            let (used, skip) = self.header_line(b, after, t);
+            if !skip {
+                return (next - at) as u64 + used;
+            }
+            t.set_scan(next + 1);
+        }
+        (t.scan().min(n) - at) as u64
+    }
+
+    /// The first bytes of the target, then of the path while it may be under a media prefix
+    /// (most are decided by their second byte: `/ ` or `/api`).
+    #[inline(always)]
+    fn target(
+        &mut self,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl MediaPrefixes,
+        t: &mut Tally,
+    ) -> u64 {
+        let b = win[at & (WIN - 1)];
+        if self.state == S_TARGET {
+            self.target_byte(b, cfg, t);
+        } else {
+            self.path_byte(b, cfg, t);
+        }
+        if self.state == S_PATH && at + 1 < n {
+            self.path_byte(win[(at + 1) & (WIN - 1)], cfg, t);
+            return 2;
+        }
+        1
+    }
+
+    /// One byte of a state that looks at each byte (a usual method and its space at once; the
+    /// empty line that ends a head as its CRLF).
+    #[inline(always)]
+    fn byte(&mut self, b: u8, win: &Window, at: usize, n: usize, t: &mut Tally) -> u64 {
         match self.state {
             S_IDLE => {
                 // The usual methods in one step, eight bytes compared at once.
@@ -550,35 +685,9 @@ impl Stream {
                 self.idle(b, t)
             }
             S_METHOD => self.method_byte(b, t),
-            S_TARGET | S_PATH => {
-                let mut used = 1;
-                if self.state == S_TARGET {
-                    self.target_byte(b, cfg, t);
-                } else {
-                    self.path_byte(b, cfg, t);
-                }
-                if self.state == S_PATH && at + 1 < n {
-                    // Most paths are decided by their second byte (`/ ` or `/api`).
-                    self.path_byte(win[(at + 1) & (WIN - 1)], cfg, t);
-                    used = 2;
-                }
-                if self.state == S_LINE {
-                    // Decided: the rest of the request line in the same step.
-                    return used + self.skip_rest(win, at + used as usize, n);
-                }
-                return used;
-            }
             S_HDR => {
-                if b == b'\r' && at + 1 < n && win[(at + 1) & (WIN - 1)] == b'\n' {
-                    // The empty line that ends the head, in one step.
-                    self.flags &= !(F_FRAMING_LINE | F_CR);
-                    self.head_end(t);
-                    return 2;
-                }
-                if self.header_start(b, t) {
-                    // An uninteresting header: skip its line in the same step.
-                    return 1 + self.skip_rest(win, at + 1, n);
-                }
+                let after = (at + 1 < n).then(|| win[(at + 1) & (WIN - 1)]);
+                return self.header_line(b, after, t).0;
             }
             S_NAME => self.name_byte(b),
             S_EOH => {
@@ -620,13 +729,17 @@ impl Stream {
         1
     }
 
-    /// [`Self::skip_line`] from `at` when the window still has bytes there.
+    /// The start of a header line, `b` and the byte `after` it if the window has it: the empty
+    /// line that ends the head (its CRLF at once), or [`Self::header_start`]. Bytes used, and
+    /// whether the rest of the line is to be skipped.
     #[inline(always)]
-    fn skip_rest(&mut self, win: &[u8; WIN_BUF], at: usize, n: usize) -> u64 {
-        if at >= n {
-            return 0;
+    fn header_line(&mut self, b: u8, after: Option<u8>, t: &mut Tally) -> (u64, bool) {
+        if b == b'\r' && after == Some(b'\n') {
+            self.flags &= !(F_FRAMING_LINE | F_CR);
+            self.head_end(t);
+            return (2, false);
         }
-        self.skip_line(win, at, n)
+        (1, self.header_start(b, t))
     }
 
     #[inline(always)]
@@ -1031,14 +1144,14 @@ impl Stream {
     /// Feeds a whole chunk, a window at a time, as the kernel does (host side and tests).
     pub fn feed(&mut self, bytes: &[u8], cfg: &impl MediaPrefixes) -> Tally {
         let mut t = Tally::default();
-        let mut win = [0u8; WIN_BUF];
+        let mut win = Window([0u8; WIN_BUF]);
         let (mut win_off, mut win_n) = (0usize, 0usize);
         let mut pos = 0usize;
         while pos < bytes.len() {
             if self.needs_bytes() && !(pos >= win_off && pos < win_off + win_n) {
                 win_off = pos;
                 win_n = (bytes.len() - pos).min(WIN);
-                win = [0xaa; WIN_BUF];
+                win = Window([0xaa; WIN_BUF]);
                 win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
             }
             let at = pos.wrapping_sub(win_off);

@@ -248,7 +248,7 @@ fn find_lf_every_position() {
     for n in 1..=WIN {
         for at in 0..n {
             for lf in 0..n {
-                let mut w = [b'a'; WIN_BUF];
+                let mut w = Window([b'a'; WIN_BUF]);
                 w[lf] = b'\n';
                 // A stale LF past `n` is never found.
                 if n < WIN {
