@@ -864,8 +864,8 @@ fn markdown(r: &Results) -> String {
          verdict with the 429 writer {:.0} ns per refused request over {} runs; sock_ops {:.0} ns per run over {} runs; \
          verdict while `limiter trace` reads {:.0} ns per passing keep-alive request over {} runs. \
          By request shape: API GET (~200 B) {:.0} ns per request; ten pipelined API GETs {:.0} ns per chunk; 64 KiB POST {:.0} ns per chunk over {} chunks. \
-         By identity: a 400-byte API GET identified by its API key ({} keys) {:.0} ns per request over {} runs; \
-         a PROXY v2 header and a GET per connection {:.0} ns per chunk over {} runs.\n\n\
+         By identity: a 400-byte API GET identified by its API key ({} keys) {}; \
+         a PROXY v2 header and a GET per connection {}.\n\n\
          | orgs | load (s), median (min–max) | map memory (MiB) | daemon RSS (MiB) | passing req/s vs no limiter | note |\n|---|---|---|---|---|---|\n",
         r.kernel_cost.verdict_ns_per_run,
         r.kernel_cost.verdict_runs,
@@ -880,10 +880,16 @@ fn markdown(r: &Results) -> String {
         r.kernel_cost.post64k_ns_per_run,
         r.kernel_cost.post64k_runs,
         BENCH_KEYS,
-        r.kernel_cost.api_key_ns_per_run,
-        r.kernel_cost.api_key_runs,
-        r.kernel_cost.proxy_v2_ns_per_run,
-        r.kernel_cost.proxy_v2_runs
+        per_run(
+            r.kernel_cost.api_key_ns_per_run,
+            r.kernel_cost.api_key_runs,
+            "request"
+        ),
+        per_run(
+            r.kernel_cost.proxy_v2_ns_per_run,
+            r.kernel_cost.proxy_v2_runs,
+            "chunk"
+        ),
     ));
     for x in &r.scale {
         s.push_str(&format!(
@@ -1202,11 +1208,17 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     );
 
     println!(
-        "kernel cost by identity: 400-byte API GET with a key lookup ({BENCH_KEYS} keys) {:.0} ns per request over {} runs (target < 500); PROXY v2 header and a GET per connection {:.0} ns per chunk over {} runs",
-        kernel_cost.api_key_ns_per_run,
-        kernel_cost.api_key_runs,
-        kernel_cost.proxy_v2_ns_per_run,
-        kernel_cost.proxy_v2_runs
+        "kernel cost by identity: 400-byte API GET with a key lookup ({BENCH_KEYS} keys) {} (target < 500 ns); PROXY v2 header and a GET per connection {}",
+        per_run(
+            kernel_cost.api_key_ns_per_run,
+            kernel_cost.api_key_runs,
+            "request"
+        ),
+        per_run(
+            kernel_cost.proxy_v2_ns_per_run,
+            kernel_cost.proxy_v2_runs,
+            "chunk"
+        ),
     );
 
     let mut scale = Vec::new();
@@ -1335,6 +1347,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     );
     drop(b);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A cost per run, or "not run" when nothing ran (never a 0 ns that was not measured).
+fn per_run(ns: f64, runs: u64, unit: &str) -> String {
+    if runs == 0 {
+        "not run".to_owned()
+    } else {
+        format!("{ns:.0} ns per {unit} over {runs} runs")
+    }
 }
 
 #[cfg(test)]
