@@ -675,3 +675,37 @@ fn a_cut_proxy_header_breaks_the_stream() {
     let mut s = Stream::new();
     assert!(s.feed(b"\0\x01\x02", &cfg).opaque);
 }
+
+/// The connection's org: the first connection-level source of `identify_by` that names one (a
+/// believed PROXY header's source, the peer address); request-level sources never name it.
+#[test]
+fn the_connection_org_follows_identify_by() {
+    use crate::{ID_ADDRESS, ID_API_KEY, ID_END, ID_FORWARDED, ID_PROXY_PROTOCOL};
+    let mut cfg = media();
+    let mut s = Stream::new();
+    s.peer_org = 3;
+    s.proxy_org = 7;
+    let by = |cfg: &mut KernelConfig, list: [u8; 4]| cfg.identify_by = list;
+
+    by(&mut cfg, [ID_PROXY_PROTOCOL, ID_ADDRESS, ID_END, ID_END]);
+    // No PROXY header believed: the peer address.
+    assert_eq!(s.conn_org(&cfg), (3, ID_ADDRESS));
+    s.id |= ID_PROXY_OK;
+    assert_eq!(s.conn_org(&cfg), (7, ID_PROXY_PROTOCOL));
+    // The order decides.
+    by(&mut cfg, [ID_ADDRESS, ID_PROXY_PROTOCOL, ID_END, ID_END]);
+    assert_eq!(s.conn_org(&cfg), (3, ID_ADDRESS));
+    // A source that names no org hands over to the next.
+    s.peer_org = crate::UNMAPPED_ORG;
+    assert_eq!(s.conn_org(&cfg), (7, ID_PROXY_PROTOCOL));
+    // Without `address` listed, the peer never names the connection; request-level sources
+    // never do.
+    by(&mut cfg, [ID_API_KEY, ID_FORWARDED, ID_END, ID_END]);
+    s.peer_org = 3;
+    assert_eq!(s.conn_org(&cfg), (crate::UNMAPPED_ORG, 0));
+    by(&mut cfg, [ID_PROXY_PROTOCOL, ID_END, ID_END, ID_END]);
+    assert_eq!(s.conn_org(&cfg), (7, ID_PROXY_PROTOCOL));
+    s.id &= !ID_PROXY_OK;
+    assert_eq!(s.conn_org(&cfg), (crate::UNMAPPED_ORG, 0));
+    assert!(listed(&cfg, ID_PROXY_PROTOCOL) && !listed(&cfg, ID_ADDRESS));
+}
