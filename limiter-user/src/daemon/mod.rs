@@ -115,13 +115,7 @@ impl<M: KernelMaps> Daemon<M> {
         self.events
             .flush_breaches(&self.maps, &self.orgs, day, Instant::now());
         self.events.check_faults(&self.maps);
-        if let Some(m) = &self.metrics
-            && let Ok(r) = report::build(&self.report_inputs(day, None))
-        {
-            let mut faults = self.maps.faults();
-            faults.push(("snapshot_write", self.days.snapshot_failures()));
-            m.update(&r, &faults);
-        }
+        self.refresh_metrics(day);
         let every = Duration::from_secs(*self.settings.daemon.snapshot_interval_secs);
         if self.days.snapshot_due(every, Instant::now()) {
             self.days
@@ -132,6 +126,18 @@ impl<M: KernelMaps> Daemon<M> {
             self.events.summarise_unmapped(&self.maps, day, now);
         }
         self.clear_dead_tracer(trace::pid_alive);
+    }
+
+    /// Renders the metrics page from the kernel's counts of `day` (a scrape reads the last
+    /// page rendered).
+    fn refresh_metrics(&self, day: u64) {
+        if let Some(m) = &self.metrics
+            && let Ok(r) = report::build(&self.report_inputs(day, None))
+        {
+            let mut faults = self.maps.faults();
+            faults.push(("snapshot_write", self.days.snapshot_failures()));
+            m.update(&r, &faults);
+        }
     }
 
     /// Turns tracing off when the `limiter trace` that turned it on died without doing so.

@@ -148,9 +148,13 @@ impl Daemon<Kernel> {
             .await
             .with_context(|| format!("serving metrics on daemon.metrics = {addr}"))?;
         let m = Metrics::new();
-        tokio::spawn(metrics::serve(listener, m.text()));
-        info!(event = "startup", metrics = %addr, "serving Prometheus metrics at /metrics");
+        let text = m.text();
         self.metrics = Some(m);
+        // The first page before the first scrape: one before the first tick gets the counts,
+        // not an empty page.
+        self.refresh_metrics(self.days.day());
+        tokio::spawn(metrics::serve(listener, text));
+        info!(event = "startup", metrics = %addr, "serving Prometheus metrics at /metrics");
         Ok(())
     }
 
