@@ -62,9 +62,6 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
             if (*st).addr_gen != c.addr_gen || (*st).org_epoch != c.org_epoch {
                 reattribute(ctx, st, c);
             }
-            if (*stream).id & ID_CONN_DIRTY != 0 {
-                move_conn(st, c);
-            }
             ((*st).org, (*st).kind, stream)
         },
         None => {

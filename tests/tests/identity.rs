@@ -5,7 +5,7 @@
 //! check until the kernel reads request headers: see tests/tests/api_keys.rs.)
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Result, ensure};
 use integration_tests::{PROXY_UPSTREAM, TLS_PORT, World, cidr, identified_by, n, org_toml};
@@ -144,13 +144,10 @@ fn raw_get(path: &str, host: SocketAddr, extra: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n").into_bytes()
 }
 
-/// A PROXY header sent straight to the API port by a client that is not a trusted proxy is not
-/// believed (v1 and v2): the app reads it (it expects one on every connection, like nginx's
-/// `listen … proxy_protocol`), but the kernel counts the request for the org of the address that
-/// sent it, never for the org the header names.
-#[test]
-fn identity_proxy_header_from_an_untrusted_client_is_not_believed() -> Result<()> {
-    let mut w = World::with_proxy_protocol("identity_proxy_spoof", 2, 0)?;
+/// A world for the spoofing tests: orgs `mallory` and `victim` at the two client addresses,
+/// known by a trusted PROXY header and then by address, the daemon started.
+fn spoof_world(name: &str) -> Result<(World, Ipv4Addr, Ipv4Addr)> {
+    let mut w = World::with_proxy_protocol(name, 2, 0)?;
     let (mallory, victim) = (w.tb.clients_v4()[0], w.tb.clients_v4()[1]);
     w.write_config_with(
         &format!(
@@ -165,6 +162,16 @@ fn identity_proxy_header_from_an_untrusted_client_is_not_believed() -> Result<()
         .concat(),
     )?;
     w.start_daemon()?;
+    Ok((w, mallory, victim))
+}
+
+/// A PROXY header sent straight to the API port by a client that is not a trusted proxy is not
+/// believed (v1 and v2): the app reads it (it expects one on every connection, like nginx's
+/// `listen … proxy_protocol`), but the kernel counts the request for the org of the address that
+/// sent it, never for the org the header names.
+#[test]
+fn identity_proxy_header_from_an_untrusted_client_is_not_believed() -> Result<()> {
+    let (w, mallory, victim) = spoof_world("identity_proxy_spoof")?;
     let api = w.api4();
     let v1 = proxy_v1_header(SocketAddr::from((victim, 40000)), api);
     let v2 = proxy_v2_header(SocketAddr::from((victim, 40001)), api)?;
@@ -217,21 +224,7 @@ fn identity_proxy_header_from_an_untrusted_client_is_not_believed() -> Result<()
 /// still count for its own org.
 #[test]
 fn identity_second_proxy_header_is_not_believed() -> Result<()> {
-    let mut w = World::with_proxy_protocol("identity_proxy_stacked", 2, 0)?;
-    let (mallory, victim) = (w.tb.clients_v4()[0], w.tb.clients_v4()[1]);
-    w.write_config_with(
-        &format!(
-            "identify_by = [\"proxy_protocol\", \"address\"]\ntrusted_proxies = [{:?}]\n",
-            trusted()
-        ),
-        "",
-        &[
-            org_toml("mallory", &[cidr(mallory.into())], ""),
-            org_toml("victim", &[cidr(victim.into())], ""),
-        ]
-        .concat(),
-    )?;
-    w.start_daemon()?;
+    let (w, mallory, victim) = spoof_world("identity_proxy_stacked")?;
     let cert = w.start_haproxy()?;
     let tls = w.tls4();
     let v1 = proxy_v1_header(SocketAddr::from((victim, 40000)), tls);

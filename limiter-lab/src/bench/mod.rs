@@ -9,7 +9,7 @@
 //! limit that does not fire fails the bench instead of printing a ratio.
 
 mod neighbors;
-mod nginx;
+pub(crate) mod nginx;
 mod wrk;
 
 use std::{

@@ -79,7 +79,7 @@ pub fn write(dir: &Path, flooder: Ipv4Addr) -> std::io::Result<std::path::PathBu
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The body of the `location` whose prefix starts `path`.
@@ -109,15 +109,12 @@ mod tests {
         assert!(conf.contains(&format!("listen {PROXY_PORT} proxy_protocol;")));
     }
 
-    /// nginx itself accepts the config (`nginx -t`; needs the nginx that `cargo xtask setup`
-    /// installs).
-    #[test]
-    fn nginx_accepts_the_config() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = write(dir.path(), Ipv4Addr::new(10, 1, 2, 10)).expect("writing");
+    /// Asserts that nginx itself accepts the config at `path` (`nginx -t`; needs the nginx that
+    /// `cargo xtask setup` installs).
+    pub(crate) fn assert_nginx_accepts(path: &std::path::Path) {
         let out = std::process::Command::new("nginx")
             .args(["-t", "-q", "-e", "stderr", "-c"])
-            .arg(&path)
+            .arg(path)
             .output()
             .expect("running nginx -t (is nginx installed?)");
         assert!(
@@ -125,5 +122,14 @@ mod tests {
             "nginx -t: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// nginx itself accepts the config (`nginx -t`; needs the nginx that `cargo xtask setup`
+    /// installs).
+    #[test]
+    fn nginx_accepts_the_config() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write(dir.path(), Ipv4Addr::new(10, 1, 2, 10)).expect("writing");
+        assert_nginx_accepts(&path);
     }
 }

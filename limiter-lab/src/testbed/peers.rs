@@ -448,16 +448,7 @@ mod tests {
         }
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).expect("writing");
-        let out = Command::new("nginx")
-            .args(["-t", "-q", "-e", "stderr", "-c"])
-            .arg(&path)
-            .output()
-            .expect("running nginx -t (is nginx installed?)");
-        assert!(
-            out.status.success(),
-            "nginx -t: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::bench::nginx::tests::assert_nginx_accepts(&path);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&c.bundle).expect("bundle").permissions(),
         );

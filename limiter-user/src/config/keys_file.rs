@@ -30,11 +30,6 @@ pub(super) struct FileKeys {
     pub has_key: Vec<bool>,
 }
 
-/// Whether `c` may be part of a key: visible ASCII (the kernel ends a key at anything else).
-pub(super) fn valid_key_byte(c: u8) -> bool {
-    (0x21..=0x7e).contains(&c)
-}
-
 /// Reads the keys file at `path` (named by the config in `config` at byte `at`) under `secret`;
 /// `orgs` are every org of the config. Stops at the first bad line.
 pub(super) fn read(
@@ -122,7 +117,10 @@ pub(super) fn read(
                 ),
             ));
         }
-        if let Some(i) = key.iter().position(|&c| !valid_key_byte(c)) {
+        if let Some(i) = key
+            .iter()
+            .position(|&c| !limiter_common::ident::valid_key_byte(c))
+        {
             return Err(bad(
                 key_at + i,
                 "key",
