@@ -38,6 +38,7 @@ use crate::maps::{
 pub const CAP: usize = 128;
 const M: usize = CAP - 1;
 const _: () = assert!(CAP == API_KEY_MAX && CAP.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<AddrText>() == 28);
 
 /// Longest IPv6 text (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
 pub const IPV6_TEXT_MAX: usize = 45;
@@ -197,13 +198,127 @@ pub const fn valid_key_byte(b: u8) -> bool {
     b > 0x20 && b < 0x7f
 }
 
+/// Where [`KeyText`] writes a key's bytes: a buffer (host side), or a [`KeyHash`] that digests
+/// them as they come (the kernel, which then needs no buffer per connection).
+pub trait KeySink {
+    /// Key byte `i` (written in order, `i < CAP`).
+    fn put(&mut self, i: usize, b: u8);
+}
+
+impl KeySink for [u8; CAP] {
+    #[inline(always)]
+    fn put(&mut self, i: usize, b: u8) {
+        self[i & M] = b;
+    }
+}
+
+/// [`siphash24`] taken a byte at a time: the kernel digests a key header's value as the
+/// stream reads it, so a key split across segments (or sent byte by byte) needs no buffer, only
+/// these 48 bytes in the connection's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KeyHash {
+    pub v: [u64; 4],
+    /// The bytes of the current word not yet compressed, little-endian.
+    pub tail: u64,
+    /// Bytes taken.
+    pub n: u32,
+    pub _pad: u32,
+}
+
+impl KeyHash {
+    pub const fn new(k: [u64; 2]) -> Self {
+        KeyHash {
+            v: [
+                k[0] ^ 0x736f_6d65_7073_6575,
+                k[1] ^ 0x646f_7261_6e64_6f6d,
+                k[0] ^ 0x6c79_6765_6e65_7261,
+                k[1] ^ 0x7465_6462_7974_6573,
+            ],
+            tail: 0,
+            n: 0,
+            _pad: 0,
+        }
+    }
+
+    /// Back to [`Self::new`], field by field (volatile): a whole-struct store becomes a
+    /// byte-at-a-time memset that the verifier walks byte by byte.
+    #[inline(always)]
+    pub fn reset(&mut self, k: [u64; 2]) {
+        // SAFETY: plain fields of `self`.
+        unsafe {
+            use core::ptr::write_volatile as put;
+            put(&mut self.v[0], k[0] ^ 0x736f_6d65_7073_6575);
+            put(&mut self.v[1], k[1] ^ 0x646f_7261_6e64_6f6d);
+            put(&mut self.v[2], k[0] ^ 0x6c79_6765_6e65_7261);
+            put(&mut self.v[3], k[1] ^ 0x7465_6462_7974_6573);
+            put(&mut self.tail, 0);
+            put(&mut self.n, 0);
+        }
+    }
+
+    /// A SipHash round on `v`, in place (the kernel's stack is small).
+    #[inline(always)]
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+
+    #[inline(always)]
+    fn compress(v: &mut [u64; 4], m: u64) {
+        v[3] ^= m;
+        Self::round(v);
+        Self::round(v);
+        v[0] ^= m;
+    }
+
+    /// The next byte of the key.
+    #[inline(always)]
+    pub fn take(&mut self, b: u8) {
+        self.tail |= (b as u64) << ((self.n & 7) * 8);
+        self.n = self.n.wrapping_add(1);
+        if self.n & 7 == 0 {
+            Self::compress(&mut self.v, self.tail);
+            self.tail = 0;
+        }
+    }
+
+    /// The digest of the bytes taken: [`siphash24`] of them. Spends the state.
+    #[inline(always)]
+    pub fn finish(&mut self) -> u64 {
+        let last = self.tail | ((self.n as u64) << 56);
+        Self::compress(&mut self.v, last);
+        self.v[2] ^= 0xff;
+        Self::round(&mut self.v);
+        Self::round(&mut self.v);
+        Self::round(&mut self.v);
+        Self::round(&mut self.v);
+        self.v[0] ^ self.v[1] ^ self.v[2] ^ self.v[3]
+    }
+}
+
+impl KeySink for KeyHash {
+    #[inline(always)]
+    fn put(&mut self, _i: usize, b: u8) {
+        self.take(b);
+    }
+}
+
 /// Reads an API key header's value a byte at a time (see [`api_key`] for what it takes), writing
 /// the key's bytes to an output buffer as it goes.
 ///
 /// For the kernel: the state lives in map memory and [`Self::push`] runs once per `bpf_loop`
 /// iteration (a loop over the value in one call passes the verifier's limit).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct KeyText {
     /// Key bytes written.
     pub n: u32,
@@ -269,6 +384,27 @@ impl KeyText {
         }
     }
 
+    /// Back to [`Self::new`], field by field (volatile, as [`KeyHash::reset`]).
+    #[inline(always)]
+    pub fn reset(&mut self, kind: u8) {
+        let n = Self::new(kind);
+        // SAFETY: plain fields of `self`.
+        unsafe {
+            use core::ptr::write_volatile as put;
+            put(&mut self.n, 0);
+            put(&mut self.acc, 0);
+            put(&mut self.seen, 0);
+            put(&mut self.bits, 0);
+            put(&mut self.chars, 0);
+            put(&mut self.pad, 0);
+            put(&mut self.phase, n.phase);
+            put(&mut self.sub, 0);
+            put(&mut self.cand, n.cand);
+            put(&mut self.flags, n.flags);
+            put(&mut self.kind, kind);
+        }
+    }
+
     #[inline(always)]
     fn bad(&mut self) {
         self.flags |= K_BAD;
@@ -277,7 +413,7 @@ impl KeyText {
     /// The value's next byte; key bytes go to `out`. The kernel may push the first [`CAP`]
     /// bytes of a longer value (see [`Self::finish`]) or all of them.
     #[inline(always)]
-    pub fn push(&mut self, b: u8, out: &mut [u8; CAP]) {
+    pub fn push(&mut self, b: u8, out: &mut impl KeySink) {
         self.seen = self.seen.saturating_add(1);
         if self.flags & K_BAD != 0 {
             return;
@@ -359,21 +495,21 @@ impl KeyText {
     }
 
     #[inline(always)]
-    fn token(&mut self, b: u8, out: &mut [u8; CAP]) {
+    fn token(&mut self, b: u8, out: &mut impl KeySink) {
         if self.trailing(b) {
             return;
         }
         if !valid_key_byte(b) || self.n as usize >= CAP {
             return self.bad();
         }
-        out[self.n as usize & M] = b;
+        out.put(self.n as usize, b);
         self.n += 1;
     }
 
     /// RFC 7617: base64 (standard alphabet) of `user:password`; the user name is decoded into
     /// `out`, the rest only checked to be base64.
     #[inline(always)]
-    fn basic(&mut self, b: u8, out: &mut [u8; CAP]) {
+    fn basic(&mut self, b: u8, out: &mut impl KeySink) {
         if self.trailing(b) {
             return;
         }
@@ -405,7 +541,7 @@ impl KeyText {
         if c == b':' {
             self.flags |= K_USER;
         } else if valid_key_byte(c) && (self.n as usize) < CAP {
-            out[self.n as usize & M] = c;
+            out.put(self.n as usize, c);
             self.n += 1;
         } else {
             self.bad();
@@ -546,6 +682,23 @@ impl AddrText {
             flags: 0,
             _pad: [0; 2],
         }
+    }
+
+    /// Back to [`Self::new`] in place, as words (volatile): the kernel's PROXY v1 reader has
+    /// no stack to spare for a new one.
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        // SAFETY: `AddrText` is 28 bytes of 2-aligned plain data (Pod); as fourteen u16 words,
+        // the new state is all zero but `gap`.
+        unsafe {
+            let w = self as *mut AddrText as *mut u16;
+            let mut i = 0;
+            while i < 14 {
+                core::ptr::write_volatile(w.add(i), 0);
+                i += 1;
+            }
+        }
+        self.gap = NO_GAP;
     }
 
     /// Whether the text is already known not to be an address.
@@ -1304,7 +1457,7 @@ impl V1Text {
                         if self.field == V1_SRC {
                             self.src = a;
                         }
-                        self.addr = AddrText::new();
+                        self.addr.reset();
                         self.field += 1;
                     }
                     _ => self.field = V1_BAD,

@@ -61,7 +61,7 @@ macro_rules! map_layout {
             /// Where a 429 is assembled before it is stored into the skb.
             SCRATCH: PerCpuArray<u32, Scratch> = Fixed(1), Layout;
             /// The media prefixes as a table: which prefixes stay possible for a path byte at a
-            /// position (see `stream::MediaPrefixes`), written by the daemon with CONFIG.
+            /// position (see `stream::StreamRules`), written by the daemon with CONFIG.
             MEDIA_MATCH: Array<u32, u8> = Fixed(MEDIA_MATCH_ENTRIES), Layout;
             /// Where the verdict walks a chunk (see `WalkSlot`).
             WALK: PerCpuArray<u32, WalkSlot> = Fixed(WALK_SLOTS), Layout;

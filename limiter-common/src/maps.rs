@@ -39,7 +39,7 @@ pub const GENERATION_GLOBAL: &str = "GENERATION";
 /// outlive the org tables (they are shared by every map layout, so live connections survive a
 /// restart that resizes the org maps); a build that changes the meaning of a field or parser
 /// state bumps this, and its socket tables then start empty instead of misreading the old ones.
-pub const SOCK_FORMAT: u32 = 1;
+pub const SOCK_FORMAT: u32 = 2;
 /// Name of the eBPF global that says which low bits of a socket cookie pick its SOCK_SLOTS
 /// entry (`MAX_SOCKETS - 1`; the tests narrow it so that sockets share slots).
 pub const SOCK_SLOT_MASK_GLOBAL: &str = "SOCK_SLOT_MASK";

@@ -18,26 +18,57 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::http::byte_eq_mask;
+use crate::ident::{KeyHash, KeyText};
 use crate::maps::{
-    AddrKey, ID_ADDRESS, ID_END, ID_PROXY_PROTOCOL, ID_SOURCES, KernelConfig, MAX_MEDIA_PREFIXES,
-    MEDIA_PREFIX_MAX, UNMAPPED_ORG,
+    API_KEY_MAX, AddrKey, HEADER_NAME_MAX, ID_ADDRESS, ID_API_KEY, ID_END, ID_PROXY_PROTOCOL,
+    ID_SOURCES, KEY_PLAIN, KernelConfig, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX, UNMAPPED_ORG,
 };
 
-/// The media prefixes as the stream compares them, a byte at a time.
-pub trait MediaPrefixes {
+/// What the stream compares requests with: the media prefixes, a byte at a time, and, when API
+/// keys identify orgs, the key header and the keys.
+pub trait StreamRules {
     /// Bits of every configured prefix.
     fn all(&self) -> u8;
     /// Bits of the prefixes still possible when the normalised path has `c` at `pos`: those
     /// with `c` there and those already wholly matched. `c == 0` (never a path byte) asks for
     /// the wholly matched ones alone.
     fn matching(&self, pos: u8, c: u8) -> u8;
+    /// The API key header's name, lowercase: its byte at `pos` (0 past its end), and its length
+    /// (0: keys are not read).
+    fn key_name(&self, _pos: usize) -> u8 {
+        0
+    }
+    fn key_name_len(&self) -> usize {
+        0
+    }
+    /// The key header name's first byte: 0 (which never starts a header line) when keys are
+    /// not read.
+    fn key_first(&self) -> u8 {
+        self.key_name(0)
+    }
+    /// `KEY_*`: how the key header's value holds the key.
+    fn key_kind(&self) -> u8 {
+        KEY_PLAIN
+    }
+    /// The secret the keys' digests are keyed with.
+    fn key_secret(&self) -> [u64; 2] {
+        [0; 2]
+    }
+    /// The org of a key's digest.
+    fn key_org(&self, _digest: u64) -> Option<u32> {
+        None
+    }
+    /// `api.identify_by`, `ID_*`s ended by `ID_END`.
+    fn identify_by(&self) -> [u8; ID_SOURCES] {
+        [ID_ADDRESS, ID_END, ID_END, ID_END]
+    }
 }
 
 /// Entries of the kernel's MEDIA_MATCH table: one row of 256 per position below
 /// [`MEDIA_PREFIX_MAX`], and a last row for every position from there on.
 pub const MEDIA_MATCH_ENTRIES: u32 = (MEDIA_PREFIX_MAX as u32 + 1) * 256;
 
-/// Where [`MediaPrefixes::matching`]`(pos, c)` is in MEDIA_MATCH.
+/// Where [`StreamRules::matching`]`(pos, c)` is in MEDIA_MATCH.
 #[inline(always)]
 pub const fn media_match_index(pos: u8, c: u8) -> u32 {
     let row = if (pos as usize) < MEDIA_PREFIX_MAX {
@@ -66,13 +97,53 @@ pub fn media_match_entry(cfg: &KernelConfig, index: u32) -> u8 {
     bits
 }
 
-impl MediaPrefixes for KernelConfig {
+impl StreamRules for KernelConfig {
     fn all(&self) -> u8 {
         media_bits(self)
     }
 
     fn matching(&self, pos: u8, c: u8) -> u8 {
         media_match_entry(self, media_match_index(pos, c))
+    }
+
+    fn key_name(&self, pos: usize) -> u8 {
+        config_key_name(self, pos)
+    }
+
+    fn key_name_len(&self) -> usize {
+        config_key_name_len(self)
+    }
+
+    fn key_kind(&self) -> u8 {
+        self.key_kind
+    }
+
+    fn key_secret(&self) -> [u64; 2] {
+        self.key_secret
+    }
+
+    fn identify_by(&self) -> [u8; ID_SOURCES] {
+        self.identify_by
+    }
+}
+
+/// [`StreamRules::key_name`] from the config (the kernel's rules and the host's).
+#[inline(always)]
+pub fn config_key_name(cfg: &KernelConfig, pos: usize) -> u8 {
+    if pos < cfg.key_header_len as usize {
+        cfg.key_header[pos & (HEADER_NAME_MAX - 1)]
+    } else {
+        0
+    }
+}
+
+/// [`StreamRules::key_name_len`] from the config: 0 unless `api_key` is a source.
+#[inline(always)]
+pub fn config_key_name_len(cfg: &KernelConfig) -> usize {
+    if listed(cfg, ID_API_KEY) {
+        cfg.key_header_len as usize
+    } else {
+        0
     }
 }
 
@@ -159,6 +230,8 @@ pub const S_TCR: u8 = 19;
 pub const S_OPAQUE: u8 = 20;
 /// Refused or broken: nothing more reaches the application.
 pub const S_CLOSED: u8 = 21;
+/// In the value of the API key header (digested a byte at a time).
+pub const S_KEY: u8 = 22;
 
 /// The connection has carried an HTTP request (so bytes that do not start one are an error, not
 /// an opaque protocol).
@@ -181,6 +254,10 @@ pub const F_REFUSED: u8 = 64;
 pub const F_EMPTY_START: u8 = 128;
 /// Flags of the connection (the rest belong to the current request).
 const F_CONNECTION: u8 = F_HTTP | F_REFUSED;
+
+/// Longest API key header value read (an `Authorization: Basic` value of a 128-byte user name
+/// and its password, with room); a longer one is an unknown key.
+pub const KEY_VALUE_MAX: usize = 512;
 
 /// Turns of the header-line scan in one step (each looks at a word or past a line).
 const SCAN_TURNS: usize = 16;
@@ -229,8 +306,28 @@ pub struct Stream {
     pub id: u16,
     /// The `ID_*` source the connection's org comes from (0: none).
     pub via: u8,
-    pub _pad: [u8; 5],
+    /// `R_*`: the current request's.
+    pub req: u8,
+    pub _pad: [u8; 4],
+    /// The current request's API key, digested as it is read.
+    pub hash: KeyHash,
+    /// The current request's API key header value, as read so far.
+    pub key: KeyText,
+    /// The org of the current request's key (with [`R_KEY_OK`]).
+    pub key_org: u32,
 }
+
+/// `Stream::req`: the current request uses quota (counted at the end of its head, once its org
+/// is known).
+pub const R_COUNTED: u8 = 1;
+/// The current request is an exempt media GET (likewise).
+pub const R_MEDIA: u8 = 2;
+/// The current request had an API key header (only the first is read).
+pub const R_KEY: u8 = 4;
+/// Its key named an org (`key_org`).
+pub const R_KEY_OK: u8 = 8;
+/// Its head has ended: [`Stream::attribute`] is due.
+pub const R_ENDED: u8 = 16;
 
 /// `Stream::id`: the connection's first bytes were looked at (a PROXY header skipped and,
 /// from a trusted proxy, believed).
@@ -239,6 +336,9 @@ pub const ID_OPEN: u16 = 1;
 pub const ID_TRUSTED: u16 = 8;
 /// A trusted PROXY header named the source in `proxy_addr`.
 pub const ID_PROXY_OK: u16 = 2;
+/// `api_key` is a source: each request is attributed on its own, at the end of its head (when
+/// its key header has been read), and counted then.
+pub const ID_PER_REQUEST: u16 = 16;
 /// The connection's org may have changed: the kernel moves its open-connection count.
 pub const ID_CONN_DIRTY: u16 = 4;
 
@@ -280,6 +380,12 @@ pub struct Tally {
     pub opaque: bool,
     /// The framing broke: the connection must be closed.
     pub broken: bool,
+    /// A request attributed on its own (`ID_PER_REQUEST`) set `org` and `via`: a later one of
+    /// another org in the same chunk breaks the stream (a chunk is passed or refused whole).
+    pub attributed: bool,
+    pub _pad: [u8; 3],
+    /// Requests whose API key header named no org.
+    pub unknown_keys: u32,
     /// Where a scan of header lines has got to in the window. Kept here, in map memory in the
     /// kernel, so that the verifier does not follow its value: each turn of the scan's loop
     /// then starts from the same state, however many lines came before. (Also what leaves the
@@ -325,6 +431,8 @@ pub struct WalkSlot {
     pub win: Window,
     /// A connection's first bytes, read for a PROXY header.
     pub first: [u8; crate::ident::CAP],
+    /// Bytes of the window the key loop has taken (see [`Stream::key_byte`]).
+    pub key_used: u64,
     /// A PROXY v1 line as read so far.
     pub v1: crate::ident::V1Text,
 }
@@ -337,6 +445,7 @@ pub const HEADER_NAMES: [[u8; 32]; 2] = [pad32(b"content-length"), pad32(b"trans
 const HEADER_LENS: [u8; 2] = [14, 17];
 const NAME_CL: u8 = 1;
 const NAME_TE: u8 = 2;
+const NAME_KEY: u8 = 4;
 const CHUNKED: &[u8; 8] = b"chunked\0";
 
 const fn pad32(name: &[u8]) -> [u8; 32] {
@@ -484,7 +593,11 @@ impl Stream {
             proxy_addr: [0; 16],
             id: 0,
             via: 0,
-            _pad: [0; 5],
+            req: 0,
+            _pad: [0; 4],
+            hash: KeyHash::new([0; 2]),
+            key: KeyText::new(KEY_PLAIN),
+            key_org: UNMAPPED_ORG,
         }
     }
 
@@ -492,10 +605,23 @@ impl Stream {
     /// connection's sources (`proxy_protocol`, `address`) in `identify_by` that names an org.
     #[inline(always)]
     pub fn conn_org(&self, cfg: &KernelConfig) -> (u32, u8) {
+        self.org_by(&cfg.identify_by, false)
+    }
+
+    /// The org of the connection's current request and its `ID_*` source: as
+    /// [`Self::conn_org`], its API key first where `api_key` comes first.
+    #[inline(always)]
+    pub fn request_org(&self, cfg: &impl StreamRules) -> (u32, u8) {
+        self.org_by(&cfg.identify_by(), true)
+    }
+
+    #[inline(always)]
+    fn org_by(&self, ids: &[u8; ID_SOURCES], request: bool) -> (u32, u8) {
         let mut i = 0;
         while i < ID_SOURCES {
-            let s = cfg.identify_by[i];
+            let s = ids[i];
             let org = match s {
+                ID_API_KEY if request && self.req & R_KEY_OK != 0 => self.key_org,
                 ID_PROXY_PROTOCOL if self.id & ID_PROXY_OK != 0 => self.proxy_org,
                 ID_ADDRESS => self.peer_org,
                 ID_END => break,
@@ -537,7 +663,7 @@ impl Stream {
         at: usize,
         n: usize,
         left: u64,
-        cfg: &impl MediaPrefixes,
+        cfg: &impl StreamRules,
         t: &mut Tally,
     ) -> u64 {
         match self.state {
@@ -556,7 +682,7 @@ impl Stream {
             S_OPAQUE | S_CLOSED => 0,
             // Only from the step's own `at`: the verifier then meets the skip's loop with one
             // state, not one per way the step could have got there.
-            S_LINE | S_SKIP | S_TSKIP | S_CEXT => self.skip_line(win, at, n, t),
+            S_LINE | S_SKIP | S_TSKIP | S_CEXT => self.skip_line(win, at, n, cfg, t),
             _ => self.head_step(win, at, n, cfg, t),
         }
     }
@@ -569,12 +695,12 @@ impl Stream {
         win: &Window,
         at: usize,
         n: usize,
-        cfg: &impl MediaPrefixes,
+        cfg: &impl StreamRules,
         t: &mut Tally,
     ) -> u64 {
         let mut used = 0;
         if !matches!(self.state, S_TARGET | S_PATH) {
-            used = self.byte(win[at & (WIN - 1)], win, at, n, t) as usize;
+            used = self.byte(win[at & (WIN - 1)], win, at, n, cfg, t) as usize;
         }
         if matches!(self.state, S_TARGET | S_PATH) && at + used < n {
             used += self.target(win, at + used, n, cfg, t) as usize;
@@ -586,9 +712,16 @@ impl Stream {
     /// or header line, the header lines that follow and do not matter are skipped too, and the
     /// empty line that ends the head is taken, as far as the window goes.
     #[inline(always)]
-    fn skip_line(&mut self, win: &Window, at: usize, n: usize, t: &mut Tally) -> u64 {
+    fn skip_line(
+        &mut self,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> u64 {
         match self.state {
-            S_LINE | S_SKIP => self.skip_header_lines(win, at, n, t),
+            S_LINE | S_SKIP => self.skip_header_lines(win, at, n, cfg, t),
             _ => {
                 let Some(lf) = find_lf(win, at, n) else {
                     return (n - at) as u64;
@@ -607,7 +740,14 @@ impl Stream {
     /// at a time, that goes on past each LF while [`Self::header_line`] skips the line after
     /// it.
     #[inline(always)]
-    fn skip_header_lines(&mut self, win: &Window, at: usize, n: usize, t: &mut Tally) -> u64 {
+    fn skip_header_lines(
+        &mut self,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> u64 {
         t.set_scan(at);
         let mut k = 0;
         while k < SCAN_TURNS {
@@ -634,7 +774,7 @@ impl Stream {
             }
             let b = win[next & (WIN - 1)];
             let after = (next + 1 < n).then(|| win[(next + 1) & (WIN - 1)]);
-            let (used, skip) = self.header_line(b, after, t);
+            let (used, skip) = self.header_line(b, after, cfg, t);
             if !skip {
                 return (next - at) as u64 + used;
             }
@@ -651,7 +791,7 @@ impl Stream {
         win: &Window,
         at: usize,
         n: usize,
-        cfg: &impl MediaPrefixes,
+        cfg: &impl StreamRules,
         t: &mut Tally,
     ) -> u64 {
         let b = win[at & (WIN - 1)];
@@ -670,7 +810,15 @@ impl Stream {
     /// One byte of a state that looks at each byte (a usual method and its space at once; the
     /// empty line that ends a head as its CRLF).
     #[inline(always)]
-    fn byte(&mut self, b: u8, win: &Window, at: usize, n: usize, t: &mut Tally) -> u64 {
+    fn byte(
+        &mut self,
+        b: u8,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> u64 {
         match self.state {
             S_IDLE => {
                 // The usual methods in one step, eight bytes compared at once.
@@ -687,9 +835,9 @@ impl Stream {
             S_METHOD => self.method_byte(b, t),
             S_HDR => {
                 let after = (at + 1 < n).then(|| win[(at + 1) & (WIN - 1)]);
-                return self.header_line(b, after, t).0;
+                return self.header_line(b, after, cfg, t).0;
             }
-            S_NAME => self.name_byte(b),
+            S_NAME => self.name_byte(b, cfg),
             S_EOH => {
                 if b == b'\n' {
                     self.head_end(t);
@@ -733,13 +881,19 @@ impl Stream {
     /// line that ends the head (its CRLF at once), or [`Self::header_start`]. Bytes used, and
     /// whether the rest of the line is to be skipped.
     #[inline(always)]
-    fn header_line(&mut self, b: u8, after: Option<u8>, t: &mut Tally) -> (u64, bool) {
+    fn header_line(
+        &mut self,
+        b: u8,
+        after: Option<u8>,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> (u64, bool) {
         if b == b'\r' && after == Some(b'\n') {
             self.flags &= !(F_FRAMING_LINE | F_CR);
             self.head_end(t);
             return (2, false);
         }
-        (1, self.header_start(b, t))
+        (1, self.header_start(b, cfg, t))
     }
 
     #[inline(always)]
@@ -802,7 +956,7 @@ impl Stream {
     /// The first byte of the target decides that this is a request (on a new connection it must
     /// look like one: origin form, `*`, absolute form, or CONNECT's authority).
     #[inline(always)]
-    fn target_byte(&mut self, b: u8, cfg: &impl MediaPrefixes, t: &mut Tally) {
+    fn target_byte(&mut self, b: u8, cfg: &impl StreamRules, t: &mut Tally) {
         if b == b' ' {
             return;
         }
@@ -825,6 +979,7 @@ impl Stream {
         self.flags |= F_HTTP;
         t.starts += 1;
         t.head_method = method == HEAD;
+        self.req = 0;
         let all = cfg.all();
         if method == GET && b == b'/' && all != 0 {
             self.state = S_PATH;
@@ -835,8 +990,21 @@ impl Stream {
             self.emit(b'/', cfg);
             return;
         }
-        t.counted += 1;
+        self.tally_request(false, t);
         self.state = if b == b'\n' { S_HDR } else { S_LINE };
+    }
+
+    /// The current request is counted (or, `media`, exempt): now, or at the end of its head
+    /// when each request is attributed on its own.
+    #[inline(always)]
+    fn tally_request(&mut self, media: bool, t: &mut Tally) {
+        if self.id & ID_PER_REQUEST != 0 {
+            self.req |= if media { R_MEDIA } else { R_COUNTED };
+        } else if media {
+            t.media += 1;
+        } else {
+            t.counted += 1;
+        }
     }
 
     /// One byte of a GET's path, normalised (RFC 3986 dot segments removed, escapes of
@@ -844,7 +1012,7 @@ impl Stream {
     /// the normaliser cannot settle (`..`, an escaped `.` or `/`, a backslash, a bad escape,
     /// control bytes) makes the request counted.
     #[inline(always)]
-    fn path_byte(&mut self, b: u8, cfg: &impl MediaPrefixes, t: &mut Tally) {
+    fn path_byte(&mut self, b: u8, cfg: &impl StreamRules, t: &mut Tally) {
         if self.pct != 0 {
             let Some(h) = hex(b) else {
                 return self.path_settled(false, b, t);
@@ -883,7 +1051,7 @@ impl Stream {
 
     /// A (decoded) path byte: segment bookkeeping, then the comparison.
     #[inline(always)]
-    fn path_char(&mut self, c: u8, cfg: &impl MediaPrefixes, t: &mut Tally) {
+    fn path_char(&mut self, c: u8, cfg: &impl StreamRules, t: &mut Tally) {
         if self.state != S_PATH {
             return;
         }
@@ -917,7 +1085,7 @@ impl Stream {
     /// Compares one normalised byte with every prefix still possible (a table lookup: a loop
     /// over the prefixes multiplied the verifier's paths).
     #[inline(always)]
-    fn emit(&mut self, c: u8, cfg: &impl MediaPrefixes) {
+    fn emit(&mut self, c: u8, cfg: &impl StreamRules) {
         self.media &= cfg.matching(self.mpos, c);
         self.mpos = self.mpos.saturating_add(1);
     }
@@ -926,11 +1094,7 @@ impl Stream {
     /// made it; the request line goes on to its end.
     #[inline(always)]
     fn path_settled(&mut self, exempt: bool, b: u8, t: &mut Tally) {
-        if exempt {
-            t.media += 1;
-        } else {
-            t.counted += 1;
-        }
+        self.tally_request(exempt, t);
         self.media = 0;
         self.pct = 0;
         self.state = if b == b'\n' { S_HDR } else { S_LINE };
@@ -938,7 +1102,7 @@ impl Stream {
 
     /// The first byte of a header line. True when the line is to be skipped from here.
     #[inline(always)]
-    fn header_start(&mut self, b: u8, t: &mut Tally) -> bool {
+    fn header_start(&mut self, b: u8, cfg: &impl StreamRules, t: &mut Tally) -> bool {
         let framing_line = self.flags & F_FRAMING_LINE != 0;
         self.flags &= !(F_FRAMING_LINE | F_CR);
         match b {
@@ -962,6 +1126,11 @@ impl Stream {
                 if l == HEADER_NAMES[1][0] {
                     names |= NAME_TE;
                 }
+                // One comparison, no more: this runs in every turn of the header-line scan, where
+                // each branch multiplies what the verifier walks.
+                if l == cfg.key_first() {
+                    names |= NAME_KEY;
+                }
                 if names == 0 || !is_tchar(b) {
                     self.state = S_SKIP;
                     return true;
@@ -975,14 +1144,26 @@ impl Stream {
     }
 
     #[inline(always)]
-    fn name_byte(&mut self, b: u8) {
+    fn name_byte(&mut self, b: u8, cfg: &impl StreamRules) {
         let pos = self.sub as usize;
         if b == b':' {
             let cl = self.names & NAME_CL != 0 && pos == HEADER_LENS[0] as usize;
             let te = self.names & NAME_TE != 0 && pos == HEADER_LENS[1] as usize;
+            // Only the first key header is read (nginx's `$http_x_api_key` is the first).
+            let key = self.names & NAME_KEY != 0
+                && pos == cfg.key_name_len()
+                && self.id & ID_PER_REQUEST != 0
+                && self.req & R_KEY == 0;
             self.sub = 0;
             self.remaining = 0;
-            if cl {
+            if key {
+                // `sub` 0: the key's state is reset at its first byte (in `key_byte`, which the
+                // kernel verifies apart).
+                self.state = S_KEY;
+                self.req |= R_KEY;
+                // A folded line after it would change the key the server reads.
+                self.flags |= F_FRAMING_LINE;
+            } else if cl {
                 self.state = S_CL;
                 self.flags |= F_FRAMING_LINE;
             } else if te {
@@ -1006,6 +1187,9 @@ impl Stream {
                 self.names &= !(1 << i);
             }
             i += 1;
+        }
+        if self.names & NAME_KEY != 0 && (pos >= cfg.key_name_len() || cfg.key_name(pos) != l) {
+            self.names &= !NAME_KEY;
         }
         if self.names == 0 {
             self.state = S_SKIP;
@@ -1084,6 +1268,10 @@ impl Stream {
     /// The empty line after the headers: the body's framing is known now.
     #[inline(always)]
     fn head_end(&mut self, t: &mut Tally) {
+        if self.id & ID_PER_REQUEST != 0 {
+            // Attributed right after this step, by the walk (see `attribute`).
+            self.req |= R_ENDED;
+        }
         let f = self.flags;
         self.flags = f & F_CONNECTION;
         self.remaining = 0;
@@ -1099,6 +1287,65 @@ impl Stream {
             self.state = S_IDLE;
         }
         self.length = 0;
+    }
+
+    /// The end of a head attributed on its own ([`R_ENDED`], set by the step that ended it;
+    /// the walk calls this before the next step): the request counts for the org its sources
+    /// name. A chunk holds one org's requests: another org's breaks the stream. Apart from the
+    /// step because the kernel runs it in a `bpf_loop` of its own: inlined at every place a
+    /// head can end, it multiplied what the verifier walks.
+    #[inline(always)]
+    pub fn attribute(&mut self, cfg: &impl StreamRules, t: &mut Tally) {
+        let req = self.req;
+        let (org, via) = self.request_org(cfg);
+        self.req = 0;
+        if req & (R_COUNTED | R_MEDIA) == 0 {
+            return;
+        }
+        if t.attributed && org != t.org {
+            return self.broken(t);
+        }
+        t.attributed = true;
+        t.org = org;
+        t.via = via;
+        if req & R_MEDIA != 0 {
+            t.media += 1;
+        } else {
+            t.counted += 1;
+        }
+        if req & (R_KEY | R_KEY_OK) == R_KEY {
+            t.unknown_keys += 1;
+        }
+    }
+
+    /// A byte of the API key header's value ([`S_KEY`]; [`Self::step`] takes every other
+    /// state). Its LF ends it, and the key's digest is looked up. Apart from `step` because the
+    /// kernel runs it in a `bpf_loop` of its own: inside the step it doubled what the verifier
+    /// walks.
+    #[inline(always)]
+    pub fn key_byte(&mut self, b: u8, cfg: &impl StreamRules) {
+        if self.sub == 0 {
+            self.sub = 1;
+            self.key.reset(cfg.key_kind());
+            self.hash.reset(cfg.key_secret());
+        }
+        if b != b'\n' {
+            if self.key.seen as usize >= KEY_VALUE_MAX {
+                // Longer than any key a value can carry: unknown, and the rest skipped.
+                self.state = S_SKIP;
+                return;
+            }
+            self.key.push(b, &mut self.hash);
+            return;
+        }
+        self.state = S_HDR;
+        if let Some(n) = self.key.finish(self.key.seen)
+            && n <= API_KEY_MAX
+            && let Some(org) = cfg.key_org(self.hash.finish())
+        {
+            self.key_org = org;
+            self.req |= R_KEY_OK;
+        }
     }
 
     #[inline(always)]
@@ -1142,7 +1389,7 @@ impl Stream {
     }
 
     /// Feeds a whole chunk, a window at a time, as the kernel does (host side and tests).
-    pub fn feed(&mut self, bytes: &[u8], cfg: &impl MediaPrefixes) -> Tally {
+    pub fn feed(&mut self, bytes: &[u8], cfg: &impl StreamRules) -> Tally {
         let mut t = Tally::default();
         let mut win = Window([0u8; WIN_BUF]);
         let (mut win_off, mut win_n) = (0usize, 0usize);
@@ -1155,7 +1402,15 @@ impl Stream {
                 win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
             }
             let at = pos.wrapping_sub(win_off);
-            let used = self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t);
+            let used = if self.state == S_KEY {
+                self.key_byte(win[at & (WIN - 1)], cfg);
+                1
+            } else {
+                self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t)
+            };
+            if self.req & R_ENDED != 0 {
+                self.attribute(cfg, &mut t);
+            }
             if used == 0 {
                 break;
             }

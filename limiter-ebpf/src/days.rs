@@ -95,7 +95,6 @@ pub(crate) fn add_by(slot: *mut DayCounters, via: u8, n: u64) {
 pub(crate) enum Counter {
     ExemptPush,
     Unparsed,
-    UnknownKey,
 }
 
 #[inline(always)]
@@ -108,7 +107,6 @@ pub(crate) fn count(org: u32, c: &KernelConfig, what: Counter) {
         match what {
             Counter::ExemptPush => &raw mut (*slot).exempt_pushes,
             Counter::Unparsed => &raw mut (*slot).unparsed,
-            Counter::UnknownKey => &raw mut (*slot).unknown_keys,
         }
     };
     add(field, 1);

@@ -10,15 +10,15 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_PROXY_PROTOCOL,
-    KernelConfig, ORG_F_CONC_REJECT, SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT,
-    TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED,
-    TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP,
-    UNMAPPED_ORG,
+    DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_API_KEY,
+    ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_OVER_LIMIT, SockState,
+    TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED,
+    TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT,
+    TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
     reply::Policy,
     stream::{
-        F_REFUSED, ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, S_CLOSED, S_OPAQUE, Stream,
-        Tally, WALK_SLOTS, listed,
+        F_REFUSED, ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, S_CLOSED,
+        S_OPAQUE, Stream, Tally, WALK_SLOTS, listed,
     },
 };
 
@@ -208,6 +208,15 @@ fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bo
     }
     // One clock read and one slot for everything the chunk counts.
     let day = today(c);
+    if t.unknown_keys > 0
+        && let Some(unmapped) = day_counters(UNMAPPED_ORG, day)
+    {
+        // SAFETY: valid map value.
+        add(
+            unsafe { &raw mut (*unmapped).unknown_keys },
+            t.unknown_keys as u64,
+        );
+    }
     let Some(slot) = day_counters(org, day) else {
         return Decision::pass(TRACE_O_PASSED, TRACE_R_FAULT);
     };
@@ -338,6 +347,8 @@ fn fresh(stream: *mut Stream) {
         put(&raw mut (*stream).proxy_org, UNMAPPED_ORG);
         put(&raw mut (*stream).id, 0);
         put(&raw mut (*stream).via, 0);
+        put(&raw mut (*stream).req, 0);
+        put(&raw mut (*stream).key_org, UNMAPPED_ORG);
     }
 }
 
@@ -347,10 +358,15 @@ fn fresh(stream: *mut Stream) {
 fn open(ctx: &SkBuffContext, c: &KernelConfig, stream: *mut Stream, peer_org: u32) {
     let trusted =
         listed(c, ID_PROXY_PROTOCOL) && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
+    let per_request = if listed(c, ID_API_KEY) {
+        ID_PER_REQUEST
+    } else {
+        0
+    };
     // SAFETY: a map value; verdicts of one socket run one at a time.
     unsafe {
         (*stream).peer_org = peer_org;
-        (*stream).id = if trusted { ID_TRUSTED } else { 0 };
+        (*stream).id = if trusted { ID_TRUSTED } else { 0 } | per_request;
         let (_, via) = (*stream).conn_org(c);
         (*stream).via = via;
     }

@@ -8,17 +8,18 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    KernelConfig,
+    ID_SOURCES, KernelConfig,
     ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
     stream::{
-        ID_CONN_DIRTY, ID_OPEN, ID_PROXY_OK, ID_TRUSTED, MediaPrefixes, S_BODY, S_CLOSED, Stream,
-        Tally, WALK_SLOTS, WIN, WalkSlot, media_match_index,
+        ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
+        S_KEY, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_key_name,
+        media_match_index,
     },
 };
 
 use crate::{
     addr::org_of,
-    maps::{MEDIA_MATCH, WALK},
+    maps::{API_KEYS, MEDIA_MATCH, WALK},
 };
 
 /// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
@@ -38,7 +39,44 @@ extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
     // map values (this CPU's walk slot, the socket's stream, CONFIG) and the program's context.
     let w = unsafe { &*(ctx as *const Walk) };
     let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    try_walk_step(w.skb, slot, stream, cfg)
+    try_walk_step(w.skb, slot, stream, cfg, ctx)
+}
+
+/// [`Stream::attribute`], in a `bpf_loop` of its own (see there).
+#[inline(never)]
+extern "C" fn attribute_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    let rules = KernelRules {
+        all: 0,
+        key_len: 0,
+        cfg,
+    };
+    stream.attribute(&rules, &mut slot.tally);
+    1
+}
+
+/// One byte of the API key header's value ([`Stream::key_byte`]), from the window where the
+/// walk stands, until its LF or the window's end.
+#[inline(never)]
+extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    let pos = slot.pos + slot.key_used;
+    if stream.state != S_KEY || pos >= slot.len || pos >= slot.win_off + slot.win_n {
+        return 1;
+    }
+    let at = (pos - slot.win_off) as usize;
+    let rules = KernelRules {
+        all: 0,
+        key_len: cfg.key_header_len as usize,
+        cfg,
+    };
+    stream.key_byte(slot.win[at & (WIN - 1)], &rules);
+    slot.key_used += 1;
+    0
 }
 
 #[inline(always)]
@@ -47,7 +85,14 @@ fn try_walk_step(
     w: &mut WalkSlot,
     stream: &mut Stream,
     cfg: &KernelConfig,
+    ctx: *mut c_void,
 ) -> i64 {
+    if stream.req & R_ENDED != 0 {
+        // SAFETY: a static callback of this program; `ctx` outlives the loop.
+        unsafe { bpf_loop(1, attribute_step as *const () as *mut c_void, ctx, 0) };
+        // Another turn for the bytes (the loop has one per byte and one per head).
+        return 0;
+    }
     if w.pos >= w.len {
         return 1;
     }
@@ -82,18 +127,35 @@ fn try_walk_step(
         w.win_n = win;
     }
     let at = (w.pos - w.win_off) as usize;
+    if stream.state == S_KEY {
+        // The key header's value, a byte per iteration of a loop of its own.
+        w.key_used = 0;
+        // SAFETY: as above.
+        unsafe { bpf_loop(WIN as u32, key_step as *const () as *mut c_void, ctx, 0) };
+        if w.key_used == 0 {
+            return 1;
+        }
+        w.pos += w.key_used;
+        return 0;
+    }
     let count = cfg.media_prefix_count;
     let all = if count >= 8 {
         0xff
     } else {
         ((1u32 << count) - 1) as u8
     };
+    let key_len = if stream.id & ID_PER_REQUEST != 0 {
+        cfg.key_header_len as usize
+    } else {
+        0
+    };
+    let rules = KernelRules { all, key_len, cfg };
     let used = stream.step(
         &w.win,
         at & (WIN - 1),
         w.win_n as usize,
         w.len - w.pos,
-        &KernelMedia(all),
+        &rules,
         &mut w.tally,
     );
     if used == 0 {
@@ -103,13 +165,56 @@ fn try_walk_step(
     0
 }
 
-/// The media prefixes through MEDIA_MATCH; `0` holds the configured prefixes' bits.
-struct KernelMedia(u8);
+/// The media prefixes through MEDIA_MATCH, API keys through API_KEYS.
+struct KernelRules<'a> {
+    /// The configured prefixes' bits.
+    all: u8,
+    /// The key header's length when keys are read on this connection, else 0.
+    key_len: usize,
+    cfg: &'a KernelConfig,
+}
 
-impl MediaPrefixes for KernelMedia {
+impl StreamRules for KernelRules<'_> {
     #[inline(always)]
     fn all(&self) -> u8 {
-        self.0
+        self.all
+    }
+
+    #[inline(always)]
+    fn key_name(&self, pos: usize) -> u8 {
+        config_key_name(self.cfg, pos)
+    }
+
+    #[inline(always)]
+    fn key_name_len(&self) -> usize {
+        self.key_len
+    }
+
+    /// The daemon writes the key header's name only when `api_key` is a source.
+    #[inline(always)]
+    fn key_first(&self) -> u8 {
+        self.cfg.key_header[0]
+    }
+
+    #[inline(always)]
+    fn key_kind(&self) -> u8 {
+        self.cfg.key_kind
+    }
+
+    #[inline(always)]
+    fn key_secret(&self) -> [u64; 2] {
+        self.cfg.key_secret
+    }
+
+    #[inline(always)]
+    fn key_org(&self, digest: u64) -> Option<u32> {
+        // SAFETY: a map lookup; the value is read at once.
+        unsafe { API_KEYS.get(&digest) }.copied()
+    }
+
+    #[inline(always)]
+    fn identify_by(&self) -> [u8; ID_SOURCES] {
+        self.cfg.identify_by
     }
 
     #[inline(always)]
@@ -322,6 +427,8 @@ fn walk_in(
         put(&raw mut (*slot).tally.via, t.via);
         put(&raw mut (*slot).tally.opaque, false);
         put(&raw mut (*slot).tally.broken, false);
+        put(&raw mut (*slot).tally.attributed, false);
+        put(&raw mut (*slot).tally.unknown_keys, 0);
         &mut *slot
     };
     if len < WIN as u64 {
@@ -345,7 +452,9 @@ fn walk_in(
         slot,
         stream,
     };
-    let loops = if len < WALK_MAX { len } else { WALK_MAX };
+    // A turn per byte, and one per head for its attribution (a head has two bytes at least).
+    let turns = len + len / 2 + 2;
+    let loops = if turns < WALK_MAX { turns } else { WALK_MAX };
     // SAFETY: a map value; verdicts of one socket run one at a time.
     if unsafe { (*stream).id } & ID_OPEN == 0 {
         // In a callback of its own: what it finds goes to map memory, so the verifier does not
@@ -372,6 +481,19 @@ fn walk_in(
             0,
         )
     };
+    // SAFETY: as above.
+    if unsafe { (*stream).req } & R_ENDED != 0 {
+        // The chunk's last step ended a head.
+        // SAFETY: as above.
+        unsafe {
+            bpf_loop(
+                1,
+                attribute_step as *const () as *mut c_void,
+                &mut walk as *mut Walk as *mut c_void,
+                0,
+            )
+        };
+    }
     if w.failed != 0 {
         return false;
     }

@@ -92,7 +92,7 @@ pub struct Kernel {
     pub org_days: Handle<ORG_DAYS>,
     pub org_remote: Handle<ORG_REMOTE>,
     pub faults: Handle<FAULTS>,
-    /// The media prefixes as the verdict compares them (see `stream::MediaPrefixes`).
+    /// The media prefixes as the verdict compares them (see `stream::StreamRules`).
     pub media_match: Handle<MEDIA_MATCH>,
     /// Taken by the event reader task.
     pub events: Option<Handle<EVENTS>>,

@@ -22,7 +22,7 @@ use limiter_common::{
     TRACE_R_FAULT, TRACE_R_NOT_HTTP, TRACE_VIA_ADDRESS, TraceRecord, UNMAPPED_ORG, day,
     layout::{Handle, MapSpec, ORG_LIMITS, TRACE, TRACE_ON},
     reply::NAME_MAX,
-    stream::{MediaPrefixes, Stream},
+    stream::{Stream, StreamRules},
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -206,7 +206,7 @@ pub fn line(r: &TraceRecord, org: String, tai_to_unix_ns: i64) -> Line {
 /// No media prefixes: only where request lines start matters here.
 struct NoMedia;
 
-impl MediaPrefixes for NoMedia {
+impl StreamRules for NoMedia {
     fn all(&self) -> u8 {
         0
     }

@@ -1,85 +1,243 @@
-//! What the daemon does with `api.identify_by` against the real kernel programs: sources they
-//! do not read are refused, those they read reach CONFIG (read from the pinned maps).
+//! Orgs known by their API keys, end to end through the real kernel programs: each request is
+//! attributed by its own key header, through nginx terminating TLS with an upstream keep-alive
+//! pool (one upstream connection carries many orgs' requests) and from direct clients however
+//! they frame their bytes. Counts are checked against the API server's own log, and the
+//! attempts to get a request through uncounted, or counted for someone else, are tried.
 
-use std::{os::fd::AsFd as _, os::unix::fs::PermissionsExt as _, path::Path};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use integration_tests::{World, require_root};
-use limiter_common::{ID_ADDRESS, ID_END, ID_PROXY_PROTOCOL, KernelConfig};
-use limiter_user::{
-    bpf,
-    config::Config,
-    pins::{Capacity, layout_dir},
-};
+use integration_tests::{World, cidr, identified_by, n, org_toml, org_without_cidrs};
+use limiter_lab::testbed::{AccessEntry, Curl, CurlReply, exchange_raw, open_idle};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// `[api]` lines that know orgs by key, then forwarded header, then address.
-fn identify_api(keys: &Path) -> String {
+const KEYS: [(&str, &str); 3] = [
+    ("acme", "k-acme-1"),
+    ("acme", "k-acme-2"),
+    ("globex", "k-globex"),
+];
+
+/// `[api]` lines that know orgs by key first, then by address.
+fn identify_api(keys: &std::path::Path) -> String {
     format!(
-        "identify_by = [\"api_key\", \"forwarded\", \"address\"]\n\
-         trusted_proxies = [\"10.200.0.0/16\"]\napi_keys_file = {:?}",
+        "identify_by = [\"api_key\", \"address\"]\napi_keys_file = {:?}\n",
         keys.display().to_string()
     )
 }
 
-const ORGS: &str = "[[orgs]]\nname = \"acme\"\ncidrs = [\"10.201.0.0/24\"]\n\
-                    [[orgs]]\nname = \"globex\"\n";
+/// Served requests (garbage left out) by the key the app saw.
+fn served_by_key(log: &[AccessEntry]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for e in log.iter().filter(|e| !e.is_garbage()) {
+        *m.entry(e.api_key.clone().unwrap_or_default()).or_insert(0) += 1;
+    }
+    m
+}
 
-fn write_keys(path: &Path, text: &str, mode: u32) -> Result<()> {
-    std::fs::write(path, text)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+fn statuses(replies: &[Vec<CurlReply>]) -> BTreeMap<u16, u64> {
+    let mut m = BTreeMap::new();
+    for r in replies.iter().flatten() {
+        *m.entry(r.status).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Through nginx terminating TLS (its upstream keep-alive pool mixes every org's requests on a
+/// few connections from 127.0.0.1, which is no org's address): each request counts for its own
+/// key's org, an org over its quota gets the kernel's 429 naming it while the others are served,
+/// and unknown keys fall through to the address (unmapped here) and are reported.
+#[test]
+fn api_keys_through_nginx_tls_count_each_request_for_its_key() -> Result<()> {
+    let mut w = World::new("apikeys_nginx", 4, 0)?;
+    let c: Vec<IpAddr> = w.tb.clients_v4().iter().map(|&a| a.into()).collect();
+    let keys = w.write_api_keys(&KEYS)?;
+    w.write_config_with(
+        &identify_api(&keys),
+        "",
+        &[
+            org_without_cidrs("acme", ""),
+            org_without_cidrs("globex", "daily_requests = 3"),
+        ]
+        .concat(),
+    )?;
+    w.start_daemon()?;
+    let cert = w.start_nginx_tls()?;
+    let run = |src: IpAddr, tag: &str, count: usize, key: &str| Curl {
+        src,
+        urls: (0..count)
+            .map(|i| w.https_url(&format!("/api/{tag}/{i}")))
+            .collect(),
+        headers: vec![("X-API-Key".into(), key.into())],
+        ca: cert.cert.clone(),
+    };
+    let replies = w.curl_all(&[
+        run(c[0], "a1", 4, "k-acme-1"),
+        run(c[1], "a2", 5, "k-acme-2"),
+        run(c[2], "g", 6, "k-globex"),
+        run(c[3], "x", 2, "k-nobody"),
+    ])?;
+    assert_eq!(
+        statuses(&replies),
+        BTreeMap::from([(200, 4 + 5 + 3 + 2), (429, 3)]),
+        "{replies:?}"
+    );
+    for r in replies[2].iter().filter(|r| r.status == 429) {
+        ensure!(
+            r.body.contains("globex"),
+            "the 429 names its org: {}",
+            r.body
+        );
+    }
+    let log = w.server_entries()?;
+    let by_key = served_by_key(&log);
+    assert_eq!(
+        by_key,
+        BTreeMap::from([
+            ("k-acme-1".into(), 4),
+            ("k-acme-2".into(), 5),
+            ("k-globex".into(), 3),
+            ("k-nobody".into(), 2),
+        ]),
+        "{log:?}"
+    );
+    let acme = w.org("acme")?;
+    assert_eq!(n(&acme, "requests"), 9, "acme: {acme}");
+    assert_eq!(identified_by(&acme, "api_key"), 9, "acme: {acme}");
+    let globex = w.org("globex")?;
+    assert_eq!(
+        (n(&globex, "requests"), n(&globex, "rejected")),
+        (3, 3),
+        "globex: {globex}"
+    );
+    // Refused requests too: `identified_by` counts every request by its source.
+    assert_eq!(identified_by(&globex, "api_key"), 6, "globex: {globex}");
+    let unmapped = w.org("unmapped")?;
+    assert_eq!(
+        (n(&unmapped, "requests"), n(&unmapped, "unknown_keys")),
+        (2, 2),
+        "unmapped: {unmapped}"
+    );
     Ok(())
 }
 
-/// This world's pinned map `name`.
-fn pinned(w: &World, name: &str) -> Result<std::os::fd::OwnedFd> {
-    let cfg = Config::load(&w.config)?;
-    let path = layout_dir(&cfg.daemon.pin_dir, Capacity::for_config(&cfg)).join(name);
-    bpf::obj_get(&path).with_context(|| format!("opening {}", path.display()))
+/// Writes `pieces` from `src` on one connection, each in its own segment, then reads until the
+/// server closes (every request here says `Connection: close`) or 5 s pass.
+async fn send_pieces(src: IpAddr, dst: SocketAddr, pieces: &[Vec<u8>]) -> Result<Vec<u8>> {
+    let mut s = open_idle(src, dst).await?;
+    s.set_nodelay(true)?;
+    for p in pieces {
+        if s.write_all(p).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    Ok(out)
 }
 
-fn kernel_config(w: &World) -> Result<KernelConfig> {
-    let fd = pinned(w, "CONFIG")?;
-    let mut out = None;
-    bpf::lookup_batch::<u32, KernelConfig>(fd.as_fd(), 1, |_, v| out = v.first().copied())?;
-    out.context("CONFIG has no entry")
+fn request(path: &str, key_lines: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: api\r\n{key_lines}Connection: close\r\n\r\n").into_bytes()
 }
 
-/// Until the kernel programs read request headers, a config that lists `api_key` or `forwarded`
-/// is refused by `limiter check` and at start, never run with the source ignored; the sources
-/// they do read reach CONFIG and TRUSTED_PROXIES.
+fn status(reply: &[u8]) -> &str {
+    std::str::from_utf8(reply.get(9..12).unwrap_or(b"---")).unwrap_or("???")
+}
+
+/// Direct clients: a key sent byte by byte or cut anywhere still counts for its org, and holds
+/// its quota; an unknown key falls through to the client's address; only the first key header
+/// is read, as the server reads it; two orgs' requests in one segment are refused whole (400).
 #[test]
-fn header_sources_are_refused_and_proxy_protocol_reaches_the_kernel() -> Result<()> {
-    require_root();
-    let mut w = World::new("apikeys", 0, 0)?;
-    let keys = w.dir().join("api-keys");
-    write_keys(&keys, "acme k-a1\nacme k-a2\nglobex k-g1\n", 0o600)?;
-    w.write_config_with(&identify_api(&keys), "", ORGS)?;
-    let out = w.cli(&["check"])?;
-    let printed = String::from_utf8_lossy(&out.stdout);
-    ensure!(!out.status.success(), "{printed}");
-    ensure!(
-        printed.contains("FAIL config")
-            && printed.contains("api.identify_by lists \"api_key\"")
-            && printed.contains("not read yet"),
-        "{printed}"
-    );
-    ensure!(w.start_daemon().is_err(), "a start with api_key is refused");
-    ensure!(
-        w.daemon_log().contains("api.identify_by lists \"api_key\""),
-        "{}",
-        w.daemon_log()
-    );
-
+fn api_keys_from_direct_clients_however_framed() -> Result<()> {
+    let mut w = World::new("apikeys_direct", 2, 0)?;
+    let c: Vec<IpAddr> = w.tb.clients_v4().iter().map(|&a| a.into()).collect();
+    let keys = w.write_api_keys(&KEYS)?;
     w.write_config_with(
-        "identify_by = [\"proxy_protocol\", \"address\"]\ntrusted_proxies = [\"10.200.0.0/16\"]",
+        &identify_api(&keys),
         "",
-        "[[orgs]]\nname = \"acme\"\ncidrs = [\"10.201.0.0/24\"]\n",
+        &[
+            org_toml("acme", &[cidr(c[0])], ""),
+            org_without_cidrs("globex", "daily_requests = 2"),
+        ]
+        .concat(),
     )?;
     w.start_daemon()?;
-    let kc = kernel_config(&w)?;
+    let api = w.api4();
+    let (stranger, acme_host) = (c[1], c[0]);
+
+    // globex's key from an address no org has, byte by byte, then cut inside the key, then
+    // in one piece: its quota of 2 holds.
+    let g = |i: usize| request(&format!("/g/{i}"), "X-API-Key: k-globex\r\n");
+    let bytewise: Vec<Vec<u8>> = g(0).iter().map(|&b| vec![b]).collect();
+    let cut = g(1);
+    let at = cut
+        .windows(5)
+        .position(|x| x == b"globe")
+        .context("key in request")?
+        + 3;
+    let replies = w.client(|| async move {
+        Ok(vec![
+            send_pieces(stranger, api, &bytewise).await?,
+            send_pieces(stranger, api, &[cut[..at].to_vec(), cut[at..].to_vec()]).await?,
+            exchange_raw(stranger, api, &g(2)).await?,
+        ])
+    })?;
+    let got: Vec<&str> = replies.iter().map(|r| status(r)).collect();
+    assert_eq!(got, ["200", "200", "429"]);
+    let globex = w.org("globex")?;
     assert_eq!(
-        kc.identify_by,
-        [ID_PROXY_PROTOCOL, ID_ADDRESS, ID_END, ID_END]
+        (n(&globex, "requests"), n(&globex, "rejected")),
+        (2, 1),
+        "{globex}"
     );
+
+    // An unknown key from acme's address counts for acme by address; the second of two key
+    // headers is not read (the server reads the first).
+    let replies = w.client(|| async move {
+        Ok(vec![
+            exchange_raw(acme_host, api, &request("/u", "X-API-Key: k-forged\r\n")).await?,
+            exchange_raw(
+                stranger,
+                api,
+                &request("/two", "X-API-Key: k-acme-1\r\nX-API-Key: k-globex\r\n"),
+            )
+            .await?,
+        ])
+    })?;
+    let got: Vec<&str> = replies.iter().map(|r| status(r)).collect();
+    assert_eq!(got, ["200", "200"]);
+    let acme = w.org("acme")?;
+    assert_eq!(
+        (
+            identified_by(&acme, "address"),
+            identified_by(&acme, "api_key")
+        ),
+        (1, 1),
+        "{acme}"
+    );
+    assert_eq!(n(&w.org("unmapped")?, "unknown_keys"), 1);
+    let log = w.server_entries()?;
+    let two = log
+        .iter()
+        .find(|e| e.path == "/two")
+        .context("/two served")?;
+    assert_eq!(
+        two.api_key.as_deref(),
+        Some("k-acme-1"),
+        "the server read the first"
+    );
+
+    // acme's and globex's requests in one segment: refused whole with a 400, none served.
+    let mixed = [
+        request("/mixed/a", "X-API-Key: k-acme-2\r\n"),
+        request("/mixed/g", "X-API-Key: k-globex\r\n"),
+    ]
+    .concat();
+    let reply = w.client(|| async move { exchange_raw(stranger, api, &mixed).await })?;
+    assert_eq!(status(&reply), "400", "{}", String::from_utf8_lossy(&reply));
+    let log = w.server_entries()?;
+    assert!(!log.iter().any(|e| e.path.starts_with("/mixed")), "{log:?}");
     Ok(())
 }

@@ -1,8 +1,7 @@
 //! Orgs known the way a load balancer in front of the API knows them, end to end with real
 //! peers: PROXY protocol v2 headers from HAProxy terminating TLS, and the spoofing attempts that
 //! must fail (a PROXY header from an untrusted peer, a second PROXY header). Counts are checked
-//! against the API server's own log. (API keys and forwarded headers are refused by the config
-//! check until the kernel reads request headers: see tests/tests/api_keys.rs.)
+//! against the API server's own log. (API keys: tests/tests/api_keys.rs.)
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

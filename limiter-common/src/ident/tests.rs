@@ -1214,3 +1214,25 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The kernel's byte-at-a-time digest equals the whole one (and so `siphasher`'s).
+    #[test]
+    fn key_hash_equals_siphash(
+        k in any::<[u64; 2]>(),
+        data in proptest::collection::vec(any::<u8>(), 0..=CAP),
+    ) {
+        let mut h = KeyHash::new(k);
+        let mut h2 = h;
+        for b in &data {
+            h.take(*b);
+            h2.take(*b);
+        }
+        let mut buf = [0u8; CAP];
+        buf[..data.len()].copy_from_slice(&data);
+        prop_assert_eq!(h.finish(), siphash24(k, &buf, data.len()));
+        let mut reference = SipHasher24::new_with_keys(k[0], k[1]);
+        std::hash::Hasher::write(&mut reference, &data);
+        prop_assert_eq!(h2.finish(), std::hash::Hasher::finish(&reference));
+    }
+}

@@ -709,3 +709,245 @@ fn the_connection_org_follows_identify_by() {
     assert_eq!(s.conn_org(&cfg), (crate::UNMAPPED_ORG, 0));
     assert!(listed(&cfg, ID_PROXY_PROTOCOL) && !listed(&cfg, ID_ADDRESS));
 }
+
+// ---------------------------------------------------------------------------------------------
+// API keys: each request attributed on its own, at the end of its head.
+
+/// Rules with API keys: `X-API-Key` (or `header`) read, keys → orgs by their digests.
+struct Keys {
+    cfg: KernelConfig,
+    keys: std::collections::HashMap<u64, u32>,
+}
+
+impl StreamRules for Keys {
+    fn all(&self) -> u8 {
+        self.cfg.all()
+    }
+    fn matching(&self, pos: u8, c: u8) -> u8 {
+        self.cfg.matching(pos, c)
+    }
+    fn key_name(&self, pos: usize) -> u8 {
+        self.cfg.key_name(pos)
+    }
+    fn key_name_len(&self) -> usize {
+        self.cfg.key_name_len()
+    }
+    fn key_kind(&self) -> u8 {
+        self.cfg.key_kind
+    }
+    fn key_secret(&self) -> [u64; 2] {
+        self.cfg.key_secret
+    }
+    fn key_org(&self, digest: u64) -> Option<u32> {
+        self.keys.get(&digest).copied()
+    }
+    fn identify_by(&self) -> [u8; crate::ID_SOURCES] {
+        self.cfg.identify_by
+    }
+}
+
+const PEER_ORG: u32 = 9;
+
+fn keys_rules(header: &str, kind: u8, keys: &[(&str, u32)]) -> Keys {
+    use crate::{ID_ADDRESS, ID_API_KEY, ID_END};
+    let mut cfg = media();
+    cfg.identify_by = [ID_API_KEY, ID_ADDRESS, ID_END, ID_END];
+    cfg.key_kind = kind;
+    cfg.key_secret = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+    let name = header.to_ascii_lowercase();
+    cfg.key_header[..name.len()].copy_from_slice(name.as_bytes());
+    cfg.key_header_len = name.len() as u8;
+    let keys = keys
+        .iter()
+        .map(|(k, org)| {
+            let mut buf = [0u8; crate::ident::CAP];
+            buf[..k.len()].copy_from_slice(k.as_bytes());
+            (crate::ident::siphash24(cfg.key_secret, &buf, k.len()), *org)
+        })
+        .collect();
+    Keys { cfg, keys }
+}
+
+fn default_keys() -> Keys {
+    keys_rules(
+        "X-API-Key",
+        crate::KEY_PLAIN,
+        &[("k-acme-1", 5), ("k-acme-2", 5), ("k-globex", 6)],
+    )
+}
+
+fn key_stream() -> Stream {
+    let mut s = Stream::new();
+    s.id |= ID_PER_REQUEST;
+    s.peer_org = PEER_ORG;
+    s
+}
+
+fn keyed(key_line: &str) -> Vec<u8> {
+    format!("GET /api/v1/items HTTP/1.1\r\nHost: a\r\n{key_line}\r\nAccept: */*\r\n\r\n")
+        .into_bytes()
+}
+
+/// (org, via, counted, media, unknown_keys) of one chunk.
+fn attributed(t: &Tally) -> (u32, u8, u32, u32, u32) {
+    (t.org, t.via, t.counted, t.media, t.unknown_keys)
+}
+
+#[test]
+fn each_request_counts_for_its_key() {
+    use crate::{ID_ADDRESS, ID_API_KEY};
+    let r = default_keys();
+    let mut s = key_stream();
+    let t = s.feed(&keyed("X-API-Key: k-acme-1"), &r);
+    assert_eq!(attributed(&t), (5, ID_API_KEY, 1, 0, 0));
+    let t = s.feed(&keyed("x-api-key:k-globex  "), &r);
+    assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0));
+    // An unknown key falls through to the next source, and is reported.
+    let t = s.feed(&keyed("X-Api-Key: k-nobody"), &r);
+    assert_eq!(attributed(&t), (PEER_ORG, ID_ADDRESS, 1, 0, 1));
+    // No key: the next source, nothing unknown.
+    let t = s.feed(&keyed("X-Other: k-acme-1"), &r);
+    assert_eq!(attributed(&t), (PEER_ORG, ID_ADDRESS, 1, 0, 0));
+    // Only the first key header is read.
+    let t = s.feed(&keyed("X-API-Key: k-globex\r\nX-API-Key: k-acme-1"), &r);
+    assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0));
+    // A key that is not one token is no key.
+    let t = s.feed(&keyed("X-API-Key: k-acme-1 k-globex"), &r);
+    assert_eq!(attributed(&t), (PEER_ORG, ID_ADDRESS, 1, 0, 1));
+    // A media GET is exempt for the key's org.
+    let t = s.feed(
+        b"GET /media/a.png HTTP/1.1\r\nX-API-Key: k-acme-2\r\n\r\n",
+        &r,
+    );
+    assert_eq!(attributed(&t), (5, ID_API_KEY, 0, 1, 0));
+    // Pipelined requests of one org count together.
+    let two = [keyed("X-API-Key: k-acme-1"), keyed("X-API-Key: k-acme-2")].concat();
+    let t = s.feed(&two, &r);
+    assert_eq!(attributed(&t), (5, ID_API_KEY, 2, 0, 0));
+    assert!(s.at_boundary() && !t.broken);
+}
+
+#[test]
+fn a_head_split_anywhere_counts_once_for_its_key() {
+    use crate::ID_API_KEY;
+    let r = default_keys();
+    let bytes = [
+        keyed("X-API-Key: k-globex"),
+        b"POST /api/v1/x HTTP/1.1\r\nContent-Length: 5\r\nX-API-Key:  k-globex\r\n\r\nhello"
+            .to_vec(),
+    ]
+    .concat();
+    for cut in 0..=bytes.len() {
+        for cut2 in [cut, (cut + 7).min(bytes.len()), bytes.len()] {
+            let mut s = key_stream();
+            let mut total = 0;
+            for c in [&bytes[..cut], &bytes[cut..cut2], &bytes[cut2..]] {
+                let t = s.feed(c, &r);
+                assert!(!t.broken, "cut {cut} {cut2}");
+                if t.counted > 0 {
+                    assert_eq!((t.org, t.via), (6, ID_API_KEY), "cut {cut} {cut2}");
+                }
+                total += t.counted;
+            }
+            assert_eq!(total, 2, "cut {cut} {cut2}");
+        }
+    }
+    // Byte at a time.
+    let mut s = key_stream();
+    let mut total = 0;
+    for b in bytes.chunks(1) {
+        let t = s.feed(b, &r);
+        if t.counted > 0 {
+            assert_eq!(t.org, 6);
+        }
+        total += t.counted;
+    }
+    assert_eq!(total, 2);
+}
+
+#[test]
+fn authorization_bearer_and_basic() {
+    use crate::ID_API_KEY;
+    use base64::Engine as _;
+    let r = keys_rules(
+        "Authorization",
+        crate::KEY_AUTHORIZATION,
+        &[("tok-acme", 5), ("globex-user", 6)],
+    );
+    let mut s = key_stream();
+    let t = s.feed(&keyed("Authorization: Bearer tok-acme"), &r);
+    assert_eq!(attributed(&t), (5, ID_API_KEY, 1, 0, 0));
+    let basic = base64::engine::general_purpose::STANDARD.encode("globex-user:secret pw");
+    let t = s.feed(&keyed(&format!("authorization: basic {basic}")), &r);
+    assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0));
+    let t = s.feed(&keyed("Authorization: Digest tok-acme"), &r);
+    assert_eq!(t.unknown_keys, 1);
+    assert_eq!(t.org, PEER_ORG);
+}
+
+#[test]
+fn keys_the_stream_cannot_settle() {
+    let r = default_keys();
+    // Two orgs' requests in one chunk: a chunk is passed or refused whole, so the stream
+    // breaks (400) rather than count one org's request for the other.
+    let mut s = key_stream();
+    let two = [keyed("X-API-Key: k-acme-1"), keyed("X-API-Key: k-globex")].concat();
+    let t = s.feed(&two, &r);
+    assert!(t.broken);
+    assert_eq!(attributed(&t).2, 1);
+    // A folded line after the key header would change the key the server reads.
+    let mut s = key_stream();
+    let t = s.feed(&keyed("X-API-Key: k-acme-1\r\n  k-globex"), &r);
+    assert!(t.broken);
+    // A value longer than any key: unknown, and the head still followed.
+    let mut s = key_stream();
+    let long = "k".repeat(KEY_VALUE_MAX + 10);
+    let t = s.feed(&keyed(&format!("X-API-Key: {long}")), &r);
+    assert_eq!(attributed(&t), (PEER_ORG, crate::ID_ADDRESS, 1, 0, 1));
+    assert!(s.at_boundary());
+    // Without `ID_PER_REQUEST` (api_key not a source) keys are not read.
+    let mut s = Stream::new();
+    s.peer_org = PEER_ORG;
+    let t = s.feed(&keyed("X-API-Key: k-acme-1"), &r);
+    assert_eq!((t.org, t.counted), (0, 1));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Requests that all carry one org's key, cut anywhere: every request counts once, all for
+    /// that org, as the reference frames them.
+    #[test]
+    fn keyed_requests_over_any_split(
+        reqs in proptest::collection::vec(arb_req(), 1..8),
+        key in prop_oneof![Just("k-acme-1"), Just("k-globex")],
+        cuts in proptest::collection::vec(any::<usize>(), 0..30),
+    ) {
+        let r = default_keys();
+        let org = if key == "k-acme-1" { 5 } else { 6 };
+        let prefixes = ["/media/", "/files/dl/"];
+        let reqs: Vec<Req> = reqs
+            .into_iter()
+            .map(|mut q| {
+                q.headers.insert(0, ("X-API-Key".into(), key.into()));
+                q
+            })
+            .collect();
+        let bytes: Vec<u8> = reqs.iter().flat_map(render).collect();
+        let want = reference(&bytes, &prefixes);
+        prop_assume!(want.is_some());
+        let (counted, exempt) = want.unwrap_or_default();
+        let mut s = key_stream();
+        let (mut c, mut m) = (0, 0);
+        for chunk in split_at_points(&bytes, &cuts) {
+            let t = s.feed(&chunk, &r);
+            prop_assert!(!t.broken && !t.opaque);
+            if t.counted + t.media > 0 {
+                prop_assert_eq!(t.org, org);
+            }
+            c += t.counted;
+            m += t.media;
+        }
+        prop_assert_eq!((c, m), (counted, exempt));
+    }
+}

@@ -178,8 +178,8 @@ impl Identify {
         match self.by.iter().find(|s| !supported.contains(s)) {
             Some(s) => Err(format!(
                 "api.identify_by lists \"{}\": this version's kernel programs know orgs by \
-                 \"proxy_protocol\" and \"address\" only; request headers (API keys, forwarded \
-                 addresses) are not read yet",
+                 \"api_key\", \"proxy_protocol\" and \"address\"; forwarded headers are not \
+                 read yet",
                 s.as_str()
             )),
             None => Ok(()),

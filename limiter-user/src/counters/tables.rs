@@ -121,6 +121,12 @@ fn identify_config(kc: &mut KernelConfig, identify: &Identify) {
         to[..n].copy_from_slice(&name.as_bytes()[..n]);
         n as u8
     };
+    // Zero when a source is not listed: the kernel takes a key header name's first byte as
+    // "keys are read" (0 never starts a header line).
+    kc.fwd_header = [0; limiter_common::HEADER_NAME_MAX];
+    kc.fwd_header_len = 0;
+    kc.key_header = [0; limiter_common::HEADER_NAME_MAX];
+    kc.key_header_len = 0;
     kc.forwarded_kind = identify.forwarded_header.kernel_kind();
     if identify.uses(Source::Forwarded) {
         kc.fwd_header_len = copy(&mut kc.fwd_header, identify.forwarded_header.name());
@@ -762,9 +768,9 @@ mod tests {
             &kc.key_header[..kc.key_header_len as usize],
             b"authorization"
         );
-        // Headers of sources not listed are not named.
-        let mut kc = KernelConfig::empty();
+        // Headers of sources not listed are not named, even in a config that named them.
         identify_config(&mut kc, &Identify::default());
+        assert_eq!((kc.key_header, kc.fwd_header), ([0; 32], [0; 32]));
         assert_eq!(
             kc.identify_by,
             [limiter_common::ID_ADDRESS, ID_END, ID_END, ID_END]

@@ -100,8 +100,9 @@ pub trait KernelMaps {
 }
 
 impl KernelMaps for Kernel {
-    /// The stream parser reads PROXY headers at a connection's start, not request headers yet.
-    const SOURCES: &'static [Source] = &[Source::ProxyProtocol, Source::Address];
+    /// The stream parser reads PROXY headers at a connection's start and API key headers in
+    /// each head; forwarded headers not yet.
+    const SOURCES: &'static [Source] = &[Source::ApiKey, Source::ProxyProtocol, Source::Address];
     type Error = CountersError;
 
     fn usage(&self, id: u32, day: u64) -> Result<(DayCounters, i64), CountersError> {
