@@ -300,6 +300,12 @@ fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
     unsafe {
         let s = &raw mut (*st).stream;
         (*s).peer_org = peer;
+        // `api_key` now listed: requests are attributed one by one from here. Never cleared
+        // (a request counted at its head's end must still be): without a key header to read,
+        // its org is the connection's anyway.
+        if listed(c, ID_API_KEY) {
+            (*s).id |= ID_PER_REQUEST;
+        }
         if (*s).id & ID_PROXY_OK != 0 {
             (*s).proxy_org = org_of((*s).proxy_addr);
         }
