@@ -280,6 +280,19 @@ impl KeyHash {
         v[0] ^= m;
     }
 
+    /// The next 8 bytes of the key (little-endian), at once.
+    #[inline(always)]
+    pub fn take_word(&mut self, w: u64) {
+        let r = (self.n & 7) as u64 * 8;
+        if r == 0 {
+            Self::compress(&mut self.v, w);
+        } else {
+            Self::compress(&mut self.v, self.tail | (w << r));
+            self.tail = w >> (64 - r);
+        }
+        self.n = self.n.wrapping_add(8);
+    }
+
     /// The next byte of the key.
     #[inline(always)]
     pub fn take(&mut self, b: u8) {
@@ -447,6 +460,27 @@ impl KeyText {
             KT_TOKEN => self.token(b, out),
             _ => self.basic(b, out),
         }
+    }
+
+    /// Eight bytes of a plain key or a Bearer token at once, into `hash`, when they are all key
+    /// bytes and the key has room for them; false (nothing taken) otherwise, and the bytes go
+    /// one by one through [`Self::push`]. The kernel's fast path: a byte per `bpf_loop` turn
+    /// made a 40-byte key cost microseconds.
+    #[inline(always)]
+    pub fn take_word(&mut self, w: u64, hash: &mut KeyHash) -> bool {
+        const HI: u64 = 0x8080_8080_8080_8080;
+        let low7 = w & !HI;
+        // Every byte in 0x21..=0x7e: no high bit, low 7 bits at least 0x21 and not 0x7f.
+        let visible = w & HI == 0
+            && (low7 + 0x5f5f_5f5f_5f5f_5f5f) & HI == HI
+            && (low7 + 0x0101_0101_0101_0101) & HI == 0;
+        if self.phase != KT_TOKEN || self.flags != 0 || self.n as usize + 8 > CAP || !visible {
+            return false;
+        }
+        hash.take_word(w);
+        self.n += 8;
+        self.seen = self.seen.saturating_add(8);
+        true
     }
 
     /// A byte of the scheme's name (case ignored), or the space that ends it.
@@ -1291,6 +1325,352 @@ impl FwdText {
         }
         self.addr.finish()
     }
+}
+
+/// Reads a forwarded header's value the way [`forwarded_addr`] does, but left to right, a byte
+/// per call, as the request's bytes arrive: the kernel keeps this state in the connection's
+/// stream, so a value cut across segments (or sent byte by byte) needs no buffer, and several
+/// header lines of the same name read as one list (RFC 9110 §5.3: HAProxy's `option forwardfor`
+/// adds its own line after the client's). The answer is the rightmost entry whose address is
+/// not trusted, provided every entry right of it is a readable trusted address, and at most
+/// [`FWD_ENTRIES_MAX`] - 1 of them; when every entry is a trusted address (at most
+/// [`FWD_ENTRIES_MAX`]), the leftmost. For a value of at most [`CAP`] bytes it gives exactly
+/// what [`forwarded_addr`] gives (a property test holds it to that); a longer one is read whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FwdStream {
+    /// The current entry's address text.
+    pub addr: AddrText,
+    /// The rightmost untrusted address so far ([`FW_CAND`]).
+    pub cand: AddrKey,
+    /// The first entry, when it is a trusted address ([`FW_LEFTMOST`]).
+    pub leftmost: AddrKey,
+    /// `FWD_*`.
+    pub kind: u8,
+    /// `FW_*`.
+    pub flags: u8,
+    /// Trusted entries after the candidate (or since the start, without one), saturating.
+    pub after: u8,
+    /// Entries read, saturating.
+    pub entries: u8,
+    /// `E_*`: the current entry (or `Forwarded` pair).
+    pub ent: u8,
+    /// A `Forwarded` element's `for=` node, as [`FwdText`] reads it.
+    pub node: u8,
+    pub plen: u8,
+    /// `Forwarded`: `for=` pairs in the current element.
+    pub fors: u8,
+}
+
+/// A candidate was found.
+const FW_CAND: u8 = 1;
+/// An entry that cannot be read came after the candidate (or, without one, anywhere).
+const FW_BAD_AFTER: u8 = 2;
+const FW_LEFTMOST: u8 = 4;
+/// The list's (or a header line's) first entry has begun: a line end ends an entry.
+const FW_OPEN: u8 = 8;
+/// Non-blank bytes began the entry (or pair).
+const E_STARTED: u8 = 1;
+/// Blanks after them: only blanks may follow.
+const E_TRAILING: u8 = 2;
+const E_BAD: u8 = 4;
+/// `Forwarded`: the pair's first bytes so far are `f`, `fo`, `for` (in `E_MATCH`), then the
+/// pair is `for=` ([`E_FOR`]) or another ([`E_OTHER`]).
+const E_MATCH: u8 = 0x30;
+const E_MATCH_SHIFT: u8 = 4;
+const E_FOR: u8 = 0x40;
+const E_OTHER: u8 = 0x80;
+const FOR_EQ: [u8; 4] = *b"for=";
+
+impl FwdStream {
+    pub const fn new(kind: u8) -> Self {
+        FwdStream {
+            addr: AddrText::new(),
+            cand: [0; 16],
+            leftmost: [0; 16],
+            kind,
+            flags: 0,
+            after: 0,
+            entries: 0,
+            ent: 0,
+            node: 0,
+            plen: 0,
+            fors: 0,
+        }
+    }
+
+    /// Back to [`Self::new`] in place (volatile, as [`AddrText::reset`]).
+    #[inline(always)]
+    pub fn reset(&mut self, kind: u8) {
+        self.addr.reset();
+        // SAFETY: plain fields of `self`.
+        unsafe {
+            use core::ptr::write_volatile as put;
+            put(&mut self.kind, kind);
+            put(&mut self.flags, 0);
+            put(&mut self.after, 0);
+            put(&mut self.entries, 0);
+            put(&mut self.ent, 0);
+            put(&mut self.node, 0);
+            put(&mut self.plen, 0);
+            put(&mut self.fors, 0);
+        }
+    }
+
+    /// The next byte of the value (its line's CR included, its LF not: see
+    /// [`Self::line_end`]).
+    #[inline(always)]
+    pub fn push(&mut self, b: u8, trusted: &impl Fn(&AddrKey) -> bool) {
+        self.flags |= FW_OPEN;
+        match self.kind {
+            FWD_X_FORWARDED_FOR | FWD_X_REAL_IP => {
+                if b == b',' && self.kind == FWD_X_FORWARDED_FOR {
+                    return self.list_entry_end(trusted);
+                }
+                if is_blank(b) {
+                    if self.ent & E_STARTED != 0 {
+                        self.ent |= E_TRAILING;
+                    }
+                    return;
+                }
+                if self.ent & E_TRAILING != 0 {
+                    self.ent |= E_BAD;
+                }
+                self.ent |= E_STARTED;
+                self.addr.push(b);
+            }
+            FWD_FORWARDED => match b {
+                b',' => {
+                    self.pair_end();
+                    self.element_end(trusted);
+                }
+                b';' => self.pair_end(),
+                _ => self.pair_byte(b),
+            },
+            _ => {}
+        }
+    }
+
+    /// The end of a header line of the value: the next line of the same header continues the
+    /// list (a new entry).
+    #[inline(always)]
+    pub fn line_end(&mut self, trusted: &impl Fn(&AddrKey) -> bool) {
+        if self.flags & FW_OPEN == 0 {
+            return;
+        }
+        self.flags &= !FW_OPEN;
+        match self.kind {
+            FWD_FORWARDED => {
+                self.pair_end();
+                self.element_end(trusted);
+            }
+            _ => self.list_entry_end(trusted),
+        }
+    }
+
+    /// A byte of a `Forwarded` pair: `for=` (any case, after blanks) feeds the node.
+    #[inline(always)]
+    fn pair_byte(&mut self, b: u8) {
+        let e = self.ent;
+        if e & E_OTHER != 0 {
+            return;
+        }
+        if e & E_FOR != 0 {
+            // Blanks may only end the pair: `for= x` is as bad as `for=x y`.
+            if is_blank(b) {
+                self.ent |= E_TRAILING;
+                return;
+            }
+            if e & E_TRAILING != 0 {
+                self.node |= N_BAD;
+            }
+            return self.node_byte(b);
+        }
+        if e & E_STARTED == 0 && is_blank(b) {
+            return;
+        }
+        self.ent |= E_STARTED;
+        let m = (e & E_MATCH) >> E_MATCH_SHIFT;
+        if lower(b) != FOR_EQ[m as usize & 3] {
+            self.ent |= E_OTHER;
+            return;
+        }
+        if m == 3 {
+            self.ent |= E_FOR;
+            self.fors = self.fors.saturating_add(1);
+            return;
+        }
+        self.ent = (e & !E_MATCH) | E_STARTED | ((m + 1) << E_MATCH_SHIFT);
+    }
+
+    #[inline(always)]
+    fn pair_end(&mut self) {
+        self.ent = 0;
+    }
+
+    /// The end of a `Forwarded` element: its entry is its one `for=` node.
+    #[inline(always)]
+    fn element_end(&mut self, trusted: &impl Fn(&AddrKey) -> bool) {
+        let a = if self.fors == 1 {
+            self.node_addr()
+        } else {
+            None
+        };
+        self.fors = 0;
+        self.node = 0;
+        self.plen = 0;
+        self.addr.reset();
+        self.entry(a, trusted);
+    }
+
+    /// The end of an `X-Forwarded-For` entry (or the `X-Real-IP` value).
+    #[inline(always)]
+    fn list_entry_end(&mut self, trusted: &impl Fn(&AddrKey) -> bool) {
+        let a = if self.ent & (E_STARTED | E_BAD) == E_STARTED {
+            self.addr.finish()
+        } else {
+            None
+        };
+        self.ent = 0;
+        self.addr.reset();
+        self.entry(a, trusted);
+    }
+
+    /// An entry read, left to right.
+    #[inline(always)]
+    fn entry(&mut self, a: Option<AddrKey>, trusted: &impl Fn(&AddrKey) -> bool) {
+        self.entries = self.entries.saturating_add(1);
+        let Some(a) = a else {
+            self.flags |= FW_BAD_AFTER;
+            return;
+        };
+        if self.kind == FWD_X_REAL_IP || !trusted(&a) {
+            self.cand = a;
+            self.flags = (self.flags | FW_CAND) & !FW_BAD_AFTER;
+            self.after = 0;
+            return;
+        }
+        if self.entries == 1 {
+            self.leftmost = a;
+            self.flags |= FW_LEFTMOST;
+        }
+        self.after = self.after.saturating_add(1);
+    }
+
+    /// The client address, once the head's lines of the header are read (each ended by
+    /// [`Self::line_end`]).
+    #[inline(always)]
+    pub fn result(&self) -> Option<AddrKey> {
+        let f = self.flags;
+        if f & FW_BAD_AFTER != 0 {
+            return None;
+        }
+        if self.kind == FWD_X_REAL_IP && self.entries > 1 {
+            // Two X-Real-IP lines: which one the server takes is not known.
+            return None;
+        }
+        if f & FW_CAND != 0 {
+            return ((self.after as usize) < FWD_ENTRIES_MAX).then_some(self.cand);
+        }
+        if f & FW_LEFTMOST != 0 && self.entries as usize <= FWD_ENTRIES_MAX {
+            return Some(self.leftmost);
+        }
+        None
+    }
+
+    /// As [`FwdText::node_byte`].
+    #[inline(always)]
+    fn node_byte(&mut self, b: u8) {
+        let f = self.node;
+        if f & N_STARTED == 0 {
+            self.node = f | N_STARTED;
+            if b == b'"' {
+                self.node |= N_QUOTED;
+                return;
+            }
+        }
+        let f = self.node;
+        if f & N_END_QUOTE != 0 {
+            self.node |= N_BAD;
+            return;
+        }
+        if f & N_QUOTED != 0 && b == b'"' {
+            self.node |= N_END_QUOTE;
+            return;
+        }
+        if f & N_PORT != 0 {
+            let count = self.plen & 0x7f;
+            let obfuscated = if count == 0 {
+                b == b'_'
+            } else {
+                self.plen & 0x80 != 0
+            };
+            let ok = if obfuscated {
+                count == 0 || b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+            } else {
+                b.is_ascii_digit() && count < 5
+            };
+            if !ok || count >= 16 {
+                self.node |= N_BAD;
+                return;
+            }
+            self.plen = if obfuscated { 0x80 } else { 0 } | (count + 1);
+            return;
+        }
+        if f & N_CONTENT == 0 {
+            self.node |= N_CONTENT;
+            if b == b'[' {
+                self.node |= N_BRACKET;
+                return;
+            }
+        }
+        if f & N_BRACKET != 0 {
+            if f & N_CLOSED != 0 {
+                if b == b':' {
+                    self.node |= N_PORT;
+                } else {
+                    self.node |= N_BAD;
+                }
+            } else if b == b']' {
+                self.node |= N_CLOSED;
+            } else {
+                self.addr.push(b);
+            }
+            return;
+        }
+        if b == b':' {
+            self.node |= N_PORT;
+        } else {
+            self.addr.push(b);
+        }
+    }
+
+    /// As [`FwdText::entry_addr`].
+    #[inline(always)]
+    fn node_addr(&self) -> Option<AddrKey> {
+        let f = self.node;
+        let unclosed_quote = f & N_QUOTED != 0 && f & N_END_QUOTE == 0;
+        let bad_bracket = f & N_BRACKET != 0 && (f & N_CLOSED == 0 || !self.addr.is_v6());
+        let empty_port = f & N_PORT != 0 && self.plen & 0x7f == 0;
+        if f & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port {
+            return None;
+        }
+        self.addr.finish()
+    }
+}
+
+/// [`FwdStream`] over a whole value, as one header line (host side and tests).
+pub fn forwarded_stream(
+    kind: u8,
+    value: &[u8],
+    trusted: &impl Fn(&AddrKey) -> bool,
+) -> Option<AddrKey> {
+    let mut f = FwdStream::new(kind);
+    for &b in value {
+        f.push(b, trusted);
+    }
+    f.line_end(trusted);
+    f.result()
 }
 
 // ---------------------------------------------------------------------------------------------

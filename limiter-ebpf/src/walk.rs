@@ -74,8 +74,7 @@ extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
         key_len: cfg.key_header_len as usize,
         cfg,
     };
-    stream.key_byte(slot.win[at & (WIN - 1)], &rules);
-    slot.key_used += 1;
+    slot.key_used += stream.key_run(&slot.win, at, slot.win_n as usize, &rules);
     0
 }
 

@@ -1236,3 +1236,149 @@ proptest! {
         prop_assert_eq!(h2.finish(), std::hash::Hasher::finish(&reference));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The kernel's streaming reader of forwarded headers, against the ring reader.
+
+fn fwd_stream(kind: u8, value: &str) -> Option<IpAddr> {
+    forwarded_stream(kind, value.as_bytes(), &trusted).map(ip_of)
+}
+
+fn forwarded_element() -> impl Strategy<Value = String> {
+    let node = prop_oneof![
+        any::<Ipv4Addr>().prop_map(|a| a.to_string()),
+        (any::<u8>(), any::<u8>()).prop_map(|(a, b)| format!("10.{a}.{b}.1")),
+        any::<Ipv4Addr>().prop_map(|a| format!("\"{a}:4711\"")),
+        ipv6_with_zeros().prop_map(|a| format!("\"[{a}]\"")),
+        any::<u16>().prop_map(|g| format!("\"[fd00::{g:x}]:_p-1\"")),
+        Just("unknown".to_string()),
+        Just("_hidden".to_string()),
+        Just("\"[::1\"".to_string()),
+        Just(String::new()),
+    ];
+    let pair = prop_oneof![
+        (prop_oneof![Just("for"), Just("For"), Just("FOR")], node)
+            .prop_map(|(k, v)| format!("{k}={v}")),
+        Just("proto=https".to_string()),
+        Just("by=10.0.0.1".to_string()),
+        Just("host=\"a;b\"".to_string()),
+        Just("for =1.2.3.4".to_string()),
+        Just("for= 1.2.3.4".to_string()),
+    ];
+    proptest::collection::vec((pair, "[ \t]{0,1}"), 1..4).prop_map(|ps| {
+        ps.iter()
+            .map(|(p, b)| format!("{b}{p}{b}"))
+            .collect::<Vec<_>>()
+            .join(";")
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// X-Forwarded-For values of at most CAP bytes: the streaming reader agrees with the ring
+    /// reader (and so with the model above).
+    #[test]
+    fn xff_stream_agrees_with_the_ring(
+        entries in proptest::collection::vec((xff_entry(), "[ \t]{0,2}", "[ \t]{0,2}"), 1..14),
+        end in "[ \t]{0,2}\r?",
+    ) {
+        let parts: Vec<String> = entries.iter().map(|(e, l, r)| format!("{l}{e}{r}")).collect();
+        let v = format!("{}{end}", parts.join(","));
+        prop_assume!(v.len() <= CAP);
+        for kind in [FWD_X_FORWARDED_FOR, FWD_X_REAL_IP] {
+            prop_assert_eq!(fwd_stream(kind, &v), fwd(kind, &v), "{} {:?}", kind, v);
+        }
+    }
+
+    /// Forwarded values of at most CAP bytes, likewise.
+    #[test]
+    fn forwarded_stream_agrees_with_the_ring(
+        elements in proptest::collection::vec((forwarded_element(), "[ \t]{0,1}"), 1..6),
+        end in "[ \t]{0,2}\r?",
+    ) {
+        let v = format!(
+            "{}{end}",
+            elements.iter().map(|(e, b)| format!("{b}{e}")).collect::<Vec<_>>().join(",")
+        );
+        prop_assume!(v.len() <= CAP);
+        prop_assert_eq!(fwd_stream(FWD_FORWARDED, &v), fwd(FWD_FORWARDED, &v), "{:?}", v);
+    }
+
+    /// Any bytes of the headers' alphabet: the two readers agree on every kind.
+    #[test]
+    fn stream_and_ring_agree_on_any_bytes(
+        v in proptest::collection::vec(prop_oneof![
+            Just(b','), Just(b';'), Just(b' '), Just(b'"'), Just(b'['), Just(b']'), Just(b':'),
+            Just(b'.'), Just(b'='), Just(b'f'), Just(b'o'), Just(b'r'), Just(b'1'), Just(b'0'),
+            Just(b'd'), Just(b'_'), Just(b'\r'), Just(b'\t'),
+        ], 0..=CAP),
+    ) {
+        let s = String::from_utf8(v).unwrap_or_default();
+        for kind in [FWD_X_FORWARDED_FOR, FWD_FORWARDED, FWD_X_REAL_IP] {
+            prop_assert_eq!(fwd_stream(kind, &s), fwd(kind, &s), "{} {:?}", kind, s);
+        }
+    }
+}
+
+#[test]
+fn forwarded_stream_reads_several_lines_as_one_list() {
+    // HAProxy's `option forwardfor` adds its line after the client's forged one.
+    let mut f = FwdStream::new(FWD_X_FORWARDED_FOR);
+    for line in ["6.6.6.6", "198.51.100.7, 10.0.0.2"] {
+        for &b in line.as_bytes() {
+            f.push(b, &trusted);
+        }
+        f.line_end(&trusted);
+    }
+    assert_eq!(f.result().map(ip_of), some("198.51.100.7"));
+    // Longer than CAP: read whole (the ring would have lost the left).
+    let long = format!("{}, 198.51.100.8, 10.0.0.3", "10.1.1.1, ".repeat(20));
+    assert!(long.len() > CAP);
+    assert_eq!(fwd_stream(FWD_X_FORWARDED_FOR, &long), some("198.51.100.8"));
+}
+
+proptest! {
+    /// Words at any alignment digest as their bytes do.
+    #[test]
+    fn key_hash_words_equal_bytes(
+        k in any::<[u64; 2]>(),
+        head in proptest::collection::vec(any::<u8>(), 0..8),
+        words in proptest::collection::vec(any::<u64>(), 0..6),
+    ) {
+        let (mut a, mut b) = (KeyHash::new(k), KeyHash::new(k));
+        for &x in &head {
+            a.take(x);
+            b.take(x);
+        }
+        for &w in &words {
+            a.take_word(w);
+            for x in w.to_le_bytes() {
+                b.take(x);
+            }
+        }
+        prop_assert_eq!(a.finish(), b.finish());
+    }
+
+    /// KeyText takes a word exactly when its eight bytes would all be key bytes of a token.
+    #[test]
+    fn key_text_words_equal_bytes(
+        kind in prop_oneof![Just(KEY_PLAIN), Just(KEY_AUTHORIZATION)],
+        lead in prop_oneof![Just("k"), Just("Bearer t"), Just("Basic d"), Just(" ")],
+        w in prop_oneof![any::<u64>(), Just(u64::from_le_bytes(*b"abcd-._~")), Just(u64::from_le_bytes(*b"abc def\r"))],
+    ) {
+        let (mut t1, mut t2) = (KeyText::new(kind), KeyText::new(kind));
+        let (mut h1, mut h2) = (KeyHash::new([1, 2]), KeyHash::new([1, 2]));
+        for &b in lead.as_bytes() {
+            t1.push(b, &mut h1);
+            t2.push(b, &mut h2);
+        }
+        if t1.take_word(w, &mut h1) {
+            for b in w.to_le_bytes() {
+                t2.push(b, &mut h2);
+            }
+            prop_assert_eq!(t1.finish(t1.seen), t2.finish(t2.seen));
+            prop_assert_eq!(h1.finish(), h2.finish());
+        }
+    }
+}
