@@ -123,6 +123,9 @@ pub struct KernelConfig {
     pub key_header: [u8; HEADER_NAME_MAX],
     /// The forwarded header's name, lowercase.
     pub fwd_header: [u8; HEADER_NAME_MAX],
+    /// For each lowercase byte, which identifying headers' names start with it
+    /// (`stream::NAME_KEY`, `stream::NAME_FWD`; see `stream::fill_name_first`).
+    pub name_first: [u8; 256],
 }
 
 /// The daemon has written a valid config; until then the programs pass everything uncounted.
@@ -147,6 +150,7 @@ impl KernelConfig {
             fwd_header_len: 0,
             key_header: [0; HEADER_NAME_MAX],
             fwd_header: [0; HEADER_NAME_MAX],
+            name_first: [0; 256],
         }
     }
 

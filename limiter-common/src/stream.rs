@@ -18,10 +18,11 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::http::byte_eq_mask;
-use crate::ident::{KeyHash, KeyText};
+use crate::ident::{FwdStream, KeyHash, KeyText};
 use crate::maps::{
-    API_KEY_MAX, AddrKey, HEADER_NAME_MAX, ID_ADDRESS, ID_API_KEY, ID_END, ID_PROXY_PROTOCOL,
-    ID_SOURCES, KEY_PLAIN, KernelConfig, MAX_MEDIA_PREFIXES, MEDIA_PREFIX_MAX, UNMAPPED_ORG,
+    API_KEY_MAX, AddrKey, FWD_X_FORWARDED_FOR, HEADER_NAME_MAX, ID_ADDRESS, ID_API_KEY, ID_END,
+    ID_FORWARDED, ID_PROXY_PROTOCOL, ID_SOURCES, KEY_PLAIN, KernelConfig, MAX_MEDIA_PREFIXES,
+    MEDIA_PREFIX_MAX, UNMAPPED_ORG,
 };
 
 /// What the stream compares requests with: the media prefixes, a byte at a time, and, when API
@@ -41,10 +42,38 @@ pub trait StreamRules {
     fn key_name_len(&self) -> usize {
         0
     }
-    /// The key header name's first byte: 0 (which never starts a header line) when keys are
-    /// not read.
-    fn key_first(&self) -> u8 {
-        self.key_name(0)
+    /// Which of the identifying headers (`NAME_KEY`, `NAME_FWD`) a header line whose name
+    /// starts with `l` (lowercase) may be: one lookup in [`KernelConfig::name_first`] (this
+    /// runs in every turn of the header-line scan, where each branch multiplies what the
+    /// verifier walks).
+    fn name_first(&self, l: u8) -> u8 {
+        let mut bits = 0;
+        if self.key_name_len() > 0 && l == self.key_name(0) {
+            bits |= NAME_KEY;
+        }
+        if self.fwd_name_len() > 0 && l == self.fwd_name(0) {
+            bits |= NAME_FWD;
+        }
+        bits
+    }
+    /// The forwarded header's name, lowercase, as [`Self::key_name`].
+    fn fwd_name(&self, _pos: usize) -> u8 {
+        0
+    }
+    fn fwd_name_len(&self) -> usize {
+        0
+    }
+    /// `FWD_*`.
+    fn fwd_kind(&self) -> u8 {
+        FWD_X_FORWARDED_FOR
+    }
+    /// Whether an address is one of `api.trusted_proxies`.
+    fn trusted(&self, _a: &AddrKey) -> bool {
+        false
+    }
+    /// The org of an address (`UNMAPPED_ORG`: none).
+    fn addr_org(&self, _a: &AddrKey) -> u32 {
+        UNMAPPED_ORG
     }
     /// `KEY_*`: how the key header's value holds the key.
     fn key_kind(&self) -> u8 {
@@ -124,6 +153,44 @@ impl StreamRules for KernelConfig {
 
     fn identify_by(&self) -> [u8; ID_SOURCES] {
         self.identify_by
+    }
+
+    fn fwd_name(&self, pos: usize) -> u8 {
+        config_fwd_name(self, pos)
+    }
+
+    fn fwd_name_len(&self) -> usize {
+        if listed(self, ID_FORWARDED) {
+            self.fwd_header_len as usize
+        } else {
+            0
+        }
+    }
+
+    fn fwd_kind(&self) -> u8 {
+        self.forwarded_kind
+    }
+}
+
+/// [`StreamRules::fwd_name`] from the config.
+#[inline(always)]
+pub fn config_fwd_name(cfg: &KernelConfig, pos: usize) -> u8 {
+    if pos < cfg.fwd_header_len as usize {
+        cfg.fwd_header[pos & (HEADER_NAME_MAX - 1)]
+    } else {
+        0
+    }
+}
+
+/// Fills [`KernelConfig::name_first`] from the key and forwarded header names (the daemon,
+/// after naming them; the kernel looks a header line's first byte up there).
+pub fn fill_name_first(cfg: &mut KernelConfig) {
+    cfg.name_first = [0; 256];
+    if cfg.key_header_len > 0 {
+        cfg.name_first[cfg.key_header[0] as usize] |= NAME_KEY;
+    }
+    if cfg.fwd_header_len > 0 {
+        cfg.name_first[cfg.fwd_header[0] as usize] |= NAME_FWD;
     }
 }
 
@@ -232,6 +299,8 @@ pub const S_OPAQUE: u8 = 20;
 pub const S_CLOSED: u8 = 21;
 /// In the value of the API key header (digested a byte at a time).
 pub const S_KEY: u8 = 22;
+/// In the value of a forwarded header (read a byte at a time by [`FwdStream`]).
+pub const S_FWD: u8 = 23;
 
 /// The connection has carried an HTTP request (so bytes that do not start one are an error, not
 /// an opaque protocol).
@@ -315,6 +384,9 @@ pub struct Stream {
     pub key: KeyText,
     /// The org of the current request's key (with [`R_KEY_OK`]).
     pub key_org: u32,
+    /// The current request's forwarded header lines, as read so far (with [`R_FWD`]).
+    pub fwd: FwdStream,
+    pub _pad2: [u8; 4],
 }
 
 /// `Stream::req`: the current request uses quota (counted at the end of its head, once its org
@@ -328,6 +400,8 @@ pub const R_KEY: u8 = 4;
 pub const R_KEY_OK: u8 = 8;
 /// Its head has ended: [`Stream::attribute`] is due.
 pub const R_ENDED: u8 = 16;
+/// It had a forwarded header line (`fwd` reads them).
+pub const R_FWD: u8 = 32;
 
 /// `Stream::id`: the connection's first bytes were looked at (a PROXY header skipped and,
 /// from a trusted proxy, believed).
@@ -336,9 +410,12 @@ pub const ID_OPEN: u16 = 1;
 pub const ID_TRUSTED: u16 = 8;
 /// A trusted PROXY header named the source in `proxy_addr`.
 pub const ID_PROXY_OK: u16 = 2;
-/// `api_key` is a source: each request is attributed on its own, at the end of its head (when
-/// its key header has been read), and counted then.
+/// `api_key` is a source, or `forwarded` on a connection from a trusted proxy: each request is
+/// attributed on its own, at the end of its head (when its headers have been read), and counted
+/// then.
 pub const ID_PER_REQUEST: u16 = 16;
+/// `forwarded` is a source and the peer a trusted proxy: its forwarded headers are believed.
+pub const ID_FWD: u16 = 32;
 /// The connection's org may have changed: the kernel moves its open-connection count.
 pub const ID_CONN_DIRTY: u16 = 4;
 
@@ -445,7 +522,10 @@ pub const HEADER_NAMES: [[u8; 32]; 2] = [pad32(b"content-length"), pad32(b"trans
 const HEADER_LENS: [u8; 2] = [14, 17];
 const NAME_CL: u8 = 1;
 const NAME_TE: u8 = 2;
-const NAME_KEY: u8 = 4;
+/// The API key header (see [`KernelConfig::name_first`]).
+pub const NAME_KEY: u8 = 4;
+/// The forwarded header.
+pub const NAME_FWD: u8 = 8;
 const CHUNKED: &[u8; 8] = b"chunked\0";
 
 const fn pad32(name: &[u8]) -> [u8; 32] {
@@ -598,6 +678,8 @@ impl Stream {
             hash: KeyHash::new([0; 2]),
             key: KeyText::new(KEY_PLAIN),
             key_org: UNMAPPED_ORG,
+            fwd: FwdStream::new(FWD_X_FORWARDED_FOR),
+            _pad2: [0; 4],
         }
     }
 
@@ -605,23 +687,31 @@ impl Stream {
     /// connection's sources (`proxy_protocol`, `address`) in `identify_by` that names an org.
     #[inline(always)]
     pub fn conn_org(&self, cfg: &KernelConfig) -> (u32, u8) {
-        self.org_by(&cfg.identify_by, false)
+        self.org_by(&cfg.identify_by, false, UNMAPPED_ORG)
     }
 
     /// The org of the connection's current request and its `ID_*` source: as
-    /// [`Self::conn_org`], its API key first where `api_key` comes first.
+    /// [`Self::conn_org`], with its API key and its forwarded address where those are listed.
     #[inline(always)]
     pub fn request_org(&self, cfg: &impl StreamRules) -> (u32, u8) {
-        self.org_by(&cfg.identify_by(), true)
+        let mut fwd_org = UNMAPPED_ORG;
+        if self.req & R_FWD != 0
+            && self.id & ID_FWD != 0
+            && let Some(a) = self.fwd.result()
+        {
+            fwd_org = cfg.addr_org(&a);
+        }
+        self.org_by(&cfg.identify_by(), true, fwd_org)
     }
 
     #[inline(always)]
-    fn org_by(&self, ids: &[u8; ID_SOURCES], request: bool) -> (u32, u8) {
+    fn org_by(&self, ids: &[u8; ID_SOURCES], request: bool, fwd_org: u32) -> (u32, u8) {
         let mut i = 0;
         while i < ID_SOURCES {
             let s = ids[i];
             let org = match s {
                 ID_API_KEY if request && self.req & R_KEY_OK != 0 => self.key_org,
+                ID_FORWARDED if request => fwd_org,
                 ID_PROXY_PROTOCOL if self.id & ID_PROXY_OK != 0 => self.proxy_org,
                 ID_ADDRESS => self.peer_org,
                 ID_END => break,
@@ -1126,11 +1216,7 @@ impl Stream {
                 if l == HEADER_NAMES[1][0] {
                     names |= NAME_TE;
                 }
-                // One comparison, no more: this runs in every turn of the header-line scan, where
-                // each branch multiplies what the verifier walks.
-                if l == cfg.key_first() {
-                    names |= NAME_KEY;
-                }
+                names |= cfg.name_first(l);
                 if names == 0 || !is_tchar(b) {
                     self.state = S_SKIP;
                     return true;
@@ -1154,9 +1240,20 @@ impl Stream {
                 && pos == cfg.key_name_len()
                 && self.id & ID_PER_REQUEST != 0
                 && self.req & R_KEY == 0;
+            // Every forwarded line is read, as one list, and only from a trusted proxy.
+            let fwd = self.names & NAME_FWD != 0
+                && pos == cfg.fwd_name_len()
+                && self.id & (ID_PER_REQUEST | ID_FWD) == ID_PER_REQUEST | ID_FWD;
             self.sub = 0;
             self.remaining = 0;
-            if key {
+            if fwd {
+                self.state = S_FWD;
+                if self.req & R_FWD == 0 {
+                    self.req |= R_FWD;
+                    self.fwd.reset(cfg.fwd_kind());
+                }
+                self.flags |= F_FRAMING_LINE;
+            } else if key {
                 // `sub` 0: the key's state is reset at its first byte (in `key_byte`, which the
                 // kernel verifies apart).
                 self.state = S_KEY;
@@ -1190,6 +1287,9 @@ impl Stream {
         }
         if self.names & NAME_KEY != 0 && (pos >= cfg.key_name_len() || cfg.key_name(pos) != l) {
             self.names &= !NAME_KEY;
+        }
+        if self.names & NAME_FWD != 0 && (pos >= cfg.fwd_name_len() || cfg.fwd_name(pos) != l) {
+            self.names &= !NAME_FWD;
         }
         if self.names == 0 {
             self.state = S_SKIP;
@@ -1318,10 +1418,27 @@ impl Stream {
         }
     }
 
-    /// Bytes of the API key header's value at `win[at..n]` ([`S_KEY`]): eight at once when
-    /// they are all key bytes, else one ([`Self::key_byte`]). How many were taken.
+    /// Whether the stream is in a header value read apart from [`Self::step`] (by
+    /// [`Self::value_run`]).
     #[inline(always)]
-    pub fn key_run(&mut self, win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> u64 {
+    pub const fn in_value(&self) -> bool {
+        matches!(self.state, S_KEY | S_FWD)
+    }
+
+    /// Bytes of an identifying header's value at `win[at..n]`: an API key's eight at once when
+    /// they are all key bytes, else one; a forwarded header's one. How many were taken.
+    #[inline(always)]
+    pub fn value_run(&mut self, win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> u64 {
+        let b = win[at & (WIN - 1)];
+        if self.state == S_FWD {
+            if b == b'\n' {
+                self.fwd.line_end(&|a: &AddrKey| cfg.trusted(a));
+                self.state = S_HDR;
+            } else {
+                self.fwd.push(b, &|a: &AddrKey| cfg.trusted(a));
+            }
+            return 1;
+        }
         if self.sub != 0 && at + 8 <= n && self.key.take_word(word(win, at), &mut self.hash) {
             return 8;
         }
@@ -1413,8 +1530,8 @@ impl Stream {
                 win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
             }
             let at = pos.wrapping_sub(win_off);
-            let used = if self.state == S_KEY {
-                self.key_run(&win, at, win_n, cfg)
+            let used = if self.in_value() {
+                self.value_run(&win, at, win_n, cfg)
             } else {
                 self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t)
             };

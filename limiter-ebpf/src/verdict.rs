@@ -11,14 +11,14 @@ use aya_ebpf::{
 };
 use limiter_common::{
     DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_API_KEY,
-    ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_OVER_LIMIT, SockState,
+    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_OVER_LIMIT, SockState,
     TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED,
     TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT,
     TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
     reply::Policy,
     stream::{
-        F_REFUSED, ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, S_CLOSED,
-        S_OPAQUE, Stream, Tally, WALK_SLOTS, listed,
+        F_REFUSED, ID_CONN_DIRTY, ID_FWD, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED,
+        S_CLOSED, S_OPAQUE, Stream, Tally, WALK_SLOTS, listed,
     },
 };
 
@@ -296,6 +296,10 @@ fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
         .filter(|_| listed(c, ID_ADDRESS))
         .map(org_of)
         .unwrap_or(UNMAPPED_ORG);
+    // The trusted proxies or `forwarded` may have changed: this peer's forwarded headers are
+    // believed from here only if they still say so.
+    let fwd =
+        listed(c, ID_FORWARDED) && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
     // SAFETY: valid map value; verdicts of one socket run one at a time.
     unsafe {
         let s = &raw mut (*st).stream;
@@ -305,6 +309,11 @@ fn reattribute(ctx: &SkBuffContext, st: *mut SockState, c: &KernelConfig) {
         // its org is the connection's anyway.
         if listed(c, ID_API_KEY) {
             (*s).id |= ID_PER_REQUEST;
+        }
+        if fwd {
+            (*s).id |= ID_FWD | ID_PER_REQUEST;
+        } else {
+            (*s).id &= !ID_FWD;
         }
         if (*s).id & ID_PROXY_OK != 0 {
             (*s).proxy_org = org_of((*s).proxy_addr);
@@ -362,17 +371,22 @@ fn fresh(stream: *mut Stream) {
 /// (looked up only when `proxy_protocol` is a source). The walk reads its first bytes next.
 #[inline(always)]
 fn open(ctx: &SkBuffContext, c: &KernelConfig, stream: *mut Stream, peer_org: u32) {
-    let trusted =
-        listed(c, ID_PROXY_PROTOCOL) && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
-    let per_request = if listed(c, ID_API_KEY) {
-        ID_PER_REQUEST
-    } else {
-        0
-    };
+    let (pp, fwd) = (listed(c, ID_PROXY_PROTOCOL), listed(c, ID_FORWARDED));
+    let trusted = (pp || fwd) && peer_addr!(ctx.skb.skb).is_some_and(|a| ident::trusted(&a));
+    let mut id = 0;
+    if trusted && pp {
+        id |= ID_TRUSTED;
+    }
+    if trusted && fwd {
+        id |= ID_FWD | ID_PER_REQUEST;
+    }
+    if listed(c, ID_API_KEY) {
+        id |= ID_PER_REQUEST;
+    }
     // SAFETY: a map value; verdicts of one socket run one at a time.
     unsafe {
         (*stream).peer_org = peer_org;
-        (*stream).id = if trusted { ID_TRUSTED } else { 0 } | per_request;
+        (*stream).id = id;
         let (_, via) = (*stream).conn_org(c);
         (*stream).via = via;
     }

@@ -8,17 +8,18 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use limiter_common::{
-    ID_SOURCES, KernelConfig,
+    AddrKey, ID_SOURCES, KernelConfig,
     ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
     stream::{
         ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
-        S_KEY, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_key_name,
+        Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_fwd_name, config_key_name,
         media_match_index,
     },
 };
 
 use crate::{
     addr::org_of,
+    ident as trust,
     maps::{API_KEYS, MEDIA_MATCH, WALK},
 };
 
@@ -57,15 +58,15 @@ extern "C" fn attribute_step(_i: u64, ctx: *mut c_void) -> i64 {
     1
 }
 
-/// One byte of the API key header's value ([`Stream::key_byte`]), from the window where the
+/// Bytes of an identifying header's value ([`Stream::value_run`]) ([`Stream::key_byte`]), from the window where the
 /// walk stands, until its LF or the window's end.
 #[inline(never)]
-extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn value_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as in `walk_step`.
     let w = unsafe { &*(ctx as *const Walk) };
     let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
     let pos = slot.pos + slot.key_used;
-    if stream.state != S_KEY || pos >= slot.len || pos >= slot.win_off + slot.win_n {
+    if !stream.in_value() || pos >= slot.len || pos >= slot.win_off + slot.win_n {
         return 1;
     }
     let at = (pos - slot.win_off) as usize;
@@ -74,7 +75,7 @@ extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
         key_len: cfg.key_header_len as usize,
         cfg,
     };
-    slot.key_used += stream.key_run(&slot.win, at, slot.win_n as usize, &rules);
+    slot.key_used += stream.value_run(&slot.win, at, slot.win_n as usize, &rules);
     0
 }
 
@@ -126,11 +127,11 @@ fn try_walk_step(
         w.win_n = win;
     }
     let at = (w.pos - w.win_off) as usize;
-    if stream.state == S_KEY {
-        // The key header's value, a byte per iteration of a loop of its own.
+    if stream.in_value() {
+        // An identifying header's value, in a loop of its own.
         w.key_used = 0;
         // SAFETY: as above.
-        unsafe { bpf_loop(WIN as u32, key_step as *const () as *mut c_void, ctx, 0) };
+        unsafe { bpf_loop(WIN as u32, value_step as *const () as *mut c_void, ctx, 0) };
         if w.key_used == 0 {
             return 1;
         }
@@ -189,10 +190,35 @@ impl StreamRules for KernelRules<'_> {
         self.key_len
     }
 
-    /// The daemon writes the key header's name only when `api_key` is a source.
     #[inline(always)]
-    fn key_first(&self) -> u8 {
-        self.cfg.key_header[0]
+    fn name_first(&self, l: u8) -> u8 {
+        self.cfg.name_first[l as usize]
+    }
+
+    #[inline(always)]
+    fn fwd_name(&self, pos: usize) -> u8 {
+        config_fwd_name(self.cfg, pos)
+    }
+
+    /// The daemon names the forwarded header only when `forwarded` is a source.
+    #[inline(always)]
+    fn fwd_name_len(&self) -> usize {
+        self.cfg.fwd_header_len as usize
+    }
+
+    #[inline(always)]
+    fn fwd_kind(&self) -> u8 {
+        self.cfg.forwarded_kind
+    }
+
+    #[inline(always)]
+    fn trusted(&self, a: &AddrKey) -> bool {
+        trust::trusted(a)
+    }
+
+    #[inline(always)]
+    fn addr_org(&self, a: &AddrKey) -> u32 {
+        org_of(*a)
     }
 
     #[inline(always)]

@@ -951,3 +951,124 @@ proptest! {
         prop_assert_eq!((c, m), (counted, exempt));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Forwarded headers from a trusted proxy: each request by its client address.
+
+/// Rules with `identify_by = ["forwarded", "address"]`: 10.0.0.0/8 trusted, 198.51.100.0/24 is
+/// org 5, 203.0.113.0/24 org 6.
+struct Fwd {
+    cfg: KernelConfig,
+}
+
+impl StreamRules for Fwd {
+    fn all(&self) -> u8 {
+        self.cfg.all()
+    }
+    fn matching(&self, pos: u8, c: u8) -> u8 {
+        self.cfg.matching(pos, c)
+    }
+    fn fwd_name(&self, pos: usize) -> u8 {
+        self.cfg.fwd_name(pos)
+    }
+    fn fwd_name_len(&self) -> usize {
+        self.cfg.fwd_name_len()
+    }
+    fn fwd_kind(&self) -> u8 {
+        self.cfg.forwarded_kind
+    }
+    fn trusted(&self, a: &AddrKey) -> bool {
+        a[10] == 0xff && a[12] == 10
+    }
+    fn addr_org(&self, a: &AddrKey) -> u32 {
+        match (a[12], a[13], a[14]) {
+            (198, 51, 100) => 5,
+            (203, 0, 113) => 6,
+            _ => crate::UNMAPPED_ORG,
+        }
+    }
+    fn identify_by(&self) -> [u8; crate::ID_SOURCES] {
+        self.cfg.identify_by
+    }
+}
+
+fn fwd_rules(kind: u8, header: &str) -> Fwd {
+    use crate::{ID_ADDRESS, ID_END, ID_FORWARDED};
+    let mut cfg = media();
+    cfg.identify_by = [ID_FORWARDED, ID_ADDRESS, ID_END, ID_END];
+    cfg.forwarded_kind = kind;
+    let name = header.to_ascii_lowercase();
+    cfg.fwd_header[..name.len()].copy_from_slice(name.as_bytes());
+    cfg.fwd_header_len = name.len() as u8;
+    fill_name_first(&mut cfg);
+    Fwd { cfg }
+}
+
+/// A connection from a trusted proxy (its own address no org's).
+fn proxy_stream() -> Stream {
+    let mut s = Stream::new();
+    s.id |= ID_PER_REQUEST | ID_FWD;
+    s.peer_org = crate::UNMAPPED_ORG;
+    s
+}
+
+fn fwd_req(lines: &str) -> Vec<u8> {
+    format!("GET /api/x HTTP/1.1\r\nHost: a\r\n{lines}Accept: */*\r\n\r\n").into_bytes()
+}
+
+#[test]
+fn each_request_counts_for_its_forwarded_client() {
+    use crate::{FWD_FORWARDED, FWD_X_FORWARDED_FOR, FWD_X_REAL_IP, ID_FORWARDED};
+    let r = fwd_rules(FWD_X_FORWARDED_FOR, "X-Forwarded-For");
+    let mut s = proxy_stream();
+    let t = s.feed(&fwd_req("X-Forwarded-For: 198.51.100.7\r\n"), &r);
+    assert_eq!(attributed(&t), (5, ID_FORWARDED, 1, 0, 0));
+    // A forged entry on the left: the nearest proxy's entry counts.
+    let t = s.feed(
+        &fwd_req("x-forwarded-for: 198.51.100.9, 203.0.113.4, 10.0.0.2\r\n"),
+        &r,
+    );
+    assert_eq!(attributed(&t), (6, ID_FORWARDED, 1, 0, 0));
+    // Two lines read as one list (HAProxy appends its own line).
+    let t = s.feed(
+        &fwd_req("X-Forwarded-For: 203.0.113.4\r\nX-Forwarded-For: 198.51.100.7\r\n"),
+        &r,
+    );
+    assert_eq!(attributed(&t), (5, ID_FORWARDED, 1, 0, 0));
+    // Unreadable: falls through to the peer (no org): unmapped.
+    let t = s.feed(&fwd_req("X-Forwarded-For: 198.51.100.7, junk\r\n"), &r);
+    assert_eq!(attributed(&t), (crate::UNMAPPED_ORG, 0, 1, 0, 0));
+    // Split anywhere, byte by byte included.
+    let bytes = fwd_req("X-Forwarded-For: 203.0.113.4, 10.1.2.3\r\n");
+    for cut in 0..=bytes.len() {
+        let mut s = proxy_stream();
+        let (a, b) = (s.feed(&bytes[..cut], &r), s.feed(&bytes[cut..], &r));
+        let t = if b.counted > 0 { b } else { a };
+        assert_eq!(attributed(&t), (6, ID_FORWARDED, 1, 0, 0), "cut {cut}");
+    }
+    // From a peer that is not trusted the header is not believed.
+    let mut s = proxy_stream();
+    s.id &= !ID_FWD;
+    s.peer_org = 9;
+    let t = s.feed(&fwd_req("X-Forwarded-For: 198.51.100.7\r\n"), &r);
+    assert_eq!(attributed(&t), (9, crate::ID_ADDRESS, 1, 0, 0));
+
+    let r = fwd_rules(FWD_FORWARDED, "Forwarded");
+    let mut s = proxy_stream();
+    let t = s.feed(
+        &fwd_req("Forwarded: for=198.51.100.7;proto=https, for=\"[fd00::1]\"\r\n"),
+        &r,
+    );
+    // fd00::1 is not trusted by these rules: it is the client, of no org.
+    assert_eq!(attributed(&t), (crate::UNMAPPED_ORG, 0, 1, 0, 0));
+    let t = s.feed(
+        &fwd_req("Forwarded: for=198.51.100.7, for=10.0.0.1;by=10.0.0.2\r\n"),
+        &r,
+    );
+    assert_eq!(attributed(&t), (5, ID_FORWARDED, 1, 0, 0));
+
+    let r = fwd_rules(FWD_X_REAL_IP, "X-Real-IP");
+    let mut s = proxy_stream();
+    let t = s.feed(&fwd_req("X-Real-IP: 203.0.113.77\r\n"), &r);
+    assert_eq!(attributed(&t), (6, ID_FORWARDED, 1, 0, 0));
+}

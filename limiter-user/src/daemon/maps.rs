@@ -100,9 +100,14 @@ pub trait KernelMaps {
 }
 
 impl KernelMaps for Kernel {
-    /// The stream parser reads PROXY headers at a connection's start and API key headers in
-    /// each head; forwarded headers not yet.
-    const SOURCES: &'static [Source] = &[Source::ApiKey, Source::ProxyProtocol, Source::Address];
+    /// The stream parser reads PROXY headers at a connection's start, API key and forwarded
+    /// headers in each head.
+    const SOURCES: &'static [Source] = &[
+        Source::ApiKey,
+        Source::ProxyProtocol,
+        Source::Forwarded,
+        Source::Address,
+    ];
     type Error = CountersError;
 
     fn usage(&self, id: u32, day: u64) -> Result<(DayCounters, i64), CountersError> {
