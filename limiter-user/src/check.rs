@@ -63,29 +63,18 @@ pub fn run(config_path: &Path) -> Vec<Check> {
     let cfg = Config::load(config_path);
     out.push(check(
         "config",
-        cfg.as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                c.api
-                    .identify
-                    .kernel_support(
-                        <crate::loader::Kernel as crate::daemon::maps::KernelMaps>::SOURCES,
-                    )
-                    .map(|()| c)
-                    .map_err(|m| format!("{}: {m}", config_path.display()))
-            })
-            .map(|c| {
-                let keys = match &c.keys {
-                    Some(k) => format!(", {} API keys", k.entries.len()),
-                    None => String::new(),
-                };
-                format!(
-                    "{}: {} orgs, ports {:?}{keys}",
-                    config_path.display(),
-                    c.orgs.len(),
-                    c.api.ports
-                )
-            }),
+        cfg.as_ref().map_err(|e| e.to_string()).map(|c| {
+            let keys = match &c.keys {
+                Some(k) => format!(", {} API keys", k.entries.len()),
+                None => String::new(),
+            };
+            format!(
+                "{}: {} orgs, ports {:?}{keys}",
+                config_path.display(),
+                c.orgs.len(),
+                c.api.ports
+            )
+        }),
     ));
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

@@ -171,21 +171,6 @@ impl Default for Identify {
 }
 
 impl Identify {
-    /// Refuses a source the kernel programs do not read (`supported`: those they do), rather
-    /// than run a config they would silently ignore. Checked by `limiter check`, at start and on
-    /// reload.
-    pub fn kernel_support(&self, supported: &[Source]) -> Result<(), String> {
-        match self.by.iter().find(|s| !supported.contains(s)) {
-            Some(s) => Err(format!(
-                "api.identify_by lists \"{}\": this version's kernel programs know orgs by \
-                 \"api_key\", \"proxy_protocol\" and \"address\"; forwarded headers are not \
-                 read yet",
-                s.as_str()
-            )),
-            None => Ok(()),
-        }
-    }
-
     pub fn uses(&self, source: Source) -> bool {
         self.by.contains(&source)
     }

@@ -1,7 +1,6 @@
 //! Kernel maps in memory, for the components' tests: day slots, connections and cluster counts
 //! indexed as the kernel indexes them, and what a config wrote kept as one [`Applied`].
 
-use crate::config::Source;
 use std::collections::{BTreeMap, BTreeSet};
 
 use limiter_common::{DAY_SLOTS, DayCounters, OrgLimits, RemoteCount, UNMAPPED_ORG, day_index};
@@ -89,13 +88,6 @@ impl FakeMaps {
 }
 
 impl KernelMaps for FakeMaps {
-    /// A model of kernel programs that read every source, so the daemon's side of each is tested.
-    const SOURCES: &'static [Source] = &[
-        Source::ApiKey,
-        Source::ProxyProtocol,
-        Source::Forwarded,
-        Source::Address,
-    ];
     type Error = FakeError;
 
     fn usage(&self, id: u32, day: u64) -> Result<(DayCounters, i64), FakeError> {

@@ -2,7 +2,6 @@
 //! implement it by way of `counters`, and the components' tests use an in-memory fake, so no
 //! component needs root to be tested.
 
-use crate::config::Source;
 use limiter_common::{DayCounters, TRACE_PID};
 
 use crate::{
@@ -16,9 +15,6 @@ use crate::{
 /// Reads and writes of the kernel's maps, as the daemon's components make them.
 pub trait KernelMaps {
     type Error: std::error::Error + Send + Sync + 'static;
-
-    /// The `api.identify_by` sources these kernel programs read.
-    const SOURCES: &'static [Source];
 
     /// One org's counters of `day` (zeros if its slot holds another day) and its open
     /// connections.
@@ -100,14 +96,6 @@ pub trait KernelMaps {
 }
 
 impl KernelMaps for Kernel {
-    /// The stream parser reads PROXY headers at a connection's start, API key and forwarded
-    /// headers in each head.
-    const SOURCES: &'static [Source] = &[
-        Source::ApiKey,
-        Source::ProxyProtocol,
-        Source::Forwarded,
-        Source::Address,
-    ];
     type Error = CountersError;
 
     fn usage(&self, id: u32, day: u64) -> Result<(DayCounters, i64), CountersError> {

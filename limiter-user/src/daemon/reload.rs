@@ -21,11 +21,6 @@ impl<M: KernelMaps> Daemon<M> {
     /// Re-reads the config file and applies only the differences.
     pub(super) fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
         let new_cfg = Config::load(&self.config_path)?;
-        new_cfg
-            .api
-            .identify
-            .kernel_support(M::SOURCES)
-            .map_err(|m| anyhow::anyhow!("{}: {m}", self.config_path.display()))?;
         self.reload_with(new_cfg)
     }
 

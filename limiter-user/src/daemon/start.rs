@@ -135,10 +135,6 @@ impl Daemon<Kernel> {
     /// Loads and attaches the programs and fills the maps from `cfg`.
     pub fn start(config_path: &Path, cfg: Config, parse_ms: u64) -> anyhow::Result<Self> {
         let started = Instant::now();
-        cfg.api
-            .identify
-            .kernel_support(<Kernel as KernelMaps>::SOURCES)
-            .map_err(|m| anyhow::anyhow!("{}: {m}", config_path.display()))?;
         // Test hook: start as if the daemon had been away this long.
         let away = hooks::value("LIMITER_TEST_CLOCK_SHIFT_SECS").unwrap_or(0);
         let clock = Clock::new(*cfg.limits.day_start_secs).ahead_secs(away);
