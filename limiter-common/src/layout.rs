@@ -6,9 +6,9 @@
 //! are written nowhere else.
 
 use crate::{
-    API_SOCKS_FACTOR, AddrKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, KernelConfig,
-    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MAX_TRUSTED_PROXIES, MIN_API_KEYS, OrgLimits,
-    RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
+    API_SOCKS_FACTOR, AddrKey, ConnKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT,
+    Inflight, KernelConfig, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MAX_TRUSTED_PROXIES,
+    MIN_API_KEYS, OrgLimits, RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
     reply::Scratch,
     stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
@@ -89,6 +89,11 @@ macro_rules! map_layout {
             /// The current push counter, for sockets that entered PUSH_SOCKS under an earlier
             /// generation.
             PUSH_NEXT: ProgramArray<u32, u32> = Fixed(1), Sockets;
+            /// Requests in flight per connection (see `Inflight`).
+            INFLIGHT: HashMap<ConnKey, Inflight> = PerSocket(1), Sockets;
+            /// The current egress program of API sockets, for sockets that entered API_SOCKS
+            /// under an earlier generation.
+            API_MSG_NEXT: ProgramArray<u32, u32> = Fixed(1), Sockets;
         }
     };
 }

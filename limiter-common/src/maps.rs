@@ -9,6 +9,7 @@ pub mod programs {
     pub const VERDICT: &str = "limiter_verdict";
     pub const REFUSE: &str = "limiter_refuse";
     pub const PUSH_MSG: &str = "limiter_push_msg";
+    pub const API_MSG: &str = "limiter_api_msg";
     pub const SYN_GATE: &str = "limiter_syn_gate";
 }
 
@@ -39,7 +40,7 @@ pub const GENERATION_GLOBAL: &str = "GENERATION";
 /// outlive the org tables (they are shared by every map layout, so live connections survive a
 /// restart that resizes the org maps); a build that changes the meaning of a field or parser
 /// state bumps this, and its socket tables then start empty instead of misreading the old ones.
-pub const SOCK_FORMAT: u32 = 2;
+pub const SOCK_FORMAT: u32 = 3;
 /// Name of the eBPF global that says which low bits of a socket cookie pick its SOCK_SLOTS
 /// entry (`MAX_SOCKETS - 1`; the tests narrow it so that sockets share slots).
 pub const SOCK_SLOT_MASK_GLOBAL: &str = "SOCK_SLOT_MASK";
@@ -339,6 +340,30 @@ pub struct SockSlot {
 pub const SOCK_F_INBOUND: u32 = 1;
 /// Arrived while its org was at its concurrency limit in reject mode: its requests are refused.
 pub const SOCK_F_OVER_LIMIT: u32 = 4;
+/// Entered API_SOCKS with the egress program (`limiter_api_msg`) attached: its requests
+/// attributed one by one can be counted in flight (the egress program ends them).
+pub const SOCK_F_MSG: u32 = 8;
+
+/// An inbound connection as every program sees it (the egress program has no socket cookie):
+/// peer address, peer port (network order) and local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ConnKey {
+    pub addr: AddrKey,
+    pub remote_port: u32,
+    pub local_port: u32,
+}
+
+/// A connection's requests in flight that were attributed one by one (API key, forwarded
+/// address): counted in `org`'s ORG_CONNS from the end of their head until the application
+/// answers (its first bytes out) or the connection closes. `n` is swapped atomically: the
+/// verdict and the egress program may run at once on two CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Inflight {
+    pub n: u32,
+    pub org: u32,
+}
 
 /// Key of ORG_BY_ADDR (an LPM trie): IPv6 address, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
 pub type AddrKey = [u8; 16];

@@ -508,8 +508,10 @@ pub struct WalkSlot {
     pub win: Window,
     /// A connection's first bytes, read for a PROXY header.
     pub first: [u8; crate::ident::CAP],
-    /// Bytes of the window the key loop has taken (see [`Stream::key_byte`]).
+    /// Bytes of the window the value loop has taken (see [`Stream::value_run`]).
     pub key_used: u64,
+    /// A PROXY v1 line starts the connection: bytes of `first` to read it from (0: none).
+    pub v1_n: u64,
     /// A PROXY v1 line as read so far.
     pub v1: crate::ident::V1Text,
 }

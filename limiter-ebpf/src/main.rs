@@ -5,6 +5,8 @@
 //! - [`verdict`] (stream verdict on API_SOCKS): classifies and counts each inbound request
 //!   before the application reads it; [`refuse`] writes the 429 of a refused one.
 //! - [`push`] (sk_msg on PUSH_SOCKS): counts requests the host pushes out to an org.
+//! - [`inflight`] (sk_msg on API_SOCKS): ends the in-flight count of requests attributed one by
+//!   one when the application answers.
 //! - [`syn_gate`] (XDP): holds back new connections of an org at its concurrency limit.
 //!
 //! The maps are declared once, in limiter-common's layout ([`maps`]). The socket tables
@@ -26,6 +28,7 @@ mod addr;
 mod atomic;
 mod days;
 mod ident;
+mod inflight;
 mod maps;
 mod push;
 mod quota;

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use limiter_common::{
     EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
     FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_INBOUND,
-    SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
+    SOCK_F_MSG, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
     stream::{Stream, listed},
 };
 
@@ -80,7 +80,8 @@ fn on_inbound(ctx: &SockOpsContext) {
     let cookie = cookie_of_ops(ctx);
     let state = SockState {
         org,
-        kind: SOCK_F_INBOUND,
+        // The egress program is attached before sock_ops: this socket enters API_SOCKS with it.
+        kind: SOCK_F_INBOUND | SOCK_F_MSG,
         open: 1,
         stream: Stream::new(),
         addr_gen: c.addr_gen,
@@ -198,5 +199,11 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
     }
     if new_state == TCP_CLOSE {
         remove_sock_state(cookie);
+        // Its requests in flight end with it.
+        if kind & SOCK_F_MSG != 0
+            && let Some(key) = crate::inflight::conn_key!(ctx.ops)
+        {
+            crate::inflight::answered(&key, true);
+        }
     }
 }

@@ -11,10 +11,10 @@ use aya_ebpf::{
 };
 use limiter_common::{
     DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_API_KEY,
-    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_OVER_LIMIT, SockState,
-    TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED, TRACE_O_UNPARSED,
-    TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY, TRACE_R_FAULT,
-    TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
+    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_MSG,
+    SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED,
+    TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY,
+    TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
     reply::Policy,
     stream::{
         F_REFUSED, ID_CONN_DIRTY, ID_FWD, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED,
@@ -26,7 +26,7 @@ use crate::{
     addr::{org_of, peer_addr},
     atomic::{add, add_i64},
     days::{Counter, add_by, count, day_counters},
-    ident,
+    ident, inflight,
     maps::{ORG_CONNS, ORG_LIMITS, REFUSE, SCRATCH, VERDICT_NEXT, WALK},
     quota::daily_verdict,
     shared::{config, fault, forward, today},
@@ -110,7 +110,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     }
     let d = if walked {
         let sock = Sock { org, kind, stream };
-        decide(c, &sock, &t, flags, from_boundary)
+        decide(ctx, c, &sock, &t, (flags, from_boundary))
     } else {
         // The stream cannot be followed past here: fail open.
         fault(FAULT_PARSE);
@@ -180,7 +180,13 @@ struct Sock {
 
 /// Counts what the walk found in a chunk, and decides on it.
 #[inline(always)]
-fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) -> Decision {
+fn decide(
+    ctx: &SkBuffContext,
+    c: &KernelConfig,
+    sock: &Sock,
+    t: &Tally,
+    (flags, from_boundary): (u8, bool),
+) -> Decision {
     let org = t.org;
     if flags & F_REFUSED != 0 {
         // After a `Connection: close` 429: what the client still sent is counted (counted
@@ -231,15 +237,18 @@ fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bo
         }
     }
     if t.counted == 0 && !t.broken {
+        passed(ctx, c, sock, t);
         return Decision::pass(TRACE_O_EXEMPT, TRACE_R_NONE);
     }
-    limit(sock, t, from_boundary, day, slot)
+    limit(ctx, c, sock, t, from_boundary, day, slot)
 }
 
 /// Counts the chunk's `t.counted` requests against the org's limits, and refuses them when
 /// over (or when the framing broke): the refusal is handed to `limiter_refuse`.
 #[inline(always)]
 fn limit(
+    ctx: &SkBuffContext,
+    c: &KernelConfig,
     sock: &Sock,
     t: &Tally,
     from_boundary: bool,
@@ -249,8 +258,13 @@ fn limit(
     let org = t.org;
     let limits = ORG_LIMITS.get(org);
     let n = t.counted as u64;
-    // The connection's concurrency limit holds for its own org's requests.
-    let over = sock.kind & SOCK_F_OVER_LIMIT != 0 && org == sock.org;
+    // The connection's concurrency limit holds for its own org's requests; requests attributed
+    // one by one meet their org's limit on requests in flight.
+    let over = if per_request(sock.kind, t) {
+        inflight::over(org, limits)
+    } else {
+        sock.kind & SOCK_F_OVER_LIMIT != 0 && org == sock.org
+    };
     // One refusal for every policy: the verifier walks the 429 path once, not per policy.
     let policy = if over && limits.is_some() && n > 0 {
         // SAFETY: valid map value.
@@ -261,7 +275,10 @@ fn limit(
         match daily_verdict(org, day, slot, limits, n) {
             Some(p) => p,
             None if t.broken => Policy::BadRequest,
-            None => return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE),
+            None => {
+                passed(ctx, c, sock, t);
+                return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE);
+            }
         }
     };
     // A 429 may keep the connection only when the chunk was exactly one whole request.
@@ -284,6 +301,32 @@ fn limit(
         outcome: TRACE_O_REFUSED,
         reason,
     }
+}
+
+/// The chunk's requests pass: those attributed one by one go in flight.
+#[inline(always)]
+fn passed(ctx: &SkBuffContext, c: &KernelConfig, sock: &Sock, t: &Tally) {
+    if per_request(sock.kind, t) {
+        start_inflight(ctx, t.org, t.counted + t.media, c);
+    }
+}
+
+/// The chunk's passed requests go in flight ([`inflight::started`]). A function of its own
+/// (a BPF subprogram): inlined, its key and lookups took the verdict's stack, with the PROXY
+/// look's callbacks under it, past the verifier's 512 bytes.
+#[inline(never)]
+fn start_inflight(ctx: &SkBuffContext, org: u32, n: u32, c: &KernelConfig) {
+    if let Some(key) = inflight::conn_key!(ctx.skb.skb) {
+        inflight::started(&key, org, n, c);
+    }
+}
+
+/// Whether the chunk's requests were attributed one by one (by API key or forwarded address) on
+/// a connection whose answers the egress program sees: their org's concurrency is then its
+/// requests in flight.
+#[inline(always)]
+fn per_request(kind: u32, t: &Tally) -> bool {
+    kind & SOCK_F_MSG != 0 && t.attributed && (t.via == ID_API_KEY || t.via == ID_FORWARDED)
 }
 
 /// The address table changed (a reload) since this connection was attributed, or the org maps

@@ -317,27 +317,42 @@ fn proxy_header(skb: *mut __sk_buff, c: &KernelConfig, s: &mut Stream, w: &mut W
             (total, ident::proxy_v2_source(&w.first, have))
         }
         ProxyStart::V1 => {
+            // Read by the walk next, in loops of its own beside this one (nested here, the
+            // call chain's stacks passed the verifier's 512 bytes): `v1_step` a byte at a
+            // time, then `v1_end`.
             w.v1 = V1Text::new();
-            let mut v1 = V1Walk {
-                slot: &raw mut *w,
-                n: n as u64,
-            };
-            // SAFETY: `v1_step` is a static function of this program; `v1` outlives the loop.
-            unsafe {
-                bpf_loop(
-                    PROXY_V1_MAX as u32,
-                    v1_step as *const () as *mut c_void,
-                    &mut v1 as *mut V1Walk as *mut c_void,
-                    0,
-                )
-            };
-            let line = w.v1.len as usize;
-            if line == 0 || w.first[(line - 1) & (CAP - 1)] != b'\n' {
-                return broken(s, w);
-            }
-            (line, w.v1.finish())
+            w.v1_n = n as u64;
+            return true;
         }
     };
+    proxy_source(c, s, w, skip, source)
+}
+
+/// The PROXY v1 line read by `v1_step`: skipped, and believed as [`proxy_header`] says.
+#[inline(never)]
+extern "C" fn v1_end(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    let line = slot.v1.len as usize;
+    if line == 0 || slot.first[(line - 1) & (CAP - 1)] != b'\n' {
+        broken(stream, slot);
+        return 1;
+    }
+    let source = slot.v1.finish();
+    proxy_source(cfg, stream, slot, line, source);
+    1
+}
+
+/// A PROXY header of `skip` bytes naming `source`: skipped, and from a trusted proxy believed.
+#[inline(always)]
+fn proxy_source(
+    c: &KernelConfig,
+    s: &mut Stream,
+    w: &mut WalkSlot,
+    skip: usize,
+    source: ProxySource,
+) -> bool {
     if matches!(source, ProxySource::Bad) {
         return broken(s, w);
     }
@@ -367,21 +382,12 @@ fn broken(s: &mut Stream, w: &mut WalkSlot) -> bool {
     true
 }
 
-/// What the PROXY v1 `bpf_loop` hands each iteration.
-#[repr(C)]
-struct V1Walk {
-    slot: *mut WalkSlot,
-    n: u64,
-}
-
 /// One byte of a PROXY v1 line, up to its LF.
 #[inline(never)]
 extern "C" fn v1_step(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is `proxy_header`'s `V1Walk`; `slot` this CPU's walk slot (a map value).
-    let v = unsafe { &*(ctx as *const V1Walk) };
-    // SAFETY: as above.
-    let w = unsafe { &mut *v.slot };
-    if i >= v.n {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &mut *(*(ctx as *const Walk)).slot };
+    if i >= w.v1_n {
         return 1;
     }
     let b = w.first[i as usize & (CAP - 1)];
@@ -444,6 +450,7 @@ fn walk_in(
         put(&raw mut (*slot).win_off, 0);
         put(&raw mut (*slot).win_n, 0);
         put(&raw mut (*slot).failed, 0);
+        put(&raw mut (*slot).v1_n, 0);
         put(&raw mut (*slot).tally.counted, 0);
         put(&raw mut (*slot).tally.media, 0);
         put(&raw mut (*slot).tally.starts, 0);
@@ -493,6 +500,24 @@ fn walk_in(
                 0,
             )
         };
+        if w.v1_n != 0 {
+            // SAFETY: static callbacks of this program; `walk` outlives the loops.
+            unsafe {
+                bpf_loop(
+                    PROXY_V1_MAX as u32,
+                    v1_step as *const () as *mut c_void,
+                    &mut walk as *mut Walk as *mut c_void,
+                    0,
+                );
+                bpf_loop(
+                    1,
+                    v1_end as *const () as *mut c_void,
+                    &mut walk as *mut Walk as *mut c_void,
+                    0,
+                );
+            }
+            w.v1_n = 0;
+        }
         if w.failed != 0 {
             return false;
         }

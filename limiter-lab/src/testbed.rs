@@ -39,8 +39,8 @@ pub use peers::{
     nginx_tls_conf, parse_curl_output, write_private,
 };
 pub use server::{
-    API_KEY_HEADER, AccessEntry, AccessLog, FORWARDED_HEADER, LoggedRequest, Origin, ServeArgs,
-    ServerHandle, bind_listener, parse_access_log, parse_proxy_header, proxy_v1_header,
+    API_KEY_HEADER, AccessEntry, AccessLog, FORWARDED_HEADER, LoggedRequest, Origin, SLOW_PREFIX,
+    ServeArgs, ServerHandle, bind_listener, parse_access_log, parse_proxy_header, proxy_v1_header,
     proxy_v2_header, read_access_log, serve, serve_in_thread, serve_main,
 };
 

@@ -15,9 +15,10 @@ use aya::{
 };
 use limiter_common::{
     layout::{
-        API_KEYS, API_PORTS, API_SOCKS, CONFIG, EVENTS, FAULTS, Handle, MAPS, MEDIA_MATCH, MapSpec,
-        ORG_BY_ADDR, ORG_BY_HOST, ORG_CONNS, ORG_DAYS, ORG_LIMITS, ORG_REMOTE, PUSH_NEXT,
-        PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, TRACE_ON, TRUSTED_PROXIES, VERDICT_NEXT,
+        API_KEYS, API_MSG_NEXT, API_PORTS, API_SOCKS, CONFIG, EVENTS, FAULTS, Handle, MAPS,
+        MEDIA_MATCH, MapSpec, ORG_BY_ADDR, ORG_BY_HOST, ORG_CONNS, ORG_DAYS, ORG_LIMITS,
+        ORG_REMOTE, PUSH_NEXT, PUSH_SOCKS, Pin, REFUSE, SOCK_GEN, TRACE_ON, TRUSTED_PROXIES,
+        VERDICT_NEXT,
     },
     programs,
 };
@@ -118,6 +119,7 @@ pub struct Kernel {
     sock_gen: Handle<SOCK_GEN>,
     verdict_next: Handle<VERDICT_NEXT>,
     push_next: Handle<PUSH_NEXT>,
+    api_msg_next: Handle<API_MSG_NEXT>,
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
 }
@@ -220,6 +222,9 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     program::<SkMsg>(ebpf, programs::PUSH_MSG)?
         .load()
         .map_err(prog_err(programs::PUSH_MSG))?;
+    program::<SkMsg>(ebpf, programs::API_MSG)?
+        .load()
+        .map_err(prog_err(programs::API_MSG))?;
     program::<Xdp>(ebpf, programs::SYN_GATE)?
         .load()
         .map_err(prog_err(programs::SYN_GATE))?;
@@ -294,6 +299,7 @@ impl Kernel {
             sock_gen: take::<SOCK_GEN>(&mut ebpf)?,
             verdict_next: take::<VERDICT_NEXT>(&mut ebpf)?,
             push_next: take::<PUSH_NEXT>(&mut ebpf)?,
+            api_msg_next: take::<API_MSG_NEXT>(&mut ebpf)?,
             _ebpf: ebpf,
         })
     }
@@ -336,6 +342,16 @@ impl Kernel {
         self.push_next
             .set(0, fd, 0)
             .map_err(map_error::<PUSH_NEXT>)?;
+        // Before sock_ops: every socket it puts into API_SOCKS enters with the egress program.
+        let api_msg = program::<SkMsg>(ebpf, programs::API_MSG)?;
+        let id = api_msg
+            .attach(self.api_socks.fd())
+            .map_err(prog_err(programs::API_MSG))?;
+        std::mem::forget(api_msg.take_link(id).map_err(prog_err(programs::API_MSG))?);
+        let fd = api_msg.fd().map_err(prog_err(programs::API_MSG))?;
+        self.api_msg_next
+            .set(0, fd, 0)
+            .map_err(map_error::<API_MSG_NEXT>)?;
         // From here the programs of earlier starts hand their sockets' traffic to these.
         self.sock_gen
             .set(0, self.generation, 0)

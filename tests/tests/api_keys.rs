@@ -241,3 +241,55 @@ fn api_keys_from_direct_clients_however_framed() -> Result<()> {
     assert!(!log.iter().any(|e| e.path.starts_with("/mixed")), "{log:?}");
     Ok(())
 }
+
+/// Behind nginx's pool, an org's concurrency is its requests in flight (the connections are
+/// nginx's): four slow requests at once against a limit of 2 in reject mode get at least one
+/// concurrency 429, never more than 2 are in flight, and once answered none stays counted.
+#[test]
+fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
+    let mut w = World::new("apikeys_inflight", 4, 0)?;
+    let c: Vec<IpAddr> = w.tb.clients_v4().iter().map(|&a| a.into()).collect();
+    let keys = w.write_api_keys(&KEYS)?;
+    w.write_config_with(
+        &identify_api(&keys),
+        "",
+        &[
+            org_without_cidrs("acme", ""),
+            org_without_cidrs(
+                "globex",
+                "concurrent_connections = 2\nconcurrency_mode = \"reject\"",
+            ),
+        ]
+        .concat(),
+    )?;
+    w.start_daemon()?;
+    let cert = w.start_nginx_tls()?;
+    let slow = |src: IpAddr, i: usize| Curl {
+        src,
+        urls: vec![w.https_url(&format!("{}{i}", limiter_lab::testbed::SLOW_PREFIX))],
+        headers: vec![("X-API-Key".into(), "k-globex".into())],
+        ca: cert.cert.clone(),
+    };
+    let replies = w.curl_all(&(0..4).map(|i| slow(c[i], i)).collect::<Vec<_>>())?;
+    let got = statuses(&replies);
+    let (ok, refused) = (
+        got.get(&200).copied().unwrap_or(0),
+        got.get(&429).copied().unwrap_or(0),
+    );
+    assert_eq!(ok + refused, 4, "{replies:?}");
+    ensure!(refused >= 1 && ok >= 1, "{replies:?}");
+    let globex = w.org("globex")?;
+    assert!(n(&globex, "peak_connections") <= 2, "{globex}");
+    assert_eq!(n(&globex, "concurrency_rejected"), refused, "{globex}");
+    assert_eq!(n(&globex, "requests"), ok, "{globex}");
+    // Answered: nothing stays in flight, though nginx keeps its upstream connections open.
+    let globex = w.wait_org("globex", |o| n(o, "connections") == 0)?;
+    assert_eq!(n(&globex, "connections"), 0, "{globex}");
+    // acme, on the same pooled connections, is not held by globex's limit.
+    let r = w.curl_all(&[Curl {
+        headers: vec![("X-API-Key".into(), "k-acme-1".into())],
+        ..slow(c[0], 9)
+    }])?;
+    assert_eq!(statuses(&r), BTreeMap::from([(200, 1)]));
+    Ok(())
+}

@@ -42,6 +42,9 @@ pub struct ServeArgs {
 
 /// The header whose value the log records as the request's API key.
 pub const API_KEY_HEADER: &str = "X-API-Key";
+/// Requests under this path are answered after [`SLOW_FOR`].
+pub const SLOW_PREFIX: &str = "/slow/";
+pub const SLOW_FOR: Duration = Duration::from_millis(1500);
 /// The header whose value the log records as the request's forwarded-for chain.
 pub const FORWARDED_HEADER: &str = "X-Forwarded-For";
 
@@ -490,6 +493,10 @@ async fn handle_conn(
             forwarded: head.header(FORWARDED_HEADER),
             api_key: head.header(API_KEY_HEADER),
         });
+        if head.target.starts_with(SLOW_PREFIX) {
+            // A request that keeps the app busy (concurrency tests: requests in flight).
+            tokio::time::sleep(SLOW_FOR).await;
+        }
         let keep = head.keep_alive();
         let mut body = format!("ok {} {}\n", head.method, head.target).into_bytes();
         body.extend_from_slice(&filler);
