@@ -293,3 +293,62 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     assert_eq!(statuses(&r), BTreeMap::from([(200, 1)]));
     Ok(())
 }
+
+/// Through HAProxy terminating TLS in TCP mode with PROXY v2 headers, keys come first: each
+/// request counts for its key's org, and a request without a key for its client's address (in
+/// the PROXY header), not HAProxy's.
+#[test]
+fn api_keys_through_haproxy_then_the_proxy_header() -> Result<()> {
+    let mut w = World::with_proxy_protocol("apikeys_haproxy", 2, 0)?;
+    let c: Vec<IpAddr> = w.tb.clients_v4().iter().map(|&a| a.into()).collect();
+    let keys = w.write_api_keys(&KEYS)?;
+    w.write_config_with(
+        &format!(
+            "identify_by = [\"api_key\", \"proxy_protocol\"]\napi_keys_file = {:?}\n\
+             trusted_proxies = [{:?}]\n",
+            keys.display().to_string(),
+            cidr(integration_tests::PROXY_UPSTREAM.ip())
+        ),
+        "",
+        &[
+            org_toml("acme", &[cidr(c[0])], ""),
+            org_without_cidrs("globex", ""),
+        ]
+        .concat(),
+    )?;
+    w.start_daemon()?;
+    let cert = w.start_haproxy()?;
+    let run = |src: IpAddr, tag: &str, count: usize, key: Option<&str>| Curl {
+        src,
+        urls: (0..count)
+            .map(|i| w.https_url(&format!("/api/{tag}/{i}")))
+            .collect(),
+        headers: key
+            .map(|k| vec![("X-API-Key".to_string(), k.to_string())])
+            .unwrap_or_default(),
+        ca: cert.cert.clone(),
+    };
+    let replies = w.curl_all(&[
+        run(c[0], "nokey", 3, None),
+        run(c[0], "g", 4, Some("k-globex")),
+        run(c[1], "a", 2, Some("k-acme-1")),
+    ])?;
+    assert_eq!(
+        statuses(&replies),
+        BTreeMap::from([(200, 9)]),
+        "{replies:?}"
+    );
+    let acme = w.org("acme")?;
+    assert_eq!(
+        (
+            identified_by(&acme, "proxy_protocol"),
+            identified_by(&acme, "api_key")
+        ),
+        (3, 2),
+        "{acme}"
+    );
+    let globex = w.org("globex")?;
+    assert_eq!(identified_by(&globex, "api_key"), 4, "{globex}");
+    assert_eq!(n(&w.org("unmapped")?, "requests"), 0);
+    Ok(())
+}
