@@ -547,6 +547,12 @@ pub const fn is_tchar(b: u8) -> bool {
         | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
 }
 
+/// `_` as `-` (see `name_byte`).
+#[inline(always)]
+const fn dash(b: u8) -> u8 {
+    if b == b'_' { b'-' } else { b }
+}
+
 #[inline(always)]
 const fn lower(b: u8) -> u8 {
     if b.is_ascii_uppercase() { b | 0x20 } else { b }
@@ -1287,10 +1293,16 @@ impl Stream {
             }
             i += 1;
         }
-        if self.names & NAME_KEY != 0 && (pos >= cfg.key_name_len() || cfg.key_name(pos) != l) {
+        // `_` and `-` match each other in the identifying names: CGI and WSGI servers hand an
+        // app `X_API_Key` as HTTP_X_API_KEY, the same as `X-API-Key`, so a client must not
+        // get its key past the kernel unread by spelling it with underscores.
+        let d = dash(l);
+        if self.names & NAME_KEY != 0 && (pos >= cfg.key_name_len() || dash(cfg.key_name(pos)) != d)
+        {
             self.names &= !NAME_KEY;
         }
-        if self.names & NAME_FWD != 0 && (pos >= cfg.fwd_name_len() || cfg.fwd_name(pos) != l) {
+        if self.names & NAME_FWD != 0 && (pos >= cfg.fwd_name_len() || dash(cfg.fwd_name(pos)) != d)
+        {
             self.names &= !NAME_FWD;
         }
         if self.names == 0 {

@@ -1072,3 +1072,19 @@ fn each_request_counts_for_its_forwarded_client() {
     let t = s.feed(&fwd_req("X-Real-IP: 203.0.113.77\r\n"), &r);
     assert_eq!(attributed(&t), (6, ID_FORWARDED, 1, 0, 0));
 }
+
+#[test]
+fn identifying_names_match_with_underscores() {
+    use crate::{FWD_X_FORWARDED_FOR, ID_API_KEY, ID_FORWARDED};
+    // WSGI and CGI servers read `X_API_Key` as `X-API-Key`: so does the kernel.
+    let r = default_keys();
+    let mut s = key_stream();
+    let t = s.feed(&keyed("X_API_Key: k-globex"), &r);
+    assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0));
+    let t = s.feed(&keyed("x-api_KEY: k-acme-1"), &r);
+    assert_eq!(attributed(&t), (5, ID_API_KEY, 1, 0, 0));
+    let r = fwd_rules(FWD_X_FORWARDED_FOR, "X-Forwarded-For");
+    let mut s = proxy_stream();
+    let t = s.feed(&fwd_req("X_Forwarded_For: 198.51.100.7\r\n"), &r);
+    assert_eq!(attributed(&t), (5, ID_FORWARDED, 1, 0, 0));
+}
