@@ -68,7 +68,7 @@ macro_rules! map_layout {
             /// Slot 0: `limiter_refuse`, tail-called to write a 429.
             REFUSE: ProgramArray<u32, u32> = Fixed(1), Layout;
             /// Sockets whose slot in SOCK_SLOTS is another's keep their state here.
-            SOCK_STATE: HashMap<u64, SockState> = PerSocket(1), Sockets;
+            SOCK_STATE: LazyHashMap<u64, SockState> = PerSocket(1), Sockets;
             /// Sockets' state, found by the low bits of the socket cookie: an array lookup the
             /// verifier inlines, where a hash lookup cost a call and a hash on every request.
             /// Cookies are handed out in sequence, so live sockets rarely share bits; one whose
@@ -90,7 +90,7 @@ macro_rules! map_layout {
             /// generation.
             PUSH_NEXT: ProgramArray<u32, u32> = Fixed(1), Sockets;
             /// Requests in flight per connection (see `Inflight`).
-            INFLIGHT: HashMap<ConnKey, Inflight> = PerSocket(1), Sockets;
+            INFLIGHT: LazyHashMap<ConnKey, Inflight> = PerSocket(1), Sockets;
             /// The current egress program of API sockets, for sockets that entered API_SOCKS
             /// under an earlier generation.
             API_MSG_NEXT: ProgramArray<u32, u32> = Fixed(1), Sockets;
@@ -103,6 +103,10 @@ macro_rules! map_layout {
 pub enum MapKind {
     Array,
     HashMap,
+    /// A hash map whose entries are allocated as they are inserted (`BPF_F_NO_PREALLOC`), for
+    /// tables sized for the worst case but mostly empty: a preallocated one takes its whole
+    /// size in kernel memory from the start.
+    LazyHashMap,
     LpmTrie,
     PerCpuArray,
     ProgramArray,
@@ -219,6 +223,7 @@ pub const fn built_in_entries<M: MapSpec>() -> u32 {
 macro_rules! user_handle {
     (Array, $k:ty, $v:ty) => { aya::maps::Array<aya::maps::MapData, $v> };
     (HashMap, $k:ty, $v:ty) => { aya::maps::HashMap<aya::maps::MapData, $k, $v> };
+    (LazyHashMap, $k:ty, $v:ty) => { aya::maps::HashMap<aya::maps::MapData, $k, $v> };
     (LpmTrie, $k:ty, $v:ty) => { aya::maps::LpmTrie<aya::maps::MapData, $k, $v> };
     (PerCpuArray, $k:ty, $v:ty) => { aya::maps::Map };
     (ProgramArray, $k:ty, $v:ty) => { aya::maps::ProgramArray<aya::maps::MapData> };

@@ -2,6 +2,7 @@
 //! the globals the daemon sets at load.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
@@ -35,6 +36,12 @@ macro_rules! ebpf_map {
         #[map]
         pub(crate) static $name: HashMap<Key<layout::$name>, Value<layout::$name>> =
             HashMap::with_max_entries(built_in_entries::<layout::$name>(), 0);
+    };
+    ($(#[$doc:meta])* $name:ident: LazyHashMap) => {
+        $(#[$doc])*
+        #[map]
+        pub(crate) static $name: HashMap<Key<layout::$name>, Value<layout::$name>> =
+            HashMap::with_max_entries(built_in_entries::<layout::$name>(), BPF_F_NO_PREALLOC);
     };
     ($(#[$doc:meta])* $name:ident: LpmTrie) => {
         $(#[$doc])*

@@ -495,7 +495,7 @@ mod tests {
     fn map_type(kind: MapKind) -> u32 {
         (match kind {
             MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
-            MapKind::HashMap => bpf_map_type::BPF_MAP_TYPE_HASH,
+            MapKind::HashMap | MapKind::LazyHashMap => bpf_map_type::BPF_MAP_TYPE_HASH,
             MapKind::LpmTrie => bpf_map_type::BPF_MAP_TYPE_LPM_TRIE,
             MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
             MapKind::ProgramArray => bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY,
@@ -536,6 +536,12 @@ mod tests {
                 "{}",
                 def.name
             );
+            // Hash entries allocated as inserted exactly where the layout says so (LPM tries
+            // always are).
+            if matches!(def.kind, MapKind::HashMap | MapKind::LazyHashMap) {
+                let lazy = map.map_flags() & aya_obj::generated::BPF_F_NO_PREALLOC != 0;
+                assert_eq!(lazy, def.kind == MapKind::LazyHashMap, "{}", def.name);
+            }
         }
     }
 }
