@@ -352,3 +352,81 @@ fn api_keys_through_haproxy_then_the_proxy_header() -> Result<()> {
     assert_eq!(n(&w.org("unmapped")?, "requests"), 0);
     Ok(())
 }
+
+/// Sends `req` on `s` and reads the response's status (the test server answers with a length).
+async fn ask(s: &mut tokio::net::TcpStream, req: &[u8]) -> Result<u16> {
+    use limiter_lab::testbed::{http::Parse, parse_response};
+    s.write_all(req).await?;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        if let Parse::Done(r) = parse_response(&buf, "GET", false) {
+            return Ok(r.response.status);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await??;
+        ensure!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// A reload that adds `api_key` reaches connections already open: the next request on a
+/// keep-alive connection counts for its key's org, not its address's.
+#[test]
+fn api_keys_a_reload_reaches_open_connections() -> Result<()> {
+    let mut w = World::new("apikeys_reload", 1, 0)?;
+    let c: IpAddr = w.tb.clients_v4()[0].into();
+    let keys = w.write_api_keys(&KEYS)?;
+    let orgs = [
+        org_toml("acme", &[cidr(c)], ""),
+        org_toml("globex", &["10.99.0.0/24".to_string()], ""),
+    ]
+    .concat();
+    w.write_config_with("", "", &orgs)?;
+    w.start_daemon()?;
+    let (api, exe, config) = (w.api4(), w.exe.clone(), w.config.clone());
+    let next_config = {
+        let path = w.dir().join("next.toml");
+        std::fs::copy(&config, &path)?;
+        let text = std::fs::read_to_string(&path)?.replacen(
+            "[api]\n",
+            &format!("[api]\n{}", identify_api(&keys)),
+            1,
+        );
+        std::fs::write(&path, text)?;
+        path
+    };
+    let req = keep_alive(request("/keep", "X-API-Key: k-globex\r\n"));
+    let statuses = w.client(|| async move {
+        let mut s = open_idle(c, api).await?;
+        let first = ask(&mut s, &req).await?;
+        std::fs::copy(&next_config, &config)?;
+        let out = std::process::Command::new(&exe)
+            .args(["reload", "--config"])
+            .arg(&config)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let second = ask(&mut s, &req).await?;
+        Ok((first, second))
+    })?;
+    assert_eq!(statuses, (200, 200));
+    let acme = w.org("acme")?;
+    let globex = w.org("globex")?;
+    assert_eq!(
+        (n(&acme, "requests"), n(&globex, "requests")),
+        (1, 1),
+        "acme: {acme}, globex: {globex}"
+    );
+    assert_eq!(identified_by(&globex, "api_key"), 1, "{globex}");
+    Ok(())
+}
+
+/// `req` with `Connection: keep-alive` for its `Connection: close`.
+fn keep_alive(req: Vec<u8>) -> Vec<u8> {
+    String::from_utf8_lossy(&req)
+        .replace("Connection: close", "Connection: keep-alive")
+        .into_bytes()
+}
