@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | an API key header | [`KeyText`] | `push` per byte, `finish` | [`api_key`] |
 //! | IP text | [`AddrText`] | `push` per byte, `finish` | [`parse_addr`] |
-//! | a forwarded header | [`FwdText`] | `step` until true (≤ [`FWD_STEPS_MAX`]), `result` | [`forwarded_addr`] |
+//! | a forwarded header | [`FwdStream`] | `push` per byte, `line_end` per line, `result` | [`forwarded_stream`] |
 //! | a PROXY v1 line | [`V1Text`] | `push` per byte, `finish` | [`proxy_v1_source`] |
 //!
 //! [`siphash24`], [`proxy_start`], [`proxy_v2_len`] and [`proxy_v2_source`] are cheap enough to
@@ -21,11 +21,10 @@
 //! machines over a buffer. Everything is written for the verifier: no allocation, no panics,
 //! every index masked into its array, loops bounded by constants.
 //!
-//! Buffers come in two layouts. A key header or a PROXY header is captured linearly: byte `i`
-//! of the value at `buf[i]`, the first [`CAP`] bytes kept. A forwarded header is captured as a
-//! ring: byte `i` at `buf[i % CAP]`, the last [`CAP`] bytes kept, because proxies append on the
-//! right and the client controls the left. Positions are positions in the value, reduced modulo
-//! [`CAP`], so one reader serves both layouts.
+//! A PROXY header is captured linearly (byte `i` at `buf[i]`, the first [`CAP`] bytes kept); a
+//! key header and a forwarded header are read as they stream past, with no buffer. The tests
+//! keep `FwdText`, a reader of a forwarded value captured as a ring (the last [`CAP`] bytes,
+//! right to left, as proxies append), as the reference [`FwdStream`] is held to.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -84,6 +83,7 @@ const fn hex(b: u8) -> Option<u32> {
 }
 
 /// Whether `buf[start..]` (below `end`) begins with `pat`, ASCII case ignored (`pat` lowercase).
+#[cfg(test)]
 #[inline(always)]
 fn starts_with_ci<const N: usize>(
     buf: &[u8; CAP],
@@ -986,6 +986,7 @@ pub fn parse_addr(buf: &[u8; CAP], start: usize, end: usize) -> Option<AddrKey> 
 /// trusted entries): the request falls through to the next source. A whole value whose entries
 /// are all trusted gives its leftmost one. Host side and tests: the kernel drives [`FwdText`]
 /// from `bpf_loop`.
+#[cfg(test)]
 pub fn forwarded_addr(
     kind: u8,
     ring: &[u8; CAP],
@@ -1004,6 +1005,7 @@ pub fn forwarded_addr(
 }
 
 /// Steps [`FwdText::step`] may take on one value: the scan and every entry's bytes.
+#[cfg(test)]
 pub const FWD_STEPS_MAX: u32 = (CAP as u32 + 2) * (FWD_ENTRIES_MAX as u32 + 1);
 
 /// Reads a captured forwarded header value (see [`forwarded_addr`] for what it takes) one step
@@ -1012,6 +1014,7 @@ pub const FWD_STEPS_MAX: u32 = (CAP as u32 + 2) * (FWD_ENTRIES_MAX as u32 + 1);
 ///
 /// For the kernel: the state lives in map memory and [`Self::step`] runs once per `bpf_loop`
 /// iteration, at most [`FWD_STEPS_MAX`] of them (it returns true when done).
+#[cfg(test)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FwdText {
@@ -1049,13 +1052,20 @@ pub struct FwdText {
     pub flags: u8,
 }
 
+#[cfg(test)]
 const NONE: u32 = u32::MAX;
+#[cfg(test)]
 const FS_SCAN: u8 = 0;
+#[cfg(test)]
 const FS_ENTRY: u8 = 1;
+#[cfg(test)]
 const FS_DONE: u8 = 2;
 /// The scan reached the value's start: every entry was seen.
+#[cfg(test)]
 const FF_WHOLE: u8 = 1;
+#[cfg(test)]
 const FF_LEFTMOST: u8 = 2;
+#[cfg(test)]
 const FF_FOUND: u8 = 4;
 const N_STARTED: u8 = 1;
 const N_QUOTED: u8 = 2;
@@ -1066,6 +1076,7 @@ const N_CLOSED: u8 = 32;
 const N_PORT: u8 = 64;
 const N_BAD: u8 = 128;
 
+#[cfg(test)]
 impl FwdText {
     /// The state before reading a `kind` (`FWD_*`) value.
     pub const fn new(kind: u8) -> Self {
@@ -1240,110 +1251,39 @@ impl FwdText {
         self.start_entry();
     }
 
-    /// A byte of a `Forwarded` node (RFC 7239 §6), token or quoted: `192.0.2.1`,
-    /// `"192.0.2.1:4711"`, `"[2001:db8::1]"`, `"[2001:db8::1]:4711"`, the port possibly
-    /// obfuscated (`_` then letters, digits, `.`, `_`, `-`).
     #[inline(always)]
     fn node_byte(&mut self, b: u8) {
-        let f = self.node;
-        if f & N_STARTED == 0 {
-            self.node = f | N_STARTED;
-            if b == b'"' {
-                self.node |= N_QUOTED;
-                return;
-            }
-        }
-        let f = self.node;
-        if f & N_END_QUOTE != 0 {
-            self.node |= N_BAD;
-            return;
-        }
-        if f & N_QUOTED != 0 && b == b'"' {
-            self.node |= N_END_QUOTE;
-            return;
-        }
-        if f & N_PORT != 0 {
-            // The port: digits, or `_` and then letters, digits, `.`, `_`, `-` (bit 7 of
-            // `plen` says which).
-            let count = self.plen & 0x7f;
-            let obfuscated = if count == 0 {
-                b == b'_'
-            } else {
-                self.plen & 0x80 != 0
-            };
-            let ok = if obfuscated {
-                count == 0 || b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
-            } else {
-                b.is_ascii_digit() && count < 5
-            };
-            if !ok || count >= 16 {
-                self.node |= N_BAD;
-                return;
-            }
-            self.plen = if obfuscated { 0x80 } else { 0 } | (count + 1);
-            return;
-        }
-        if f & N_CONTENT == 0 {
-            self.node |= N_CONTENT;
-            if b == b'[' {
-                self.node |= N_BRACKET;
-                return;
-            }
-        }
-        if f & N_BRACKET != 0 {
-            if f & N_CLOSED != 0 {
-                if b == b':' {
-                    self.node |= N_PORT;
-                } else {
-                    self.node |= N_BAD;
-                }
-            } else if b == b']' {
-                self.node |= N_CLOSED;
-            } else {
-                self.addr.push(b);
-            }
-            return;
-        }
-        if b == b':' {
-            self.node |= N_PORT;
-        } else {
-            self.addr.push(b);
-        }
+        node_byte(&mut self.node, &mut self.plen, &mut self.addr, b);
     }
 
     /// The current entry's address, once its bytes are read.
     #[inline(always)]
     fn entry_addr(&self) -> Option<AddrKey> {
         if self.kind == FWD_FORWARDED {
-            let f = self.node;
-            let unclosed_quote = f & N_QUOTED != 0 && f & N_END_QUOTE == 0;
-            let bad_bracket = f & N_BRACKET != 0 && (f & N_CLOSED == 0 || !self.addr.is_v6());
-            let empty_port = f & N_PORT != 0 && self.plen & 0x7f == 0;
-            if f & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port {
-                return None;
-            }
+            return node_addr(self.node, self.plen, &self.addr);
         }
         self.addr.finish()
     }
 }
 
-/// Reads a forwarded header's value the way [`forwarded_addr`] does, but left to right, a byte
-/// per call, as the request's bytes arrive: the kernel keeps this state in the connection's
+/// Reads a forwarded header's value a byte per call, left to right, as the request's bytes
+/// arrive: the kernel keeps this state in the connection's
 /// stream, so a value cut across segments (or sent byte by byte) needs no buffer, and several
 /// header lines of the same name read as one list (RFC 9110 §5.3: HAProxy's `option forwardfor`
 /// adds its own line after the client's). The answer is the rightmost entry whose address is
 /// not trusted, provided every entry right of it is a readable trusted address, and at most
 /// [`FWD_ENTRIES_MAX`] - 1 of them; when every entry is a trusted address (at most
 /// [`FWD_ENTRIES_MAX`]), the leftmost. For a value of at most [`CAP`] bytes it gives exactly
-/// what [`forwarded_addr`] gives (a property test holds it to that); a longer one is read whole.
+/// what the tests' ring reader `forwarded_addr` gives (a property test holds it to that); a
+/// longer one is read whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FwdStream {
     /// The current entry's address text.
     pub addr: AddrText,
-    /// The rightmost untrusted address so far ([`FW_CAND`]).
+    /// The rightmost untrusted address so far (`FW_CAND`).
     pub cand: AddrKey,
-    /// The first entry, when it is a trusted address ([`FW_LEFTMOST`]).
+    /// The first entry, when it is a trusted address (`FW_LEFTMOST`).
     pub leftmost: AddrKey,
     /// `FWD_*`.
     pub kind: u8,
@@ -1484,7 +1424,7 @@ impl FwdStream {
             if e & E_TRAILING != 0 {
                 self.node |= N_BAD;
             }
-            return self.node_byte(b);
+            return node_byte(&mut self.node, &mut self.plen, &mut self.addr, b);
         }
         if e & E_STARTED == 0 && is_blank(b) {
             return;
@@ -1512,7 +1452,7 @@ impl FwdStream {
     #[inline(always)]
     fn element_end(&mut self, trusted: &impl Fn(&AddrKey) -> bool) {
         let a = if self.fors == 1 {
-            self.node_addr()
+            node_addr(self.node, self.plen, &self.addr)
         } else {
             None
         };
@@ -1577,86 +1517,89 @@ impl FwdStream {
         }
         None
     }
+}
 
-    /// As [`FwdText::node_byte`].
-    #[inline(always)]
-    fn node_byte(&mut self, b: u8) {
-        let f = self.node;
-        if f & N_STARTED == 0 {
-            self.node = f | N_STARTED;
-            if b == b'"' {
-                self.node |= N_QUOTED;
-                return;
-            }
-        }
-        let f = self.node;
-        if f & N_END_QUOTE != 0 {
-            self.node |= N_BAD;
+/// A byte of a `Forwarded` node (RFC 7239 §6), token or quoted: `192.0.2.1`,
+/// `"192.0.2.1:4711"`, `"[2001:db8::1]"`, `"[2001:db8::1]:4711"`, the port possibly
+/// obfuscated (`_` then letters, digits, `.`, `_`, `-`).
+#[inline(always)]
+fn node_byte(node: &mut u8, plen: &mut u8, addr: &mut AddrText, b: u8) {
+    let f = *node;
+    if f & N_STARTED == 0 {
+        *node = f | N_STARTED;
+        if b == b'"' {
+            *node |= N_QUOTED;
             return;
         }
-        if f & N_QUOTED != 0 && b == b'"' {
-            self.node |= N_END_QUOTE;
-            return;
-        }
-        if f & N_PORT != 0 {
-            let count = self.plen & 0x7f;
-            let obfuscated = if count == 0 {
-                b == b'_'
-            } else {
-                self.plen & 0x80 != 0
-            };
-            let ok = if obfuscated {
-                count == 0 || b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
-            } else {
-                b.is_ascii_digit() && count < 5
-            };
-            if !ok || count >= 16 {
-                self.node |= N_BAD;
-                return;
-            }
-            self.plen = if obfuscated { 0x80 } else { 0 } | (count + 1);
-            return;
-        }
-        if f & N_CONTENT == 0 {
-            self.node |= N_CONTENT;
-            if b == b'[' {
-                self.node |= N_BRACKET;
-                return;
-            }
-        }
-        if f & N_BRACKET != 0 {
-            if f & N_CLOSED != 0 {
-                if b == b':' {
-                    self.node |= N_PORT;
-                } else {
-                    self.node |= N_BAD;
-                }
-            } else if b == b']' {
-                self.node |= N_CLOSED;
-            } else {
-                self.addr.push(b);
-            }
-            return;
-        }
-        if b == b':' {
-            self.node |= N_PORT;
+    }
+    let f = *node;
+    if f & N_END_QUOTE != 0 {
+        *node |= N_BAD;
+        return;
+    }
+    if f & N_QUOTED != 0 && b == b'"' {
+        *node |= N_END_QUOTE;
+        return;
+    }
+    if f & N_PORT != 0 {
+        // The port: digits, or `_` and then letters, digits, `.`, `_`, `-` (bit 7 of
+        // `plen` says which).
+        let count = *plen & 0x7f;
+        let obfuscated = if count == 0 {
+            b == b'_'
         } else {
-            self.addr.push(b);
+            *plen & 0x80 != 0
+        };
+        let ok = if obfuscated {
+            count == 0 || b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+        } else {
+            b.is_ascii_digit() && count < 5
+        };
+        if !ok || count >= 16 {
+            *node |= N_BAD;
+            return;
+        }
+        *plen = if obfuscated { 0x80 } else { 0 } | (count + 1);
+        return;
+    }
+    if f & N_CONTENT == 0 {
+        *node |= N_CONTENT;
+        if b == b'[' {
+            *node |= N_BRACKET;
+            return;
         }
     }
+    if f & N_BRACKET != 0 {
+        if f & N_CLOSED != 0 {
+            if b == b':' {
+                *node |= N_PORT;
+            } else {
+                *node |= N_BAD;
+            }
+        } else if b == b']' {
+            *node |= N_CLOSED;
+        } else {
+            addr.push(b);
+        }
+        return;
+    }
+    if b == b':' {
+        *node |= N_PORT;
+    } else {
+        addr.push(b);
+    }
+}
 
-    /// As [`FwdText::entry_addr`].
-    #[inline(always)]
-    fn node_addr(&self) -> Option<AddrKey> {
-        let f = self.node;
-        let unclosed_quote = f & N_QUOTED != 0 && f & N_END_QUOTE == 0;
-        let bad_bracket = f & N_BRACKET != 0 && (f & N_CLOSED == 0 || !self.addr.is_v6());
-        let empty_port = f & N_PORT != 0 && self.plen & 0x7f == 0;
-        if f & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port {
-            return None;
-        }
-        self.addr.finish()
+/// The address of a `Forwarded` node read by [`node_byte`], if it is a whole one.
+#[inline(always)]
+fn node_addr(node: u8, plen: u8, addr: &AddrText) -> Option<AddrKey> {
+    let unclosed_quote = node & N_QUOTED != 0 && node & N_END_QUOTE == 0;
+    let bad_bracket = node & N_BRACKET != 0 && (node & N_CLOSED == 0 || !addr.is_v6());
+    let empty_port = node & N_PORT != 0 && plen & 0x7f == 0;
+    if node & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port {
+        return None;
     }
+    addr.finish()
 }
 
 /// [`FwdStream`] over a whole value, as one header line (host side and tests).

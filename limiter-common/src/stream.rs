@@ -1465,7 +1465,7 @@ impl Stream {
     /// kernel runs it in a `bpf_loop` of its own: inside the step it doubled what the verifier
     /// walks.
     #[inline(always)]
-    pub fn key_byte(&mut self, b: u8, cfg: &impl StreamRules) {
+    fn key_byte(&mut self, b: u8, cfg: &impl StreamRules) {
         if self.sub == 0 {
             self.sub = 1;
             self.key.reset(cfg.key_kind());

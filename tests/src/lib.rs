@@ -433,6 +433,28 @@ impl World {
         Ok(path)
     }
 
+    /// `count` HTTPS GETs of `/<tag>/<i>` from `src` through the TLS peer, one curl process
+    /// (keep-alive), each with `headers`.
+    pub fn curl(
+        &self,
+        src: IpAddr,
+        tag: &str,
+        count: usize,
+        headers: &[(&str, &str)],
+    ) -> testbed::Curl {
+        testbed::Curl {
+            src,
+            urls: (0..count)
+                .map(|i| self.https_url(&format!("/{tag}/{i}")))
+                .collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ca: self.dir().join("api.crt"),
+        }
+    }
+
     /// Runs the curl clients at the same time (each in its own process in the client netns);
     /// returns each one's replies, in the order given.
     pub fn curl_all(&self, runs: &[testbed::Curl]) -> Result<Vec<Vec<testbed::CurlReply>>> {
@@ -447,6 +469,15 @@ impl World {
                 .collect()
         })
     }
+}
+
+/// The statuses of every curl reply, counted.
+pub fn statuses(replies: &[Vec<testbed::CurlReply>]) -> std::collections::BTreeMap<u16, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in replies.iter().flatten() {
+        *m.entry(r.status).or_insert(0) += 1;
+    }
+    m
 }
 
 /// `[[orgs]]` table text without CIDRs (an org known by another source than its address).

@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use integration_tests::{World, cidr, identified_by, n, org_toml, org_without_cidrs};
-use limiter_lab::testbed::{AccessEntry, Curl, CurlReply, exchange_raw, open_idle};
+use integration_tests::{World, cidr, identified_by, n, org_toml, org_without_cidrs, statuses};
+use limiter_lab::testbed::{AccessEntry, SLOW_PREFIX, exchange_raw, open_idle};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const KEYS: [(&str, &str); 3] = [
@@ -36,14 +36,6 @@ fn served_by_key(log: &[AccessEntry]) -> BTreeMap<String, u64> {
     m
 }
 
-fn statuses(replies: &[Vec<CurlReply>]) -> BTreeMap<u16, u64> {
-    let mut m = BTreeMap::new();
-    for r in replies.iter().flatten() {
-        *m.entry(r.status).or_insert(0) += 1;
-    }
-    m
-}
-
 /// Through nginx terminating TLS (its upstream keep-alive pool mixes every org's requests on a
 /// few connections from 127.0.0.1, which is no org's address): each request counts for its own
 /// key's org, an org over its quota gets the kernel's 429 naming it while the others are served,
@@ -63,15 +55,8 @@ fn api_keys_through_nginx_tls_count_each_request_for_its_key() -> Result<()> {
         .concat(),
     )?;
     w.start_daemon()?;
-    let cert = w.start_nginx_tls()?;
-    let run = |src: IpAddr, tag: &str, count: usize, key: &str| Curl {
-        src,
-        urls: (0..count)
-            .map(|i| w.https_url(&format!("/api/{tag}/{i}")))
-            .collect(),
-        headers: vec![("X-API-Key".into(), key.into())],
-        ca: cert.cert.clone(),
-    };
+    w.start_nginx_tls()?;
+    let run = |src, tag, count, key| w.curl(src, tag, count, &[("X-API-Key", key)]);
     let replies = w.curl_all(&[
         run(c[0], "a1", 4, "k-acme-1"),
         run(c[1], "a2", 5, "k-acme-2"),
@@ -263,14 +248,15 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
         .concat(),
     )?;
     w.start_daemon()?;
-    let cert = w.start_nginx_tls()?;
-    let slow = |src: IpAddr, i: usize| Curl {
-        src,
-        urls: vec![w.https_url(&format!("{}{i}", limiter_lab::testbed::SLOW_PREFIX))],
-        headers: vec![("X-API-Key".into(), "k-globex".into())],
-        ca: cert.cert.clone(),
-    };
-    let replies = w.curl_all(&(0..4).map(|i| slow(c[i], i)).collect::<Vec<_>>())?;
+    w.start_nginx_tls()?;
+    // One request each under the test server's slow prefix, at once.
+    let tag = SLOW_PREFIX.trim_matches('/');
+    let slow = |src, key| w.curl(src, tag, 1, &[("X-API-Key", key)]);
+    let replies = w.curl_all(
+        &c.iter()
+            .map(|&src| slow(src, "k-globex"))
+            .collect::<Vec<_>>(),
+    )?;
     let got = statuses(&replies);
     let (ok, refused) = (
         got.get(&200).copied().unwrap_or(0),
@@ -286,10 +272,7 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     let globex = w.wait_org("globex", |o| n(o, "connections") == 0)?;
     assert_eq!(n(&globex, "connections"), 0, "{globex}");
     // acme, on the same pooled connections, is not held by globex's limit.
-    let r = w.curl_all(&[Curl {
-        headers: vec![("X-API-Key".into(), "k-acme-1".into())],
-        ..slow(c[0], 9)
-    }])?;
+    let r = w.curl_all(&[slow(c[0], "k-acme-1")])?;
     assert_eq!(statuses(&r), BTreeMap::from([(200, 1)]));
     Ok(())
 }
@@ -317,21 +300,11 @@ fn api_keys_through_haproxy_then_the_proxy_header() -> Result<()> {
         .concat(),
     )?;
     w.start_daemon()?;
-    let cert = w.start_haproxy()?;
-    let run = |src: IpAddr, tag: &str, count: usize, key: Option<&str>| Curl {
-        src,
-        urls: (0..count)
-            .map(|i| w.https_url(&format!("/api/{tag}/{i}")))
-            .collect(),
-        headers: key
-            .map(|k| vec![("X-API-Key".to_string(), k.to_string())])
-            .unwrap_or_default(),
-        ca: cert.cert.clone(),
-    };
+    w.start_haproxy()?;
     let replies = w.curl_all(&[
-        run(c[0], "nokey", 3, None),
-        run(c[0], "g", 4, Some("k-globex")),
-        run(c[1], "a", 2, Some("k-acme-1")),
+        w.curl(c[0], "nokey", 3, &[]),
+        w.curl(c[0], "g", 4, &[("X-API-Key", "k-globex")]),
+        w.curl(c[1], "a", 2, &[("X-API-Key", "k-acme-1")]),
     ])?;
     assert_eq!(
         statuses(&replies),

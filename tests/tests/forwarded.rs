@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use anyhow::{Result, ensure};
-use integration_tests::{PROXY_UPSTREAM, World, cidr, identified_by, n, org_toml};
-use limiter_lab::testbed::{AccessEntry, Curl, CurlReply, exchange_raw};
+use integration_tests::{PROXY_UPSTREAM, World, cidr, identified_by, n, org_toml, statuses};
+use limiter_lab::testbed::{AccessEntry, exchange_raw};
 
 /// The client nginx names: the rightmost `X-Forwarded-For` entry (nginx appends its peer).
 fn forwarded_client(e: &AccessEntry) -> Option<IpAddr> {
@@ -20,14 +20,6 @@ fn forwarded_client(e: &AccessEntry) -> Option<IpAddr> {
         .trim()
         .parse()
         .ok()
-}
-
-fn statuses(replies: &[Vec<CurlReply>]) -> BTreeMap<u16, u64> {
-    let mut m = BTreeMap::new();
-    for r in replies.iter().flatten() {
-        *m.entry(r.status).or_insert(0) += 1;
-    }
-    m
 }
 
 #[test]
@@ -48,22 +40,14 @@ fn forwarded_through_nginx_tls_counts_each_request_for_its_client() -> Result<()
         .concat(),
     )?;
     w.start_daemon()?;
-    let cert = w.start_nginx_tls()?;
-    let run = |src: IpAddr, tag: &str, count: usize, headers: Vec<(String, String)>| Curl {
-        src,
-        urls: (0..count)
-            .map(|i| w.https_url(&format!("/api/{tag}/{i}")))
-            .collect(),
-        headers,
-        ca: cert.cert.clone(),
-    };
+    w.start_nginx_tls()?;
     // c1 forges globex's address in its own X-Forwarded-For: nginx appends c1 after it.
-    let forged = vec![("X-Forwarded-For".to_string(), c[2].to_string())];
+    let forged = c[2].to_string();
     let replies = w.curl_all(&[
-        run(c[0], "a", 4, vec![]),
-        run(c[1], "forged", 3, forged),
-        run(c[2], "g", 6, vec![]),
-        run(c[3], "none", 2, vec![]),
+        w.curl(c[0], "a", 4, &[]),
+        w.curl(c[1], "forged", 3, &[("X-Forwarded-For", &forged)]),
+        w.curl(c[2], "g", 6, &[]),
+        w.curl(c[3], "none", 2, &[]),
     ])?;
     assert_eq!(
         statuses(&replies),

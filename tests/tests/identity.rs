@@ -7,28 +7,18 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Result, ensure};
-use integration_tests::{PROXY_UPSTREAM, TLS_PORT, World, cidr, identified_by, n, org_toml};
+use integration_tests::{
+    PROXY_UPSTREAM, TLS_PORT, World, cidr, identified_by, n, org_toml, statuses,
+};
 use limiter_lab::testbed::http::Parse;
 use limiter_lab::testbed::{
-    AccessEntry, Curl, CurlReply, exchange_raw, parse_response, proxy_v1_header, proxy_v2_header,
+    AccessEntry, Curl, exchange_raw, parse_response, proxy_v1_header, proxy_v2_header,
 };
 use serde_json::Value;
 
 /// The `trusted_proxies` entry: the peers reach the API over the loopback.
 fn trusted() -> String {
     cidr(PROXY_UPSTREAM.ip())
-}
-
-/// `count` HTTPS GETs of `/<tag>/<i>` from `src`, one curl process (keep-alive).
-fn curl(w: &World, src: IpAddr, tag: &str, count: usize, headers: &[(String, String)]) -> Curl {
-    Curl {
-        src,
-        urls: (0..count)
-            .map(|i| w.https_url(&format!("/{tag}/{i}")))
-            .collect(),
-        headers: headers.to_vec(),
-        ca: w.dir().join("api.crt"),
-    }
 }
 
 /// Served requests (garbage lines left out) counted by `who`.
@@ -41,15 +31,6 @@ fn served_by<K: Ord>(
         if let Some(k) = who(e) {
             *m.entry(k).or_insert(0) += 1;
         }
-    }
-    m
-}
-
-/// The statuses of every reply, counted.
-fn statuses(replies: &[Vec<CurlReply>]) -> BTreeMap<u16, u64> {
-    let mut m = BTreeMap::new();
-    for r in replies.iter().flatten() {
-        *m.entry(r.status).or_insert(0) += 1;
     }
     m
 }
@@ -88,7 +69,7 @@ fn identity_proxy_protocol_through_haproxy_counts_the_real_client() -> Result<()
         .iter()
         .zip(counts)
         .enumerate()
-        .map(|(i, (&src, k))| curl(&w, src, &format!("c{i}"), k, &[]))
+        .map(|(i, (&src, k))| w.curl(src, &format!("c{i}"), k, &[]))
         .collect();
     // The IPv6 client reaches HAProxy's IPv6 address.
     let v6_count = 3;
@@ -96,7 +77,7 @@ fn identity_proxy_protocol_through_haproxy_counts_the_real_client() -> Result<()
         urls: (0..v6_count)
             .map(|i| format!("https://[{}]:{TLS_PORT}/v6/{i}", w.tb.server_v6()))
             .collect(),
-        ..curl(&w, c6, "v6", 0, &[])
+        ..w.curl(c6, "v6", 0, &[])
     });
     let replies = w.curl_all(&runs)?;
     let sent = counts.iter().sum::<usize>() + v6_count;
@@ -243,7 +224,7 @@ fn identity_second_proxy_header_is_not_believed() -> Result<()> {
     }
     // Plain requests from the same client, through the same HAProxy.
     let plain = 3;
-    let replies = w.tb.curl(&curl(&w, mallory.into(), "plain", plain, &[]))?;
+    let replies = w.tb.curl(&w.curl(mallory.into(), "plain", plain, &[]))?;
     assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
 
     let log = w.server_entries()?;

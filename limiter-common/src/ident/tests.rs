@@ -1338,6 +1338,24 @@ fn forwarded_stream_reads_several_lines_as_one_list() {
     assert_eq!(fwd_stream(FWD_X_FORWARDED_FOR, &long), some("198.51.100.8"));
 }
 
+/// The word path is taken for a token's key bytes, and only for them (without this, the
+/// property below would hold for a `take_word` that never takes).
+#[test]
+fn key_text_takes_words_of_key_bytes() {
+    let mut t = KeyText::new(KEY_PLAIN);
+    let mut h = KeyHash::new([1, 2]);
+    t.push(b'k', &mut h);
+    assert!(t.take_word(u64::from_le_bytes(*b"abcd-._~"), &mut h));
+    assert!(!t.take_word(u64::from_le_bytes(*b"abc def\r"), &mut h));
+    assert!(!t.take_word(u64::from_le_bytes(*b"abcdefg\x7f"), &mut h));
+    let mut t = KeyText::new(KEY_AUTHORIZATION);
+    t.push(b'B', &mut h);
+    assert!(
+        !t.take_word(u64::from_le_bytes(*b"earer to"), &mut h),
+        "not in the scheme"
+    );
+}
+
 proptest! {
     /// Words at any alignment digest as their bytes do.
     #[test]
