@@ -45,6 +45,9 @@ macro_rules! map_layout {
             ORG_CONNS: Array<u32, i64> = PerOrg(1), Layout;
             /// Each org's counters, in three day slots (see `day_index`).
             ORG_DAYS: Array<u32, DayCounters> = PerOrg(DAY_SLOTS), Layout;
+            /// When each paced org's next new connection is due (`bpf_ktime_get_ns`, a GCRA
+            /// token bucket in one word): written by the XDP gate alone.
+            ORG_PACE: Array<u32, u64> = PerOrg(1), Layout;
             /// What the other hosts of a cluster counted, indexed like ORG_DAYS.
             ORG_REMOTE: Array<u32, RemoteCount> = PerOrg(DAY_SLOTS), Layout;
             /// Events for the daemon's log (a ring buffer of this many bytes).

@@ -178,7 +178,9 @@ pub struct OrgLimits {
     pub flags: u32,
     /// The org's name, for the 429's detail (the kernel knows orgs only by id otherwise).
     pub name_len: u32,
-    pub _pad: u32,
+    /// New connections a second the XDP gate lets through while the org is out of its daily
+    /// quota (`pace_over_quota`); 0: not paced.
+    pub pace_rate: u32,
     pub name: [u8; crate::reply::NAME_MAX],
 }
 
@@ -245,6 +247,8 @@ pub struct DayCounters {
     pub by_api_key: u64,
     /// Requests that carried an API key no org has (kept on the unmapped org).
     pub unknown_keys: u64,
+    /// SYNs the XDP gate dropped to pace an org out of its daily quota (`pace_over_quota`).
+    pub paced_syns: u64,
 }
 
 impl DayCounters {
@@ -265,6 +269,7 @@ impl DayCounters {
             by_forwarded: 0,
             by_api_key: 0,
             unknown_keys: 0,
+            paced_syns: 0,
         }
     }
 
@@ -284,6 +289,7 @@ impl DayCounters {
             | self.by_forwarded
             | self.by_api_key
             | self.unknown_keys
+            | self.paced_syns
             == 0
     }
 }

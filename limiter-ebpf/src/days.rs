@@ -61,6 +61,7 @@ pub(crate) fn day_counters(org: u32, day: u64) -> Option<*mut DayCounters> {
             (*slot).by_forwarded = 0;
             (*slot).by_api_key = 0;
             (*slot).unknown_keys = 0;
+            (*slot).paced_syns = 0;
             atomic_xchg::<u64, { SeqCst }>(tag, day);
         }
         return Some(slot);

@@ -50,6 +50,22 @@ pub(crate) fn daily_verdict(
     Some(Policy::Daily)
 }
 
+/// Whether the org's next counted request would be refused for its daily quota (the XDP gate's
+/// question: no request is counted here).
+#[inline(always)]
+pub(crate) fn out_of_quota(org: u32, day: u64, slot: *mut DayCounters, l: &OrgLimits) -> bool {
+    if l.flags & ORG_F_ACTIVE == 0 || l.flags & ORG_F_DRY_RUN != 0 {
+        return false;
+    }
+    let remote = ORG_REMOTE
+        .get(day_index(org, day))
+        .filter(|r| r.day == day)
+        .map(|r| r.requests)
+        .unwrap_or(0);
+    // SAFETY: valid map value.
+    load(unsafe { &raw mut (*slot).requests }).saturating_add(remote) >= l.daily_requests
+}
+
 /// Counts `n` requests against the quota if all fit: a compare-and-swap from below the limit,
 /// so the limit is never passed across CPUs and a refusal never touches the count (a reset or
 /// day change landing meanwhile cannot make it wrap). Under heavy contention the bounded loop

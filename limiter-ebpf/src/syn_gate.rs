@@ -1,15 +1,22 @@
-//! `limiter_syn_gate` (XDP): the SYN gate of `concurrency_mode = "delay"`.
+//! `limiter_syn_gate` (XDP): the SYN gate of `concurrency_mode = "delay"` and of
+//! `pace_over_quota`.
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+};
 use limiter_common::{ORG_F_CONC_DELAY, UNMAPPED_ORG};
 
 use crate::{
     addr::org_of,
-    atomic::add,
+    atomic::{add, cas, load},
     days::day_counters,
-    maps::{API_PORTS, ORG_CONNS, ORG_LIMITS},
+    maps::{API_PORTS, ORG_CONNS, ORG_LIMITS, ORG_PACE},
+    quota::out_of_quota,
     shared::{config, today},
 };
+
+/// A paced org may open this much of a second's worth of connections at once.
+const PACE_BURST_NS: u64 = 1_000_000_000;
 
 #[xdp]
 pub fn limiter_syn_gate(ctx: XdpContext) -> u32 {
@@ -17,8 +24,9 @@ pub fn limiter_syn_gate(ctx: XdpContext) -> u32 {
 }
 
 /// Drops the SYN of a new connection to an API port from an org in delay mode that is at its
-/// concurrency limit: the client's TCP retries it a moment later, so the connection waits instead
-/// of failing. Everything else passes (IPv4 with options and IPv6 with extension headers too).
+/// concurrency limit, or from a paced org out of its daily quota beyond its rate: the client's
+/// TCP retries it a moment later, so the connection waits instead of failing. Everything else
+/// passes (IPv4 with options and IPv6 with extension headers too).
 #[inline(always)]
 fn try_syn_gate(ctx: &XdpContext) -> Option<u32> {
     const ETH: usize = 14;
@@ -80,16 +88,47 @@ fn try_syn_gate(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: read-only lookup of a plain value.
     unsafe { API_PORTS.get(&port) }?;
     let org = org_of(addr);
+    if org == UNMAPPED_ORG {
+        return None;
+    }
     let l = ORG_LIMITS.get(org)?;
-    if org == UNMAPPED_ORG || l.flags & ORG_F_CONC_DELAY == 0 || l.concurrent_connections == 0 {
+    let day = today(c);
+    if l.flags & ORG_F_CONC_DELAY != 0
+        && l.concurrent_connections != 0
+        && *ORG_CONNS.get(org)? >= l.concurrent_connections as i64
+    {
+        let slot = day_counters(org, day)?;
+        // SAFETY: valid map value.
+        add(unsafe { &raw mut (*slot).delayed_syns }, 1);
+        return Some(xdp_action::XDP_DROP);
+    }
+    if l.pace_rate == 0 {
         return None;
     }
-    let open = *ORG_CONNS.get(org)?;
-    if open < l.concurrent_connections as i64 {
+    let slot = day_counters(org, day)?;
+    if !out_of_quota(org, day, slot, l) || take_pace(org, l.pace_rate) {
         return None;
     }
-    let slot = day_counters(org, today(c))?;
     // SAFETY: valid map value.
-    add(unsafe { &raw mut (*slot).delayed_syns }, 1);
+    add(unsafe { &raw mut (*slot).paced_syns }, 1);
     Some(xdp_action::XDP_DROP)
+}
+
+/// Takes one of a paced org's new connections if its rate allows (GCRA: ORG_PACE holds when the
+/// next one is due). Two CPUs racing for the last one may both get it; the rate is a pace, not a
+/// count.
+#[inline(always)]
+fn take_pace(org: u32, rate: u32) -> bool {
+    let Some(due) = ORG_PACE.get_ptr_mut(org) else {
+        return true;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cur = load(due);
+    let next = cur.max(now) + 1_000_000_000 / rate as u64;
+    if next > now + PACE_BURST_NS {
+        return false;
+    }
+    let _ = cas(due, cur, next);
+    true
 }

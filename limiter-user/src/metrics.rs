@@ -56,7 +56,7 @@ pub type Shared = Arc<Mutex<Arc<str>>>;
 
 type Field = fn(&crate::report::OrgReport) -> u64;
 
-const PER_ORG: [(&str, &str, Field); 10] = [
+const PER_ORG: [(&str, &str, Field); 12] = [
     (
         "limiter_requests_today",
         "Requests that used quota today",
@@ -103,6 +103,16 @@ const PER_ORG: [(&str, &str, Field); 10] = [
     ("limiter_remaining_today", "Requests left today", |o| {
         o.remaining
     }),
+    (
+        "limiter_delayed_syns_today",
+        "New connections held back at the concurrency limit today (concurrency_mode delay)",
+        |o| o.delayed_syns,
+    ),
+    (
+        "limiter_paced_syns_today",
+        "New connections held back while out of quota today (pace_over_quota)",
+        |o| o.paced_syns,
+    ),
 ];
 
 impl Default for Metrics {

@@ -41,6 +41,9 @@ pub struct OrgReport {
     /// SYNs held back by the XDP gate (`concurrency_mode = "delay"`).
     #[serde(default)]
     pub delayed_syns: u64,
+    /// SYNs held back while the org was out of quota and paced (`pace_over_quota`).
+    #[serde(default)]
+    pub paced_syns: u64,
     /// Requests (counted, refused or exempt) by where the org was known from.
     #[serde(default)]
     pub identified_by: IdentifiedBy,
@@ -146,6 +149,7 @@ impl OrgReport {
             concurrency_breaches: d.concurrency_breaches,
             concurrency_rejected: d.concurrency_rejected,
             delayed_syns: d.delayed_syns,
+            paced_syns: d.paced_syns,
             identified_by: IdentifiedBy::of(d),
             platform_requests: None,
             platform_connections: None,
@@ -394,7 +398,7 @@ mod tests {
             "org": "acme", "requests": 120, "daily_limit": 2500, "remaining": 2380, "rejected": 0,
             "exempt_media_gets": 4, "exempt_pushes": 2, "unparsed": 0,
             "connections": 1, "peak_connections": 4, "concurrency_limit": 3, "concurrency_breaches": 1,
-            "concurrency_rejected": 0, "delayed_syns": 0,
+            "concurrency_rejected": 0, "delayed_syns": 0, "paced_syns": 0,
             "identified_by": {"address": 6, "proxy_protocol": 0, "forwarded": 20, "api_key": 100}
         });
         assert_eq!(v["orgs"][0], want);

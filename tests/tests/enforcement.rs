@@ -454,6 +454,98 @@ fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()>
     Ok(())
 }
 
+/// `pace_over_quota`: once an org is out of its daily quota, the XDP gate lets its new
+/// connections through at `pace_rate` (here 1 a second) and its 429s close the connection even
+/// where the compact 429 would have kept it, so a client that goes on sending has to come back
+/// through the gate. Its exempt media GETs still get through, on paced connections; another org
+/// out of quota but not paced keeps its compact keep-alive 429 and opens connections freely.
+#[test]
+fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> {
+    use limiter_lab::testbed::Side;
+    let mut w = World::new("pace", 2, 0)?;
+    let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let globex = IpAddr::V4(w.tb.clients_v4()[1]);
+    let api_lines = format!(
+        "interfaces = [{:?}]\nnetns = {:?}",
+        w.tb.veth(Side::Server),
+        w.tb.netns_path(Side::Server).display().to_string()
+    );
+    let orgs = org_toml("acme", &[cidr(acme)], "daily_requests = 2")
+        + &org_toml(
+            "globex",
+            &[cidr(globex)],
+            "daily_requests = 2\npace_over_quota = false",
+        );
+    w.write_config_with(&api_lines, "pace_over_quota = true\npace_rate = 1", &orgs)?;
+    w.start_daemon()?;
+    let api = w.api4();
+    // Long enough for the compact 429 (which would keep the connection).
+    let long = format!("/api/{}", "x".repeat(200));
+    let run = |org: IpAddr| {
+        let long = long.clone();
+        async move {
+            let mut conn = HttpConn::connect(Some(org), api).await?;
+            for _ in 0..2 {
+                let r = conn.send(&Request::get("/api/in-quota"), true).await?;
+                anyhow::ensure!(r.status == 200, "{}", r.text());
+            }
+            let refused = conn.send(&Request::get(long), true).await?;
+            // Three new connections at once, each with a media GET.
+            let media = media_gets_at_once(org, api).await?;
+            Ok::<_, anyhow::Error>((refused, media))
+        }
+    };
+    let (acme_r, globex_r) = w.client(|| async move {
+        let a = run(acme).await?;
+        let g = run(globex).await?;
+        Ok((a, g))
+    })?;
+    let ((acme_429, acme_media), (globex_429, globex_media)) = (acme_r, globex_r);
+    assert_eq!(acme_429.status, 429, "{}", acme_429.text());
+    assert_eq!(
+        acme_429.header("Connection"),
+        Some("close"),
+        "a paced org's 429 closes the connection"
+    );
+    assert_compact_429(&globex_429, "\"daily\";w=86400;q=2");
+    assert_eq!(acme_media, [200; 3], "paced media GETs still get through");
+    assert_eq!(globex_media, [200; 3]);
+    let acme = w.org("acme")?;
+    let globex = w.org("globex")?;
+    assert!(
+        n(&acme, "paced_syns") >= 1,
+        "three SYNs at once at 1 a second: {acme}"
+    );
+    assert_eq!(n(&globex, "paced_syns"), 0, "{globex}");
+    for o in [&acme, &globex] {
+        assert_eq!(n(o, "requests"), 2, "{o}");
+        assert_eq!(n(o, "rejected"), 1, "{o}");
+        assert_eq!(n(o, "exempt_media_gets"), 3, "{o}");
+        assert_eq!(n(o, "delayed_syns"), 0, "{o}");
+    }
+    Ok(())
+}
+
+/// Opens three connections from `src` at once and sends a media GET on each: their statuses.
+async fn media_gets_at_once(src: IpAddr, api: std::net::SocketAddr) -> Result<Vec<u16>> {
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = HttpConn::connect(Some(src), api).await?;
+                let r = c
+                    .send(&Request::get(format!("/media/{i}.jpg")), false)
+                    .await?;
+                Ok::<u16, anyhow::Error>(r.status)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
 /// Against Debian's nginx, a few hundred refusals of every shape (short and long GETs, keep-alive
 /// and not, POSTs with large bodies, pipelined requests): every one gets a complete 429 and none
 /// reaches nginx; the requests within the quota are served normally.

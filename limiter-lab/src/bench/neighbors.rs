@@ -1,18 +1,13 @@
 //! The neighbors scenario: one org floods far past its quota while another org sends its normal
 //! load to the same nginx (a static file). What the well-behaved org keeps of the throughput and
 //! p99 latency it has alone: (a) alone, (b) with the flood served, (c) with nginx `limit_req`
-//! refusing the flooder, (d) with limiter refusing the flooder in the kernel.
+//! refusing the flooder, (d) with limiter refusing the flooder in the kernel, (e) with limiter
+//! refusing it and pacing its new connections at the XDP gate (`pace_over_quota`).
 //!
 //! The two loads run at once, from two client addresses: each org talks to a server address of
 //! its own, and a route per server address picks the org's client address as the source.
 
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use limiter_user::control::{self, Request as Ctl};
@@ -31,7 +26,7 @@ const FLOOD_ORG: &str = "flooder";
 /// How long the flood runs before the measured load starts, so that the whole measured window
 /// is flooded.
 const FLOOD_LEAD: Duration = Duration::from_millis(300);
-/// What the targets ask of (d).
+/// What the targets ask of (d) and (e).
 const MIN_SHARE: f64 = 0.8;
 const MIN_TIMES_NGINX: f64 = 2.0;
 const MAX_P99_RATIO: f64 = 2.0;
@@ -97,14 +92,16 @@ enum Phase {
     Flood,
     NginxRefuses,
     LimiterRefuses,
+    LimiterPaces,
 }
 
 impl Phase {
-    const ALL: [Phase; 4] = [
+    const ALL: [Phase; 5] = [
         Phase::Alone,
         Phase::Flood,
         Phase::NginxRefuses,
         Phase::LimiterRefuses,
+        Phase::LimiterPaces,
     ];
 
     fn label(self) -> &'static str {
@@ -113,7 +110,12 @@ impl Phase {
             Phase::Flood => "(b) flood served, no limit",
             Phase::NginxRefuses => "(c) nginx limit_req refuses the flooder",
             Phase::LimiterRefuses => "(d) limiter refuses the flooder in the kernel",
+            Phase::LimiterPaces => "(e) limiter refuses and paces the flooder (pace_over_quota)",
         }
+    }
+
+    fn limiter(self) -> bool {
+        matches!(self, Phase::LimiterRefuses | Phase::LimiterPaces)
     }
 
     /// Only (c) goes through nginx's limits; the others are served the same file without them.
@@ -146,7 +148,7 @@ pub struct PhaseResult {
     pub flooder_refused: u64,
 }
 
-/// One target of the scenario, on (d).
+/// One target of the scenario, on (d) or (e).
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     pub target: String,
@@ -198,21 +200,44 @@ impl Neighbors {
 }
 
 /// limiter's config for (d): the flooder's daily quota is 1, the well-behaved org's is huge.
-fn config(b: &Bench, addrs: &Addrs) -> Result<PathBuf> {
+/// For (e) the flooder is paced too, by the XDP gate on the server's interface.
+fn config(b: &Bench, addrs: &Addrs, paced: bool) -> Result<PathBuf> {
+    let mut head = b.config_head(1_000_000_000_000);
+    let mut pace = "";
+    if paced {
+        let gate = format!(
+            "[api]\ninterfaces = [{:?}]\nnetns = {:?}\n",
+            b.tb.veth(Side::Server),
+            b.tb.netns_path(Side::Server).display().to_string()
+        );
+        head = head.replacen("[api]\n", &gate, 1);
+        pace = "pace_over_quota = true\n";
+    }
     let text = format!(
-        "{}[[orgs]]\nname = \"{GOOD_ORG}\"\ncidrs = [\"{}/32\"]\n\n\
-         [[orgs]]\nname = \"{FLOOD_ORG}\"\ncidrs = [\"{}/32\"]\ndaily_requests = 1\n",
-        b.config_head(1_000_000_000_000),
-        addrs.good,
-        addrs.flooder
+        "{head}[[orgs]]\nname = \"{GOOD_ORG}\"\ncidrs = [\"{}/32\"]\n\n\
+         [[orgs]]\nname = \"{FLOOD_ORG}\"\ncidrs = [\"{}/32\"]\ndaily_requests = 1\n{pace}",
+        addrs.good, addrs.flooder
     );
-    let path = b.tb.dir().join("bench-neighbors.toml");
+    let name = if paced {
+        "bench-neighbors-paced.toml"
+    } else {
+        "bench-neighbors.toml"
+    };
+    let path = b.tb.dir().join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
-/// Today's (requests, rejected) per org, from the daemon's report.
-fn org_counts(b: &Bench) -> Result<HashMap<String, (u64, u64)>> {
+/// Today's counts of one org that the phases check.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    requests: u64,
+    rejected: u64,
+    paced_syns: u64,
+}
+
+/// Today's counts per org, from the daemon's report.
+fn org_counts(b: &Bench) -> Result<HashMap<String, Counts>> {
     let r = control::call(
         &b.socket,
         &Ctl::Report {
@@ -236,22 +261,31 @@ fn org_counts(b: &Bench) -> Result<HashMap<String, (u64, u64)>> {
             let name = o["org"]
                 .as_str()
                 .context("limiter's report: an org without a name")?;
-            Ok((name.to_string(), (n("requests")?, n("rejected")?)))
+            let counts = Counts {
+                requests: n("requests")?,
+                rejected: n("rejected")?,
+                paced_syns: n("paced_syns")?,
+            };
+            Ok((name.to_string(), counts))
         })
         .collect()
 }
 
-/// (requests, rejected) of `org` since `before`.
+/// `org`'s counts since `before`.
 fn delta(
-    before: &HashMap<String, (u64, u64)>,
-    after: &HashMap<String, (u64, u64)>,
+    before: &HashMap<String, Counts>,
+    after: &HashMap<String, Counts>,
     org: &str,
-) -> Result<(u64, u64)> {
-    let (b, a) = (before.get(org), after.get(org));
-    let ((br, bj), (ar, aj)) = b
-        .zip(a)
+) -> Result<Counts> {
+    let (b, a) = before
+        .get(org)
+        .zip(after.get(org))
         .with_context(|| format!("org {org} is not in limiter's report"))?;
-    Ok((ar.saturating_sub(*br), aj.saturating_sub(*bj)))
+    Ok(Counts {
+        requests: a.requests.saturating_sub(b.requests),
+        rejected: a.rejected.saturating_sub(b.rejected),
+        paced_syns: a.paced_syns.saturating_sub(b.paced_syns),
+    })
 }
 
 /// One run of `phase`: the well-behaved org's run and, except alone, the flooder's.
@@ -259,7 +293,7 @@ fn run_phase(
     b: &mut Bench,
     phase: Phase,
     addrs: &Addrs,
-    cfg: &Path,
+    cfgs: &Configs,
     shape: Shape,
 ) -> Result<(WrkRun, Option<WrkRun>)> {
     let what = phase.label();
@@ -270,7 +304,12 @@ fn run_phase(
         padded: false,
         shape,
     };
-    let before = if phase == Phase::LimiterRefuses {
+    let before = if phase.limiter() {
+        let cfg = if phase == Phase::LimiterPaces {
+            &cfgs.paced
+        } else {
+            &cfgs.refused
+        };
         b.start(cfg, GOOD_ORG)?;
         Some(org_counts(b)?)
     } else {
@@ -308,7 +347,7 @@ fn run_phase(
     match (phase, &flood) {
         (Phase::Alone, _) => {}
         (Phase::Flood, Some(f)) => check(&format!("{what}: the flooder"), f, Expect::Pass)?,
-        (Phase::NginxRefuses | Phase::LimiterRefuses, Some(f)) => {
+        (Phase::NginxRefuses | Phase::LimiterRefuses | Phase::LimiterPaces, Some(f)) => {
             check(&format!("{what}: the flooder"), f, Expect::Refuse)?;
             let status = b.status(addrs.flooder_dst, phase.path(), None)?;
             ensure!(
@@ -320,24 +359,41 @@ fn run_phase(
     }
     if let Some(before) = before {
         let after = org_counts(b)?;
-        let (good_req, good_rej) = delta(&before, &after, GOOD_ORG)?;
-        let (_, flood_rej) = delta(&before, &after, FLOOD_ORG)?;
+        let good = delta(&before, &after, GOOD_ORG)?;
+        let flood = delta(&before, &after, FLOOD_ORG)?;
         ensure!(
-            good_rej == 0 && good_req > 0,
-            "{what}: limiter counted {good_req} requests and rejected {good_rej} of the well-behaved org (expected requests and no rejections)"
+            good.rejected == 0 && good.requests > 0 && good.paced_syns == 0,
+            "{what}: limiter counted {} requests, rejected {} and paced {} SYNs of the well-behaved org (expected requests only)",
+            good.requests,
+            good.rejected,
+            good.paced_syns
         );
         ensure!(
-            flood_rej > 0,
+            flood.rejected > 0,
             "{what}: limiter rejected none of the flooder's requests"
+        );
+        // (e) is only what it claims if the gate held the flooder's connections back.
+        ensure!(
+            phase != Phase::LimiterPaces || flood.paced_syns > 0,
+            "{what}: the XDP gate paced none of the flooder's SYNs"
         );
         b.stop();
     }
     Ok((good, flood))
 }
 
-/// Runs every phase `b.reps` times (a b c d, a b c d, …) and compares them with (a).
+/// limiter's configs for (d) and (e).
+struct Configs {
+    refused: PathBuf,
+    paced: PathBuf,
+}
+
+/// Runs every phase `b.reps` times (a b c d e, a b c d e, …) and compares them with (a).
 pub fn run(b: &mut Bench, addrs: &Addrs, shape: Shape) -> Result<Neighbors> {
-    let cfg = config(b, addrs)?;
+    let cfg = Configs {
+        refused: config(b, addrs, false)?,
+        paced: config(b, addrs, true)?,
+    };
     let mut runs: Vec<(Vec<WrkRun>, Vec<WrkRun>)> = vec![Default::default(); Phase::ALL.len()];
     for _ in 0..b.reps {
         for (i, phase) in Phase::ALL.into_iter().enumerate() {
@@ -372,25 +428,31 @@ pub fn run(b: &mut Bench, addrs: &Addrs, shape: Shape) -> Result<Neighbors> {
             }
         })
         .collect();
-    let (c, d) = (&phases[2], &phases[3]);
-    let times_nginx = ratio(d.share_of_alone, c.share_of_alone);
-    let targets = vec![
-        Target {
-            target: format!("(d) keeps at least {MIN_SHARE} of its alone throughput"),
-            value: d.share_of_alone,
-            met: d.share_of_alone >= MIN_SHARE,
-        },
-        Target {
-            target: format!("(d) keeps at least {MIN_TIMES_NGINX}× what (c) keeps"),
-            value: times_nginx,
-            met: times_nginx >= MIN_TIMES_NGINX,
-        },
-        Target {
-            target: format!("(d) p99 within {MAX_P99_RATIO}× of alone"),
-            value: d.p99_vs_alone,
-            met: d.p99_vs_alone <= MAX_P99_RATIO,
-        },
-    ];
+    let c = &phases[2];
+    let targets = [(3, "(d)"), (4, "(e)")]
+        .into_iter()
+        .flat_map(|(i, name)| {
+            let p = &phases[i];
+            let times_nginx = ratio(p.share_of_alone, c.share_of_alone);
+            [
+                Target {
+                    target: format!("{name} keeps at least {MIN_SHARE} of its alone throughput"),
+                    value: p.share_of_alone,
+                    met: p.share_of_alone >= MIN_SHARE,
+                },
+                Target {
+                    target: format!("{name} keeps at least {MIN_TIMES_NGINX}× what (c) keeps"),
+                    value: times_nginx,
+                    met: times_nginx >= MIN_TIMES_NGINX,
+                },
+                Target {
+                    target: format!("{name} p99 within {MAX_P99_RATIO}× of alone"),
+                    value: p.p99_vs_alone,
+                    met: p.p99_vs_alone <= MAX_P99_RATIO,
+                },
+            ]
+        })
+        .collect();
     Ok(Neighbors {
         request: match shape {
             Shape::ApiHeaders => {

@@ -42,6 +42,11 @@ const CONTROL_SOCKET_NAME: &str = "control.sock";
 const DEFAULT_SNAPSHOT_INTERVAL_SECS: u64 = 60;
 const DEFAULT_DAILY_REQUESTS: u64 = 2500;
 const DEFAULT_CONCURRENT_CONNECTIONS: u32 = 3;
+/// `limits.pace_rate`: a paced org's new connections a second. Enough for a client that
+/// reconnects after each refusal to go on reaching its exempt media GETs, far too few to flood.
+pub const DEFAULT_PACE_RATE: u32 = 10;
+/// The highest `pace_rate` (one a microsecond).
+pub const MAX_PACE_RATE: u32 = 1_000_000;
 pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 250;
 
 /// The whole validated config.
@@ -230,6 +235,10 @@ pub struct Limits {
     /// UTC seconds after midnight at which the daily quota resets. It moves the quota day
     /// itself, so only a restart (which closes the running day) applies it.
     pub day_start_secs: RestartOnly<u32>,
+    /// Whether an org out of its daily quota has its new connections paced at the XDP gate.
+    pub pace_over_quota: bool,
+    /// The paced org's new connections a second.
+    pub pace_rate: u32,
 }
 
 impl Default for Limits {
@@ -240,6 +249,8 @@ impl Default for Limits {
             concurrency_mode: ConcurrencyMode::Observe,
             quota_mode: QuotaMode::Enforce,
             day_start_secs: RestartOnly::default(),
+            pace_over_quota: false,
+            pace_rate: DEFAULT_PACE_RATE,
         }
     }
 }
@@ -355,6 +366,7 @@ pub struct Org {
     pub concurrent_connections: Option<u32>,
     pub concurrency_mode: Option<ConcurrencyMode>,
     pub quota_mode: Option<QuotaMode>,
+    pub pace_over_quota: Option<bool>,
     /// 1-based line of the org's `name` key (or its line in the orgs file), for messages.
     pub line: usize,
 }
@@ -366,6 +378,9 @@ pub struct EffectiveLimits {
     pub concurrent_connections: u32,
     pub concurrency_mode: ConcurrencyMode,
     pub quota_mode: QuotaMode,
+    /// New connections a second while out of quota; 0: not paced (off, or no interface for
+    /// the XDP gate).
+    pub pace_rate: u32,
 }
 
 /// `[cluster]`: hosts share each org's daily count through Redis (or Valkey).
@@ -434,6 +449,17 @@ impl Config {
             concurrent_connections: self.limits.concurrent_connections,
             concurrency_mode: self.limits.concurrency_mode,
             quota_mode: self.limits.quota_mode,
+            pace_rate: self.pace_rate(self.limits.pace_over_quota),
+        }
+    }
+
+    /// The pace for an org whose `pace_over_quota` is `on`: none without an interface for the
+    /// gate (refusals would then close connections for nothing).
+    fn pace_rate(&self, on: bool) -> u32 {
+        if on && !self.api.interfaces.is_empty() {
+            self.limits.pace_rate
+        } else {
+            0
         }
     }
 
@@ -446,6 +472,7 @@ impl Config {
                 .unwrap_or(self.limits.concurrent_connections),
             concurrency_mode: org.concurrency_mode.unwrap_or(self.limits.concurrency_mode),
             quota_mode: org.quota_mode.unwrap_or(self.limits.quota_mode),
+            pace_rate: self.pace_rate(org.pace_over_quota.unwrap_or(self.limits.pace_over_quota)),
         }
     }
 }

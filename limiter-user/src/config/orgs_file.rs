@@ -2,7 +2,7 @@
 //! tables quickly.
 //!
 //! ```text
-//! # NAME [CIDR[,CIDR...]] [daily_requests=N] [concurrent_connections=N] [concurrency_mode=M] [quota_mode=Q]
+//! # NAME [CIDR[,CIDR...]] [daily_requests=N] [concurrent_connections=N] [concurrency_mode=M] [quota_mode=Q] [pace_over_quota=B]
 //! acme 192.0.2.0/24,2001:db8::/32 daily_requests=10000
 //! globex daily_requests=500
 //! ```
@@ -17,11 +17,12 @@ use super::raw::{self, Cidr, Connections, DailyRequests, OrgName};
 use super::{ConfigError, Org};
 
 /// The keys a line may set after its CIDRs, in the order an unknown-key message lists them.
-const KEYS: [&str; 4] = [
+const KEYS: [&str; 5] = [
     "daily_requests",
     "concurrent_connections",
     "concurrency_mode",
     "quota_mode",
+    "pace_over_quota",
 ];
 
 /// The orgs of an orgs file, with the byte offsets of each name and of every CIDR (flat, org
@@ -61,6 +62,7 @@ pub(super) fn parse(src: &Src<'_>) -> Result<FileOrgs, ConfigError> {
             concurrent_connections: None,
             concurrency_mode: None,
             quota_mode: None,
+            pace_over_quota: None,
             line: index + 1,
         };
         let name_at = at(name).unwrap_or(start);
@@ -123,6 +125,14 @@ fn set(src: &Src<'_>, org: &mut Org, option: &str, at: usize) -> Result<(), Conf
         "quota_mode" => org
             .quota_mode
             .replace(raw::quota_mode(value).map_err(bad)?)
+            .is_some(),
+        "pace_over_quota" => org
+            .pace_over_quota
+            .replace(match value {
+                "true" => true,
+                "false" => false,
+                _ => return Err(bad(format!("{value:?} is not true or false"))),
+            })
             .is_some(),
         _ => {
             return Err(src.invalid(

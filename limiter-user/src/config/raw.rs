@@ -67,6 +67,8 @@ pub(super) struct Limits {
     pub concurrency_mode: Option<ConcurrencyMode>,
     pub quota_mode: Option<QuotaMode>,
     pub day_start: Option<Spanned<DayStart>>,
+    pub pace_over_quota: Option<bool>,
+    pub pace_rate: Option<PaceRate>,
 }
 
 /// `[daemon]`.
@@ -100,6 +102,7 @@ pub(super) struct Org {
     pub concurrent_connections: Option<Connections>,
     pub concurrency_mode: Option<ConcurrencyMode>,
     pub quota_mode: Option<QuotaMode>,
+    pub pace_over_quota: Option<bool>,
 }
 
 /// Reads a string and converts it with `f`, whose error becomes the key's problem. The
@@ -219,6 +222,8 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Int<MIN, MAX> {
 
 pub(super) type DailyRequests = Int<1, { u64::MAX }>;
 pub(super) type Connections = Int<1, { u32::MAX as u64 }>;
+/// `pace_rate`: new connections a second.
+pub(super) type PaceRate = Int<1, { super::MAX_PACE_RATE as u64 }>;
 
 /// A TCP port, 1 to 65535.
 pub(super) struct Port(pub u16);

@@ -82,6 +82,7 @@ fn full_example() {
             concurrent_connections: 5,
             concurrency_mode: ConcurrencyMode::Reject,
             quota_mode: QuotaMode::DryRun,
+            pace_rate: 0,
         }
     );
 }

@@ -438,6 +438,10 @@ fn limits(src: &Src<'_>, raw: Option<Spanned<raw::Table<raw::Limits>>>) -> Limit
     }
     limits.concurrency_mode = raw.concurrency_mode.unwrap_or(limits.concurrency_mode);
     limits.quota_mode = raw.quota_mode.unwrap_or(limits.quota_mode);
+    limits.pace_over_quota = raw.pace_over_quota.unwrap_or(limits.pace_over_quota);
+    if let Some(v) = raw.pace_rate {
+        limits.pace_rate = v.0 as u32;
+    }
     let (day_start, at) = split(raw.day_start);
     limits.day_start_secs = restart_only(src, day_start.map_or(0, |d| d.0), at, Some(&table));
     limits
@@ -628,6 +632,7 @@ fn orgs(
             concurrent_connections: org.concurrent_connections.map(|v| v.0 as u32),
             concurrency_mode: org.concurrency_mode,
             quota_mode: org.quota_mode,
+            pace_over_quota: org.pace_over_quota,
             line: lines.line_at(name_at),
         });
     }

@@ -190,6 +190,7 @@ fn added(a: DayCounters, b: DayCounters, day: u64) -> DayCounters {
         by_forwarded: a.by_forwarded + b.by_forwarded,
         by_api_key: a.by_api_key + b.by_api_key,
         unknown_keys: a.unknown_keys + b.unknown_keys,
+        paced_syns: a.paced_syns + b.paced_syns,
     }
 }
 

@@ -227,12 +227,15 @@ pub fn kernel_limits(name: &str, l: &EffectiveLimits) -> OrgLimits {
         ConcurrencyMode::Delay => ORG_F_CONC_DELAY,
         ConcurrencyMode::Reject => ORG_F_CONC_REJECT,
     };
-    OrgLimits::new(
-        name.as_bytes(),
-        l.daily_requests,
-        l.concurrent_connections,
-        flags,
-    )
+    OrgLimits {
+        pace_rate: l.pace_rate,
+        ..OrgLimits::new(
+            name.as_bytes(),
+            l.daily_requests,
+            l.concurrent_connections,
+            flags,
+        )
+    }
 }
 
 /// What it takes to bring the maps from `old` to `new`: the one comparison behind [`apply`] and

@@ -94,6 +94,8 @@ pub struct Plan {
     /// Some org (or the default) delays connections over the limit, but no interface carries the
     /// SYN gate that does it.
     pub delay_without_gate: bool,
+    /// Likewise for pacing orgs out of quota (`pace_over_quota`).
+    pub pace_without_gate: bool,
     /// A secret for the keys' digests that the state directory does not hold yet, and why.
     new_secret: Option<(KeySecret, String)>,
     /// How many API keys the plan writes.
@@ -122,9 +124,13 @@ impl Plan {
         let delay_without_gate = cfg.api.interfaces.is_empty()
             && (delay(Some(cfg.limits.concurrency_mode))
                 || cfg.orgs.iter().any(|o| delay(o.concurrency_mode)));
+        let pace_without_gate = cfg.api.interfaces.is_empty()
+            && (cfg.limits.pace_over_quota
+                || cfg.orgs.iter().any(|o| o.pace_over_quota == Some(true)));
         Plan {
             org_count: cfg.orgs.len(),
             delay_without_gate,
+            pace_without_gate,
             new_secret,
             key_count: desired.keys.len(),
             settings: Settings::of(cfg),
@@ -232,6 +238,18 @@ mod tests {
         assert!(plan_of("", delay).delay_without_gate);
         assert!(!plan_of("", "").delay_without_gate);
         assert!(!plan_of("interfaces = [\"eth0\"]", delay).delay_without_gate);
+        let pace = "pace_over_quota = true";
+        assert!(plan_of("", pace).pace_without_gate);
+        assert!(!plan_of("", "").pace_without_gate);
+        let rate = |p: &Plan, org: &str| {
+            let id = p.orgs.ids.id(org).expect("an id");
+            p.orgs.limits.get(id).pace_rate
+        };
+        let paced = plan_of("interfaces = [\"eth0\"]", pace);
+        assert!(!paced.pace_without_gate);
+        assert_eq!((rate(&paced, "initech"), rate(&paced, "acme")), (10, 0));
+        // Without the gate nothing is paced: refusals keep their connections.
+        assert_eq!(rate(&plan_of("", pace), "initech"), 0);
     }
 }
 

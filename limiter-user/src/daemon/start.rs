@@ -182,6 +182,7 @@ impl Daemon<Kernel> {
             .attach(&api.cgroup, &api.interfaces, api.netns.as_deref())
             .context("attaching the kernel programs")?;
         let (org_count, delay_without_gate) = (plan.org_count, plan.delay_without_gate);
+        let pace_without_gate = plan.pace_without_gate;
         let key_count = plan.key_count;
         let (settings, orgs) = plan.into_parts();
         release_freed_memory();
@@ -190,6 +191,12 @@ impl Daemon<Kernel> {
             warn!(
                 event = "config",
                 "concurrency_mode = \"delay\" needs api.interfaces (the XDP SYN gate); without it over-limit connections are only observed"
+            );
+        }
+        if pace_without_gate {
+            warn!(
+                event = "config",
+                "pace_over_quota needs api.interfaces (the XDP SYN gate); without it no org is paced"
             );
         }
         let day = clock.today();

@@ -40,7 +40,7 @@ fn lines_comments_and_options() {
     let orgs = "# name cidrs options\n\
                 \n\
                 acme 192.0.2.0/24,2001:db8::1 daily_requests=10000   # big\r\n\
-                \t  beta 10.0.0.1 concurrent_connections=7 concurrency_mode=reject quota_mode=dry-run\n\
+                \t  beta 10.0.0.1 concurrent_connections=7 concurrency_mode=reject quota_mode=dry-run pace_over_quota=true\n\
                 gamma 10.1.0.0/16";
     let (_dir, path, cfg) = load("", orgs);
     let cfg = cfg.expect("valid orgs file");
@@ -53,6 +53,7 @@ fn lines_comments_and_options() {
             concurrent_connections: None,
             concurrency_mode: None,
             quota_mode: None,
+            pace_over_quota: None,
             line: 3,
         },
         Org {
@@ -62,6 +63,7 @@ fn lines_comments_and_options() {
             concurrent_connections: Some(7),
             concurrency_mode: Some(ConcurrencyMode::Reject),
             quota_mode: Some(QuotaMode::DryRun),
+            pace_over_quota: Some(true),
             line: 4,
         },
         Org {
@@ -71,6 +73,7 @@ fn lines_comments_and_options() {
             concurrent_connections: None,
             concurrency_mode: None,
             quota_mode: None,
+            pace_over_quota: None,
             line: 5,
         },
     ];
@@ -121,11 +124,11 @@ fn errors_name_file_line_column_and_key() {
         ),
         (
             "acme 10.0.0.0/8 daily\n",
-            "FILE:1:17: daily: expected key=value (one of: daily_requests, concurrent_connections, concurrency_mode, quota_mode)",
+            "FILE:1:17: daily: expected key=value (one of: daily_requests, concurrent_connections, concurrency_mode, quota_mode, pace_over_quota)",
         ),
         (
             "acme 10.0.0.0/8 daily=5\n",
-            "FILE:1:17: daily: unknown key (expected one of: daily_requests, concurrent_connections, concurrency_mode, quota_mode)",
+            "FILE:1:17: daily: unknown key (expected one of: daily_requests, concurrent_connections, concurrency_mode, quota_mode, pace_over_quota)",
         ),
         (
             "acme 10.0.0.0/8 daily_requests=0\n",
