@@ -282,8 +282,11 @@ fn limit(
         }
     };
     // A 429 may keep the connection only when the chunk was exactly one whole request, and
-    // never for a paced org out of quota: its next request has to come through the XDP gate.
-    let paced = matches!(policy, Policy::Daily) && limits.is_some_and(|l| l.pace_rate != 0);
+    // never for a paced org out of quota known by its address: its next request has to come
+    // through the XDP gate (a proxy's connections are not paced, nor closed for one org).
+    let paced = matches!(policy, Policy::Daily)
+        && t.via == ID_ADDRESS
+        && limits.is_some_and(|l| l.pace_rate != 0);
     let keep_alive_ok = !paced
         && from_boundary
         && t.starts == 1

@@ -2,7 +2,8 @@
 //! load to the same nginx (a static file). What the well-behaved org keeps of the throughput and
 //! p99 latency it has alone: (a) alone, (b) with the flood served, (c) with nginx `limit_req`
 //! refusing the flooder, (d) with limiter refusing the flooder in the kernel, (e) with limiter
-//! refusing it and pacing its new connections at the XDP gate (`pace_over_quota`).
+//! refusing it and pacing its new connections at the XDP gate (`pace_over_quota`), (f) with
+//! limiter refusing it and its delay gate holding it to its concurrency limit.
 //!
 //! The two loads run at once, from two client addresses: each org talks to a server address of
 //! its own, and a route per server address picks the org's client address as the source.
@@ -93,15 +94,17 @@ enum Phase {
     NginxRefuses,
     LimiterRefuses,
     LimiterPaces,
+    LimiterDelays,
 }
 
 impl Phase {
-    const ALL: [Phase; 5] = [
+    const ALL: [Phase; 6] = [
         Phase::Alone,
         Phase::Flood,
         Phase::NginxRefuses,
         Phase::LimiterRefuses,
         Phase::LimiterPaces,
+        Phase::LimiterDelays,
     ];
 
     fn label(self) -> &'static str {
@@ -111,11 +114,17 @@ impl Phase {
             Phase::NginxRefuses => "(c) nginx limit_req refuses the flooder",
             Phase::LimiterRefuses => "(d) limiter refuses the flooder in the kernel",
             Phase::LimiterPaces => "(e) limiter refuses and paces the flooder (pace_over_quota)",
+            Phase::LimiterDelays => {
+                "(f) limiter refuses, its delay gate holds the flooder to 3 connections"
+            }
         }
     }
 
     fn limiter(self) -> bool {
-        matches!(self, Phase::LimiterRefuses | Phase::LimiterPaces)
+        matches!(
+            self,
+            Phase::LimiterRefuses | Phase::LimiterPaces | Phase::LimiterDelays
+        )
     }
 
     /// Only (c) goes through nginx's limits; the others are served the same file without them.
@@ -200,30 +209,29 @@ impl Neighbors {
 }
 
 /// limiter's config for (d): the flooder's daily quota is 1, the well-behaved org's is huge.
-/// For (e) the flooder is paced too, by the XDP gate on the server's interface.
-fn config(b: &Bench, addrs: &Addrs, paced: bool) -> Result<PathBuf> {
+/// (e) also paces the flooder, (f) holds it to 3 connections (`concurrency_mode = "delay"`),
+/// both by the XDP gate on the server's interface.
+fn config(b: &Bench, addrs: &Addrs, phase: Phase) -> Result<PathBuf> {
     let mut head = b.config_head(1_000_000_000_000);
-    let mut pace = "";
-    if paced {
+    let flooder = match phase {
+        Phase::LimiterPaces => "pace_over_quota = true\n",
+        Phase::LimiterDelays => "concurrent_connections = 3\nconcurrency_mode = \"delay\"\n",
+        _ => "",
+    };
+    if !flooder.is_empty() {
         let gate = format!(
             "[api]\ninterfaces = [{:?}]\nnetns = {:?}\n",
             b.tb.veth(Side::Server),
             b.tb.netns_path(Side::Server).display().to_string()
         );
         head = head.replacen("[api]\n", &gate, 1);
-        pace = "pace_over_quota = true\n";
     }
     let text = format!(
         "{head}[[orgs]]\nname = \"{GOOD_ORG}\"\ncidrs = [\"{}/32\"]\n\n\
-         [[orgs]]\nname = \"{FLOOD_ORG}\"\ncidrs = [\"{}/32\"]\ndaily_requests = 1\n{pace}",
+         [[orgs]]\nname = \"{FLOOD_ORG}\"\ncidrs = [\"{}/32\"]\ndaily_requests = 1\n{flooder}",
         addrs.good, addrs.flooder
     );
-    let name = if paced {
-        "bench-neighbors-paced.toml"
-    } else {
-        "bench-neighbors.toml"
-    };
-    let path = b.tb.dir().join(name);
+    let path = b.tb.dir().join("bench-neighbors.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
@@ -234,6 +242,7 @@ struct Counts {
     requests: u64,
     rejected: u64,
     paced_syns: u64,
+    delayed_syns: u64,
 }
 
 /// Today's counts per org, from the daemon's report.
@@ -265,6 +274,7 @@ fn org_counts(b: &Bench) -> Result<HashMap<String, Counts>> {
                 requests: n("requests")?,
                 rejected: n("rejected")?,
                 paced_syns: n("paced_syns")?,
+                delayed_syns: n("delayed_syns")?,
             };
             Ok((name.to_string(), counts))
         })
@@ -285,6 +295,7 @@ fn delta(
         requests: a.requests.saturating_sub(b.requests),
         rejected: a.rejected.saturating_sub(b.rejected),
         paced_syns: a.paced_syns.saturating_sub(b.paced_syns),
+        delayed_syns: a.delayed_syns.saturating_sub(b.delayed_syns),
     })
 }
 
@@ -293,7 +304,6 @@ fn run_phase(
     b: &mut Bench,
     phase: Phase,
     addrs: &Addrs,
-    cfgs: &Configs,
     shape: Shape,
 ) -> Result<(WrkRun, Option<WrkRun>)> {
     let what = phase.label();
@@ -305,12 +315,8 @@ fn run_phase(
         shape,
     };
     let before = if phase.limiter() {
-        let cfg = if phase == Phase::LimiterPaces {
-            &cfgs.paced
-        } else {
-            &cfgs.refused
-        };
-        b.start(cfg, GOOD_ORG)?;
+        let cfg = config(b, addrs, phase)?;
+        b.start(&cfg, GOOD_ORG)?;
         Some(org_counts(b)?)
     } else {
         b.stop();
@@ -347,7 +353,13 @@ fn run_phase(
     match (phase, &flood) {
         (Phase::Alone, _) => {}
         (Phase::Flood, Some(f)) => check(&format!("{what}: the flooder"), f, Expect::Pass)?,
-        (Phase::NginxRefuses | Phase::LimiterRefuses | Phase::LimiterPaces, Some(f)) => {
+        (
+            Phase::NginxRefuses
+            | Phase::LimiterRefuses
+            | Phase::LimiterPaces
+            | Phase::LimiterDelays,
+            Some(f),
+        ) => {
             check(&format!("{what}: the flooder"), f, Expect::Refuse)?;
             let status = b.status(addrs.flooder_dst, phase.path(), None)?;
             ensure!(
@@ -377,27 +389,21 @@ fn run_phase(
             phase != Phase::LimiterPaces || flood.paced_syns > 0,
             "{what}: the XDP gate paced none of the flooder's SYNs"
         );
+        ensure!(
+            phase != Phase::LimiterDelays || flood.delayed_syns > 0,
+            "{what}: the XDP gate delayed none of the flooder's SYNs"
+        );
         b.stop();
     }
     Ok((good, flood))
 }
 
-/// limiter's configs for (d) and (e).
-struct Configs {
-    refused: PathBuf,
-    paced: PathBuf,
-}
-
-/// Runs every phase `b.reps` times (a b c d e, a b c d e, …) and compares them with (a).
+/// Runs every phase `b.reps` times (a b … f, a b … f, …) and compares them with (a).
 pub fn run(b: &mut Bench, addrs: &Addrs, shape: Shape) -> Result<Neighbors> {
-    let cfg = Configs {
-        refused: config(b, addrs, false)?,
-        paced: config(b, addrs, true)?,
-    };
     let mut runs: Vec<(Vec<WrkRun>, Vec<WrkRun>)> = vec![Default::default(); Phase::ALL.len()];
     for _ in 0..b.reps {
         for (i, phase) in Phase::ALL.into_iter().enumerate() {
-            let (good, flood) = run_phase(b, phase, addrs, &cfg, shape)?;
+            let (good, flood) = run_phase(b, phase, addrs, shape)?;
             runs[i].0.push(good);
             runs[i].1.extend(flood);
         }

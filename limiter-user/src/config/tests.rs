@@ -714,7 +714,7 @@ fn unknown_keys_name_the_known_ones() {
             4,
             1,
             "limits.day",
-            "daily_requests, concurrent_connections, concurrency_mode, quota_mode, day_start",
+            "daily_requests, concurrent_connections, concurrency_mode, quota_mode, day_start, pace_over_quota, pace_rate",
         ),
         (
             "[api]\nports = [1]\n[daemon]\nsocket = 1\n",
@@ -735,7 +735,7 @@ fn unknown_keys_name_the_known_ones() {
             6,
             1,
             "orgs[0].mode",
-            "name, cidrs, daily_requests, concurrent_connections, concurrency_mode, quota_mode",
+            "name, cidrs, daily_requests, concurrent_connections, concurrency_mode, quota_mode, pace_over_quota",
         ),
     ];
     for (text, line, column, key, known) in cases {
@@ -1220,5 +1220,42 @@ fn identification_errors_name_line_column_and_key() {
             "{FILE}:3:19: api.trusted_proxies: at most {} CIDRs are supported (the kernel's table)",
             limiter_common::MAX_TRUSTED_PROXIES
         )
+    );
+}
+
+/// Pacing is opt-in, per org or for all, and needs the gate's interfaces to mean anything.
+#[test]
+fn pacing_over_quota() {
+    let base = "[api]\nports = [1]\ninterfaces = [\"eth0\"]\n[limits]\n";
+    let orgs = "[[orgs]]\nname = \"a\"\ncidrs = [\"10.0.0.1\"]\n\
+                [[orgs]]\nname = \"b\"\ncidrs = [\"10.0.0.2\"]\npace_over_quota = true\n";
+    let c = parse(&format!("{base}{orgs}")).unwrap();
+    assert!(!c.limits.pace_over_quota);
+    assert_eq!(c.limits.pace_rate, DEFAULT_PACE_RATE);
+    assert_eq!(c.limits_for(&c.orgs[0]).pace_rate, 0);
+    assert_eq!(c.limits_for(&c.orgs[1]).pace_rate, DEFAULT_PACE_RATE);
+    let c = parse(&format!(
+        "{base}pace_over_quota = true\npace_rate = 3\n{}",
+        orgs.replace("pace_over_quota = true", "pace_over_quota = false")
+    ))
+    .unwrap();
+    assert_eq!(c.limits_for(&c.orgs[0]).pace_rate, 3);
+    assert_eq!(c.limits_for(&c.orgs[1]).pace_rate, 0);
+    // No interface, no gate: nothing is paced.
+    let c =
+        parse(&format!("{base}pace_over_quota = true\n").replace("interfaces = [\"eth0\"]\n", ""))
+            .unwrap();
+    assert_eq!(c.default_limits().pace_rate, 0);
+    expect_err(
+        &format!("{base}pace_rate = 0\n"),
+        5,
+        "limits.pace_rate",
+        "must be at least 1",
+    );
+    expect_err(
+        &format!("{base}pace_over_quota = \"yes\"\n"),
+        5,
+        "limits.pace_over_quota",
+        "",
     );
 }
