@@ -180,6 +180,22 @@ where
     Ok(())
 }
 
+/// Attaches the sk_msg program `name` to the socket map `socks` (the map owns the attachment
+/// from then on) and puts it in slot 0 of `next`, where the programs of earlier starts hand
+/// their sockets' messages to it.
+fn attach_msg<M: MapSpec>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    socks: &aya::maps::sock::SockMapFd,
+    next: &mut aya::maps::ProgramArray<aya::maps::MapData>,
+) -> Result<(), LoadError> {
+    let prog = program::<SkMsg>(ebpf, name)?;
+    let id = prog.attach(socks).map_err(prog_err(name))?;
+    std::mem::forget(prog.take_link(id).map_err(prog_err(name))?);
+    let fd = prog.fd().map_err(prog_err(name))?;
+    next.set(0, fd, 0).map_err(map_error::<M>)
+}
+
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
     move |source| LoadError::Program { name, source }
 }
@@ -333,25 +349,19 @@ impl Kernel {
         self.verdict_next
             .set(0, fd, 0)
             .map_err(map_error::<VERDICT_NEXT>)?;
-        let push = program::<SkMsg>(ebpf, programs::PUSH_MSG)?;
-        let id = push
-            .attach(self.push_socks.fd())
-            .map_err(prog_err(programs::PUSH_MSG))?;
-        std::mem::forget(push.take_link(id).map_err(prog_err(programs::PUSH_MSG))?);
-        let fd = push.fd().map_err(prog_err(programs::PUSH_MSG))?;
-        self.push_next
-            .set(0, fd, 0)
-            .map_err(map_error::<PUSH_NEXT>)?;
+        attach_msg::<PUSH_NEXT>(
+            ebpf,
+            programs::PUSH_MSG,
+            self.push_socks.fd(),
+            &mut self.push_next,
+        )?;
         // Before sock_ops: every socket it puts into API_SOCKS enters with the egress program.
-        let api_msg = program::<SkMsg>(ebpf, programs::API_MSG)?;
-        let id = api_msg
-            .attach(self.api_socks.fd())
-            .map_err(prog_err(programs::API_MSG))?;
-        std::mem::forget(api_msg.take_link(id).map_err(prog_err(programs::API_MSG))?);
-        let fd = api_msg.fd().map_err(prog_err(programs::API_MSG))?;
-        self.api_msg_next
-            .set(0, fd, 0)
-            .map_err(map_error::<API_MSG_NEXT>)?;
+        attach_msg::<API_MSG_NEXT>(
+            ebpf,
+            programs::API_MSG,
+            self.api_socks.fd(),
+            &mut self.api_msg_next,
+        )?;
         // From here the programs of earlier starts hand their sockets' traffic to these.
         self.sock_gen
             .set(0, self.generation, 0)
