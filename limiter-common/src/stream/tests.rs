@@ -713,13 +713,15 @@ fn the_connection_org_follows_identify_by() {
 // ---------------------------------------------------------------------------------------------
 // API keys: each request attributed on its own, at the end of its head.
 
-/// Rules with API keys: `X-API-Key` (or `header`) read, keys → orgs by their digests.
-struct Keys {
+/// The config's rules, plus what the kernel reads from maps: API keys (digest → org) and the
+/// address tables of the forwarded tests (10.0.0.0/8 trusted, 198.51.100.0/24 is org 5,
+/// 203.0.113.0/24 org 6).
+struct Rules {
     cfg: KernelConfig,
     keys: std::collections::HashMap<u64, u32>,
 }
 
-impl StreamRules for Keys {
+impl StreamRules for Rules {
     fn all(&self) -> u8 {
         self.cfg.all()
     }
@@ -744,11 +746,31 @@ impl StreamRules for Keys {
     fn identify_by(&self) -> [u8; crate::ID_SOURCES] {
         self.cfg.identify_by
     }
+    fn fwd_name(&self, pos: usize) -> u8 {
+        self.cfg.fwd_name(pos)
+    }
+    fn fwd_name_len(&self) -> usize {
+        self.cfg.fwd_name_len()
+    }
+    fn fwd_kind(&self) -> u8 {
+        self.cfg.forwarded_kind
+    }
+    fn trusted(&self, a: &AddrKey) -> bool {
+        a[10] == 0xff && a[12] == 10
+    }
+    fn addr_org(&self, a: &AddrKey) -> u32 {
+        match (a[12], a[13], a[14]) {
+            (198, 51, 100) => 5,
+            (203, 0, 113) => 6,
+            _ => crate::UNMAPPED_ORG,
+        }
+    }
 }
 
 const PEER_ORG: u32 = 9;
 
-fn keys_rules(header: &str, kind: u8, keys: &[(&str, u32)]) -> Keys {
+/// Rules with API keys: `header` read, `keys` → orgs by their digests.
+fn keys_rules(header: &str, kind: u8, keys: &[(&str, u32)]) -> Rules {
     use crate::{ID_ADDRESS, ID_API_KEY, ID_END};
     let mut cfg = media();
     cfg.identify_by = [ID_API_KEY, ID_ADDRESS, ID_END, ID_END];
@@ -765,10 +787,10 @@ fn keys_rules(header: &str, kind: u8, keys: &[(&str, u32)]) -> Keys {
             (crate::ident::siphash24(cfg.key_secret, &buf, k.len()), *org)
         })
         .collect();
-    Keys { cfg, keys }
+    Rules { cfg, keys }
 }
 
-fn default_keys() -> Keys {
+fn default_keys() -> Rules {
     keys_rules(
         "X-API-Key",
         crate::KEY_PLAIN,
@@ -955,44 +977,8 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Forwarded headers from a trusted proxy: each request by its client address.
 
-/// Rules with `identify_by = ["forwarded", "address"]`: 10.0.0.0/8 trusted, 198.51.100.0/24 is
-/// org 5, 203.0.113.0/24 org 6.
-struct Fwd {
-    cfg: KernelConfig,
-}
-
-impl StreamRules for Fwd {
-    fn all(&self) -> u8 {
-        self.cfg.all()
-    }
-    fn matching(&self, pos: u8, c: u8) -> u8 {
-        self.cfg.matching(pos, c)
-    }
-    fn fwd_name(&self, pos: usize) -> u8 {
-        self.cfg.fwd_name(pos)
-    }
-    fn fwd_name_len(&self) -> usize {
-        self.cfg.fwd_name_len()
-    }
-    fn fwd_kind(&self) -> u8 {
-        self.cfg.forwarded_kind
-    }
-    fn trusted(&self, a: &AddrKey) -> bool {
-        a[10] == 0xff && a[12] == 10
-    }
-    fn addr_org(&self, a: &AddrKey) -> u32 {
-        match (a[12], a[13], a[14]) {
-            (198, 51, 100) => 5,
-            (203, 0, 113) => 6,
-            _ => crate::UNMAPPED_ORG,
-        }
-    }
-    fn identify_by(&self) -> [u8; crate::ID_SOURCES] {
-        self.cfg.identify_by
-    }
-}
-
-fn fwd_rules(kind: u8, header: &str) -> Fwd {
+/// Rules with `identify_by = ["forwarded", "address"]` (the addresses of [`Rules`]).
+fn fwd_rules(kind: u8, header: &str) -> Rules {
     use crate::{ID_ADDRESS, ID_END, ID_FORWARDED};
     let mut cfg = media();
     cfg.identify_by = [ID_FORWARDED, ID_ADDRESS, ID_END, ID_END];
@@ -1001,7 +987,10 @@ fn fwd_rules(kind: u8, header: &str) -> Fwd {
     cfg.fwd_header[..name.len()].copy_from_slice(name.as_bytes());
     cfg.fwd_header_len = name.len() as u8;
     fill_name_first(&mut cfg);
-    Fwd { cfg }
+    Rules {
+        cfg,
+        keys: Default::default(),
+    }
 }
 
 /// A connection from a trusted proxy (its own address no org's).

@@ -3,7 +3,8 @@
 //! p99 latency it has alone: (a) alone, (b) with the flood served, (c) with nginx `limit_req`
 //! refusing the flooder, (d) with limiter refusing the flooder in the kernel, (e) with limiter
 //! refusing it and pacing its new connections at the XDP gate (`pace_over_quota`), (f) with
-//! limiter refusing it and its delay gate holding it to its concurrency limit.
+//! limiter refusing it and its delay gate holding it to its concurrency limit; and (g) the
+//! well-behaved org alone again with limiter and its XDP gate in place, what they cost it.
 //!
 //! The two loads run at once, from two client addresses: each org talks to a server address of
 //! its own, and a route per server address picks the org's client address as the source.
@@ -95,16 +96,18 @@ enum Phase {
     LimiterRefuses,
     LimiterPaces,
     LimiterDelays,
+    AloneGated,
 }
 
 impl Phase {
-    const ALL: [Phase; 6] = [
+    const ALL: [Phase; 7] = [
         Phase::Alone,
         Phase::Flood,
         Phase::NginxRefuses,
         Phase::LimiterRefuses,
         Phase::LimiterPaces,
         Phase::LimiterDelays,
+        Phase::AloneGated,
     ];
 
     fn label(self) -> &'static str {
@@ -117,14 +120,19 @@ impl Phase {
             Phase::LimiterDelays => {
                 "(f) limiter refuses, its delay gate holds the flooder to 3 connections"
             }
+            Phase::AloneGated => "(g) alone, limiter and its XDP gate in place",
         }
     }
 
     fn limiter(self) -> bool {
         matches!(
             self,
-            Phase::LimiterRefuses | Phase::LimiterPaces | Phase::LimiterDelays
+            Phase::LimiterRefuses | Phase::LimiterPaces | Phase::LimiterDelays | Phase::AloneGated
         )
+    }
+
+    fn flooded(self) -> bool {
+        !matches!(self, Phase::Alone | Phase::AloneGated)
     }
 
     /// Only (c) goes through nginx's limits; the others are served the same file without them.
@@ -214,7 +222,7 @@ impl Neighbors {
 fn config(b: &Bench, addrs: &Addrs, phase: Phase) -> Result<PathBuf> {
     let mut head = b.config_head(1_000_000_000_000);
     let flooder = match phase {
-        Phase::LimiterPaces => "pace_over_quota = true\n",
+        Phase::LimiterPaces | Phase::AloneGated => "pace_over_quota = true\n",
         Phase::LimiterDelays => "concurrent_connections = 3\nconcurrency_mode = \"delay\"\n",
         _ => "",
     };
@@ -322,7 +330,7 @@ fn run_phase(
         b.stop();
         None
     };
-    let flood = if phase == Phase::Alone {
+    let flood = if !phase.flooded() {
         None
     } else {
         // Runs until it is interrupted after the measured load (wrk then prints its summary).
@@ -351,7 +359,7 @@ fn run_phase(
         bail!("{what}: wrk printed no 99th percentile for the well-behaved org");
     }
     match (phase, &flood) {
-        (Phase::Alone, _) => {}
+        (Phase::Alone | Phase::AloneGated, _) => {}
         (Phase::Flood, Some(f)) => check(&format!("{what}: the flooder"), f, Expect::Pass)?,
         (
             Phase::NginxRefuses
@@ -381,7 +389,7 @@ fn run_phase(
             good.paced_syns
         );
         ensure!(
-            flood.rejected > 0,
+            flood.rejected > 0 || !phase.flooded(),
             "{what}: limiter rejected none of the flooder's requests"
         );
         // (e) is only what it claims if the gate held the flooder's connections back.
