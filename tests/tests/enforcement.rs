@@ -459,18 +459,21 @@ fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()>
 /// where the compact 429 would have kept it, so a client that goes on sending has to come back
 /// through the gate. Its exempt media GETs still get through, on paced connections; another org
 /// out of quota but not paced keeps its compact keep-alive 429 and opens connections freely.
+/// The org's IPv6 address is paced too, and `limiter reset` ends the pacing at once.
 #[test]
 fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> {
     use limiter_lab::testbed::Side;
-    let mut w = World::new("pace", 2, 0)?;
+    let mut w = World::new("pace", 2, 1)?;
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
+    let acme6 = IpAddr::V6(w.tb.clients_v6()[0]);
+    let acme4 = acme;
     let globex = IpAddr::V4(w.tb.clients_v4()[1]);
     let api_lines = format!(
         "interfaces = [{:?}]\nnetns = {:?}",
         w.tb.veth(Side::Server),
         w.tb.netns_path(Side::Server).display().to_string()
     );
-    let orgs = org_toml("acme", &[cidr(acme)], "daily_requests = 2")
+    let orgs = org_toml("acme", &[cidr(acme), cidr(acme6)], "daily_requests = 2")
         + &org_toml(
             "globex",
             &[cidr(globex)],
@@ -523,6 +526,24 @@ fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> 
         assert_eq!(n(o, "exempt_media_gets"), 3, "{o}");
         assert_eq!(n(o, "delayed_syns"), 0, "{o}");
     }
+    // The org's IPv6 address: the same org, the same pace.
+    let paced = n(&acme, "paced_syns");
+    let api6 = w.api6();
+    let v6 = w.client(|| media_gets_at_once(acme6, api6))?;
+    assert_eq!(v6, [200; 3]);
+    let acme = w.org("acme")?;
+    assert!(n(&acme, "paced_syns") > paced, "IPv6 SYNs paced: {acme}");
+    // A reset puts the org back within its quota: nothing is paced any more.
+    assert!(w.cli(&["reset", "--org", "acme"])?.status.success());
+    let paced = n(&w.org("acme")?, "paced_syns");
+    let after = w.client(|| media_gets_at_once(acme4, api))?;
+    assert_eq!(after, [200; 3]);
+    let acme = w.org("acme")?;
+    assert_eq!(
+        n(&acme, "paced_syns"),
+        paced,
+        "no pacing after the reset: {acme}"
+    );
     Ok(())
 }
 
