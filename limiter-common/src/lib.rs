@@ -9,6 +9,7 @@ pub mod http;
 pub mod ident;
 pub mod layout;
 pub mod maps;
+pub mod pace;
 pub mod reply;
 pub mod stream;
 

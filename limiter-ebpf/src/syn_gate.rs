@@ -4,19 +4,17 @@
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
-use limiter_common::{ORG_F_CONC_DELAY, UNMAPPED_ORG};
+use limiter_common::{ORG_F_CONC_DELAY, UNMAPPED_ORG, pace::pace_take};
 
 use crate::{
     addr::org_of,
     atomic::{add, cas, load},
     days::day_counters,
+    ident::trusted,
     maps::{API_PORTS, ORG_CONNS, ORG_LIMITS, ORG_PACE},
     quota::out_of_quota,
     shared::{config, today},
 };
-
-/// A paced org may open this much of a second's worth of connections at once.
-const PACE_BURST_NS: u64 = 1_000_000_000;
 
 #[xdp]
 pub fn limiter_syn_gate(ctx: XdpContext) -> u32 {
@@ -92,11 +90,13 @@ fn try_syn_gate(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let l = ORG_LIMITS.get(org)?;
+    let delay = l.flags & ORG_F_CONC_DELAY != 0 && l.concurrent_connections != 0;
+    // A trusted proxy's connections carry many orgs' requests: never held back for one.
+    if (!delay && l.pace_rate == 0) || trusted(&addr) {
+        return None;
+    }
     let day = today(c);
-    if l.flags & ORG_F_CONC_DELAY != 0
-        && l.concurrent_connections != 0
-        && *ORG_CONNS.get(org)? >= l.concurrent_connections as i64
-    {
+    if delay && *ORG_CONNS.get(org)? >= l.concurrent_connections as i64 {
         let slot = day_counters(org, day)?;
         // SAFETY: valid map value.
         add(unsafe { &raw mut (*slot).delayed_syns }, 1);
@@ -114,9 +114,8 @@ fn try_syn_gate(ctx: &XdpContext) -> Option<u32> {
     Some(xdp_action::XDP_DROP)
 }
 
-/// Takes one of a paced org's new connections if its rate allows (GCRA: ORG_PACE holds when the
-/// next one is due). Two CPUs racing for the last one may both get it; the rate is a pace, not a
-/// count.
+/// Takes one of a paced org's new connections if its rate allows ([`pace_take`] on ORG_PACE).
+/// Two CPUs racing for the last one may both get it; the rate is a pace, not a count.
 #[inline(always)]
 fn take_pace(org: u32, rate: u32) -> bool {
     let Some(due) = ORG_PACE.get_ptr_mut(org) else {
@@ -125,10 +124,11 @@ fn take_pace(org: u32, rate: u32) -> bool {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let cur = load(due);
-    let next = cur.max(now) + 1_000_000_000 / rate as u64;
-    if next > now + PACE_BURST_NS {
-        return false;
+    match pace_take(cur, now, rate) {
+        Some(next) => {
+            let _ = cas(due, cur, next);
+            true
+        }
+        None => false,
     }
-    let _ = cas(due, cur, next);
-    true
 }

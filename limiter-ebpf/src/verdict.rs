@@ -28,7 +28,7 @@ use crate::{
     days::{Counter, add_by, count, day_counters},
     ident, inflight,
     maps::{ORG_CONNS, ORG_LIMITS, REFUSE, SCRATCH, VERDICT_NEXT, WALK},
-    quota::daily_verdict,
+    quota::{daily_verdict, out_of_quota},
     shared::{config, fault, forward, today},
     sock_ops::connection_opened,
     sock_table::sock_state,
@@ -284,9 +284,15 @@ fn limit(
     // A 429 may keep the connection only when the chunk was exactly one whole request, and
     // never for a paced org out of quota known by its address: its next request has to come
     // through the XDP gate (a proxy's connections are not paced, nor closed for one org).
-    let paced = matches!(policy, Policy::Daily)
-        && t.via == ID_ADDRESS
-        && limits.is_some_and(|l| l.pace_rate != 0);
+    let paced = t.via == ID_ADDRESS
+        && match limits {
+            Some(l) if l.pace_rate != 0 => match policy {
+                Policy::Daily => true,
+                Policy::Concurrency => out_of_quota(org, day, slot, l),
+                Policy::BadRequest => false,
+            },
+            _ => false,
+        };
     let keep_alive_ok = !paced
         && from_boundary
         && t.starts == 1

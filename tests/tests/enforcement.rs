@@ -459,11 +459,13 @@ fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()>
 /// where the compact 429 would have kept it, so a client that goes on sending has to come back
 /// through the gate. Its exempt media GETs still get through, on paced connections; another org
 /// out of quota but not paced keeps its compact keep-alive 429 and opens connections freely.
-/// The org's IPv6 address is paced too, and `limiter reset` ends the pacing at once.
+/// The org's IPv6 address is paced too, and `limiter reset` ends the pacing at once. An org in
+/// `dry-run` is never paced: nothing is refused, so nothing is out of quota.
 #[test]
 fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> {
     use limiter_lab::testbed::Side;
-    let mut w = World::new("pace", 2, 1)?;
+    let mut w = World::new("pace", 3, 1)?;
+    let initech = IpAddr::V4(w.tb.clients_v4()[2]);
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
     let acme6 = IpAddr::V6(w.tb.clients_v6()[0]);
     let acme4 = acme;
@@ -478,6 +480,11 @@ fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> 
             "globex",
             &[cidr(globex)],
             "daily_requests = 2\npace_over_quota = false",
+        )
+        + &org_toml(
+            "initech",
+            &[cidr(initech)],
+            "daily_requests = 2\nquota_mode = \"dry-run\"",
         );
     w.write_config_with(&api_lines, "pace_over_quota = true\npace_rate = 1", &orgs)?;
     w.start_daemon()?;
@@ -526,6 +533,19 @@ fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> 
         assert_eq!(n(o, "exempt_media_gets"), 3, "{o}");
         assert_eq!(n(o, "delayed_syns"), 0, "{o}");
     }
+    // Dry-run: its third request passes (counted as would-be rejected), and its new
+    // connections are not paced.
+    let dry = w.client(|| async move {
+        let mut conn = HttpConn::connect(Some(initech), api).await?;
+        for _ in 0..3 {
+            let r = conn.send(&Request::get("/api/dry"), true).await?;
+            anyhow::ensure!(r.status == 200, "{}", r.text());
+        }
+        media_gets_at_once(initech, api).await
+    })?;
+    assert_eq!(dry, [200; 3]);
+    let o = w.org("initech")?;
+    assert_eq!(n(&o, "paced_syns"), 0, "{o}");
     // The org's IPv6 address: the same org, the same pace.
     let paced = n(&acme, "paced_syns");
     let api6 = w.api6();

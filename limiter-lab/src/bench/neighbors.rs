@@ -406,7 +406,7 @@ fn run_phase(
     Ok((good, flood))
 }
 
-/// Runs every phase `b.reps` times (a b … f, a b … f, …) and compares them with (a).
+/// Runs every phase `b.reps` times (a b … g, a b … g, …) and compares them with (a).
 pub fn run(b: &mut Bench, addrs: &Addrs, shape: Shape) -> Result<Neighbors> {
     let mut runs: Vec<(Vec<WrkRun>, Vec<WrkRun>)> = vec![Default::default(); Phase::ALL.len()];
     for _ in 0..b.reps {

@@ -165,6 +165,7 @@ impl Src<'_> {
                 "a sequence" if key == "orgs" => "an array of tables ([[orgs]])",
                 "a sequence" => "an array",
                 "a string" => "a string",
+                "a boolean" => "true or false",
                 e if e.starts_with("struct ") => "a table",
                 _ => "an integer",
             };

@@ -1256,6 +1256,6 @@ fn pacing_over_quota() {
         &format!("{base}pace_over_quota = \"yes\"\n"),
         5,
         "limits.pace_over_quota",
-        "",
+        "expected true or false, found a string",
     );
 }
