@@ -203,7 +203,7 @@ impl Daemon<Kernel> {
         info!(
             event = "startup",
             programs = "sock_ops,stream_verdict,sk_msg,xdp",
-            interfaces = ?settings.api.interfaces,
+            interfaces = ?*settings.api.interfaces,
             cgroup = %settings.api.cgroup.display(),
             ports = ?settings.api.ports,
             orgs = org_count,
