@@ -30,13 +30,7 @@ pub(crate) fn daily_verdict(
         add(requests, n);
         return None;
     };
-    // In a cluster the other hosts' count of today counts against the same limit.
-    let remote = ORG_REMOTE
-        .get(day_index(org, day))
-        .filter(|r| r.day == day)
-        .map(|r| r.requests)
-        .unwrap_or(0);
-    if take_quota(requests, remote, l.daily_requests, n) {
+    if take_quota(requests, remote(org, day), l.daily_requests, n) {
         return None;
     }
     // Over quota: the requests go to `rejected`, not `requests`.
@@ -57,13 +51,18 @@ pub(crate) fn out_of_quota(org: u32, day: u64, slot: *mut DayCounters, l: &OrgLi
     if l.flags & ORG_F_ACTIVE == 0 || l.flags & ORG_F_DRY_RUN != 0 {
         return false;
     }
-    let remote = ORG_REMOTE
+    // SAFETY: valid map value.
+    load(unsafe { &raw mut (*slot).requests }).saturating_add(remote(org, day)) >= l.daily_requests
+}
+
+/// In a cluster, the other hosts' count of `day`, which counts against the same limit.
+#[inline(always)]
+fn remote(org: u32, day: u64) -> u64 {
+    ORG_REMOTE
         .get(day_index(org, day))
         .filter(|r| r.day == day)
         .map(|r| r.requests)
-        .unwrap_or(0);
-    // SAFETY: valid map value.
-    load(unsafe { &raw mut (*slot).requests }).saturating_add(remote) >= l.daily_requests
+        .unwrap_or(0)
 }
 
 /// Counts `n` requests against the quota if all fit: a compare-and-swap from below the limit,
