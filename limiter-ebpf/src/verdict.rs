@@ -110,7 +110,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     }
     let d = if walked {
         let sock = Sock { org, kind, stream };
-        decide(ctx, c, &sock, &t, (flags, from_boundary))
+        decide(ctx, c, &sock, &t, flags, from_boundary)
     } else {
         // The stream cannot be followed past here: fail open.
         fault(FAULT_PARSE);
@@ -185,7 +185,8 @@ fn decide(
     c: &KernelConfig,
     sock: &Sock,
     t: &Tally,
-    (flags, from_boundary): (u8, bool),
+    flags: u8,
+    from_boundary: bool,
 ) -> Decision {
     let org = t.org;
     if flags & F_REFUSED != 0 {
@@ -285,14 +286,14 @@ fn limit(
     // never for a paced org out of quota known by its address: its next request has to come
     // through the XDP gate (a proxy's connections are not paced, nor closed for one org).
     let paced = t.via == ID_ADDRESS
-        && match limits {
-            Some(l) if l.pace_rate != 0 => match policy {
-                Policy::Daily => true,
-                Policy::Concurrency => out_of_quota(org, day, slot, l),
-                Policy::BadRequest => false,
-            },
-            _ => false,
-        };
+        && limits.is_some_and(|l| {
+            l.pace_rate != 0
+                && match policy {
+                    Policy::Daily => true,
+                    Policy::Concurrency => out_of_quota(org, day, slot, l),
+                    Policy::BadRequest => false,
+                }
+        });
     let keep_alive_ok = !paced
         && from_boundary
         && t.starts == 1

@@ -688,6 +688,16 @@ impl Testbed {
         }
     }
 
+    /// The `[api]` lines that put the daemon's XDP SYN gate on the server's end of the veth
+    /// pair, where the clients' SYNs arrive (`concurrency_mode = "delay"`, `pace_over_quota`).
+    pub fn gate_config(&self) -> String {
+        format!(
+            "interfaces = [{:?}]\nnetns = {:?}\n",
+            self.veth(Side::Server),
+            self.netns_path(Side::Server).display().to_string()
+        )
+    }
+
     /// Path of a side's network namespace file (for `setns`, or the daemon's `api.netns`).
     pub fn netns_path(&self, side: Side) -> PathBuf {
         Path::new(NETNS_DIR).join(self.netns(side))

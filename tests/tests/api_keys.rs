@@ -269,8 +269,7 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     assert_eq!(n(&globex, "concurrency_rejected"), refused, "{globex}");
     assert_eq!(n(&globex, "requests"), ok, "{globex}");
     // Answered: nothing stays in flight, though nginx keeps its upstream connections open.
-    let globex = w.wait_org("globex", |o| n(o, "connections") == 0)?;
-    assert_eq!(n(&globex, "connections"), 0, "{globex}");
+    w.wait_org("globex", |o| n(o, "connections") == 0)?;
     // acme, on the same pooled connections, is not held by globex's limit.
     let r = w.curl_all(&[slow(c[0], "k-acme-1")])?;
     assert_eq!(statuses(&r), BTreeMap::from([(200, 1)]));

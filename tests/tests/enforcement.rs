@@ -380,15 +380,10 @@ fn concurrency_reject_answers_the_extra_connection() -> Result<()> {
 /// open connections closes; it then connects and is served.
 #[test]
 fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()> {
-    use limiter_lab::testbed::Side;
     use std::time::{Duration, Instant};
     let mut w = World::new("delay", 1, 0)?;
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
-    let api_lines = format!(
-        "interfaces = [{:?}]\nnetns = {:?}",
-        w.tb.veth(Side::Server),
-        w.tb.netns_path(Side::Server).display().to_string()
-    );
+    let api_lines = w.tb.gate_config();
     w.write_config_with(
         &api_lines,
         "",
@@ -463,18 +458,13 @@ fn concurrency_delay_holds_the_extra_connection_until_one_closes() -> Result<()>
 /// `dry-run` is never paced: nothing is refused, so nothing is out of quota.
 #[test]
 fn pace_over_quota_paces_new_connections_of_an_org_out_of_quota() -> Result<()> {
-    use limiter_lab::testbed::Side;
     let mut w = World::new("pace", 3, 1)?;
     let initech = IpAddr::V4(w.tb.clients_v4()[2]);
     let acme = IpAddr::V4(w.tb.clients_v4()[0]);
     let acme6 = IpAddr::V6(w.tb.clients_v6()[0]);
     let acme4 = acme;
     let globex = IpAddr::V4(w.tb.clients_v4()[1]);
-    let api_lines = format!(
-        "interfaces = [{:?}]\nnetns = {:?}",
-        w.tb.veth(Side::Server),
-        w.tb.netns_path(Side::Server).display().to_string()
-    );
+    let api_lines = w.tb.gate_config();
     let orgs = org_toml("acme", &[cidr(acme), cidr(acme6)], "daily_requests = 2")
         + &org_toml(
             "globex",

@@ -227,12 +227,7 @@ fn config(b: &Bench, addrs: &Addrs, phase: Phase) -> Result<PathBuf> {
         _ => "",
     };
     if !flooder.is_empty() {
-        let gate = format!(
-            "[api]\ninterfaces = [{:?}]\nnetns = {:?}\n",
-            b.tb.veth(Side::Server),
-            b.tb.netns_path(Side::Server).display().to_string()
-        );
-        head = head.replacen("[api]\n", &gate, 1);
+        head = head.replacen("[api]\n", &format!("[api]\n{}", b.tb.gate_config()), 1);
     }
     let text = format!(
         "{head}[[orgs]]\nname = \"{GOOD_ORG}\"\ncidrs = [\"{}/32\"]\n\n\
