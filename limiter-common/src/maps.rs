@@ -384,7 +384,9 @@ pub struct Event {
     pub day: u64,
 }
 
-/// A connection arrived while its org was at its concurrency limit; `value` = connections before it.
+/// A connection (or a request in flight) arrived while its org was at its concurrency limit, and
+/// it was the org's first breach of the day or one whose number is a power of two; `value` =
+/// the org's breaches of the day before it. The daemon follows `concurrency_breaches` from there.
 pub const EVENT_CONCURRENCY_BREACH: u32 = 1;
 /// The org's first refusal of the day (`value` = its daily limit; also in dry-run).
 pub const EVENT_QUOTA_EXHAUSTED: u32 = 2;

@@ -328,7 +328,7 @@ const F_CONNECTION: u8 = F_HTTP | F_REFUSED;
 /// and its password, with room); a longer one is an unknown key.
 pub const KEY_VALUE_MAX: usize = 512;
 
-/// Turns of the header-line scan in one step (each looks at a word or past a line).
+/// Turns of the header-line scan in one step (each looks at four words or past a line).
 const SCAN_TURNS: usize = 16;
 
 /// Longest method token followed.
@@ -834,8 +834,8 @@ impl Stream {
         }
     }
 
-    /// [`Self::skip_line`] of a request or header line: a scan of the window, an aligned word
-    /// at a time, that goes on past each LF while [`Self::header_line`] skips the line after
+    /// [`Self::skip_line`] of a request or header line: a scan of the window, four aligned
+    /// words a turn, that goes on past each LF while [`Self::header_line`] skips the line after
     /// it.
     #[inline(always)]
     fn skip_header_lines(
@@ -855,20 +855,36 @@ impl Stream {
                 return n.saturating_sub(at) as u64;
             }
             let o = from & !7;
-            let mut m = byte_eq_mask(win.word(o / 8), b'\n') & (u64::MAX << ((from - o) * 8));
-            let valid = n - o;
-            if valid < 8 {
-                // Bytes past `n` are stale.
-                m &= (1u64 << (valid * 8)) - 1;
-            }
-            if m == 0 {
-                t.set_scan(o + 8);
+            let w = (o / 8) & (WIN / 8 - 1);
+            // Bytes before `from` in the first word are not looked at; words past the buffer
+            // read as 0 (no LF).
+            let m0 = byte_eq_mask(win.word(w), b'\n') & (u64::MAX << ((from - o) * 8));
+            let m1 = byte_eq_mask(win.word(w + 1), b'\n');
+            let m2 = byte_eq_mask(win.word(w + 2), b'\n');
+            let m3 = byte_eq_mask(win.word(w + 3), b'\n');
+            let (base, m) = if m0 != 0 {
+                (o, m0)
+            } else if m1 != 0 {
+                (o + 8, m1)
+            } else if m2 != 0 {
+                (o + 16, m2)
+            } else if m3 != 0 {
+                (o + 24, m3)
+            } else {
+                t.set_scan(o + 32);
                 continue;
+            };
+            // Through map memory: the rest of the turn starts from one state for the verifier,
+            // whichever word held the LF.
+            t.set_scan(base + first_marked(m) + 1);
+            let next = t.scan();
+            // Bytes past `n` are stale: an LF there is none.
+            if next > n {
+                return n.saturating_sub(at) as u64;
             }
-            let next = o + first_marked(m) + 1;
             self.state = S_HDR;
-            if next >= n {
-                return (next - at) as u64;
+            if next >= n || next >= WIN {
+                return next.saturating_sub(at) as u64;
             }
             let b = win[next & (WIN - 1)];
             let after = (next + 1 < n).then(|| win[(next + 1) & (WIN - 1)]);
@@ -1237,8 +1253,10 @@ impl Stream {
         false
     }
 
+    /// One byte of a header name that may matter ([`S_NAME`]); the kernel runs these in a
+    /// loop of their own, a name in one turn of the walk.
     #[inline(always)]
-    fn name_byte(&mut self, b: u8, cfg: &impl StreamRules) {
+    pub fn name_byte(&mut self, b: u8, cfg: &impl StreamRules) {
         let pos = self.sub as usize;
         if b == b':' {
             let cl = self.names & NAME_CL != 0 && pos == HEADER_LENS[0] as usize;
@@ -1540,7 +1558,9 @@ impl Stream {
             if self.needs_bytes() && !(pos >= win_off && pos < win_off + win_n) {
                 win_off = pos;
                 win_n = (bytes.len() - pos).min(WIN);
-                win = Window([0xaa; WIN_BUF]);
+                // Past the chunk's bytes, LFs: the kernel's window holds stale bytes there,
+                // and a stale LF must never be taken for one of the chunk's.
+                win = Window([b'\n'; WIN_BUF]);
                 win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
             }
             let at = pos.wrapping_sub(win_off);

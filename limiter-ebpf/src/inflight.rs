@@ -13,14 +13,15 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use limiter_common::{
-    ConnKey, FAULT_SOCK_STATE_FULL, Inflight, KernelConfig, ORG_F_CONC_REJECT, OrgLimits,
+    ConnKey, DayCounters, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, Inflight, ORG_F_CONC_REJECT,
+    OrgLimits,
 };
 
 use crate::{
     atomic::add_i64,
     maps::{API_MSG_NEXT, INFLIGHT, ORG_CONNS},
     shared::{fault, forward},
-    sock_ops::connection_opened,
+    sock_ops::count_opened,
 };
 
 /// The [`ConnKey`] of a context (`bpf_sock_ops`, `__sk_buff`, `sk_msg_md`). The remote port
@@ -84,9 +85,16 @@ pub(crate) fn answered(key: &ConnKey, closed: bool) {
 }
 
 /// `n` requests of `org` passed on this connection: in flight until answered. Counted like a
-/// connection (peak, breach event).
+/// connection (peak, breach event) in the org's day slot `slot`, which the verdict just counted
+/// them in.
 #[inline(always)]
-pub(crate) fn started(key: &ConnKey, org: u32, n: u32, c: &KernelConfig) {
+pub(crate) fn started(
+    key: &ConnKey,
+    org: u32,
+    n: u32,
+    slot: *mut DayCounters,
+    limits: Option<&OrgLimits>,
+) {
     if n == 0 {
         return;
     }
@@ -102,12 +110,12 @@ pub(crate) fn started(key: &ConnKey, org: u32, n: u32, c: &KernelConfig) {
             f
         }
     };
-    let _ = connection_opened(org, c);
-    if n > 1
-        && let Some(conns) = ORG_CONNS.get_ptr_mut(org)
-    {
-        add_i64(conns, (n - 1) as i64);
-    }
+    let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
+        fault(FAULT_BAD_ORG);
+        return;
+    };
+    let before = add_i64(conns, n as i64);
+    let _ = count_opened(org, before, n as u64, slot, limits);
     // SAFETY: valid map value; see `answered`.
     unsafe {
         (*f).org = org;

@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use limiter_common::{
-    EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, FAULT_SOCKHASH_FULL,
-    FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_INBOUND,
-    SOCK_F_MSG, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
+    DayCounters, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL,
+    FAULT_SOCKHASH_FULL, FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, KernelConfig, ORG_F_CONC_REJECT,
+    OrgLimits, SOCK_F_INBOUND, SOCK_F_MSG, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
     stream::{Stream, listed},
 };
 
@@ -133,17 +133,36 @@ pub(crate) fn connection_opened(org: u32, c: &KernelConfig) -> Option<u32> {
         return None;
     };
     let before = add_i64(conns, 1);
+    let slot = day_counters(org, today(c))?;
+    count_opened(org, before, 1, slot, ORG_LIMITS.get(org))
+}
+
+/// The peak and the breaches of `n` connections (or requests in flight) of `org` that came
+/// when it had `before` open, in its day slot `slot`; the org's `ORG_F_*` flags when they
+/// came at its concurrency limit (one breach for them all).
+#[inline(always)]
+pub(crate) fn count_opened(
+    org: u32,
+    before: i64,
+    n: u64,
+    slot: *mut DayCounters,
+    limits: Option<&OrgLimits>,
+) -> Option<u32> {
     let before = if before > 0 { before as u64 } else { 0 };
-    let d = today(c);
-    let slot = day_counters(org, d)?;
     // SAFETY: valid map value.
-    unsafe { raise_to(&raw mut (*slot).peak_connections, before + 1) };
-    let l = ORG_LIMITS.get(org)?;
+    unsafe { raise_to(&raw mut (*slot).peak_connections, before + n) };
+    let l = limits?;
     let limit = l.concurrent_connections as u64;
     if org != UNMAPPED_ORG && limit > 0 && before >= limit {
         // SAFETY: valid map value.
-        add(unsafe { &raw mut (*slot).concurrency_breaches }, 1);
-        emit(EVENT_CONCURRENCY_BREACH, org, before, d);
+        let (breaches, day) =
+            unsafe { (add(&raw mut (*slot).concurrency_breaches, 1), (*slot).day) };
+        // The daemon follows the count; an event (a ring buffer write and a wake-up) only at
+        // the day's first breach and then at powers of two tells it which orgs to follow,
+        // without one per request when requests in flight are the measure.
+        if breaches & breaches.wrapping_sub(1) == 0 {
+            emit(EVENT_CONCURRENCY_BREACH, org, breaches, day);
+        }
         return Some(l.flags);
     }
     None

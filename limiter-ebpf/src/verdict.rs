@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_API_KEY,
-    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, SOCK_F_MSG,
+    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_MSG,
     SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED,
     TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY,
     TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
@@ -238,10 +238,10 @@ fn decide(
         }
     }
     if t.counted == 0 && !t.broken {
-        passed(ctx, c, sock, t);
+        passed(ctx, sock, t, slot, ORG_LIMITS.get(org));
         return Decision::pass(TRACE_O_EXEMPT, TRACE_R_NONE);
     }
-    limit(ctx, c, sock, t, from_boundary, day, slot)
+    limit(ctx, sock, t, from_boundary, day, slot)
 }
 
 /// Counts the chunk's `t.counted` requests against the org's limits, and refuses them when
@@ -249,7 +249,6 @@ fn decide(
 #[inline(always)]
 fn limit(
     ctx: &SkBuffContext,
-    c: &KernelConfig,
     sock: &Sock,
     t: &Tally,
     from_boundary: bool,
@@ -277,7 +276,7 @@ fn limit(
             Some(p) => p,
             None if t.broken => Policy::BadRequest,
             None => {
-                passed(ctx, c, sock, t);
+                passed(ctx, sock, t, slot, limits);
                 return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE);
             }
         }
@@ -316,11 +315,17 @@ fn limit(
     }
 }
 
-/// The chunk's requests pass: those attributed one by one go in flight.
+/// The chunk's requests pass, counted in `slot`: those attributed one by one go in flight.
 #[inline(always)]
-fn passed(ctx: &SkBuffContext, c: &KernelConfig, sock: &Sock, t: &Tally) {
+fn passed(
+    ctx: &SkBuffContext,
+    sock: &Sock,
+    t: &Tally,
+    slot: *mut DayCounters,
+    limits: Option<&OrgLimits>,
+) {
     if per_request(sock.kind, t) {
-        start_inflight(ctx, t.org, t.counted + t.media, c);
+        start_inflight(ctx, t.org, t.counted + t.media, slot, limits);
     }
 }
 
@@ -328,9 +333,15 @@ fn passed(ctx: &SkBuffContext, c: &KernelConfig, sock: &Sock, t: &Tally) {
 /// (a BPF subprogram): inlined, its key and lookups took the verdict's stack, with the PROXY
 /// look's callbacks under it, past the verifier's 512 bytes.
 #[inline(never)]
-fn start_inflight(ctx: &SkBuffContext, org: u32, n: u32, c: &KernelConfig) {
+fn start_inflight(
+    ctx: &SkBuffContext,
+    org: u32,
+    n: u32,
+    slot: *mut DayCounters,
+    limits: Option<&OrgLimits>,
+) {
     if let Some(key) = inflight::conn_key!(ctx.skb.skb) {
-        inflight::started(&key, org, n, c);
+        inflight::started(&key, org, n, slot, limits);
     }
 }
 

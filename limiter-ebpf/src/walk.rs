@@ -12,8 +12,8 @@ use limiter_common::{
     ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
     stream::{
         ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
-        Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_fwd_name, config_key_name,
-        media_match_index,
+        S_NAME, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_fwd_name,
+        config_key_name, media_match_index,
     },
 };
 
@@ -79,6 +79,28 @@ extern "C" fn value_step(_i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
+/// A byte of a header name that may matter ([`Stream::name_byte`]), from the window where the
+/// walk stands, until the name is settled or the window ends: a name in one turn of the walk.
+#[inline(never)]
+extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    let pos = slot.pos + slot.key_used;
+    if stream.state != S_NAME || pos >= slot.len || pos >= slot.win_off + slot.win_n {
+        return 1;
+    }
+    let at = (pos - slot.win_off) as usize;
+    let rules = KernelRules {
+        all: 0,
+        key_len: cfg.key_header_len as usize,
+        cfg,
+    };
+    stream.name_byte(slot.win[at & (WIN - 1)], &rules);
+    slot.key_used += 1;
+    0
+}
+
 #[inline(always)]
 fn try_walk_step(
     skb: *mut __sk_buff,
@@ -127,6 +149,24 @@ fn try_walk_step(
         w.win_n = win;
     }
     let at = (w.pos - w.win_off) as usize;
+    if stream.state == S_NAME {
+        // A header name, in a loop of its own.
+        w.key_used = 0;
+        // SAFETY: as above.
+        unsafe {
+            bpf_loop(
+                NAME_MAX as u32,
+                name_step as *const () as *mut c_void,
+                ctx,
+                0,
+            )
+        };
+        if w.key_used == 0 {
+            return 1;
+        }
+        w.pos += w.key_used;
+        return 0;
+    }
     if stream.in_value() {
         // An identifying header's value, in a loop of its own.
         w.key_used = 0;
@@ -394,6 +434,10 @@ extern "C" fn v1_step(i: u64, ctx: *mut c_void) -> i64 {
     w.v1.push(b);
     if b == b'\n' { 1 } else { 0 }
 }
+
+/// Most header-name bytes `name_step` looks at in one turn of the walk (the names that matter
+/// are shorter).
+const NAME_MAX: usize = limiter_common::HEADER_NAME_MAX + 1;
 
 /// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
 const WALK_MAX: u64 = 1 << 23;

@@ -95,6 +95,9 @@ enum Cmd {
         /// Only the neighbors scenario.
         #[arg(long)]
         neighbors_only: bool,
+        /// Another `limiter` binary to alternate with in the kernel-cost runs.
+        #[arg(long, value_name = "LIMITER")]
+        against: Option<PathBuf>,
     },
 }
 
@@ -111,7 +114,8 @@ fn main() -> ExitCode {
             quick,
             cost_only,
             neighbors_only,
-        } => bench(quick, cost_only, neighbors_only),
+            against,
+        } => bench(quick, cost_only, neighbors_only, against.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -405,7 +409,7 @@ fn demo(args: &[OsString]) -> Result<()> {
     Err(error).with_context(|| format!("cannot run {}", ebpf::describe(&cmd)))
 }
 
-fn bench(quick: bool, cost_only: bool, neighbors_only: bool) -> Result<()> {
+fn bench(quick: bool, cost_only: bool, neighbors_only: bool, against: Option<&Path>) -> Result<()> {
     setup()?;
     build_release_with_lab()?;
     let mut cmd = Command::new(target_dir().join("release").join("limiter-lab"));
@@ -420,6 +424,9 @@ fn bench(quick: bool, cost_only: bool, neighbors_only: bool) -> Result<()> {
     }
     if neighbors_only {
         cmd.arg("--neighbors-only");
+    }
+    if let Some(other) = against {
+        cmd.arg("--against").arg(other);
     }
     run(&mut cmd)
 }

@@ -17,9 +17,11 @@ pub const BREACH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often unmapped traffic is summarised, when it changed.
 pub const UNMAPPED_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
+/// An org whose breaches the log follows (from its first breach event of the day): its count
+/// of `day` when its last line was logged (or when it was first seen).
 struct BreachLog {
-    pending: u64,
+    day: u64,
+    logged: u64,
     last_logged: Option<Instant>,
 }
 
@@ -51,7 +53,19 @@ impl EventLog {
     /// org's first refusal of the day (the kernel reports it once) is logged at once.
     pub fn record(&mut self, ev: &Event, orgs: &Orgs, clock: &Clock) {
         match ev.kind {
-            EVENT_CONCURRENCY_BREACH => self.breaches.entry(ev.org).or_default().pending += 1,
+            EVENT_CONCURRENCY_BREACH => {
+                // The kernel sends a breach event only now and then (see the constant); the
+                // count since the last line comes from the org's counters.
+                let log = self.breaches.entry(ev.org).or_insert(BreachLog {
+                    day: ev.day,
+                    logged: ev.value,
+                    last_logged: None,
+                });
+                if log.day != ev.day {
+                    log.day = ev.day;
+                    log.logged = ev.value;
+                }
+            }
             EVENT_QUOTA_EXHAUSTED => quota_exhausted(ev, orgs, clock),
             _ => {}
         }
@@ -71,25 +85,29 @@ impl EventLog {
             let due = log
                 .last_logged
                 .is_none_or(|t| now.saturating_duration_since(t) >= BREACH_LOG_EVERY);
-            if log.pending == 0 || !due {
+            if log.day != day || !due {
+                continue;
+            }
+            let total = match maps.usage(org, day) {
+                Ok((d, _)) if d.day == day => d.concurrency_breaches,
+                _ => continue,
+            };
+            let pending = total.saturating_sub(log.logged);
+            if pending == 0 {
                 continue;
             }
             let limits = orgs.limits.get(org);
-            let total = maps
-                .usage(org, day)
-                .map(|(d, _)| d.concurrency_breaches)
-                .unwrap_or(0);
             warn!(
                 event = "concurrency_breach",
                 org = orgs.name(org),
-                breaches = log.pending,
+                breaches = pending,
                 breaches_today = total,
                 concurrency_limit = limits.concurrent_connections,
                 mode = %limits.concurrency_mode,
                 "connections over the concurrency limit"
             );
-            logged.push((org, log.pending));
-            log.pending = 0;
+            logged.push((org, pending));
+            log.logged = total;
             log.last_logged = Some(now);
         }
         logged
@@ -186,30 +204,43 @@ mod tests {
         orgs_of(&Config::parse(&text, std::path::Path::new("t.toml")).expect("test config"))
     }
 
-    fn breach(org: u32) -> Event {
+    /// The kernel's breach event: `before` breaches of the org today came before it.
+    fn breach(org: u32, before: u64) -> Event {
         Event {
             kind: EVENT_CONCURRENCY_BREACH,
             org,
-            value: 3,
+            value: before,
             day: D,
         }
     }
 
+    /// The org's breaches of today in the fake maps.
+    fn set_breaches(maps: &mut FakeMaps, org: u32, n: u64) {
+        let d = limiter_common::DayCounters {
+            concurrency_breaches: n,
+            ..limiter_common::DayCounters::for_day(D)
+        };
+        maps.write_day(org, d).expect("fake write");
+    }
+
     #[test]
     fn concurrency_lines_are_one_per_org_per_minute() {
-        let (maps, orgs, clock) = (FakeMaps::default(), orgs(), Clock::new(0));
+        let (mut maps, orgs, clock) = (FakeMaps::default(), orgs(), Clock::new(0));
         let t0 = Instant::now();
         let mut log = EventLog::new(t0);
-        for _ in 0..5 {
-            log.record(&breach(1), &orgs, &clock);
-        }
+        // The day's first breach (and the second, fourth: powers of two) send events; the
+        // line counts the breaches since the first by the counter.
+        log.record(&breach(1, 0), &orgs, &clock);
+        log.record(&breach(1, 1), &orgs, &clock);
+        log.record(&breach(1, 2), &orgs, &clock);
+        set_breaches(&mut maps, 1, 5);
         assert_eq!(log.flush_breaches(&maps, &orgs, D, t0), [(1, 5)]);
-        // Within the minute: counted, not logged; another org has its own minute.
+        // Within the minute: counted, not logged, even without an event; another org has its
+        // own minute.
         let later = t0 + BREACH_LOG_EVERY / 2;
-        for _ in 0..3 {
-            log.record(&breach(1), &orgs, &clock);
-        }
-        log.record(&breach(2), &orgs, &clock);
+        set_breaches(&mut maps, 1, 8);
+        log.record(&breach(2, 0), &orgs, &clock);
+        set_breaches(&mut maps, 2, 1);
         assert_eq!(log.flush_breaches(&maps, &orgs, D, later), [(2, 1)]);
         assert_eq!(log.flush_breaches(&maps, &orgs, D, later), []);
         // A minute after its last line, the org's breaches since are logged in one line.
@@ -220,24 +251,41 @@ mod tests {
             log.flush_breaches(&maps, &orgs, D, next + 2 * BREACH_LOG_EVERY),
             []
         );
+        // The org is followed by its counter: breaches with no event of their own are logged.
+        set_breaches(&mut maps, 1, 11);
+        assert_eq!(
+            log.flush_breaches(&maps, &orgs, D, next + 3 * BREACH_LOG_EVERY),
+            [(1, 3)]
+        );
+        // Another day: nothing until that day's first breach event.
+        assert_eq!(
+            log.flush_breaches(&maps, &orgs, D + 1, next + 4 * BREACH_LOG_EVERY),
+            []
+        );
+    }
+
+    #[test]
+    fn breaches_before_the_first_event_seen_are_not_logged_again() {
+        // A daemon that starts (or restarts) mid-day hears of an org at its next power of two:
+        // its line counts from there, and breaches_today says the whole day's.
+        let (mut maps, orgs, clock) = (FakeMaps::default(), orgs(), Clock::new(0));
+        let mut log = EventLog::new(Instant::now());
+        log.record(&breach(1, 64), &orgs, &clock);
+        set_breaches(&mut maps, 1, 70);
+        assert_eq!(
+            log.flush_breaches(&maps, &orgs, D, Instant::now()),
+            [(1, 6)]
+        );
     }
 
     #[test]
     fn breach_and_quota_lines_name_the_org_its_limit_and_mode() {
         let (mut maps, clock) = (FakeMaps::default(), Clock::new(0));
         let orgs = orgs_with("concurrent_connections = 2\nconcurrency_mode = \"reject\"");
-        maps.write_day(
-            1,
-            limiter_common::DayCounters {
-                concurrency_breaches: 4,
-                ..limiter_common::DayCounters::for_day(D)
-            },
-        )
-        .expect("fake write");
+        set_breaches(&mut maps, 1, 4);
         let mut log = EventLog::new(Instant::now());
         let ((), lines) = logged(|| {
-            log.record(&breach(1), &orgs, &clock);
-            log.record(&breach(1), &orgs, &clock);
+            log.record(&breach(1, 2), &orgs, &clock);
             log.flush_breaches(&maps, &orgs, D, Instant::now());
         });
         let line = events(&lines, "concurrency_breach");
@@ -276,7 +324,7 @@ mod tests {
 
     #[test]
     fn records_that_are_not_events_are_skipped() {
-        let ev = breach(1);
+        let ev = breach(1, 0);
         assert_eq!(parse_event(bytemuck::bytes_of(&ev)), Some(ev));
         assert_eq!(parse_event(&bytemuck::bytes_of(&ev)[1..]), None);
     }
