@@ -508,8 +508,9 @@ pub struct WalkSlot {
     pub win: Window,
     /// A connection's first bytes, read for a PROXY header.
     pub first: [u8; crate::ident::CAP],
-    /// Bytes of the window the value loop has taken (see [`Stream::value_run`]).
-    pub key_used: u64,
+    /// Bytes of the window an inner loop (an identifying header's value, see
+    /// [`Stream::value_run`], or a header name) has taken.
+    pub used: u64,
     /// A PROXY v1 line starts the connection: bytes of `first` to read it from (0: none).
     pub v1_n: u64,
     /// A PROXY v1 line as read so far.
@@ -883,7 +884,7 @@ impl Stream {
                 return n.saturating_sub(at) as u64;
             }
             self.state = S_HDR;
-            if next >= n || next >= WIN {
+            if next >= n {
                 return next.saturating_sub(at) as u64;
             }
             let b = win[next & (WIN - 1)];

@@ -238,7 +238,7 @@ fn decide(
         }
     }
     if t.counted == 0 && !t.broken {
-        passed(ctx, sock, t, slot, ORG_LIMITS.get(org));
+        passed(ctx, sock, t, slot);
         return Decision::pass(TRACE_O_EXEMPT, TRACE_R_NONE);
     }
     limit(ctx, sock, t, from_boundary, day, slot)
@@ -276,7 +276,7 @@ fn limit(
             Some(p) => p,
             None if t.broken => Policy::BadRequest,
             None => {
-                passed(ctx, sock, t, slot, limits);
+                passed(ctx, sock, t, slot);
                 return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE);
             }
         }
@@ -317,15 +317,9 @@ fn limit(
 
 /// The chunk's requests pass, counted in `slot`: those attributed one by one go in flight.
 #[inline(always)]
-fn passed(
-    ctx: &SkBuffContext,
-    sock: &Sock,
-    t: &Tally,
-    slot: *mut DayCounters,
-    limits: Option<&OrgLimits>,
-) {
+fn passed(ctx: &SkBuffContext, sock: &Sock, t: &Tally, slot: *mut DayCounters) {
     if per_request(sock.kind, t) {
-        start_inflight(ctx, t.org, t.counted + t.media, slot, limits);
+        start_inflight(ctx, t.org, t.counted + t.media, slot, ORG_LIMITS.get(t.org));
     }
 }
 

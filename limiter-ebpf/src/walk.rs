@@ -58,24 +58,17 @@ extern "C" fn attribute_step(_i: u64, ctx: *mut c_void) -> i64 {
     1
 }
 
-/// Bytes of an identifying header's value ([`Stream::value_run`]) ([`Stream::key_byte`]), from the window where the
+/// Bytes of an identifying header's value ([`Stream::value_run`]), from the window where the
 /// walk stands, until its LF or the window's end.
 #[inline(never)]
 extern "C" fn value_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as in `walk_step`.
     let w = unsafe { &*(ctx as *const Walk) };
     let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    let pos = slot.pos + slot.key_used;
-    if !stream.in_value() || pos >= slot.len || pos >= slot.win_off + slot.win_n {
+    let Some(at) = inner_at(slot).filter(|_| stream.in_value()) else {
         return 1;
-    }
-    let at = (pos - slot.win_off) as usize;
-    let rules = KernelRules {
-        all: 0,
-        key_len: cfg.key_header_len as usize,
-        cfg,
     };
-    slot.key_used += stream.value_run(&slot.win, at, slot.win_n as usize, &rules);
+    slot.used += stream.value_run(&slot.win, at, slot.win_n as usize, &key_rules(cfg));
     0
 }
 
@@ -86,18 +79,43 @@ extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as in `walk_step`.
     let w = unsafe { &*(ctx as *const Walk) };
     let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    let pos = slot.pos + slot.key_used;
-    if stream.state != S_NAME || pos >= slot.len || pos >= slot.win_off + slot.win_n {
+    let Some(at) = inner_at(slot).filter(|_| stream.state == S_NAME) else {
         return 1;
-    }
-    let at = (pos - slot.win_off) as usize;
-    let rules = KernelRules {
+    };
+    stream.name_byte(slot.win[at & (WIN - 1)], &key_rules(cfg));
+    slot.used += 1;
+    0
+}
+
+/// Where an inner loop (`value_step`, `name_step`) stands in the window: None past the chunk or
+/// the window.
+#[inline(always)]
+fn inner_at(slot: &WalkSlot) -> Option<usize> {
+    let pos = slot.pos + slot.used;
+    (pos < slot.len && pos < slot.win_off + slot.win_n).then(|| (pos - slot.win_off) as usize)
+}
+
+/// The rules of the inner loops: the key header's length, no media prefixes.
+#[inline(always)]
+fn key_rules(cfg: &KernelConfig) -> KernelRules<'_> {
+    KernelRules {
         all: 0,
         key_len: cfg.key_header_len as usize,
         cfg,
-    };
-    stream.name_byte(slot.win[at & (WIN - 1)], &rules);
-    slot.key_used += 1;
+    }
+}
+
+/// Runs an inner loop (`callback`, at most `turns` turns) from where the walk stands, and moves
+/// the walk past what it took; 1 (the walk ends) when it took nothing.
+#[inline(always)]
+fn inner_loop(w: &mut WalkSlot, turns: usize, callback: *const (), ctx: *mut c_void) -> i64 {
+    w.used = 0;
+    // SAFETY: `callback` is a static callback of this program; `ctx` outlives the loop.
+    unsafe { bpf_loop(turns as u32, callback as *mut c_void, ctx, 0) };
+    if w.used == 0 {
+        return 1;
+    }
+    w.pos += w.used;
     0
 }
 
@@ -151,32 +169,11 @@ fn try_walk_step(
     let at = (w.pos - w.win_off) as usize;
     if stream.state == S_NAME {
         // A header name, in a loop of its own.
-        w.key_used = 0;
-        // SAFETY: as above.
-        unsafe {
-            bpf_loop(
-                NAME_MAX as u32,
-                name_step as *const () as *mut c_void,
-                ctx,
-                0,
-            )
-        };
-        if w.key_used == 0 {
-            return 1;
-        }
-        w.pos += w.key_used;
-        return 0;
+        return inner_loop(w, NAME_MAX, name_step as *const (), ctx);
     }
     if stream.in_value() {
         // An identifying header's value, in a loop of its own.
-        w.key_used = 0;
-        // SAFETY: as above.
-        unsafe { bpf_loop(WIN as u32, value_step as *const () as *mut c_void, ctx, 0) };
-        if w.key_used == 0 {
-            return 1;
-        }
-        w.pos += w.key_used;
-        return 0;
+        return inner_loop(w, WIN, value_step as *const (), ctx);
     }
     let count = cfg.media_prefix_count;
     let all = if count >= 8 {

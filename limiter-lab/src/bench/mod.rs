@@ -76,6 +76,18 @@ struct Load {
     shape: Shape,
 }
 
+impl Load {
+    /// The load in a few words, for the kernel-cost lines.
+    fn describe(&self) -> String {
+        format!(
+            "{:?}, {} conns{}",
+            self.shape,
+            self.conns,
+            if self.keep_alive { ", keep-alive" } else { "" }
+        )
+    }
+}
+
 /// Request shapes of the kernel-cost runs (wrk Lua scripts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -748,27 +760,16 @@ impl Bench {
         for _ in 0..COST_REPEATS {
             for (exe, out) in [(other, &mut theirs), (mine.as_path(), &mut ours)] {
                 self.exe = exe.to_path_buf();
-                let started = self.start(cfg, BENCH_ORG);
-                let run = started.and_then(|_| {
-                    let before = StatsReading::now();
-                    self.wrk(load)?;
-                    Ok(StatsReading::now().since(&before))
-                });
+                let run = self.start(cfg, BENCH_ORG).and_then(|_| self.one_cost(load));
                 self.stop();
                 self.exe.clone_from(&mine);
                 out.push(run?);
             }
         }
-        let median = |runs: &mut Vec<KernelCost>| {
-            runs.sort_by(|a, b| a.verdict_ns_per_run.total_cmp(&b.verdict_ns_per_run));
-            runs.swap_remove(runs.len() / 2)
-        };
-        let (t, o) = (median(&mut theirs), median(&mut ours));
+        let (t, o) = (median_cost(theirs), median_cost(ours));
         println!(
-            "against ({:?}, {} conns{}): verdict {:.0} ns, this build {:.0} ns ({:.2}x)",
-            load.shape,
-            load.conns,
-            if load.keep_alive { ", keep-alive" } else { "" },
+            "against ({}): verdict {:.0} ns, this build {:.0} ns ({:.2}x)",
+            load.describe(),
             t.verdict_ns_per_run,
             o.verdict_ns_per_run,
             o.verdict_ns_per_run / t.verdict_ns_per_run.max(1.0)
@@ -779,25 +780,25 @@ impl Bench {
     /// [`COST_REPEATS`] runs of `load` under the programs loaded now: the cost of the run with
     /// the median verdict cost (the host's other guests move single runs by a third).
     fn measure_cost(&self, load: &Load) -> Result<KernelCost> {
-        let mut runs = Vec::new();
-        for _ in 0..COST_REPEATS {
-            let before = StatsReading::now();
-            self.wrk(load)?;
-            runs.push(StatsReading::now().since(&before));
-        }
-        runs.sort_by(|a, b| a.verdict_ns_per_run.total_cmp(&b.verdict_ns_per_run));
-        let spread: Vec<String> = runs
-            .iter()
-            .map(|k| format!("{:.0}", k.verdict_ns_per_run))
-            .collect();
+        let runs = (0..COST_REPEATS)
+            .map(|_| self.one_cost(load))
+            .collect::<Result<Vec<_>>>()?;
+        let mut each: Vec<f64> = runs.iter().map(|k| k.verdict_ns_per_run).collect();
+        each.sort_by(f64::total_cmp);
+        let each: Vec<String> = each.iter().map(|ns| format!("{ns:.0}")).collect();
         println!(
-            "cost runs ({:?}, {} conns{}): verdict ns per run {}",
-            load.shape,
-            load.conns,
-            if load.keep_alive { ", keep-alive" } else { "" },
-            spread.join(" / ")
+            "cost runs ({}): verdict ns per run {}",
+            load.describe(),
+            each.join(" / ")
         );
-        Ok(runs.swap_remove(runs.len() / 2))
+        Ok(median_cost(runs))
+    }
+
+    /// One run of `load`: the programs' cost over it, from bpf_stats read before and after.
+    fn one_cost(&self, load: &Load) -> Result<KernelCost> {
+        let before = StatsReading::now();
+        self.wrk(load)?;
+        Ok(StatsReading::now().since(&before))
     }
 
     /// [`Bench::cost_run`] with `limiter trace` reading (its output discarded): the verdict's
@@ -867,6 +868,12 @@ fn key_scale_row(b: &mut Bench, keys: usize, starts: usize) -> Result<KeyScaleRo
         daemon_rss_mib: rss,
         note: String::new(),
     })
+}
+
+/// The run with the median verdict cost.
+fn median_cost(mut runs: Vec<KernelCost>) -> KernelCost {
+    runs.sort_by(|a, b| a.verdict_ns_per_run.total_cmp(&b.verdict_ns_per_run));
+    runs.swap_remove(runs.len() / 2)
 }
 
 /// Runs of each kernel-cost measurement; the median run's cost is reported.
