@@ -6,9 +6,9 @@
 //! are written nowhere else.
 
 use crate::{
-    API_SOCKS_FACTOR, AddrKey, ConnKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT,
-    Inflight, KernelConfig, MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MAX_TRUSTED_PROXIES,
-    MIN_API_KEYS, OrgLimits, RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
+    API_SOCKS_FACTOR, AddrKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, KernelConfig,
+    MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MAX_TRUSTED_PROXIES, MIN_API_KEYS, OrgLimits,
+    RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
     reply::Scratch,
     stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
@@ -92,8 +92,10 @@ macro_rules! map_layout {
             /// The current push counter, for sockets that entered PUSH_SOCKS under an earlier
             /// generation.
             PUSH_NEXT: ProgramArray<u32, u32> = Fixed(1), Sockets;
-            /// Requests in flight per connection (see `Inflight`).
-            INFLIGHT: LazyHashMap<ConnKey, Inflight> = PerSocket(1), Sockets;
+            /// Socket storage: an API socket's cookie, for the egress program, which may not ask
+            /// for it, to find the socket's state (and its requests in flight) in SOCK_SLOTS.
+            /// Made by sock_ops for the sockets whose requests may be attributed one by one.
+            INFLIGHT: SkStorage<i32, u64> = Fixed(0), Sockets;
             /// The current egress program of API sockets, for sockets that entered API_SOCKS
             /// under an earlier generation.
             API_MSG_NEXT: ProgramArray<u32, u32> = Fixed(1), Sockets;
@@ -114,6 +116,9 @@ pub enum MapKind {
     PerCpuArray,
     ProgramArray,
     RingBuf,
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): a value per socket, freed with it; no
+    /// entries of its own (max_entries 0), and a BTF map definition.
+    SkStorage,
     SockHash,
 }
 
@@ -231,6 +236,7 @@ macro_rules! user_handle {
     (PerCpuArray, $k:ty, $v:ty) => { aya::maps::Map };
     (ProgramArray, $k:ty, $v:ty) => { aya::maps::ProgramArray<aya::maps::MapData> };
     (RingBuf, $k:ty, $v:ty) => { aya::maps::RingBuf<aya::maps::MapData> };
+    (SkStorage, $k:ty, $v:ty) => { aya::maps::SkStorage<aya::maps::MapData, $v> };
     (SockHash, $k:ty, $v:ty) => { aya::maps::SockHash<aya::maps::MapData, $k> };
 }
 

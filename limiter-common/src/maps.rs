@@ -331,6 +331,9 @@ pub struct SockState {
     /// `KernelConfig::org_epoch` when `org` was looked up (and the connection counted in ORG_CONNS).
     pub org_epoch: u32,
     pub _pad: u32,
+    /// The connection's requests in flight ([`inflight_word`]), for sockets with
+    /// [`SOCK_F_INFLIGHT`].
+    pub inflight: u64,
     /// Where the inbound byte stream stands (see [`crate::stream`]).
     pub stream: crate::stream::Stream,
 }
@@ -349,26 +352,24 @@ pub const SOCK_F_OVER_LIMIT: u32 = 4;
 /// Entered API_SOCKS with the egress program (`limiter_api_msg`) attached: its requests
 /// attributed one by one can be counted in flight (the egress program ends them).
 pub const SOCK_F_MSG: u32 = 8;
-
-/// An inbound connection as every program sees it (the egress program has no socket cookie):
-/// peer address, peer port (network order) and local port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ConnKey {
-    pub addr: AddrKey,
-    pub remote_port: u32,
-    pub local_port: u32,
-}
+/// Has its cookie in INFLIGHT (the egress program's way to this state): its requests
+/// attributed one by one are counted in flight in [`SockState::inflight`].
+pub const SOCK_F_INFLIGHT: u32 = 16;
 
 /// A connection's requests in flight that were attributed one by one (API key, forwarded
-/// address): counted in `org`'s ORG_CONNS from the end of their head until the application
-/// answers (its first bytes out) or the connection closes. `n` is swapped atomically: the
-/// verdict and the egress program may run at once on two CPUs.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Inflight {
-    pub n: u32,
-    pub org: u32,
+/// address), in one word so that the verdict and the egress program, which may run at once on
+/// two CPUs, swap it whole: the org in the high half, the count in the low. They count in the
+/// org's ORG_CONNS from the end of their head until the application answers (its first bytes
+/// out) or the connection closes.
+#[inline(always)]
+pub const fn inflight_word(org: u32, n: u32) -> u64 {
+    ((org as u64) << 32) | n as u64
+}
+
+/// The org and the count of an [`inflight_word`].
+#[inline(always)]
+pub const fn inflight_parts(w: u64) -> (u32, u32) {
+    ((w >> 32) as u32, w as u32)
 }
 
 /// Key of ORG_BY_ADDR (an LPM trie): IPv6 address, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).

@@ -60,6 +60,15 @@ pub trait StreamRules {
     fn fwd_name(&self, _pos: usize) -> u8 {
         0
     }
+    /// Bytes `pos..pos + 8` of the key header's name as a little-endian word; those past its
+    /// end may be anything (a read without a branch per byte, for [`Stream::name_word`]).
+    fn key_name_word(&self, pos: usize) -> u64 {
+        name_word_at(pos, |i| self.key_name(i))
+    }
+    /// The forwarded header's name as [`Self::key_name_word`].
+    fn fwd_name_word(&self, pos: usize) -> u64 {
+        name_word_at(pos, |i| self.fwd_name(i))
+    }
     fn fwd_name_len(&self) -> usize {
         0
     }
@@ -159,6 +168,14 @@ impl StreamRules for KernelConfig {
         config_fwd_name(self, pos)
     }
 
+    fn key_name_word(&self, pos: usize) -> u64 {
+        config_name_word(&self.key_header, pos)
+    }
+
+    fn fwd_name_word(&self, pos: usize) -> u64 {
+        config_name_word(&self.fwd_header, pos)
+    }
+
     fn fwd_name_len(&self) -> usize {
         if listed(self, ID_FORWARDED) {
             self.fwd_header_len as usize
@@ -170,6 +187,12 @@ impl StreamRules for KernelConfig {
     fn fwd_kind(&self) -> u8 {
         self.forwarded_kind
     }
+}
+
+/// [`StreamRules::key_name_word`] of a name of the config.
+#[inline(always)]
+pub fn config_name_word(name: &[u8; HEADER_NAME_MAX], pos: usize) -> u64 {
+    name_word_at(pos, |i| name[i & (HEADER_NAME_MAX - 1)])
 }
 
 /// [`StreamRules::fwd_name`] from the config.
@@ -520,6 +543,15 @@ pub struct WalkSlot {
 /// Walk slots per CPU: a verdict and one that interrupts it.
 pub const WALK_SLOTS: u32 = 2;
 
+/// What [`Stream::name_word`] did with a word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameWord {
+    /// Bytes used; the name goes on, or its line is skipped.
+    Used(u64),
+    /// The name ends at a `:`: bytes up to it included, the `:` left to `name_byte`.
+    Colon(u64),
+}
+
 /// Header names the framing depends on (lowercase) and their lengths.
 pub const HEADER_NAMES: [[u8; 32]; 2] = [pad32(b"content-length"), pad32(b"transfer-encoding")];
 const HEADER_LENS: [u8; 2] = [14, 17];
@@ -539,6 +571,64 @@ const fn pad32(name: &[u8]) -> [u8; 32] {
         i += 1;
     }
     out
+}
+
+/// `HEADER_NAMES[i]` from byte `pos` as a little-endian word (bytes past the name are masked
+/// off by [`prefix_marks`]).
+#[inline(always)]
+fn header_word(i: usize, pos: usize) -> u64 {
+    name_word_at(pos, |j| HEADER_NAMES[i & 1][j & 31])
+}
+
+/// Bytes `pos..pos + 8` of a name, `byte(j)` each, as a little-endian word.
+#[inline(always)]
+pub(crate) fn name_word_at(pos: usize, byte: impl Fn(usize) -> u8) -> u64 {
+    let mut w = 0u64;
+    let mut j = 0;
+    while j < 8 {
+        w |= (byte(pos + j) as u64) << (8 * j);
+        j += 1;
+    }
+    w
+}
+
+/// Marks (0x80) on the first bytes of `w` that equal those of `target`, a name's bytes from
+/// `pos` (`len` bytes long), up to the first that does not or the name's end.
+#[inline(always)]
+fn prefix_marks(w: u64, target: u64, len: usize, pos: usize) -> u64 {
+    const HI: u64 = 0x8080_8080_8080_8080;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // Byte j is the name's when pos + j < len: (0x80 + len) - (pos + j + 1) keeps its high bit
+    // (names are shorter than 0x80 - 8 bytes, so no byte borrows from the next).
+    let ends = (pos as u64 & 0x3f) * ONES + 0x0807_0605_0403_0201;
+    let valid = ((((len as u64 & 0x3f) * ONES) | HI) - ends) & HI;
+    let miss = !(byte_eq_mask(w ^ target, 0) & valid) & HI;
+    (miss & miss.wrapping_neg()).wrapping_sub(1) & HI
+}
+
+/// All ones when name `i` is among `names`, else 0.
+#[inline(always)]
+fn alive(names: u64, i: u32) -> u64 {
+    0u64.wrapping_sub((names >> i) & 1)
+}
+
+/// [`dash`] of each byte of a word.
+#[inline(always)]
+fn dash_word(w: u64) -> u64 {
+    w ^ ((byte_eq_mask(w, b'_') >> 7) * (b'_' ^ b'-') as u64)
+}
+
+/// [`lower`] of each byte of a word.
+#[inline(always)]
+fn lower_word(w: u64) -> u64 {
+    const HI: u64 = 0x8080_8080_8080_8080;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let low = w & !HI;
+    // High bit of each byte: its low seven bits are at least `A`, and more than `Z`.
+    let ge_a = (low + ONES * (0x80 - b'A') as u64) & HI;
+    let gt_z = (low + ONES * (0x80 - b'Z' - 1) as u64) & HI;
+    let upper = ge_a & !gt_z & !w;
+    w | (upper >> 2)
 }
 
 /// `tchar` of RFC 9110 (method and header-name bytes).
@@ -1330,6 +1420,74 @@ impl Stream {
         self.sub = self.sub.saturating_add(1);
     }
 
+    /// A header name that may matter from `win[at..n]`: eight bytes at once where the window
+    /// has them ([`Self::name_word`]), else one ([`Self::name_byte`]). Bytes used.
+    #[inline(always)]
+    pub fn name_run(&mut self, win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> u64 {
+        let (b, used) = if at + 8 <= n {
+            match self.name_word(word(win, at), cfg) {
+                NameWord::Used(k) => return k,
+                NameWord::Colon(k) => (b':', k),
+            }
+        } else {
+            (win[at & (WIN - 1)], 1)
+        };
+        self.name_byte(b, cfg);
+        used
+    }
+
+    /// Eight bytes of a header name (`w`, little-endian) at once, exactly as [`Self::name_byte`]
+    /// would take them one by one, up to where it would stop: the `:` (left to `name_byte`,
+    /// with the names that reach it), or the byte where no name the header may be is left
+    /// (then the rest of the line is skipped). In the kernel a name costs one turn of its loop
+    /// instead of one per byte; without branches per name, which the verifier would walk in
+    /// every combination.
+    #[inline(always)]
+    pub fn name_word(&mut self, w: u64, cfg: &impl StreamRules) -> NameWord {
+        const HI: u64 = 0x8080_8080_8080_8080;
+        let pos = self.sub as usize;
+        let lw = lower_word(w);
+        // `_` as `-` for the identifying names (see `name_byte`).
+        let dw = dash_word(lw);
+        // Each name's bytes of the word it matches from the first on, as marks (0x80).
+        let names = self.names as u64;
+        let cl =
+            prefix_marks(lw, header_word(0, pos), HEADER_LENS[0] as usize, pos) & alive(names, 0);
+        let te =
+            prefix_marks(lw, header_word(1, pos), HEADER_LENS[1] as usize, pos) & alive(names, 1);
+        let key = dash_word(cfg.key_name_word(pos));
+        let key = prefix_marks(dw, key, cfg.key_name_len(), pos) & alive(names, 2);
+        let fwd = dash_word(cfg.fwd_name_word(pos));
+        let fwd = prefix_marks(dw, fwd, cfg.fwd_name_len(), pos) & alive(names, 3);
+        let any = cl | te | key | fwd;
+        let colon = byte_eq_mask(w, b':');
+        if colon != 0 {
+            let c = first_marked(colon);
+            // Which names match every byte before the `:` (a mark's shift, not a branch per
+            // name: the verifier would walk every combination).
+            let reach = |marks: u64| (((marks << 8) | 0x80) >> (8 * c + 7)) as u8 & 1;
+            if reach(any) != 0 {
+                // The name ends here, as one of those: `name_byte` takes the `:`.
+                self.names &= reach(cl) | reach(te) << 1 | reach(key) << 2 | reach(fwd) << 3;
+                self.sub = (pos + c) as u8;
+                return NameWord::Colon(c as u64 + 1);
+            }
+        }
+        if any != HI {
+            // No name is left at the first byte none matches (not a `:`): the line is skipped
+            // from after it.
+            let most = first_marked(!any & HI);
+            self.names = 0;
+            self.state = S_SKIP;
+            self.sub = (pos + most + 1) as u8;
+            return NameWord::Used(most as u64 + 1);
+        }
+        let whole = |marks: u64| (marks >> 63) as u8;
+        self.names = whole(cl) | whole(te) << 1 | whole(key) << 2 | whole(fwd) << 3;
+        self.sub = (pos + 8) as u8;
+        NameWord::Used(8)
+    }
+
     /// `Content-Length: OWS digits OWS`. Anything else, or a second header with another value,
     /// breaks the framing.
     #[inline(always)]
@@ -1567,6 +1725,8 @@ impl Stream {
             let at = pos.wrapping_sub(win_off);
             let used = if self.in_value() {
                 self.value_run(&win, at, win_n, cfg)
+            } else if self.state == S_NAME {
+                self.name_run(&win, at, win_n, cfg)
             } else {
                 self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t)
             };

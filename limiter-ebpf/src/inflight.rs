@@ -2,94 +2,120 @@
 //! one: behind a pooling proxy an org's concurrency is its requests in flight, not the proxy's
 //! connections. A request counts in its org's ORG_CONNS from the end of its head until the
 //! application's first bytes out on that connection (its answer has begun: the work the limit
-//! protects is done) or the connection's close. Kept in INFLIGHT by [`ConnKey`]: sk_msg
-//! programs may not ask for the socket cookie that keys the sockets' state.
+//! protects is done) or the connection's close. Kept in the socket's own state
+//! (`SockState::inflight`), which the verdict holds already; the egress program, which may not
+//! ask for the socket cookie, finds it through the cookie sock_ops left in the socket's INFLIGHT
+//! storage. (A hash of connections, looked up on both sides, cost a keyed request more than
+//! 200 ns, most of it cache misses.)
 
-use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd, atomic_xchg};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering::SeqCst, atomic_xchg},
+};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, sk_action::SK_PASS},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, sk_action::SK_PASS},
+    helpers::generated::bpf_sk_storage_get,
     macros::sk_msg,
     programs::SkMsgContext,
 };
 use limiter_common::{
-    ConnKey, DayCounters, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL, Inflight, ORG_F_CONC_REJECT,
-    OrgLimits,
+    DayCounters, FAULT_BAD_ORG, ORG_F_CONC_REJECT, OrgLimits, SockState, inflight_parts,
+    inflight_word,
 };
 
 use crate::{
-    atomic::add_i64,
+    atomic::{add_i64, cas, load},
     maps::{API_MSG_NEXT, INFLIGHT, ORG_CONNS},
     shared::{fault, forward},
     sock_ops::count_opened,
+    sock_table::sock_state,
 };
-
-/// The [`ConnKey`] of a context (`bpf_sock_ops`, `__sk_buff`, `sk_msg_md`). The remote port
-/// is network order in the low 16 bits, or shifted into the high ones, as kernels write it: both
-/// read as the same key.
-macro_rules! conn_key {
-    ($ctx:expr) => {{
-        let ctx = $ctx;
-        $crate::addr::peer_addr!(ctx).map(|addr| {
-            // SAFETY: `ctx` is the program's context pointer; plain u32 fields.
-            let (rp, lp) = unsafe {
-                (
-                    core::ptr::read_volatile(&raw const (*ctx).remote_port),
-                    core::ptr::read_volatile(&raw const (*ctx).local_port),
-                )
-            };
-            limiter_common::ConnKey {
-                addr,
-                remote_port: if rp > 0xffff { rp >> 16 } else { rp },
-                local_port: lp,
-            }
-        })
-    }};
-}
-pub(crate) use conn_key;
 
 #[sk_msg]
 pub fn limiter_api_msg(ctx: SkMsgContext) -> u32 {
     forward(&ctx, &API_MSG_NEXT);
-    if let Some(key) = conn_key!(ctx.msg) {
-        answered(&key, false);
-    }
+    try_api_msg(&ctx);
     SK_PASS
 }
 
-/// The connection's requests in flight are answered (or, `closed`, it closed and its entry
-/// goes): they leave ORG_CONNS.
 #[inline(always)]
-pub(crate) fn answered(key: &ConnKey, closed: bool) {
-    let Some(f) = INFLIGHT.get_ptr_mut(key) else {
+fn try_api_msg(ctx: &SkMsgContext) {
+    // SAFETY: the program's context; `sk` is the socket the message is sent on.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    // SAFETY: a lookup of the socket's storage, never created here.
+    let cookie = unsafe { storage(sk, core::ptr::null_mut(), 0) };
+    if cookie.is_null() {
         return;
-    };
-    // SAFETY: valid map value; `n` is only ever changed atomically.
-    let n = unsafe {
-        if core::ptr::read_volatile(&raw const (*f).n) == 0 {
-            0
-        } else {
-            atomic_xchg::<u32, { SeqCst }>(&raw mut (*f).n, 0)
-        }
-    };
-    // SAFETY: as above; only the verdict writes `org`, before it adds to `n`.
-    let org = unsafe { (*f).org };
+    }
+    // SAFETY: the storage's value, a u64.
+    if let Some(st) = sock_state(unsafe { *cookie }) {
+        answered(st);
+    }
+}
+
+/// The socket's INFLIGHT storage (its cookie), made from `init` with `flags`
+/// `BPF_SK_STORAGE_GET_F_CREATE`; null when it has none.
+///
+/// # Safety
+/// `sk` is a socket pointer the program's context gave, or null.
+#[inline(always)]
+unsafe fn storage(sk: *mut bpf_sock, init: *mut u64, flags: u64) -> *mut u64 {
+    // SAFETY: see above; INFLIGHT is a socket storage map of u64 values.
+    unsafe {
+        bpf_sk_storage_get(
+            &INFLIGHT as *const _ as *mut c_void,
+            sk as *mut c_void,
+            init as *mut c_void,
+            flags,
+        ) as *mut u64
+    }
+}
+
+/// Leaves `cookie` in the socket's INFLIGHT storage (sock_ops, at the connection's start):
+/// false when the kernel had no room for it.
+///
+/// # Safety
+/// As for [`storage`].
+#[inline(always)]
+pub(crate) unsafe fn remember_cookie(sk: *mut bpf_sock, cookie: u64) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    let mut init = cookie;
+    // SAFETY: as above.
+    !unsafe { storage(sk, &mut init, BPF_SK_STORAGE_GET_F_CREATE as u64) }.is_null()
+}
+
+/// The connection's requests in flight are answered (or it closed): they leave ORG_CONNS.
+#[inline(always)]
+pub(crate) fn answered(st: *mut SockState) {
+    // SAFETY: valid map value; `inflight` is only ever changed atomically.
+    let p = unsafe { &raw mut (*st).inflight };
+    if load(p) == 0 {
+        return;
+    }
+    // SAFETY: as above.
+    settle(unsafe { atomic_xchg::<u64, { SeqCst }>(p, 0) });
+}
+
+/// Takes the requests of an [`inflight_word`] out of their org's ORG_CONNS.
+#[inline(always)]
+fn settle(w: u64) {
+    let (org, n) = inflight_parts(w);
     if n > 0
         && let Some(conns) = ORG_CONNS.get_ptr_mut(org)
     {
         add_i64(conns, -(n as i64));
     }
-    if closed {
-        let _ = INFLIGHT.remove(key);
-    }
 }
 
-/// `n` requests of `org` passed on this connection: in flight until answered. Counted like a
-/// connection (peak, breach event) in the org's day slot `slot`, which the verdict just counted
-/// them in.
+/// `n` requests of `org` passed on the connection whose state is `st`: in flight until
+/// answered. Counted like a connection (peak, breach event) in the org's day slot `slot`, which
+/// the verdict just counted them in.
 #[inline(always)]
 pub(crate) fn started(
-    key: &ConnKey,
+    st: *mut SockState,
     org: u32,
     n: u32,
     slot: *mut DayCounters,
@@ -98,18 +124,6 @@ pub(crate) fn started(
     if n == 0 {
         return;
     }
-    let f = match INFLIGHT.get_ptr_mut(key) {
-        Some(f) => f,
-        None => {
-            let _ = INFLIGHT.insert(key, &Inflight { n: 0, org }, BPF_NOEXIST as u64);
-            let Some(f) = INFLIGHT.get_ptr_mut(key) else {
-                // Full: the request is not counted in flight (fail open), and that is counted.
-                fault(FAULT_SOCK_STATE_FULL);
-                return;
-            };
-            f
-        }
-    };
     let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
         fault(FAULT_BAD_ORG);
         return;
@@ -117,9 +131,30 @@ pub(crate) fn started(
     let before = add_i64(conns, n as i64);
     let _ = count_opened(org, before, n as u64, slot, limits);
     // SAFETY: valid map value; see `answered`.
-    unsafe {
-        (*f).org = org;
-        atomic_xadd::<u32, u32, { SeqCst }>(&raw mut (*f).n, n);
+    let p = unsafe { &raw mut (*st).inflight };
+    // Only the egress program changes the word meanwhile, and only to 0: a second try always
+    // succeeds.
+    let mut old = load(p);
+    let mut i = 0;
+    while i < 2 {
+        let (o, k) = inflight_parts(old);
+        let new = if o == org || k == 0 {
+            inflight_word(org, k + n)
+        } else {
+            inflight_word(org, n)
+        };
+        match cas(p, old, new) {
+            Ok(()) => {
+                // Another org's requests still in flight (a proxy that pipelined two orgs'
+                // requests) leave its count now rather than be taken from this org's later.
+                if o != org {
+                    settle(old);
+                }
+                return;
+            }
+            Err(now) => old = now,
+        }
+        i += 1;
     }
 }
 

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 use limiter_common::{
@@ -66,6 +67,11 @@ macro_rules! ebpf_map {
         #[map]
         pub(crate) static $name: RingBuf =
             RingBuf::with_byte_size(built_in_entries::<layout::$name>(), 0);
+    };
+    ($(#[$doc:meta])* $name:ident: SkStorage) => {
+        $(#[$doc])*
+        #[btf_map]
+        pub(crate) static $name: SkStorage<Value<layout::$name>> = SkStorage::new();
     };
     ($(#[$doc:meta])* $name:ident: SockHash) => {
         $(#[$doc])*

@@ -17,9 +17,10 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use limiter_common::{
-    DayCounters, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL,
-    FAULT_SOCKHASH_FULL, FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, KernelConfig, ORG_F_CONC_REJECT,
-    OrgLimits, SOCK_F_INBOUND, SOCK_F_MSG, SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
+    AddrKey, DayCounters, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL,
+    FAULT_SOCKHASH_FULL, FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, ID_API_KEY, ID_FORWARDED,
+    KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_INBOUND, SOCK_F_INFLIGHT, SOCK_F_MSG,
+    SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
     stream::{Stream, listed},
 };
 
@@ -27,6 +28,7 @@ use crate::{
     addr::{org_of, peer_addr},
     atomic::{add, add_i64, raise_to},
     days::day_counters,
+    inflight::remember_cookie,
     maps::{API_PORTS, API_SOCKS, CONFIG, ORG_CONNS, ORG_LIMITS, PUSH_SOCKS},
     shared::{config, emit, fault, today},
     sock_table::{
@@ -108,6 +110,13 @@ fn on_inbound(ctx: &SockOpsContext) {
         None => fault(FAULT_SOCK_STATE_FULL),
         Some(st) => {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if per_request_possible(c, addr)
+                // SAFETY: the socket sock_ops was called for (or null).
+                && unsafe { remember_cookie((*ctx.ops).__bindgen_anon_2.sk, cookie) }
+            {
+                // SAFETY: as below.
+                unsafe { (*st).kind |= SOCK_F_INFLIGHT };
+            }
             if connection_opened(org, c).is_some_and(|flags| flags & ORG_F_CONC_REJECT != 0) {
                 // SAFETY: valid map value, not yet visible to the verdict (not in API_SOCKS yet).
                 unsafe { (*st).kind |= SOCK_F_OVER_LIMIT };
@@ -122,6 +131,14 @@ fn on_inbound(ctx: &SockOpsContext) {
     {
         fault(FAULT_SOCKHASH_FULL);
     }
+}
+
+/// Whether requests on a connection from `addr` may be attributed one by one (by API key, or
+/// by a trusted proxy's forwarded header): only then is its cookie left for the egress program,
+/// which costs an allocation per connection.
+#[inline(always)]
+fn per_request_possible(c: &KernelConfig, addr: AddrKey) -> bool {
+    listed(c, ID_API_KEY) || (listed(c, ID_FORWARDED) && crate::ident::trusted(&addr))
 }
 
 /// Counts a new connection; the org's `ORG_F_*` flags when it arrived while the org was at its
@@ -217,12 +234,10 @@ fn on_state_change(ctx: &SockOpsContext, new_state: u32) {
         add_i64(conns, -1);
     }
     if new_state == TCP_CLOSE {
-        remove_sock_state(cookie);
         // Its requests in flight end with it.
-        if kind & SOCK_F_MSG != 0
-            && let Some(key) = crate::inflight::conn_key!(ctx.ops)
-        {
-            crate::inflight::answered(&key, true);
+        if kind & SOCK_F_INFLIGHT != 0 {
+            crate::inflight::answered(st);
         }
+        remove_sock_state(cookie);
     }
 }

@@ -11,10 +11,10 @@ use aya_ebpf::{
 };
 use limiter_common::{
     DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_API_KEY,
-    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_MSG,
-    SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED,
-    TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY,
-    TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
+    ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_INFLIGHT,
+    SOCK_F_MSG, SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED,
+    TRACE_O_REFUSED, TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY,
+    TRACE_R_DAILY, TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
     reply::Policy,
     stream::{
         F_REFUSED, ID_CONN_DIRTY, ID_FWD, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED,
@@ -109,8 +109,13 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         move_conn(st, c);
     }
     let d = if walked {
-        let sock = Sock { org, kind, stream };
-        decide(ctx, c, &sock, &t, flags, from_boundary)
+        let sock = Sock {
+            org,
+            kind,
+            stream,
+            st: st.unwrap_or(core::ptr::null_mut()),
+        };
+        decide(c, &sock, &t, flags, from_boundary)
     } else {
         // The stream cannot be followed past here: fail open.
         fault(FAULT_PARSE);
@@ -176,18 +181,13 @@ struct Sock {
     kind: u32,
     /// A map value: the socket's state, or this CPU's last walk slot when it has none.
     stream: *mut Stream,
+    /// The socket's state; null when it has none (and then `kind` is 0).
+    st: *mut SockState,
 }
 
 /// Counts what the walk found in a chunk, and decides on it.
 #[inline(always)]
-fn decide(
-    ctx: &SkBuffContext,
-    c: &KernelConfig,
-    sock: &Sock,
-    t: &Tally,
-    flags: u8,
-    from_boundary: bool,
-) -> Decision {
+fn decide(c: &KernelConfig, sock: &Sock, t: &Tally, flags: u8, from_boundary: bool) -> Decision {
     let org = t.org;
     if flags & F_REFUSED != 0 {
         // After a `Connection: close` 429: what the client still sent is counted (counted
@@ -238,17 +238,16 @@ fn decide(
         }
     }
     if t.counted == 0 && !t.broken {
-        passed(ctx, sock, t, slot);
+        passed(sock, t, slot, ORG_LIMITS.get(org));
         return Decision::pass(TRACE_O_EXEMPT, TRACE_R_NONE);
     }
-    limit(ctx, sock, t, from_boundary, day, slot)
+    limit(sock, t, from_boundary, day, slot)
 }
 
 /// Counts the chunk's `t.counted` requests against the org's limits, and refuses them when
 /// over (or when the framing broke): the refusal is handed to `limiter_refuse`.
 #[inline(always)]
 fn limit(
-    ctx: &SkBuffContext,
     sock: &Sock,
     t: &Tally,
     from_boundary: bool,
@@ -276,7 +275,7 @@ fn limit(
             Some(p) => p,
             None if t.broken => Policy::BadRequest,
             None => {
-                passed(ctx, sock, t, slot);
+                passed(sock, t, slot, limits);
                 return Decision::pass(TRACE_O_COUNTED, TRACE_R_NONE);
             }
         }
@@ -315,36 +314,23 @@ fn limit(
     }
 }
 
-/// The chunk's requests pass, counted in `slot`: those attributed one by one go in flight.
+/// The chunk's requests pass, counted in `slot`: those attributed one by one go in flight
+/// ([`inflight::started`]).
 #[inline(always)]
-fn passed(ctx: &SkBuffContext, sock: &Sock, t: &Tally, slot: *mut DayCounters) {
-    if per_request(sock.kind, t) {
-        start_inflight(ctx, t.org, t.counted + t.media, slot, ORG_LIMITS.get(t.org));
-    }
-}
-
-/// The chunk's passed requests go in flight ([`inflight::started`]). A function of its own
-/// (a BPF subprogram): inlined, its key and lookups took the verdict's stack, with the PROXY
-/// look's callbacks under it, past the verifier's 512 bytes.
-#[inline(never)]
-fn start_inflight(
-    ctx: &SkBuffContext,
-    org: u32,
-    n: u32,
-    slot: *mut DayCounters,
-    limits: Option<&OrgLimits>,
-) {
-    if let Some(key) = inflight::conn_key!(ctx.skb.skb) {
-        inflight::started(&key, org, n, slot, limits);
+fn passed(sock: &Sock, t: &Tally, slot: *mut DayCounters, limits: Option<&OrgLimits>) {
+    if per_request(sock.kind, t) && !sock.st.is_null() {
+        inflight::started(sock.st, t.org, t.counted + t.media, slot, limits);
     }
 }
 
 /// Whether the chunk's requests were attributed one by one (by API key or forwarded address) on
-/// a connection whose answers the egress program sees: their org's concurrency is then its
-/// requests in flight.
+/// a connection whose answers the egress program sees and can tie to its state: their org's
+/// concurrency is then its requests in flight.
 #[inline(always)]
 fn per_request(kind: u32, t: &Tally) -> bool {
-    kind & SOCK_F_MSG != 0 && t.attributed && (t.via == ID_API_KEY || t.via == ID_FORWARDED)
+    kind & (SOCK_F_MSG | SOCK_F_INFLIGHT) == SOCK_F_MSG | SOCK_F_INFLIGHT
+        && t.attributed
+        && (t.via == ID_API_KEY || t.via == ID_FORWARDED)
 }
 
 /// The address table changed (a reload) since this connection was attributed, or the org maps

@@ -13,7 +13,7 @@ use limiter_common::{
     stream::{
         ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
         S_NAME, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_fwd_name,
-        config_key_name, media_match_index,
+        config_key_name, config_name_word, media_match_index,
     },
 };
 
@@ -72,8 +72,9 @@ extern "C" fn value_step(_i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// A byte of a header name that may matter ([`Stream::name_byte`]), from the window where the
-/// walk stands, until the name is settled or the window ends: a name in one turn of the walk.
+/// Bytes of a header name that may matter ([`Stream::name_run`]: eight at a time), from the
+/// window where the walk stands, until the name is settled or the window ends: a name in one
+/// turn of the walk.
 #[inline(never)]
 extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as in `walk_step`.
@@ -82,8 +83,7 @@ extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
     let Some(at) = inner_at(slot).filter(|_| stream.state == S_NAME) else {
         return 1;
     };
-    stream.name_byte(slot.win[at & (WIN - 1)], &key_rules(cfg));
-    slot.used += 1;
+    slot.used += stream.name_run(&slot.win, at, slot.win_n as usize, &key_rules(cfg));
     0
 }
 
@@ -235,6 +235,16 @@ impl StreamRules for KernelRules<'_> {
     #[inline(always)]
     fn fwd_name(&self, pos: usize) -> u8 {
         config_fwd_name(self.cfg, pos)
+    }
+
+    #[inline(always)]
+    fn key_name_word(&self, pos: usize) -> u64 {
+        config_name_word(&self.cfg.key_header, pos)
+    }
+
+    #[inline(always)]
+    fn fwd_name_word(&self, pos: usize) -> u64 {
+        config_name_word(&self.cfg.fwd_header, pos)
     }
 
     /// The daemon names the forwarded header only when `forwarded` is a source.

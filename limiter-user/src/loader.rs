@@ -510,6 +510,7 @@ mod tests {
             MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
             MapKind::ProgramArray => bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY,
             MapKind::RingBuf => bpf_map_type::BPF_MAP_TYPE_RINGBUF,
+            MapKind::SkStorage => bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
             MapKind::SockHash => bpf_map_type::BPF_MAP_TYPE_SOCKHASH,
         }) as u32
     }

@@ -229,7 +229,8 @@ fn api_keys_from_direct_clients_however_framed() -> Result<()> {
 
 /// Behind nginx's pool, an org's concurrency is its requests in flight (the connections are
 /// nginx's): four slow requests at once against a limit of 2 in reject mode get at least one
-/// concurrency 429, never more than 2 are in flight, and once answered none stays counted.
+/// concurrency 429, never more than 2 are in flight, and once answered none stays counted;
+/// the same after a daemon restart.
 #[test]
 fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     let mut w = World::new("apikeys_inflight", 4, 0)?;
@@ -273,6 +274,24 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     // acme, on the same pooled connections, is not held by globex's limit.
     let r = w.curl_all(&[slow(c[0], "k-acme-1")])?;
     assert_eq!(statuses(&r), BTreeMap::from([(200, 1)]));
+    // A restarted daemon's programs find the pooled connections' requests in flight as the
+    // first's did (the socket storage is pinned with the socket tables): the limit still
+    // holds, and answered requests still leave the count.
+    w.stop_daemon()?;
+    w.start_daemon()?;
+    let slow = |src, key| w.curl(src, tag, 1, &[("X-API-Key", key)]);
+    let replies = w.curl_all(
+        &c.iter()
+            .map(|&src| slow(src, "k-globex"))
+            .collect::<Vec<_>>(),
+    )?;
+    let again = statuses(&replies);
+    ensure!(
+        again.get(&429).copied().unwrap_or(0) >= 1 && again.get(&200).copied().unwrap_or(0) >= 1,
+        "{replies:?}"
+    );
+    w.wait_org("globex", |o| n(o, "connections") == 0)?;
+    assert!(n(&w.org("globex")?, "peak_connections") <= 2);
     Ok(())
 }
 

@@ -749,6 +749,12 @@ impl StreamRules for Rules {
     fn fwd_name(&self, pos: usize) -> u8 {
         self.cfg.fwd_name(pos)
     }
+    fn key_name_word(&self, pos: usize) -> u64 {
+        self.cfg.key_name_word(pos)
+    }
+    fn fwd_name_word(&self, pos: usize) -> u64 {
+        self.cfg.fwd_name_word(pos)
+    }
     fn fwd_name_len(&self) -> usize {
         self.cfg.fwd_name_len()
     }
@@ -1076,4 +1082,67 @@ fn identifying_names_match_with_underscores() {
     let mut s = proxy_stream();
     let t = s.feed(&fwd_req("X_Forwarded_For: 198.51.100.7\r\n"), &r);
     assert_eq!(attributed(&t), (5, ID_FORWARDED, 1, 0, 0));
+}
+
+/// Bytes a header name is made of, in either case, and those that end or spoil it.
+fn arb_name_byte() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        4 => proptest::sample::select(b"content-lgthrasfidxpkyCONTENTLGXAPIKY_".to_vec()),
+        1 => proptest::sample::select(vec![b':', b'\n', b'\r', b' ', 0u8, 0x7f, 0xc3, b'@', b'[']),
+    ]
+}
+
+proptest! {
+    /// Eight bytes of a header name at once leave the stream exactly as the same bytes one by
+    /// one do, and use as many: whatever names the header may still be, wherever in the name.
+    #[test]
+    fn a_name_word_is_its_bytes_one_by_one(
+        bytes in proptest::collection::vec(arb_name_byte(), 8),
+        names in 1u8..16,
+        sub in 0u8..24,
+        key in proptest::sample::select(vec!["X-API-Key", "Authorization", "Content-Lengthy", "x"]),
+        fwd in proptest::sample::select(vec!["X-Forwarded-For", "Forwarded", "X-Real-IP", "transfer"]),
+    ) {
+        use crate::{ID_ADDRESS, ID_API_KEY, ID_FORWARDED};
+        let mut r = keys_rules(key, crate::KEY_PLAIN, &[]);
+        r.cfg.identify_by = [ID_API_KEY, ID_FORWARDED, ID_ADDRESS, crate::ID_END];
+        let name = fwd.to_ascii_lowercase();
+        r.cfg.fwd_header[..name.len()].copy_from_slice(name.as_bytes());
+        r.cfg.fwd_header_len = name.len() as u8;
+        let mut word_wise = proxy_stream();
+        word_wise.state = S_NAME;
+        word_wise.names = names;
+        word_wise.sub = sub;
+        let mut byte_wise = word_wise;
+        let w = u64::from_le_bytes(bytes.as_slice().try_into().unwrap());
+        let used = match word_wise.name_word(w, &r) {
+            NameWord::Used(k) => k,
+            NameWord::Colon(k) => {
+                word_wise.name_byte(b':', &r);
+                k
+            }
+        };
+        let mut k = 0;
+        while k < 8 && byte_wise.state == S_NAME {
+            byte_wise.name_byte(bytes[k], &r);
+            k += 1;
+        }
+        prop_assert_eq!(used, k as u64);
+        prop_assert_eq!(word_wise, byte_wise);
+    }
+}
+
+#[test]
+fn names_word_by_word_in_a_whole_head() {
+    use crate::ID_API_KEY;
+    // Names that share first bytes with the ones that matter, cut at every length.
+    let r = default_keys();
+    let mut s = key_stream();
+    let head = keyed(
+        "Content-Type: a\r\nContent-Lengt: 1\r\nX-API-Keys: k-acme-1\r\nX-API: 2\r\nTransfer-Encodin: x\r\nX-Api-Key: k-globex",
+    );
+    let t = s.feed(&head, &r);
+    assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0));
+    let t = s.feed(&keyed("content-length: 0\r\nX-API-KEY: k-acme-2"), &r);
+    assert_eq!(attributed(&t), (5, ID_API_KEY, 1, 0, 0));
 }
