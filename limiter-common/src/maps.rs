@@ -349,11 +349,10 @@ pub struct SockSlot {
 pub const SOCK_F_INBOUND: u32 = 1;
 /// Arrived while its org was at its concurrency limit in reject mode: its requests are refused.
 pub const SOCK_F_OVER_LIMIT: u32 = 4;
-/// Entered API_SOCKS with the egress program (`limiter_api_msg`) attached: its requests
-/// attributed one by one can be counted in flight (the egress program ends them).
-pub const SOCK_F_MSG: u32 = 8;
-/// Has its cookie in INFLIGHT (the egress program's way to this state): its requests
-/// attributed one by one are counted in flight in [`SockState::inflight`].
+/// Has its cookie in INFLIGHT (the egress program's way to this state; sock_ops leaves it
+/// after the egress program is attached, so the socket entered API_SOCKS with it): its requests
+/// attributed one by one are counted in flight in [`SockState::inflight`]. (Bit 8, once "entered
+/// with the egress program", is no longer used: every socket with this bit did.)
 pub const SOCK_F_INFLIGHT: u32 = 16;
 
 /// A connection's requests in flight that were attributed one by one (API key, forwarded

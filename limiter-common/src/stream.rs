@@ -1042,7 +1042,6 @@ impl Stream {
                 let after = (at + 1 < n).then(|| win[(at + 1) & (WIN - 1)]);
                 return self.header_line(b, after, cfg, t).0;
             }
-            S_NAME => self.name_byte(b, cfg),
             S_EOH => {
                 if b == b'\n' {
                     self.head_end(t);

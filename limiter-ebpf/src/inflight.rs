@@ -138,12 +138,8 @@ pub(crate) fn started(
     let mut i = 0;
     while i < 2 {
         let (o, k) = inflight_parts(old);
-        let new = if o == org || k == 0 {
-            inflight_word(org, k + n)
-        } else {
-            inflight_word(org, n)
-        };
-        match cas(p, old, new) {
+        let kept = if o == org { k } else { 0 };
+        match cas(p, old, inflight_word(org, kept + n)) {
             Ok(()) => {
                 // Another org's requests still in flight (a proxy that pipelined two orgs'
                 // requests) leave its count now rather than be taken from this org's later.

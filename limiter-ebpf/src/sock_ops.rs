@@ -19,8 +19,8 @@ use aya_ebpf::{
 use limiter_common::{
     AddrKey, DayCounters, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL,
     FAULT_SOCKHASH_FULL, FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, ID_API_KEY, ID_FORWARDED,
-    KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_INBOUND, SOCK_F_INFLIGHT, SOCK_F_MSG,
-    SOCK_F_OVER_LIMIT, SockState, UNMAPPED_ORG,
+    KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_INBOUND, SOCK_F_INFLIGHT, SOCK_F_OVER_LIMIT,
+    SockState, UNMAPPED_ORG,
     stream::{Stream, listed},
 };
 
@@ -82,8 +82,7 @@ fn on_inbound(ctx: &SockOpsContext) {
     let cookie = cookie_of_ops(ctx);
     let state = SockState {
         org,
-        // The egress program is attached before sock_ops: this socket enters API_SOCKS with it.
-        kind: SOCK_F_INBOUND | SOCK_F_MSG,
+        kind: SOCK_F_INBOUND,
         open: 1,
         stream: Stream::new(),
         addr_gen: c.addr_gen,

@@ -12,9 +12,9 @@ use aya_ebpf::{
 use limiter_common::{
     DayCounters, FAULT_NO_SOCK_STATE, FAULT_PARSE, FAULT_REPLY, ID_ADDRESS, ID_API_KEY,
     ID_FORWARDED, ID_PROXY_PROTOCOL, KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_INFLIGHT,
-    SOCK_F_MSG, SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED,
-    TRACE_O_REFUSED, TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY,
-    TRACE_R_DAILY, TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
+    SOCK_F_OVER_LIMIT, SockState, TRACE_O_COUNTED, TRACE_O_EXEMPT, TRACE_O_PASSED, TRACE_O_REFUSED,
+    TRACE_O_UNPARSED, TRACE_R_BAD_REQUEST, TRACE_R_CLOSED, TRACE_R_CONCURRENCY, TRACE_R_DAILY,
+    TRACE_R_FAULT, TRACE_R_NONE, TRACE_R_NOT_HTTP, UNMAPPED_ORG,
     reply::Policy,
     stream::{
         F_REFUSED, ID_CONN_DIRTY, ID_FWD, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED,
@@ -328,9 +328,7 @@ fn passed(sock: &Sock, t: &Tally, slot: *mut DayCounters, limits: Option<&OrgLim
 /// concurrency is then its requests in flight.
 #[inline(always)]
 fn per_request(kind: u32, t: &Tally) -> bool {
-    kind & (SOCK_F_MSG | SOCK_F_INFLIGHT) == SOCK_F_MSG | SOCK_F_INFLIGHT
-        && t.attributed
-        && (t.via == ID_API_KEY || t.via == ID_FORWARDED)
+    kind & SOCK_F_INFLIGHT != 0 && t.attributed && (t.via == ID_API_KEY || t.via == ID_FORWARDED)
 }
 
 /// The address table changed (a reload) since this connection was attributed, or the org maps

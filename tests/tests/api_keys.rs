@@ -250,21 +250,7 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     )?;
     w.start_daemon()?;
     w.start_nginx_tls()?;
-    // One request each under the test server's slow prefix, at once.
-    let tag = SLOW_PREFIX.trim_matches('/');
-    let slow = |src, key| w.curl(src, tag, 1, &[("X-API-Key", key)]);
-    let replies = w.curl_all(
-        &c.iter()
-            .map(|&src| slow(src, "k-globex"))
-            .collect::<Vec<_>>(),
-    )?;
-    let got = statuses(&replies);
-    let (ok, refused) = (
-        got.get(&200).copied().unwrap_or(0),
-        got.get(&429).copied().unwrap_or(0),
-    );
-    assert_eq!(ok + refused, 4, "{replies:?}");
-    ensure!(refused >= 1 && ok >= 1, "{replies:?}");
+    let (ok, refused) = slow_burst(&w, &c, "k-globex")?;
     let globex = w.org("globex")?;
     assert!(n(&globex, "peak_connections") <= 2, "{globex}");
     assert_eq!(n(&globex, "concurrency_rejected"), refused, "{globex}");
@@ -272,27 +258,41 @@ fn api_keys_concurrency_is_requests_in_flight() -> Result<()> {
     // Answered: nothing stays in flight, though nginx keeps its upstream connections open.
     w.wait_org("globex", |o| n(o, "connections") == 0)?;
     // acme, on the same pooled connections, is not held by globex's limit.
-    let r = w.curl_all(&[slow(c[0], "k-acme-1")])?;
+    let r = w.curl_all(&[slow(&w, c[0], "k-acme-1")])?;
     assert_eq!(statuses(&r), BTreeMap::from([(200, 1)]));
     // A restarted daemon's programs find the pooled connections' requests in flight as the
     // first's did (the socket storage is pinned with the socket tables): the limit still
     // holds, and answered requests still leave the count.
     w.stop_daemon()?;
     w.start_daemon()?;
-    let slow = |src, key| w.curl(src, tag, 1, &[("X-API-Key", key)]);
-    let replies = w.curl_all(
-        &c.iter()
-            .map(|&src| slow(src, "k-globex"))
-            .collect::<Vec<_>>(),
-    )?;
-    let again = statuses(&replies);
-    ensure!(
-        again.get(&429).copied().unwrap_or(0) >= 1 && again.get(&200).copied().unwrap_or(0) >= 1,
-        "{replies:?}"
-    );
+    slow_burst(&w, &c, "k-globex")?;
     w.wait_org("globex", |o| n(o, "connections") == 0)?;
     assert!(n(&w.org("globex")?, "peak_connections") <= 2);
     Ok(())
+}
+
+/// A request with `key` under the test server's slow prefix, from `src`.
+fn slow(w: &World, src: IpAddr, key: &str) -> limiter_lab::testbed::Curl {
+    w.curl(src, SLOW_PREFIX.trim_matches('/'), 1, &[("X-API-Key", key)])
+}
+
+/// One slow request with `key` from each client at once: (answered, refused by the
+/// concurrency limit), each at least one, and nothing else.
+fn slow_burst(w: &World, clients: &[IpAddr], key: &str) -> Result<(u64, u64)> {
+    let replies = w.curl_all(
+        &clients
+            .iter()
+            .map(|&src| slow(w, src, key))
+            .collect::<Vec<_>>(),
+    )?;
+    let got = statuses(&replies);
+    let (ok, refused) = (
+        got.get(&200).copied().unwrap_or(0),
+        got.get(&429).copied().unwrap_or(0),
+    );
+    assert_eq!(ok + refused, clients.len() as u64, "{replies:?}");
+    ensure!(refused >= 1 && ok >= 1, "{replies:?}");
+    Ok((ok, refused))
 }
 
 /// Through HAProxy terminating TLS in TCP mode with PROXY v2 headers, keys come first: each
