@@ -40,6 +40,66 @@ pub fn seconds_until_next_day(time_ns: u64, day_len_ns: u64) -> u64 {
     if secs == 0 { 1 } else { secs }
 }
 
+/// A CPU's last reading of the quota day (the TODAY map), so that most requests read the cheap
+/// coarse monotonic clock instead of CLOCK_TAI (a TSC read that cost a tenth of a small
+/// request's verdict). Only trusted while the config's offset and day length are those it was
+/// read under, and never across a day's end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DayCache {
+    /// Coarse monotonic time (ns) until which `day` holds; 0: nothing cached.
+    pub until: u64,
+    pub day: u64,
+    pub offset_ns: i64,
+    pub day_len_ns: u64,
+}
+
+/// How long a reading of the day is reused: a step of the wall clock (`date -s`, an NTP step)
+/// reaches the kernel's day within this.
+pub const DAY_CACHE_NS: u64 = 100_000_000;
+
+/// Margin before a day's end within which the day is read afresh every time: the coarse clock
+/// lags by up to a tick, and NTP may slew the wall clock against the monotonic one.
+pub const DAY_CACHE_MARGIN_NS: u64 = 20_000_000;
+
+impl DayCache {
+    /// The cached day at coarse monotonic time `now`, if it still holds under this offset and
+    /// day length.
+    #[inline(always)]
+    pub fn get(&self, now: u64, offset_ns: i64, day_len_ns: u64) -> Option<u64> {
+        (now < self.until && self.offset_ns == offset_ns && self.day_len_ns == day_len_ns)
+            .then_some(self.day)
+    }
+
+    /// A fresh reading: limiter time `time_ns` at coarse monotonic time `now`. Holds for
+    /// [`DAY_CACHE_NS`], and never up to the day's last [`DAY_CACHE_MARGIN_NS`] (then `until`
+    /// is 0: nothing is cached).
+    #[inline(always)]
+    pub fn reading(now: u64, time_ns: u64, offset_ns: i64, day_len_ns: u64) -> Self {
+        let len = if day_len_ns == 0 {
+            NS_PER_DAY
+        } else {
+            day_len_ns
+        };
+        let left = len - time_ns % len;
+        let hold = if left > DAY_CACHE_MARGIN_NS + DAY_CACHE_NS {
+            DAY_CACHE_NS
+        } else {
+            left.saturating_sub(DAY_CACHE_MARGIN_NS)
+        };
+        DayCache {
+            until: if hold == 0 {
+                0
+            } else {
+                now.saturating_add(hold)
+            },
+            day: day_number(time_ns, day_len_ns),
+            offset_ns,
+            day_len_ns,
+        }
+    }
+}
+
 /// The clock offset for a given TAI−UTC difference and `day_start` (seconds after UTC midnight).
 pub fn clock_offset_ns(tai_minus_utc_ns: i64, day_start_secs: u32, shift_ns: i64) -> i64 {
     -tai_minus_utc_ns - (day_start_secs as i64) * NS_PER_SEC as i64 + shift_ns
@@ -75,6 +135,44 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// A cached day is the day of every limiter time while it is reused: the monotonic
+        /// clock (here exact) advances with the wall clock, and the coarse one lags it by less
+        /// than the margin.
+        #[test]
+        fn a_cached_day_never_outlives_its_day(
+            time in 0u64..(1u64 << 62),
+            now in 0u64..(1u64 << 62),
+            later in 0u64..(2 * DAY_CACHE_NS),
+            lag in 0u64..DAY_CACHE_MARGIN_NS,
+            len in prop_oneof![Just(0u64), Just(NS_PER_DAY), 1u64..(10 * DAY_CACHE_NS)],
+            offset in any::<i64>(),
+        ) {
+            let c = DayCache::reading(now, time, offset, len);
+            prop_assert!(c.until == 0 || c.until > now);
+            prop_assert!(c.until <= now + DAY_CACHE_NS);
+            // `later` ns on, the coarse clock reads `lag` less.
+            let coarse = (now + later).saturating_sub(lag);
+            if let Some(day) = c.get(coarse, offset, len) {
+                prop_assert_eq!(day, day_number(time + later, len));
+            }
+            prop_assert_eq!(c.get(now, offset.wrapping_add(1), len), None);
+            prop_assert_eq!(c.get(now, offset, len.wrapping_add(1)), None);
+        }
+    }
+
+    #[test]
+    fn no_day_is_cached_near_its_end() {
+        let len = NS_PER_DAY;
+        let c = DayCache::reading(5, 3 * len - DAY_CACHE_MARGIN_NS, 0, len);
+        assert_eq!((c.until, c.day), (0, 2));
+        assert_eq!(c.get(5, 0, len), None);
+        let c = DayCache::reading(5, 3 * len - DAY_CACHE_MARGIN_NS - 7, 0, len);
+        assert_eq!((c.until, c.day), (12, 2));
+        let c = DayCache::reading(5, 3 * len, 0, len);
+        assert_eq!((c.until, c.day), (5 + DAY_CACHE_NS, 3));
+    }
 
     #[test]
     fn known_dates() {

@@ -114,6 +114,15 @@ pub const fn byte_eq_mask(w: u64, c: u8) -> u64 {
     !(((v & LOW7) + LOW7) | v) & 0x8080_8080_8080_8080
 }
 
+/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one), without
+/// branches (BPF has no count-trailing-zeros instruction): the lowest mark, moved to bit 0 of
+/// its byte, multiplied so that the byte's index lands in the top byte.
+#[inline(always)]
+pub const fn first_marked(m: u64) -> usize {
+    let lowest = (m & m.wrapping_neg()) >> 7;
+    (lowest.wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;

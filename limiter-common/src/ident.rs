@@ -28,6 +28,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::http::{byte_eq_mask, first_marked};
+
 use crate::maps::{
     API_KEY_MAX, AddrKey, FWD_FORWARDED, FWD_X_FORWARDED_FOR, FWD_X_REAL_IP, KEY_AUTHORIZATION,
     KEY_PLAIN, v4_mapped,
@@ -280,17 +282,24 @@ impl KeyHash {
         v[0] ^= m;
     }
 
-    /// The next 8 bytes of the key (little-endian), at once.
+    /// The next `k` (1 to 8) bytes of the key at once: the low `k` bytes of `w`.
     #[inline(always)]
-    pub fn take_word(&mut self, w: u64) {
-        let r = (self.n & 7) as u64 * 8;
-        if r == 0 {
-            Self::compress(&mut self.v, w);
+    pub fn take_bytes(&mut self, w: u64, k: usize) {
+        let k = if k > 8 { 8 } else { k };
+        let m = if k >= 8 {
+            w
         } else {
-            Self::compress(&mut self.v, self.tail | (w << r));
-            self.tail = w >> (64 - r);
+            w & ((1u64 << (8 * k)) - 1)
+        };
+        let r = (self.n & 7) as usize * 8;
+        let full = self.tail | (m << r);
+        if r + 8 * k >= 64 {
+            Self::compress(&mut self.v, full);
+            self.tail = if r == 0 { 0 } else { m >> (64 - r) };
+        } else {
+            self.tail = full;
         }
-        self.n = self.n.wrapping_add(8);
+        self.n = self.n.wrapping_add(k as u32);
     }
 
     /// The next byte of the key.
@@ -462,25 +471,47 @@ impl KeyText {
         }
     }
 
-    /// Eight bytes of a plain key or a Bearer token at once, into `hash`, when they are all key
-    /// bytes and the key has room for them; false (nothing taken) otherwise, and the bytes go
-    /// one by one through [`Self::push`]. The kernel's fast path: a byte per `bpf_loop` turn
-    /// made a 40-byte key cost microseconds.
+    /// The first `avail` (at most 8) bytes of `w` (little-endian) at once, as far as
+    /// [`Self::push`] would take them as key bytes: the blanks before a plain key, then the
+    /// key's bytes up to the first that is not one. How many were taken; 0 (nothing taken)
+    /// when none, and then the byte goes through `push`. The kernel's fast path: a byte per
+    /// `bpf_loop` turn made a 40-byte key cost microseconds.
     #[inline(always)]
-    pub fn take_word(&mut self, w: u64, hash: &mut KeyHash) -> bool {
+    pub fn take_run(&mut self, w: u64, avail: usize, hash: &mut KeyHash) -> usize {
         const HI: u64 = 0x8080_8080_8080_8080;
-        let low7 = w & !HI;
-        // Every byte in 0x21..=0x7e: no high bit, low 7 bits at least 0x21 and not 0x7f.
-        let visible = w & HI == 0
-            && (low7 + 0x5f5f_5f5f_5f5f_5f5f) & HI == HI
-            && (low7 + 0x0101_0101_0101_0101) & HI == 0;
-        if self.phase != KT_TOKEN || self.flags != 0 || self.n as usize + 8 > CAP || !visible {
-            return false;
+        let lead_ok = self.phase == KT_LEAD && self.kind == KEY_PLAIN;
+        if (self.phase != KT_TOKEN && !lead_ok)
+            || self.flags != 0
+            || self.seen as usize + 8 > crate::stream::KEY_VALUE_MAX
+        {
+            return 0;
         }
-        hash.take_word(w);
-        self.n += 8;
-        self.seen = self.seen.saturating_add(8);
-        true
+        let low7 = w & !HI;
+        // Marks on the bytes in 0x21..=0x7e: no high bit, low 7 bits at least 0x21, not 0x7f.
+        let visible = ((low7 + 0x5f5f_5f5f_5f5f_5f5f) & !(low7 + 0x0101_0101_0101_0101) & !w) & HI;
+        let lead = if lead_ok {
+            let blank = byte_eq_mask(w, b' ') | byte_eq_mask(w, b'\t');
+            let rest = !blank & HI;
+            if rest == 0 { 8 } else { first_marked(rest) }
+        } else {
+            0
+        };
+        if lead >= avail || lead >= 8 {
+            return 0;
+        }
+        // Key bytes from `lead` on, up to the first other byte or `avail`.
+        let stop = !visible & HI & (u64::MAX << (8 * lead));
+        let end = if stop == 0 { 8 } else { first_marked(stop) };
+        let end = if end < avail { end } else { avail };
+        if end <= lead || self.n as usize + (end - lead) > CAP {
+            return 0;
+        }
+        let run = end - lead;
+        hash.take_bytes(w >> (8 * lead), run);
+        self.phase = KT_TOKEN;
+        self.n += run as u32;
+        self.seen += end as u32;
+        end
     }
 
     /// A byte of the scheme's name (case ignored), or the space that ends it.

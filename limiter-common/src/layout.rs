@@ -9,6 +9,7 @@ use crate::{
     API_SOCKS_FACTOR, AddrKey, DAY_SLOTS, DayCounters, EVENTS_BYTES, FAULT_COUNT, KernelConfig,
     MAX_API_PORTS, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MAX_TRUSTED_PROXIES, MIN_API_KEYS, OrgLimits,
     RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
+    day::DayCache,
     reply::Scratch,
     stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
 };
@@ -66,6 +67,8 @@ macro_rules! map_layout {
             /// The media prefixes as a table: which prefixes stay possible for a path byte at a
             /// position (see `stream::StreamRules`), written by the daemon with CONFIG.
             MEDIA_MATCH: Array<u32, u8> = Fixed(MEDIA_MATCH_ENTRIES), Layout;
+            /// Each CPU's last reading of the quota day (see `day::DayCache`).
+            TODAY: PerCpuArray<u32, DayCache> = Fixed(1), Layout;
             /// Where the verdict walks a chunk (see `WalkSlot`).
             WALK: PerCpuArray<u32, WalkSlot> = Fixed(WALK_SLOTS), Layout;
             /// Slot 0: `limiter_refuse`, tail-called to write a 429.

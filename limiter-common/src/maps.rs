@@ -125,8 +125,14 @@ pub struct KernelConfig {
     /// The forwarded header's name, lowercase.
     pub fwd_header: [u8; HEADER_NAME_MAX],
     /// For each lowercase byte, which identifying headers' names start with it
-    /// (`stream::NAME_KEY`, `stream::NAME_FWD`; see `stream::fill_name_first`).
+    /// (`stream::NAME_KEY`, `stream::NAME_FWD`; see `stream::fill_name_tables`).
     pub name_first: [u8; 256],
+    /// `key_header` from each byte on, eight bytes as a little-endian word with `_` as `-`
+    /// (`stream::name_words`): a header name is compared a word at a time, and one load here
+    /// costs less than building the word byte by byte in every turn.
+    pub key_words: [u64; HEADER_NAME_MAX],
+    /// `fwd_header` as `key_words`.
+    pub fwd_words: [u64; HEADER_NAME_MAX],
 }
 
 /// The daemon has written a valid config; until then the programs pass everything uncounted.
@@ -152,6 +158,8 @@ impl KernelConfig {
             key_header: [0; HEADER_NAME_MAX],
             fwd_header: [0; HEADER_NAME_MAX],
             name_first: [0; 256],
+            key_words: [0; HEADER_NAME_MAX],
+            fwd_words: [0; HEADER_NAME_MAX],
         }
     }
 

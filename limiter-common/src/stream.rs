@@ -17,7 +17,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::http::byte_eq_mask;
+use crate::http::{byte_eq_mask, first_marked};
 use crate::ident::{FwdStream, KeyHash, KeyText};
 use crate::maps::{
     API_KEY_MAX, AddrKey, FWD_X_FORWARDED_FOR, HEADER_NAME_MAX, ID_ADDRESS, ID_API_KEY, ID_END,
@@ -60,14 +60,15 @@ pub trait StreamRules {
     fn fwd_name(&self, _pos: usize) -> u8 {
         0
     }
-    /// Bytes `pos..pos + 8` of the key header's name as a little-endian word; those past its
-    /// end may be anything (a read without a branch per byte, for [`Stream::name_word`]).
+    /// Bytes `pos..pos + 8` of the key header's name as a little-endian word, `_` as `-`;
+    /// those past its end may be anything (a read without a branch per byte, for
+    /// [`Stream::name_word`]).
     fn key_name_word(&self, pos: usize) -> u64 {
-        name_word_at(pos, |i| self.key_name(i))
+        dash_word(name_word_at(pos, |i| self.key_name(i)))
     }
     /// The forwarded header's name as [`Self::key_name_word`].
     fn fwd_name_word(&self, pos: usize) -> u64 {
-        name_word_at(pos, |i| self.fwd_name(i))
+        dash_word(name_word_at(pos, |i| self.fwd_name(i)))
     }
     fn fwd_name_len(&self) -> usize {
         0
@@ -169,11 +170,11 @@ impl StreamRules for KernelConfig {
     }
 
     fn key_name_word(&self, pos: usize) -> u64 {
-        config_name_word(&self.key_header, pos)
+        self.key_words[pos & (HEADER_NAME_MAX - 1)]
     }
 
     fn fwd_name_word(&self, pos: usize) -> u64 {
-        config_name_word(&self.fwd_header, pos)
+        self.fwd_words[pos & (HEADER_NAME_MAX - 1)]
     }
 
     fn fwd_name_len(&self) -> usize {
@@ -189,10 +190,20 @@ impl StreamRules for KernelConfig {
     }
 }
 
-/// [`StreamRules::key_name_word`] of a name of the config.
-#[inline(always)]
-pub fn config_name_word(name: &[u8; HEADER_NAME_MAX], pos: usize) -> u64 {
-    name_word_at(pos, |i| name[i & (HEADER_NAME_MAX - 1)])
+/// A name from each of its bytes on, eight bytes as a little-endian word (zero past its end),
+/// `_` as `-` ([`KernelConfig::key_words`]).
+pub const fn name_words(name: &[u8; HEADER_NAME_MAX]) -> [u64; HEADER_NAME_MAX] {
+    let mut words = [0u64; HEADER_NAME_MAX];
+    let mut pos = 0;
+    while pos < HEADER_NAME_MAX {
+        let mut j = 0;
+        while j < 8 && pos + j < HEADER_NAME_MAX {
+            words[pos] |= (dash(name[pos + j]) as u64) << (8 * j);
+            j += 1;
+        }
+        pos += 1;
+    }
+    words
 }
 
 /// [`StreamRules::fwd_name`] from the config.
@@ -205,9 +216,12 @@ pub fn config_fwd_name(cfg: &KernelConfig, pos: usize) -> u8 {
     }
 }
 
-/// Fills [`KernelConfig::name_first`] from the key and forwarded header names (the daemon,
-/// after naming them; the kernel looks a header line's first byte up there).
-pub fn fill_name_first(cfg: &mut KernelConfig) {
+/// Fills [`KernelConfig::name_first`], `key_words` and `fwd_words` from the key and forwarded
+/// header names (the daemon, after naming them; the kernel looks a header line's first byte up
+/// in `name_first`, and compares names with the words).
+pub fn fill_name_tables(cfg: &mut KernelConfig) {
+    cfg.key_words = name_words(&cfg.key_header);
+    cfg.fwd_words = name_words(&cfg.fwd_header);
     cfg.name_first = [0; 256];
     if cfg.key_header_len > 0 {
         cfg.name_first[cfg.key_header[0] as usize] |= NAME_KEY;
@@ -238,7 +252,7 @@ pub fn config_key_name_len(cfg: &KernelConfig) -> usize {
 }
 
 /// Bytes of a chunk the kernel loads at a time.
-pub const WIN: usize = 128;
+pub const WIN: usize = 256;
 /// The window buffer: [`WIN`] bytes plus room for an 8-byte load at any masked index.
 pub const WIN_BUF: usize = WIN + 8;
 const WIN_WORDS: usize = WIN_BUF / 8;
@@ -573,11 +587,15 @@ const fn pad32(name: &[u8]) -> [u8; 32] {
     out
 }
 
-/// `HEADER_NAMES[i]` from byte `pos` as a little-endian word (bytes past the name are masked
+/// [`HEADER_NAMES`] from each byte on as words ([`name_words`]; bytes past a name are masked
 /// off by [`prefix_marks`]).
+const HEADER_WORDS: [[u64; HEADER_NAME_MAX]; 2] =
+    [name_words(&HEADER_NAMES[0]), name_words(&HEADER_NAMES[1])];
+
+/// `HEADER_NAMES[i]` from byte `pos` as a little-endian word.
 #[inline(always)]
 fn header_word(i: usize, pos: usize) -> u64 {
-    name_word_at(pos, |j| HEADER_NAMES[i & 1][j & 31])
+    HEADER_WORDS[i & 1][pos & (HEADER_NAME_MAX - 1)]
 }
 
 /// Bytes `pos..pos + 8` of a name, `byte(j)` each, as a little-endian word.
@@ -711,15 +729,6 @@ fn word(win: &Window, at: usize) -> u64 {
         return lo;
     }
     (lo >> shift) | (win.word(at / 8 + 1) << (64 - shift))
-}
-
-/// Index of the lowest marked byte of a [`byte_eq_mask`] result (which has one), without
-/// branches (BPF has no count-trailing-zeros instruction): the lowest mark, moved to bit 0 of
-/// its byte, multiplied so that the byte's index lands in the top byte.
-#[inline(always)]
-fn first_marked(m: u64) -> usize {
-    let lowest = (m & m.wrapping_neg()) >> 7;
-    (lowest.wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
 }
 
 /// Offset of the first `\n` in `win[at..n]`, an aligned word at a time.
@@ -1454,10 +1463,10 @@ impl Stream {
             prefix_marks(lw, header_word(0, pos), HEADER_LENS[0] as usize, pos) & alive(names, 0);
         let te =
             prefix_marks(lw, header_word(1, pos), HEADER_LENS[1] as usize, pos) & alive(names, 1);
-        let key = dash_word(cfg.key_name_word(pos));
-        let key = prefix_marks(dw, key, cfg.key_name_len(), pos) & alive(names, 2);
-        let fwd = dash_word(cfg.fwd_name_word(pos));
-        let fwd = prefix_marks(dw, fwd, cfg.fwd_name_len(), pos) & alive(names, 3);
+        let key = prefix_marks(dw, cfg.key_name_word(pos), cfg.key_name_len(), pos);
+        let key = key & alive(names, 2);
+        let fwd = prefix_marks(dw, cfg.fwd_name_word(pos), cfg.fwd_name_len(), pos);
+        let fwd = fwd & alive(names, 3);
         let any = cl | te | key | fwd;
         let colon = byte_eq_mask(w, b':');
         if colon != 0 {
@@ -1615,8 +1624,8 @@ impl Stream {
         matches!(self.state, S_KEY | S_FWD)
     }
 
-    /// Bytes of an identifying header's value at `win[at..n]`: an API key's eight at once when
-    /// they are all key bytes, else one; a forwarded header's one. How many were taken.
+    /// Bytes of an identifying header's value at `win[at..n]`: up to eight of an API key at
+    /// once ([`KeyText::take_run`]), else one; a forwarded header's one. How many were taken.
     #[inline(always)]
     pub fn value_run(&mut self, win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> u64 {
         let b = win[at & (WIN - 1)];
@@ -1629,11 +1638,25 @@ impl Stream {
             }
             return 1;
         }
-        if self.sub != 0 && at + 8 <= n && self.key.take_word(word(win, at), &mut self.hash) {
-            return 8;
+        if self.sub == 0 {
+            self.key_start(cfg);
         }
-        self.key_byte(win[at & (WIN - 1)], cfg);
+        // Up to eight of the window's bytes at once (past `n` they are stale).
+        let avail = if n - at < 8 { n - at } else { 8 };
+        let k = self.key.take_run(word(win, at), avail, &mut self.hash);
+        if k != 0 {
+            return k as u64;
+        }
+        self.key_byte(b, cfg);
         1
+    }
+
+    /// The key header's value begins: its reading and digest start over.
+    #[inline(always)]
+    fn key_start(&mut self, cfg: &impl StreamRules) {
+        self.sub = 1;
+        self.key.reset(cfg.key_kind());
+        self.hash.reset(cfg.key_secret());
     }
 
     /// A byte of the API key header's value ([`S_KEY`]; [`Self::step`] takes every other
@@ -1643,9 +1666,7 @@ impl Stream {
     #[inline(always)]
     fn key_byte(&mut self, b: u8, cfg: &impl StreamRules) {
         if self.sub == 0 {
-            self.sub = 1;
-            self.key.reset(cfg.key_kind());
-            self.hash.reset(cfg.key_secret());
+            self.key_start(cfg);
         }
         if b != b'\n' {
             if self.key.seen as usize >= KEY_VALUE_MAX {

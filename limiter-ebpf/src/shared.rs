@@ -1,12 +1,21 @@
 //! What every program uses: the config, today's day number, fault counters and events, and the
 //! hand-off to the current daemon start's programs.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_tai_ns, maps::ProgramArray};
-use limiter_common::{CONFIG_F_READY, Event, FAULT_EVENTS_FULL, KernelConfig, day};
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_tai_ns},
+    maps::ProgramArray,
+};
+use limiter_common::{
+    CONFIG_F_READY, Event, FAULT_EVENTS_FULL, KernelConfig,
+    day::{self, DayCache},
+};
 
 use crate::{
     atomic::add,
-    maps::{CONFIG, EVENTS, FAULTS, GENERATION, SOCK_GEN},
+    maps::{CONFIG, EVENTS, FAULTS, GENERATION, SOCK_GEN, TODAY},
 };
 
 #[inline(always)]
@@ -15,12 +24,39 @@ pub(crate) fn config() -> Option<&'static KernelConfig> {
     (c.flags & CONFIG_F_READY != 0).then_some(c)
 }
 
-/// Today's day number per the kernel clock and the daemon's offset.
+/// Today's day number per the kernel clock and the daemon's offset: this CPU's last reading
+/// while it holds (see `DayCache`), else CLOCK_TAI read afresh.
 #[inline(always)]
 pub(crate) fn today(c: &KernelConfig) -> u64 {
     // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let cache = TODAY.get_ptr_mut(0);
+    if let Some(p) = cache
+        // SAFETY: this CPU's map value. A program that interrupts this one runs to its end
+        // first; `until` is written last and cleared first, so a reading is only taken whole.
+        && let Some(day) = unsafe { read_volatile(p) }.get(now, c.clock_offset_ns, c.day_len_ns)
+    {
+        return day;
+    }
+    // SAFETY: a helper without arguments.
     let tai = unsafe { bpf_ktime_get_tai_ns() };
-    day::day_number(day::limiter_time(tai, c.clock_offset_ns), c.day_len_ns)
+    let fresh = DayCache::reading(
+        now,
+        day::limiter_time(tai, c.clock_offset_ns),
+        c.clock_offset_ns,
+        c.day_len_ns,
+    );
+    if let Some(p) = cache {
+        // SAFETY: as above; field by field, `until` last.
+        unsafe {
+            write_volatile(&raw mut (*p).until, 0);
+            write_volatile(&raw mut (*p).day, fresh.day);
+            write_volatile(&raw mut (*p).offset_ns, fresh.offset_ns);
+            write_volatile(&raw mut (*p).day_len_ns, fresh.day_len_ns);
+            write_volatile(&raw mut (*p).until, fresh.until);
+        }
+    }
+    fresh.day
 }
 
 #[inline(always)]

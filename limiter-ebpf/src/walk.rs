@@ -13,7 +13,7 @@ use limiter_common::{
     stream::{
         ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
         S_NAME, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_fwd_name,
-        config_key_name, config_name_word, media_match_index,
+        config_key_name, media_match_index,
     },
 };
 
@@ -239,12 +239,12 @@ impl StreamRules for KernelRules<'_> {
 
     #[inline(always)]
     fn key_name_word(&self, pos: usize) -> u64 {
-        config_name_word(&self.cfg.key_header, pos)
+        self.cfg.key_words[pos & (limiter_common::HEADER_NAME_MAX - 1)]
     }
 
     #[inline(always)]
     fn fwd_name_word(&self, pos: usize) -> u64 {
-        config_name_word(&self.cfg.fwd_header, pos)
+        self.cfg.fwd_words[pos & (limiter_common::HEADER_NAME_MAX - 1)]
     }
 
     /// The daemon names the forwarded header only when `forwarded` is a source.

@@ -1338,20 +1338,48 @@ fn forwarded_stream_reads_several_lines_as_one_list() {
     assert_eq!(fwd_stream(FWD_X_FORWARDED_FOR, &long), some("198.51.100.8"));
 }
 
-/// The word path is taken for a token's key bytes, and only for them (without this, the
-/// property below would hold for a `take_word` that never takes).
+/// The run path takes a key's bytes, and the blanks before a plain key, and only those (without
+/// this, the property below would hold for a `take_run` that never takes).
 #[test]
-fn key_text_takes_words_of_key_bytes() {
+fn key_text_takes_runs_of_key_bytes() {
+    let w = |b: &[u8; 8]| u64::from_le_bytes(*b);
     let mut t = KeyText::new(KEY_PLAIN);
     let mut h = KeyHash::new([1, 2]);
-    t.push(b'k', &mut h);
-    assert!(t.take_word(u64::from_le_bytes(*b"abcd-._~"), &mut h));
-    assert!(!t.take_word(u64::from_le_bytes(*b"abc def\r"), &mut h));
-    assert!(!t.take_word(u64::from_le_bytes(*b"abcdefg\x7f"), &mut h));
+    assert_eq!(
+        t.take_run(w(b" \tabc\r\nx"), 8, &mut h),
+        5,
+        "blanks, then the key"
+    );
+    assert_eq!(t.take_run(w(b"abcd-._~"), 8, &mut h), 8);
+    assert_eq!(
+        t.take_run(w(b"abcd-._~"), 3, &mut h),
+        3,
+        "no further than the window"
+    );
+    assert_eq!(t.take_run(w(b"abc def\r"), 8, &mut h), 3);
+    assert_eq!(t.take_run(w(b"abcdefg\x7f"), 8, &mut h), 7);
+    assert_eq!(
+        t.take_run(w(b" abcdefg"), 8, &mut h),
+        0,
+        "a blank after the key"
+    );
+    let mut t = KeyText::new(KEY_PLAIN);
+    assert_eq!(
+        t.take_run(w(b"        "), 8, &mut h),
+        0,
+        "blanks alone go byte by byte"
+    );
+    assert_eq!(t.take_run(w(b"  \x01abcde"), 8, &mut h), 0);
     let mut t = KeyText::new(KEY_AUTHORIZATION);
+    assert_eq!(
+        t.take_run(w(b"Bearer t"), 8, &mut h),
+        0,
+        "not in the scheme"
+    );
     t.push(b'B', &mut h);
-    assert!(
-        !t.take_word(u64::from_le_bytes(*b"earer to"), &mut h),
+    assert_eq!(
+        t.take_run(w(b"earer to"), 8, &mut h),
+        0,
         "not in the scheme"
     );
 }
@@ -1362,41 +1390,52 @@ proptest! {
     fn key_hash_words_equal_bytes(
         k in any::<[u64; 2]>(),
         head in proptest::collection::vec(any::<u8>(), 0..8),
-        words in proptest::collection::vec(any::<u64>(), 0..6),
+        words in proptest::collection::vec((any::<u64>(), 1usize..=8), 0..8),
     ) {
         let (mut a, mut b) = (KeyHash::new(k), KeyHash::new(k));
         for &x in &head {
             a.take(x);
             b.take(x);
         }
-        for &w in &words {
-            a.take_word(w);
-            for x in w.to_le_bytes() {
+        for &(w, k) in &words {
+            a.take_bytes(w, k);
+            for &x in &w.to_le_bytes()[..k] {
                 b.take(x);
             }
         }
         prop_assert_eq!(a.finish(), b.finish());
     }
 
-    /// KeyText takes a word exactly when its eight bytes would all be key bytes of a token.
+    /// A run taken at once reads as its bytes pushed one by one; and the byte after it (when
+    /// the word has one) is one `push` would not take as a key byte.
     #[test]
-    fn key_text_words_equal_bytes(
+    fn key_text_runs_equal_bytes(
         kind in prop_oneof![Just(KEY_PLAIN), Just(KEY_AUTHORIZATION)],
-        lead in prop_oneof![Just("k"), Just("Bearer t"), Just("Basic d"), Just(" ")],
-        w in prop_oneof![any::<u64>(), Just(u64::from_le_bytes(*b"abcd-._~")), Just(u64::from_le_bytes(*b"abc def\r"))],
+        lead in prop_oneof![Just(""), Just("k"), Just("Bearer t"), Just("Basic d"), Just(" "), Just("k "), Just("\t")],
+        bytes in proptest::collection::vec(prop_oneof![
+            Just(b' '), Just(b'\t'), Just(b'\r'), Just(0x7f), Just(0x80), Just(b'a'), Just(b'~'), Just(b'!'), any::<u8>()
+        ], 8),
+        avail in 1usize..=8,
     ) {
+        let w = u64::from_le_bytes(bytes.as_slice().try_into().unwrap());
         let (mut t1, mut t2) = (KeyText::new(kind), KeyText::new(kind));
         let (mut h1, mut h2) = (KeyHash::new([1, 2]), KeyHash::new([1, 2]));
         for &b in lead.as_bytes() {
             t1.push(b, &mut h1);
             t2.push(b, &mut h2);
         }
-        if t1.take_word(w, &mut h1) {
-            for b in w.to_le_bytes() {
-                t2.push(b, &mut h2);
-            }
-            prop_assert_eq!(t1.finish(t1.seen), t2.finish(t2.seen));
-            prop_assert_eq!(h1.finish(), h2.finish());
+        let k = t1.take_run(w, avail, &mut h1);
+        prop_assert!(k <= avail);
+        for &b in &bytes[..k] {
+            t2.push(b, &mut h2);
+        }
+        prop_assert_eq!(t1, t2);
+        prop_assert_eq!(t1.finish(t1.seen), t2.finish(t2.seen));
+        prop_assert_eq!(h1.finish(), h2.finish());
+        if k > 0 && k < avail {
+            let before = t2.n;
+            t2.push(bytes[k], &mut h2);
+            prop_assert!(t2.n == before, "the run stopped at a key byte");
         }
     }
 }

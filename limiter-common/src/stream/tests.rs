@@ -785,6 +785,7 @@ fn keys_rules(header: &str, kind: u8, keys: &[(&str, u32)]) -> Rules {
     let name = header.to_ascii_lowercase();
     cfg.key_header[..name.len()].copy_from_slice(name.as_bytes());
     cfg.key_header_len = name.len() as u8;
+    fill_name_tables(&mut cfg);
     let keys = keys
         .iter()
         .map(|(k, org)| {
@@ -992,7 +993,7 @@ fn fwd_rules(kind: u8, header: &str) -> Rules {
     let name = header.to_ascii_lowercase();
     cfg.fwd_header[..name.len()].copy_from_slice(name.as_bytes());
     cfg.fwd_header_len = name.len() as u8;
-    fill_name_first(&mut cfg);
+    fill_name_tables(&mut cfg);
     Rules {
         cfg,
         keys: Default::default(),
@@ -1109,6 +1110,7 @@ proptest! {
         let name = fwd.to_ascii_lowercase();
         r.cfg.fwd_header[..name.len()].copy_from_slice(name.as_bytes());
         r.cfg.fwd_header_len = name.len() as u8;
+        fill_name_tables(&mut r.cfg);
         let mut word_wise = proxy_stream();
         word_wise.state = S_NAME;
         word_wise.names = names;

@@ -139,7 +139,7 @@ fn identify_config(kc: &mut KernelConfig, identify: &Identify) {
     if identify.uses(Source::ApiKey) {
         kc.key_header_len = copy(&mut kc.key_header, &identify.api_key_header);
     }
-    limiter_common::stream::fill_name_first(kc);
+    limiter_common::stream::fill_name_tables(kc);
 }
 
 /// What it takes to bring the key table from `old` to `new` (both sorted by digest): the
