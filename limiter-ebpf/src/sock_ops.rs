@@ -5,6 +5,7 @@
 use core::{
     ffi::c_void,
     intrinsics::{AtomicOrdering::SeqCst, atomic_xchg},
+    mem::MaybeUninit,
 };
 
 use aya_ebpf::{
@@ -20,8 +21,7 @@ use limiter_common::{
     AddrKey, DayCounters, EVENT_CONCURRENCY_BREACH, FAULT_BAD_ORG, FAULT_SOCK_STATE_FULL,
     FAULT_SOCKHASH_FULL, FAULT_UNMAPPED_UNTRACKED, ID_ADDRESS, ID_API_KEY, ID_FORWARDED,
     KernelConfig, ORG_F_CONC_REJECT, OrgLimits, SOCK_F_INBOUND, SOCK_F_INFLIGHT, SOCK_F_OVER_LIMIT,
-    SockState, UNMAPPED_ORG,
-    stream::{Stream, listed},
+    SockState, UNMAPPED_ORG, stream::listed,
 };
 
 use crate::{
@@ -37,6 +37,31 @@ use crate::{
 };
 
 const TCP_ESTABLISHED: u32 = 1;
+
+/// Makes `*p` a new inbound connection's state ([`SockState::FRESH`] with its org and the
+/// config's generations), copied a word at a time (volatile, so that LLVM keeps the words).
+///
+/// # Safety
+/// `p` is valid for writes and 8-aligned.
+#[inline(always)]
+unsafe fn fresh_state(p: *mut SockState, org: u32, c: &KernelConfig) {
+    use core::ptr::write_volatile as put;
+    const WORDS: usize = size_of::<SockState>() / 8;
+    let from = &SockState::FRESH as *const SockState as *const u64;
+    let to = p as *mut u64;
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both are SockStates (no padding, 8-aligned) and `i` is within them.
+        unsafe { put(to.add(i), *from.add(i)) };
+        i += 1;
+    }
+    // SAFETY: as above.
+    unsafe {
+        put(&raw mut (*p).org, org);
+        put(&raw mut (*p).addr_gen, c.addr_gen);
+        put(&raw mut (*p).org_epoch, c.org_epoch);
+    }
+}
 
 const TCP_CLOSE: u32 = 7;
 
@@ -80,17 +105,14 @@ fn on_inbound(ctx: &SockOpsContext) {
         UNMAPPED_ORG
     };
     let cookie = cookie_of_ops(ctx);
-    let state = SockState {
-        org,
-        kind: SOCK_F_INBOUND,
-        open: 1,
-        stream: Stream::new(),
-        addr_gen: c.addr_gen,
-        org_epoch: c.org_epoch,
-        ..SockState::default()
+    let mut fresh = MaybeUninit::<SockState>::uninit();
+    // SAFETY: `fresh_state` writes every byte.
+    let state = unsafe {
+        fresh_state(fresh.as_mut_ptr(), org, c);
+        fresh.assume_init_ref()
     };
     let added = if reserve_sock_state(org) {
-        let st = add_sock_state(cookie, &state);
+        let st = add_sock_state(cookie, state);
         if st.is_none() {
             release_sock_state();
         }
