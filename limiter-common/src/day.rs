@@ -15,28 +15,34 @@ pub fn limiter_time(tai_ns: u64, offset_ns: i64) -> u64 {
     if t < 0 { 0 } else { t as u64 }
 }
 
-/// Day number of a limiter time. A zero day length is treated as the standard day.
+/// A configured day length: zero is the standard day.
 #[inline(always)]
-pub fn day_number(time_ns: u64, day_len_ns: u64) -> u64 {
-    let len = if day_len_ns == 0 {
+const fn day_len(day_len_ns: u64) -> u64 {
+    if day_len_ns == 0 {
         NS_PER_DAY
     } else {
         day_len_ns
-    };
-    time_ns / len
+    }
+}
+
+/// Day number of a limiter time. A zero day length is treated as the standard day.
+#[inline(always)]
+pub fn day_number(time_ns: u64, day_len_ns: u64) -> u64 {
+    time_ns / day_len(day_len_ns)
+}
+
+/// Nanoseconds from a limiter time until the next day starts (never 0).
+#[inline(always)]
+fn ns_until_next_day(time_ns: u64, day_len_ns: u64) -> u64 {
+    let len = day_len(day_len_ns);
+    len - time_ns % len
 }
 
 /// Whole seconds until the next day starts, rounded up, never 0 (a `Retry-After` of 0 invites a
 /// retry storm).
 #[inline(always)]
 pub fn seconds_until_next_day(time_ns: u64, day_len_ns: u64) -> u64 {
-    let len = if day_len_ns == 0 {
-        NS_PER_DAY
-    } else {
-        day_len_ns
-    };
-    let left = len - time_ns % len;
-    let secs = left.div_ceil(NS_PER_SEC);
+    let secs = ns_until_next_day(time_ns, day_len_ns).div_ceil(NS_PER_SEC);
     if secs == 0 { 1 } else { secs }
 }
 
@@ -47,6 +53,10 @@ pub fn seconds_until_next_day(time_ns: u64, day_len_ns: u64) -> u64 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DayCache {
+    /// Bumped before and after each write (odd while one is under way): a reading whose `seq`
+    /// is odd or changed while it was read is not used. (A program that interrupts another on
+    /// the same CPU runs to its end first, so this is all the locking a per-CPU value needs.)
+    pub seq: u64,
     /// Coarse monotonic time (ns) until which `day` holds; 0: nothing cached.
     pub until: u64,
     pub day: u64,
@@ -76,18 +86,14 @@ impl DayCache {
     /// is 0: nothing is cached).
     #[inline(always)]
     pub fn reading(now: u64, time_ns: u64, offset_ns: i64, day_len_ns: u64) -> Self {
-        let len = if day_len_ns == 0 {
-            NS_PER_DAY
-        } else {
-            day_len_ns
-        };
-        let left = len - time_ns % len;
+        let left = ns_until_next_day(time_ns, day_len_ns);
         let hold = if left > DAY_CACHE_MARGIN_NS + DAY_CACHE_NS {
             DAY_CACHE_NS
         } else {
             left.saturating_sub(DAY_CACHE_MARGIN_NS)
         };
         DayCache {
+            seq: 0,
             until: if hold == 0 {
                 0
             } else {

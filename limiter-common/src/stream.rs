@@ -1665,9 +1665,6 @@ impl Stream {
     /// walks.
     #[inline(always)]
     fn key_byte(&mut self, b: u8, cfg: &impl StreamRules) {
-        if self.sub == 0 {
-            self.key_start(cfg);
-        }
         if b != b'\n' {
             if self.key.seen as usize >= KEY_VALUE_MAX {
                 // Longer than any key a value can carry: unknown, and the rest skipped.

@@ -31,12 +31,19 @@ pub(crate) fn today(c: &KernelConfig) -> u64 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let cache = TODAY.get_ptr_mut(0);
-    if let Some(p) = cache
-        // SAFETY: this CPU's map value. A program that interrupts this one runs to its end
-        // first; `until` is written last and cleared first, so a reading is only taken whole.
-        && let Some(day) = unsafe { read_volatile(p) }.get(now, c.clock_offset_ns, c.day_len_ns)
-    {
-        return day;
+    if let Some(p) = cache {
+        // SAFETY: this CPU's map value; see `DayCache::seq`.
+        let (seq, cached, again) = unsafe {
+            let seq = read_volatile(&raw const (*p).seq);
+            let cached = read_volatile(p);
+            (seq, cached, read_volatile(&raw const (*p).seq))
+        };
+        if seq & 1 == 0
+            && seq == again
+            && let Some(day) = cached.get(now, c.clock_offset_ns, c.day_len_ns)
+        {
+            return day;
+        }
     }
     // SAFETY: a helper without arguments.
     let tai = unsafe { bpf_ktime_get_tai_ns() };
@@ -47,13 +54,15 @@ pub(crate) fn today(c: &KernelConfig) -> u64 {
         c.day_len_ns,
     );
     if let Some(p) = cache {
-        // SAFETY: as above; field by field, `until` last.
+        // SAFETY: as above; `seq` odd while the fields change.
         unsafe {
-            write_volatile(&raw mut (*p).until, 0);
+            let seq = &raw mut (*p).seq;
+            write_volatile(seq, read_volatile(seq).wrapping_add(1));
+            write_volatile(&raw mut (*p).until, fresh.until);
             write_volatile(&raw mut (*p).day, fresh.day);
             write_volatile(&raw mut (*p).offset_ns, fresh.offset_ns);
             write_volatile(&raw mut (*p).day_len_ns, fresh.day_len_ns);
-            write_volatile(&raw mut (*p).until, fresh.until);
+            write_volatile(seq, read_volatile(seq).wrapping_add(1));
         }
     }
     fresh.day

@@ -33,7 +33,7 @@ use crate::{
     sock_ops::connection_opened,
     sock_table::sock_state,
     trace::{self, Traced, tracing},
-    walk::walk_chunk,
+    walk::{empty_tally, walk_chunk},
 };
 
 #[stream_verdict]
@@ -142,33 +142,6 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
             policy,
             keep_alive_ok,
         } => refuse(ctx, cookie, org, policy, keep_alive_ok),
-    }
-}
-
-/// Makes `*p` an empty tally of the connection's org and source, in place and field by field
-/// (volatile): a struct literal became a call to a byte-at-a-time `memset` on every chunk.
-///
-/// # Safety
-/// `p` is valid for writes.
-#[inline(always)]
-unsafe fn empty_tally(p: *mut Tally, org: u32, via: u8) {
-    use core::ptr::write_volatile as put;
-    // SAFETY: `p` is valid for writes (the caller's promise).
-    unsafe {
-        put(&raw mut (*p).counted, 0);
-        put(&raw mut (*p).media, 0);
-        put(&raw mut (*p).starts, 0);
-        put(&raw mut (*p).org, org);
-        put(&raw mut (*p).via, via);
-        put(&raw mut (*p).head_method, false);
-        put(&raw mut (*p).opaque, false);
-        put(&raw mut (*p).broken, false);
-        put(&raw mut (*p).attributed, false);
-        put(&raw mut (*p)._pad[0], 0);
-        put(&raw mut (*p)._pad[1], 0);
-        put(&raw mut (*p)._pad[2], 0);
-        put(&raw mut (*p).unknown_keys, 0);
-        put(&raw mut (*p).scan, 0);
     }
 }
 

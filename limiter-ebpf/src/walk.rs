@@ -202,6 +202,34 @@ fn try_walk_step(
     0
 }
 
+/// Makes `*p` an empty tally of the connection's org and source, in place and field by field
+/// (volatile): a struct literal became a call to a byte-at-a-time `memset` on every chunk (the
+/// verdict's tally, and the walk slot's).
+///
+/// # Safety
+/// `p` is valid for writes.
+#[inline(always)]
+pub(crate) unsafe fn empty_tally(p: *mut Tally, org: u32, via: u8) {
+    use core::ptr::write_volatile as put;
+    // SAFETY: `p` is valid for writes (the caller's promise).
+    unsafe {
+        put(&raw mut (*p).counted, 0);
+        put(&raw mut (*p).media, 0);
+        put(&raw mut (*p).starts, 0);
+        put(&raw mut (*p).org, org);
+        put(&raw mut (*p).via, via);
+        put(&raw mut (*p).head_method, false);
+        put(&raw mut (*p).opaque, false);
+        put(&raw mut (*p).broken, false);
+        put(&raw mut (*p).attributed, false);
+        put(&raw mut (*p)._pad[0], 0);
+        put(&raw mut (*p)._pad[1], 0);
+        put(&raw mut (*p)._pad[2], 0);
+        put(&raw mut (*p).unknown_keys, 0);
+        put(&raw mut (*p).scan, 0);
+    }
+}
+
 /// The media prefixes through MEDIA_MATCH, API keys through API_KEYS.
 struct KernelRules<'a> {
     /// The configured prefixes' bits.
@@ -502,16 +530,7 @@ fn walk_in(
         put(&raw mut (*slot).win_n, 0);
         put(&raw mut (*slot).failed, 0);
         put(&raw mut (*slot).v1_n, 0);
-        put(&raw mut (*slot).tally.counted, 0);
-        put(&raw mut (*slot).tally.media, 0);
-        put(&raw mut (*slot).tally.starts, 0);
-        put(&raw mut (*slot).tally.head_method, false);
-        put(&raw mut (*slot).tally.org, t.org);
-        put(&raw mut (*slot).tally.via, t.via);
-        put(&raw mut (*slot).tally.opaque, false);
-        put(&raw mut (*slot).tally.broken, false);
-        put(&raw mut (*slot).tally.attributed, false);
-        put(&raw mut (*slot).tally.unknown_keys, 0);
+        empty_tally(&raw mut (*slot).tally, t.org, t.via);
         &mut *slot
     };
     if len < WIN as u64 {

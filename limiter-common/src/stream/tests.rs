@@ -1101,7 +1101,7 @@ proptest! {
         bytes in proptest::collection::vec(arb_name_byte(), 8),
         names in 1u8..16,
         sub in 0u8..24,
-        key in proptest::sample::select(vec!["X-API-Key", "Authorization", "Content-Lengthy", "x"]),
+        key in proptest::sample::select(vec!["X-API-Key", "X_Api_Key", "Authorization", "Content-Lengthy", "x"]),
         fwd in proptest::sample::select(vec!["X-Forwarded-For", "Forwarded", "X-Real-IP", "transfer"]),
     ) {
         use crate::{ID_ADDRESS, ID_API_KEY, ID_FORWARDED};
@@ -1147,4 +1147,21 @@ fn names_word_by_word_in_a_whole_head() {
     assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0));
     let t = s.feed(&keyed("content-length: 0\r\nX-API-KEY: k-acme-2"), &r);
     assert_eq!(attributed(&t), (5, ID_API_KEY, 1, 0, 0));
+}
+
+/// A configured key header with `_` matches the name however the client writes its `_`/`-`
+/// and case (the prepared name words read `_` as `-`, as `name_byte` does).
+#[test]
+fn a_key_header_with_underscores_matches_either_spelling() {
+    use crate::ID_API_KEY;
+    let r = keys_rules("X_Api_Key", crate::KEY_PLAIN, &[("k-acme", 6)]);
+    for line in [
+        "x-api-key: k-acme",
+        "X_API_KEY: k-acme",
+        "x_Api-key: k-acme",
+    ] {
+        let mut s = key_stream();
+        let t = s.feed(&keyed(line), &r);
+        assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0), "{line}");
+    }
 }
