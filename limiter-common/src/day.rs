@@ -224,6 +224,14 @@ mod tests {
             prop_assert_eq!(days_from_civil(y, m, d), days);
         }
 
+        /// The day slot's multiply agrees with `%` on every day, around 2^32 too.
+        #[test]
+        fn day_slot_is_the_remainder(day in any::<u64>(), near in 0u64..1 << 20) {
+            for d in [day, day >> 32, (1u64 << 32).wrapping_sub(near), (1u64 << 32) + near] {
+                prop_assert_eq!(crate::day_slot(d), (d % crate::DAY_SLOTS as u64) as u32);
+            }
+        }
+
         #[test]
         fn retry_after_reaches_next_day(t in 0u64..u64::MAX / 2, len_s in 1u64..200_000) {
             let len = len_s * NS_PER_SEC;

@@ -124,9 +124,10 @@ pub struct KernelConfig {
     pub key_header: [u8; HEADER_NAME_MAX],
     /// The forwarded header's name, lowercase.
     pub fwd_header: [u8; HEADER_NAME_MAX],
-    /// For each lowercase byte, which identifying headers' names start with it
-    /// (`stream::NAME_KEY`, `stream::NAME_FWD`; see `stream::fill_name_tables`).
-    pub name_first: [u8; 256],
+    /// For each byte, what a header line that starts with it may be (`stream::line_class`: the
+    /// framing headers, and the identifying headers named here; see
+    /// `stream::fill_name_tables`).
+    pub line_first: [u8; 256],
     /// `key_header` from each byte on, eight bytes as a little-endian word with `_` as `-`
     /// (`stream::name_words`): a header name is compared a word at a time, and one load here
     /// costs less than building the word byte by byte in every turn.
@@ -157,7 +158,7 @@ impl KernelConfig {
             fwd_header_len: 0,
             key_header: [0; HEADER_NAME_MAX],
             fwd_header: [0; HEADER_NAME_MAX],
-            name_first: [0; 256],
+            line_first: crate::stream::line_classes(0, 0),
             key_words: [0; HEADER_NAME_MAX],
             fwd_words: [0; HEADER_NAME_MAX],
         }
@@ -232,17 +233,10 @@ pub const ORG_F_CONC_REJECT: u32 = 8;
 pub struct DayCounters {
     /// The day number these counters belong to (see [`crate::day`]).
     pub day: u64,
+    // The fields a passing request writes (and the tag it reads) share the first cache line:
+    // when two CPUs count for one org, each request then moves one line between them, not two.
     pub requests: u64,
     pub rejected: u64,
-    pub exempt_media_gets: u64,
-    pub exempt_pushes: u64,
-    pub unparsed: u64,
-    pub peak_connections: u64,
-    pub concurrency_breaches: u64,
-    /// SYNs the XDP gate dropped (`concurrency_mode = "delay"`).
-    pub delayed_syns: u64,
-    /// Connections answered with the concurrency 429 (`concurrency_mode = "reject"`).
-    pub concurrency_rejected: u64,
     /// Requests of the org (counted, rejected or exempt) known by the peer address. The four
     /// `by_*` counters follow one another in the order of the `ID_*` numbers (the kernel indexes
     /// them).
@@ -253,11 +247,31 @@ pub struct DayCounters {
     pub by_forwarded: u64,
     /// ... by an API key.
     pub by_api_key: u64,
+    pub exempt_media_gets: u64,
+    pub exempt_pushes: u64,
+    pub unparsed: u64,
+    pub peak_connections: u64,
+    pub concurrency_breaches: u64,
+    /// SYNs the XDP gate dropped (`concurrency_mode = "delay"`).
+    pub delayed_syns: u64,
+    /// Connections answered with the concurrency 429 (`concurrency_mode = "reject"`).
+    pub concurrency_rejected: u64,
     /// Requests that carried an API key no org has (kept on the unmapped org).
     pub unknown_keys: u64,
     /// SYNs the XDP gate dropped to pace an org out of its daily quota (`pace_over_quota`).
     pub paced_syns: u64,
 }
+
+// A passing request's fields in the first 64 bytes (ORG_DAYS values are 128-byte aligned).
+const _: () = assert!(
+    core::mem::offset_of!(DayCounters, exempt_media_gets) < 64
+        && core::mem::size_of::<DayCounters>() == 128
+);
+
+/// What [`DayCounters`]' fields are, in order: the org maps are reused from the pins by a build
+/// of the same layout, so a build that moves a field bumps this, and its maps start apart (the
+/// day's counts carry over through the day snapshot, by field name).
+pub const DAY_FORMAT: u32 = 2;
 
 impl DayCounters {
     pub const fn for_day(day: u64) -> Self {
@@ -312,7 +326,20 @@ pub const DAY_SLOTS: u32 = 3;
 /// no userspace write racing kernel increments. Open connections (not day-scoped) live apart in
 /// ORG_CONNS, which only the kernel writes.
 pub const fn day_index(org: u32, day: u64) -> u32 {
-    org * DAY_SLOTS + (day % DAY_SLOTS as u64) as u32
+    org * DAY_SLOTS + day_slot(day)
+}
+
+/// `day % DAY_SLOTS`, by a multiply where the day fits in 32 bits: BPF has no multiply-high,
+/// so a `%` by a constant stays a division (tens of cycles, on every counted request).
+#[inline(always)]
+pub const fn day_slot(day: u64) -> u32 {
+    if DAY_SLOTS == 3 && day < 1 << 32 {
+        // ⌊day / 3⌋ = ⌊day · ⌈2^33 / 3⌉ / 2^33⌋ for every day below 2^32.
+        let q = (day * 0xAAAA_AAAB) >> 33;
+        (day - q * 3) as u32
+    } else {
+        (day % DAY_SLOTS as u64) as u32
+    }
 }
 
 /// Requests an org made on the other hosts of a cluster on `day` (ORG_REMOTE, indexed like

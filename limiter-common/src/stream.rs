@@ -42,19 +42,21 @@ pub trait StreamRules {
     fn key_name_len(&self) -> usize {
         0
     }
-    /// Which of the identifying headers (`NAME_KEY`, `NAME_FWD`) a header line whose name
-    /// starts with `l` (lowercase) may be: one lookup in [`KernelConfig::name_first`] (this
-    /// runs in every turn of the header-line scan, where each branch multiplies what the
-    /// verifier walks).
-    fn name_first(&self, l: u8) -> u8 {
-        let mut bits = 0;
-        if self.key_name_len() > 0 && l == self.key_name(0) {
-            bits |= NAME_KEY;
-        }
-        if self.fwd_name_len() > 0 && l == self.fwd_name(0) {
-            bits |= NAME_FWD;
-        }
-        bits
+    /// What a header line that starts with byte `b` may be ([`line_class`]): one lookup in
+    /// [`KernelConfig::line_first`] (this runs at every line of the header-line scan, where
+    /// each branch multiplies what the verifier walks).
+    fn line_first(&self, b: u8) -> u8 {
+        let key = if self.key_name_len() > 0 {
+            self.key_name(0)
+        } else {
+            0
+        };
+        let fwd = if self.fwd_name_len() > 0 {
+            self.fwd_name(0)
+        } else {
+            0
+        };
+        line_class(b, key, fwd)
     }
     /// The forwarded header's name, lowercase, as [`Self::key_name`].
     fn fwd_name(&self, _pos: usize) -> u8 {
@@ -173,6 +175,10 @@ impl StreamRules for KernelConfig {
         self.key_words[pos & (HEADER_NAME_MAX - 1)]
     }
 
+    fn line_first(&self, b: u8) -> u8 {
+        self.line_first[b as usize]
+    }
+
     fn fwd_name_word(&self, pos: usize) -> u64 {
         self.fwd_words[pos & (HEADER_NAME_MAX - 1)]
     }
@@ -216,19 +222,66 @@ pub fn config_fwd_name(cfg: &KernelConfig, pos: usize) -> u8 {
     }
 }
 
-/// Fills [`KernelConfig::name_first`], `key_words` and `fwd_words` from the key and forwarded
+/// Fills [`KernelConfig::line_first`], `key_words` and `fwd_words` from the key and forwarded
 /// header names (the daemon, after naming them; the kernel looks a header line's first byte up
-/// in `name_first`, and compares names with the words).
+/// in `line_first`, and compares names with the words).
 pub fn fill_name_tables(cfg: &mut KernelConfig) {
     cfg.key_words = name_words(&cfg.key_header);
     cfg.fwd_words = name_words(&cfg.fwd_header);
-    cfg.name_first = [0; 256];
-    if cfg.key_header_len > 0 {
-        cfg.name_first[cfg.key_header[0] as usize] |= NAME_KEY;
+    let key = if cfg.key_header_len > 0 {
+        cfg.key_header[0]
+    } else {
+        0
+    };
+    let fwd = if cfg.fwd_header_len > 0 {
+        cfg.fwd_header[0]
+    } else {
+        0
+    };
+    cfg.line_first = line_classes(key, fwd);
+}
+
+/// A header line's first byte that [`Stream::header_start`] takes apart from names: CR, LF, SP
+/// and HT.
+pub const LINE_OTHER: u8 = 0x80;
+
+/// What a header line that starts with `b` may be: the names it may begin (`NAME_CL`,
+/// `NAME_TE`, and `NAME_KEY` and `NAME_FWD` when those names start with `key` and `fwd`,
+/// lowercase; 0 for none), [`LINE_OTHER`], or 0: a line to skip outright (no name of interest,
+/// or not a token byte).
+pub const fn line_class(b: u8, key: u8, fwd: u8) -> u8 {
+    if matches!(b, b'\r' | b'\n' | b' ' | b'\t') {
+        return LINE_OTHER;
     }
-    if cfg.fwd_header_len > 0 {
-        cfg.name_first[cfg.fwd_header[0] as usize] |= NAME_FWD;
+    if !is_tchar(b) {
+        return 0;
     }
+    let l = lower(b);
+    let mut bits = 0;
+    if l == HEADER_NAMES[0][0] {
+        bits |= NAME_CL;
+    }
+    if l == HEADER_NAMES[1][0] {
+        bits |= NAME_TE;
+    }
+    if key != 0 && l == key {
+        bits |= NAME_KEY;
+    }
+    if fwd != 0 && l == fwd {
+        bits |= NAME_FWD;
+    }
+    bits
+}
+
+/// [`line_class`] of every byte.
+pub const fn line_classes(key: u8, fwd: u8) -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = line_class(b as u8, key, fwd);
+        b += 1;
+    }
+    t
 }
 
 /// [`StreamRules::key_name`] from the config (the kernel's rules and the host's).
@@ -571,7 +624,7 @@ pub const HEADER_NAMES: [[u8; 32]; 2] = [pad32(b"content-length"), pad32(b"trans
 const HEADER_LENS: [u8; 2] = [14, 17];
 const NAME_CL: u8 = 1;
 const NAME_TE: u8 = 2;
-/// The API key header (see [`KernelConfig::name_first`]).
+/// The API key header (see [`KernelConfig::line_first`]).
 pub const NAME_KEY: u8 = 4;
 /// The forwarded header.
 pub const NAME_FWD: u8 = 8;
@@ -982,11 +1035,20 @@ impl Stream {
             if next > n {
                 return n.saturating_sub(at) as u64;
             }
-            self.state = S_HDR;
             if next >= n {
+                self.state = S_HDR;
                 return next.saturating_sub(at) as u64;
             }
             let b = win[next & (WIN - 1)];
+            if cfg.line_first(b) == 0 {
+                // Most header lines: a name of no interest, skipped with no more look at it
+                // (as `header_start` does).
+                self.flags &= !(F_FRAMING_LINE | F_CR);
+                self.state = S_SKIP;
+                t.set_scan(next + 1);
+                continue;
+            }
+            self.state = S_HDR;
             let after = (next + 1 < n).then(|| win[(next + 1) & (WIN - 1)]);
             let (used, skip) = self.header_line(b, after, cfg, t);
             if !skip {
@@ -1331,16 +1393,8 @@ impl Stream {
                 }
             }
             _ => {
-                let l = lower(b);
-                let mut names = 0;
-                if l == HEADER_NAMES[0][0] {
-                    names |= NAME_CL;
-                }
-                if l == HEADER_NAMES[1][0] {
-                    names |= NAME_TE;
-                }
-                names |= cfg.name_first(l);
-                if names == 0 || !is_tchar(b) {
+                let names = cfg.line_first(b);
+                if names == 0 {
                     self.state = S_SKIP;
                     return true;
                 }

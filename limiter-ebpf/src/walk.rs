@@ -116,7 +116,14 @@ fn inner_loop(w: &mut WalkSlot, turns: usize, callback: *const (), ctx: *mut c_v
         return 1;
     }
     w.pos += w.used;
-    0
+    past_end(w)
+}
+
+/// 1 (the walk ends) once the chunk is consumed: a head that ended there is attributed after
+/// the loop, so no turn is spent finding the end.
+#[inline(always)]
+fn past_end(w: &WalkSlot) -> i64 {
+    if w.pos >= w.len { 1 } else { 0 }
 }
 
 #[inline(always)]
@@ -199,7 +206,7 @@ fn try_walk_step(
         return 1;
     }
     w.pos += used;
-    0
+    past_end(w)
 }
 
 /// Makes `*p` an empty tally of the connection's org and source, in place and field by field
@@ -256,8 +263,8 @@ impl StreamRules for KernelRules<'_> {
     }
 
     #[inline(always)]
-    fn name_first(&self, l: u8) -> u8 {
-        self.cfg.name_first[l as usize]
+    fn line_first(&self, b: u8) -> u8 {
+        self.cfg.line_first[b as usize]
     }
 
     #[inline(always)]

@@ -16,7 +16,7 @@ use std::{
 
 use aya::maps::MapInfo;
 use limiter_common::{
-    MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MIN_API_KEYS, SOCK_FORMAT,
+    DAY_FORMAT, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MIN_API_KEYS, SOCK_FORMAT,
     layout::{MAPS, MapDef, Pin, Sizes},
 };
 use thiserror::Error;
@@ -187,7 +187,7 @@ fn shape_hash(maps: &[MapShape], extra: &[u32]) -> u32 {
 
 /// A short name for the map layout: a hash of the layout's maps' names and sizes.
 pub fn layout_version(cap: Capacity) -> String {
-    format!("v1-{:08x}", shape_hash(&layout_maps(cap), &[]))
+    format!("v1-{:08x}", shape_hash(&layout_maps(cap), &[DAY_FORMAT]))
 }
 
 /// The name of the shared socket tables' directory. Sockets sit in the slot their cookie picks

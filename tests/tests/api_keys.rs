@@ -421,3 +421,80 @@ fn keep_alive(req: Vec<u8>) -> Vec<u8> {
         .replace("Connection: close", "Connection: keep-alive")
         .into_bytes()
 }
+
+/// One connection carries one org's request, then another org's before the first is answered
+/// (a proxy that pipelines): the first org's request leaves its in-flight count when the
+/// second's arrives, rather than stay counted until an answer that the second org's request
+/// would then be charged for; the second's leaves at the next answer. Both orgs end with
+/// nothing in flight.
+#[test]
+fn api_keys_another_orgs_request_settles_the_first() -> Result<()> {
+    let mut w = World::new("apikeys_settle", 1, 0)?;
+    let c: IpAddr = w.tb.clients_v4()[0].into();
+    let keys = w.write_api_keys(&KEYS)?;
+    w.write_config_with(
+        &identify_api(&keys),
+        "",
+        &[
+            org_without_cidrs("acme", ""),
+            org_without_cidrs("globex", ""),
+        ]
+        .concat(),
+    )?;
+    w.start_daemon()?;
+    let api = w.api4();
+    let path = format!("{SLOW_PREFIX}settle");
+    let first = keep_alive(request(&path, "X-API-Key: k-acme-1\r\n"));
+    let second = keep_alive(request(&path, "X-API-Key: k-globex\r\n"));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (mid, replies) = std::thread::scope(|scope| -> Result<_> {
+        let w = &w;
+        let client = scope.spawn(move || {
+            w.client(|| async move {
+                let mut s = open_idle(c, api).await?;
+                s.set_nodelay(true)?;
+                s.write_all(&first).await?;
+                // The first head is counted (in flight) well before its answer, 1.5 s away.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                s.write_all(&second).await?;
+                tx.send(())?;
+                let mut out = Vec::new();
+                let mut tmp = [0u8; 4096];
+                while out.windows(8).filter(|x| x == b"HTTP/1.1").count() < 2 {
+                    let n =
+                        tokio::time::timeout(Duration::from_secs(10), s.read(&mut tmp)).await??;
+                    ensure!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+                    out.extend_from_slice(&tmp[..n]);
+                }
+                Ok(String::from_utf8_lossy(&out).into_owned())
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(10))?;
+        // Both heads are in, the first answer is still over a second away.
+        let mid = w.wait_org("globex", |o| n(o, "connections") == 1)?;
+        let acme = w.org("acme")?;
+        let replies = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client panicked"))??;
+        Ok(((n(&acme, "connections"), n(&mid, "connections")), replies))
+    })?;
+    assert_eq!(
+        mid,
+        (0, 1),
+        "(acme, globex) in flight after the second head"
+    );
+    assert_eq!(replies.matches("HTTP/1.1 200").count(), 2, "{replies}");
+    let acme = w.wait_org("acme", |o| n(o, "connections") == 0)?;
+    let globex = w.wait_org("globex", |o| n(o, "connections") == 0)?;
+    assert_eq!(
+        (n(&acme, "requests"), n(&globex, "requests")),
+        (1, 1),
+        "acme: {acme}, globex: {globex}"
+    );
+    assert_eq!(
+        (n(&acme, "peak_connections"), n(&globex, "peak_connections")),
+        (1, 1),
+        "acme: {acme}, globex: {globex}"
+    );
+    Ok(())
+}

@@ -752,6 +752,9 @@ impl StreamRules for Rules {
     fn key_name_word(&self, pos: usize) -> u64 {
         self.cfg.key_name_word(pos)
     }
+    fn line_first(&self, b: u8) -> u8 {
+        self.cfg.line_first(b)
+    }
     fn fwd_name_word(&self, pos: usize) -> u64 {
         self.cfg.fwd_name_word(pos)
     }
@@ -1164,4 +1167,48 @@ fn a_key_header_with_underscores_matches_either_spelling() {
         let t = s.feed(&keyed(line), &r);
         assert_eq!(attributed(&t), (6, ID_API_KEY, 1, 0, 0), "{line}");
     }
+}
+
+/// The line table the daemon fills agrees with the rule it tabulates, for every byte and for
+/// key and forwarded names that start alike, apart, or not at all.
+#[test]
+fn the_line_table_is_the_line_rule() {
+    let base = KernelConfig::empty();
+    let mut named = KernelConfig::empty();
+    for (key, fwd) in [
+        ("", ""),
+        ("x-api-key", ""),
+        ("", "x-forwarded-for"),
+        ("x-api-key", "x-forwarded-for"),
+        ("authorization", "forwarded"),
+        ("Tx", "c"),
+    ] {
+        named.key_header = [0; crate::HEADER_NAME_MAX];
+        named.fwd_header = [0; crate::HEADER_NAME_MAX];
+        named.key_header[..key.len()].copy_from_slice(key.to_ascii_lowercase().as_bytes());
+        named.fwd_header[..fwd.len()].copy_from_slice(fwd.to_ascii_lowercase().as_bytes());
+        named.key_header_len = key.len() as u8;
+        named.fwd_header_len = fwd.len() as u8;
+        fill_name_tables(&mut named);
+        for b in 0..=255u8 {
+            let k = key.bytes().next().map_or(0, |c| c.to_ascii_lowercase());
+            let f = fwd.bytes().next().map_or(0, |c| c.to_ascii_lowercase());
+            assert_eq!(
+                named.line_first[b as usize],
+                line_class(b, k, f),
+                "{key:?} {fwd:?} {b}"
+            );
+        }
+    }
+    for b in 0..=255u8 {
+        let expect = match b {
+            b'\r' | b'\n' | b' ' | b'\t' => LINE_OTHER,
+            b'c' | b'C' => NAME_CL,
+            b't' | b'T' => NAME_TE,
+            _ => 0,
+        };
+        assert_eq!(base.line_first[b as usize], expect, "{b}");
+    }
+    assert_eq!(line_class(b'X', b'x', b'x'), NAME_KEY | NAME_FWD);
+    assert_eq!(line_class(b':', 0, 0), 0);
 }
