@@ -11,7 +11,7 @@ use crate::{
     RemoteCount, SockSlot, SockState, TRACE_BYTES, TRACE_ON_ENTRIES,
     day::DayCache,
     reply::Scratch,
-    stream::{MEDIA_MATCH_ENTRIES, WALK_SLOTS, WalkSlot},
+    stream::{MEDIA_MATCH_ENTRIES, Stream, WALK_SLOTS, WalkSlot},
 };
 
 /// Every map of the kernel programs, in the form `NAME: Kind<Key, Value> = entries, pin;`.
@@ -71,6 +71,10 @@ macro_rules! map_layout {
             TODAY: PerCpuArray<u32, DayCache> = Fixed(1), Layout;
             /// Where the verdict walks a chunk (see `WalkSlot`).
             WALK: PerCpuArray<u32, WalkSlot> = Fixed(WALK_SLOTS), Layout;
+            /// The stream each walk slot follows: the socket's, copied in before the walk and
+            /// back after it, so that the walk reads one map whichever holds the socket's state
+            /// (the verifier then walks the parser once, not once per map).
+            WALK_STREAM: PerCpuArray<u32, Stream> = Fixed(WALK_SLOTS), Layout;
             /// Slot 0: `limiter_refuse`, tail-called to write a 429.
             REFUSE: ProgramArray<u32, u32> = Fixed(1), Layout;
             /// Sockets whose slot in SOCK_SLOTS is another's keep their state here.

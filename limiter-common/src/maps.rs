@@ -389,9 +389,15 @@ impl SockState {
     };
 }
 
-// The kernel copies `SockState::FRESH` a word at a time.
+// The kernel copies `SockState::FRESH`, and a socket's stream to and from its walk slot, a word
+// at a time.
 const _: () = assert!(
     core::mem::size_of::<SockState>().is_multiple_of(8) && core::mem::align_of::<SockState>() == 8
+);
+const _: () = assert!(
+    core::mem::size_of::<crate::stream::Stream>().is_multiple_of(8)
+        && core::mem::align_of::<crate::stream::Stream>() == 8
+        && core::mem::offset_of!(SockState, stream).is_multiple_of(8)
 );
 
 /// One entry of SOCK_SLOTS: the state of the socket whose cookie is `cookie` (0: free).

@@ -420,6 +420,11 @@ pub const KEY_VALUE_MAX: usize = 512;
 
 /// Turns of the header-line scan in one step (each looks at four words or past a line).
 const SCAN_TURNS: usize = 16;
+/// Words of an API key taken in one turn of the kernel's value loop (five hold a 40-byte key).
+const KEY_RUN_WORDS: usize = 5;
+/// Words of a header name taken in one turn of the kernel's name loop (the names that matter
+/// are shorter).
+const NAME_RUN_WORDS: usize = HEADER_NAME_MAX / 8 + 1;
 
 /// Longest method token followed.
 pub const METHOD_MAX: u8 = 32;
@@ -478,6 +483,12 @@ pub struct Stream {
     pub fwd: FwdStream,
     pub _pad2: [u8; 4],
 }
+
+/// Words of a [`Stream`] before its identification state (`hash` on): what every chunk's walk
+/// reads and changes. The rest matters only while a request's identifying header is being read
+/// or its result waits for the head's end ([`Stream::identifying`]).
+pub const STREAM_CORE_WORDS: usize = core::mem::offset_of!(Stream, hash) / 8;
+const _: () = assert!(core::mem::offset_of!(Stream, hash).is_multiple_of(8));
 
 /// `Stream::req`: the current request uses quota (counted at the end of its head, once its org
 /// is known).
@@ -593,8 +604,12 @@ pub struct WalkSlot {
     /// slot the next one takes. Used in slot 0 only.
     pub depth: u64,
     pub tally: Tally,
-    /// The stream of a socket whose state could not be stored (followed one chunk at a time).
-    pub stream: Stream,
+    /// The socket's org and `SOCK_F_*` kind, and 1 when it has a state, noted before the walk
+    /// (in map memory: values the verdict keeps in registers across the walk make the verifier
+    /// walk it again for each way they were reached).
+    pub sock_org: u32,
+    pub sock_kind: u32,
+    pub sock_found: u64,
     pub win: Window,
     /// A connection's first bytes, read for a PROXY header.
     pub first: [u8; crate::ident::CAP],
@@ -890,6 +905,22 @@ impl Stream {
     #[inline(always)]
     pub const fn needs_bytes(&self) -> bool {
         !matches!(self.state, S_BODY | S_CDATA | S_OPAQUE | S_CLOSED)
+    }
+
+    /// Skips a chunk of `len` bytes that lies wholly inside a body or a chunk's data, not
+    /// reaching its end, exactly as [`Self::feed`] would (nothing counted, the state kept): true
+    /// when it did. The kernel takes such chunks (most of a large upload) without a walk. Never
+    /// after a refusal that closes the connection (those bytes are counted and dropped).
+    #[inline(always)]
+    pub fn skip_body(&mut self, len: u64) -> bool {
+        if !matches!(self.state, S_BODY | S_CDATA)
+            || self.remaining <= len
+            || self.flags & F_REFUSED != 0
+        {
+            return false;
+        }
+        self.remaining -= len;
+        true
     }
 
     /// Nothing more of this connection needs looking at (opaque or closed).
@@ -1485,17 +1516,47 @@ impl Stream {
     /// A header name that may matter from `win[at..n]`: eight bytes at once where the window
     /// has them ([`Self::name_word`]), else one ([`Self::name_byte`]). Bytes used.
     #[inline(always)]
-    pub fn name_run(&mut self, win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> u64 {
-        let (b, used) = if at + 8 <= n {
-            match self.name_word(word(win, at), cfg) {
-                NameWord::Used(k) => return k,
-                NameWord::Colon(k) => (b':', k),
+    pub fn name_run(
+        &mut self,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> u64 {
+        // Where the run stands goes through `t.scan` (map memory in the kernel): the verifier
+        // then meets what follows the words in one state, not one per number of bytes taken.
+        t.set_scan(at);
+        let mut i = 0;
+        // The byte `name_byte` takes: the `:` that ends the words, or the one here when the
+        // window has no word left.
+        let mut b = win[at & (WIN - 1)];
+        while i < NAME_RUN_WORDS {
+            let from = t.scan();
+            if from + 8 > n {
+                break;
             }
-        } else {
-            (win[at & (WIN - 1)], 1)
-        };
+            match self.name_word(word(win, from), cfg) {
+                NameWord::Used(k) => {
+                    t.set_scan(from + k as usize);
+                    if self.state != S_NAME {
+                        return (t.scan() - at) as u64;
+                    }
+                }
+                NameWord::Colon(k) => {
+                    t.set_scan(from + k as usize - 1);
+                    b = b':';
+                    break;
+                }
+            }
+            i += 1;
+        }
+        let used = t.scan().saturating_sub(at);
+        if used != 0 && b != b':' {
+            return used as u64;
+        }
         self.name_byte(b, cfg);
-        used
+        used as u64 + 1
     }
 
     /// Eight bytes of a header name (`w`, little-endian) at once, exactly as [`Self::name_byte`]
@@ -1671,6 +1732,14 @@ impl Stream {
         }
     }
 
+    /// Whether the identification state (`hash`, `key`, `key_org`, `fwd`) holds anything the
+    /// stream will read: a value is being read, or the current request has a key or forwarded
+    /// result that its head's end will use. Otherwise each is reset before it is next read.
+    #[inline(always)]
+    pub const fn identifying(&self) -> bool {
+        self.req & (R_KEY | R_KEY_OK | R_FWD) != 0 || self.in_value()
+    }
+
     /// Whether the stream is in a header value read apart from [`Self::step`] (by
     /// [`Self::value_run`]).
     #[inline(always)]
@@ -1681,7 +1750,14 @@ impl Stream {
     /// Bytes of an identifying header's value at `win[at..n]`: up to eight of an API key at
     /// once ([`KeyText::take_run`]), else one; a forwarded header's one. How many were taken.
     #[inline(always)]
-    pub fn value_run(&mut self, win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> u64 {
+    pub fn value_run(
+        &mut self,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> u64 {
         let b = win[at & (WIN - 1)];
         if self.state == S_FWD {
             if b == b'\n' {
@@ -1695,14 +1771,41 @@ impl Stream {
         if self.sub == 0 {
             self.key_start(cfg);
         }
-        // Up to eight of the window's bytes at once (past `n` they are stale).
-        let avail = if n - at < 8 { n - at } else { 8 };
-        let k = self.key.take_run(word(win, at), avail, &mut self.hash);
-        if k != 0 {
-            return k as u64;
+        // Up to KEY_RUN_WORDS words of the window's bytes at once (past `n` they are stale),
+        // while each is key bytes to its end. Where the run stands goes through `t.scan`, as in
+        // `name_run`.
+        t.set_scan(at);
+        let mut i = 0;
+        while i < KEY_RUN_WORDS {
+            let from = t.scan();
+            if from >= n {
+                break;
+            }
+            let avail = if n - from < 8 { n - from } else { 8 };
+            let k = self.key.take_run(word(win, from), avail, &mut self.hash);
+            t.set_scan(from + k);
+            if k < 8 {
+                break;
+            }
+            i += 1;
         }
+        let mut used = t.scan().saturating_sub(at);
+        // Then one byte, as `key_byte` takes it: the one here when no run was taken, or the LF
+        // of the usual end of the value, CR LF, right after a run (the CR as `push` takes it,
+        // a trailing blank): a key in one turn.
+        let b = if used == 0 {
+            b
+        } else {
+            let cr = at + used;
+            if cr + 1 >= n || win[cr & (WIN - 1)] != b'\r' || win[(cr + 1) & (WIN - 1)] != b'\n' {
+                return used as u64;
+            }
+            self.key.push(b'\r', &mut self.hash);
+            used += 1;
+            b'\n'
+        };
         self.key_byte(b, cfg);
-        1
+        used as u64 + 1
     }
 
     /// The key header's value begins: its reading and digest start over.
@@ -1795,9 +1898,9 @@ impl Stream {
             }
             let at = pos.wrapping_sub(win_off);
             let used = if self.in_value() {
-                self.value_run(&win, at, win_n, cfg)
+                self.value_run(&win, at, win_n, cfg, &mut t)
             } else if self.state == S_NAME {
-                self.name_run(&win, at, win_n, cfg)
+                self.name_run(&win, at, win_n, cfg, &mut t)
             } else {
                 self.step(&win, at, win_n, (bytes.len() - pos) as u64, cfg, &mut t)
             };

@@ -12,15 +12,15 @@ use limiter_common::{
     ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
     stream::{
         ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
-        S_NAME, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot, config_fwd_name,
-        config_key_name, media_match_index,
+        S_NAME, STREAM_CORE_WORDS, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot,
+        config_fwd_name, config_key_name, media_match_index,
     },
 };
 
 use crate::{
     addr::org_of,
     ident as trust,
-    maps::{API_KEYS, MEDIA_MATCH, WALK},
+    maps::{API_KEYS, MEDIA_MATCH, WALK, WALK_STREAM},
 };
 
 /// What the verdict's `bpf_loop` hands each iteration: pointers only (the same every iteration);
@@ -68,7 +68,13 @@ extern "C" fn value_step(_i: u64, ctx: *mut c_void) -> i64 {
     let Some(at) = inner_at(slot).filter(|_| stream.in_value()) else {
         return 1;
     };
-    slot.used += stream.value_run(&slot.win, at, slot.win_n as usize, &key_rules(cfg));
+    slot.used += stream.value_run(
+        &slot.win,
+        at,
+        slot.win_n as usize,
+        &key_rules(cfg),
+        &mut slot.tally,
+    );
     0
 }
 
@@ -83,7 +89,13 @@ extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
     let Some(at) = inner_at(slot).filter(|_| stream.state == S_NAME) else {
         return 1;
     };
-    slot.used += stream.name_run(&slot.win, at, slot.win_n as usize, &key_rules(cfg));
+    slot.used += stream.name_run(
+        &slot.win,
+        at,
+        slot.win_n as usize,
+        &key_rules(cfg),
+        &mut slot.tally,
+    );
     0
 }
 
@@ -109,13 +121,21 @@ fn key_rules(cfg: &KernelConfig) -> KernelRules<'_> {
 /// the walk past what it took; 1 (the walk ends) when it took nothing.
 #[inline(always)]
 fn inner_loop(w: &mut WalkSlot, turns: usize, callback: *const (), ctx: *mut c_void) -> i64 {
-    w.used = 0;
+    use core::ptr::{read_volatile as get, write_volatile as put};
+    // The callback reaches the slot through `ctx`, not through `w`: what it reads and writes
+    // goes through memory on both sides of the loop (volatile), or the compiler, taking `w` for
+    // the slot's only reference, would move a store to `w.pos` past the next loop.
+    // SAFETY: fields of the slot.
+    unsafe { put(&raw mut w.used, 0) };
     // SAFETY: `callback` is a static callback of this program; `ctx` outlives the loop.
     unsafe { bpf_loop(turns as u32, callback as *mut c_void, ctx, 0) };
-    if w.used == 0 {
+    // SAFETY: as above.
+    let used = unsafe { get(&raw const w.used) };
+    if used == 0 {
         return 1;
     }
-    w.pos += w.used;
+    // SAFETY: as above.
+    unsafe { put(&raw mut w.pos, get(&raw const w.pos) + used) };
     past_end(w)
 }
 
@@ -484,38 +504,79 @@ const NAME_MAX: usize = limiter_common::HEADER_NAME_MAX + 1;
 /// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
 const WALK_MAX: u64 = 1 << 23;
 
-/// Feeds the chunk to `stream` (a map value) in this CPU's walk slot, and says what it held in
-/// `t` (which comes in with the connection's org and source). False when it could not be
-/// followed to its end (a fault; the chunk passes).
-///
-/// (An out-parameter, not an `Option<Tally>`: LLVM stores a `None`'s undefined payload from
-/// whatever register, which the verifier rejects.)
+/// Runs `f` with this CPU's free walk slot and its stream (a verdict that interrupts another on
+/// this CPU takes the next); None when none is free.
 #[inline(always)]
-pub(crate) fn walk_chunk(
-    ctx: &SkBuffContext,
-    c: &KernelConfig,
-    stream: *mut Stream,
-    len: u64,
-    t: &mut Tally,
-) -> bool {
-    let Some(top) = WALK.get_ptr_mut(0) else {
-        return false;
-    };
+pub(crate) fn with_walk_slot<R>(f: impl FnOnce(*mut WalkSlot, *mut Stream) -> R) -> Option<R> {
+    let top = WALK.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot 0. A verdict that interrupts this one runs to its end before this
     // one goes on, so a plain read and write of the depth cannot interleave with another.
     let depth = unsafe { (*top).depth };
     if depth >= WALK_SLOTS as u64 {
-        return false;
+        return None;
     }
-    let Some(slot) = WALK.get_ptr_mut(depth as u32) else {
-        return false;
-    };
+    let slot = WALK.get_ptr_mut(depth as u32)?;
+    let stream = WALK_STREAM.get_ptr_mut(depth as u32)?;
     // SAFETY: as above.
     unsafe { (*top).depth = depth + 1 };
-    let ok = walk_in(ctx, c, stream, len, slot, t);
+    let r = f(slot, stream);
     // SAFETY: as above.
     unsafe { (*top).depth = depth };
-    ok
+    Some(r)
+}
+
+/// Copies a socket's stream between its state and a walk slot, a word at a time (volatile: a
+/// plain struct copy becomes a `memcpy` call): the parser's state, and the identification state
+/// only when it holds something ([`Stream::identifying`] of `src`).
+///
+/// # Safety
+/// Both are valid map values.
+#[inline(always)]
+pub(crate) unsafe fn copy_stream(dst: *mut Stream, src: *const Stream) {
+    const WORDS: usize = core::mem::size_of::<Stream>() / 8;
+    let (d, s) = (dst as *mut u64, src as *const u64);
+    // SAFETY: `Stream` is 8-aligned and a whole number of words (asserted in limiter-common);
+    // both pointers are valid for its size (the caller's promise).
+    unsafe {
+        copy_words::<0, STREAM_CORE_WORDS>(d, s);
+        if (*src).identifying() {
+            copy_words::<STREAM_CORE_WORDS, WORDS>(d, s);
+        }
+    }
+}
+
+/// Words `FROM..TO` of `s` to `d`, unrolled (constant bounds).
+///
+/// # Safety
+/// Both are valid for `TO` words.
+#[inline(always)]
+unsafe fn copy_words<const FROM: usize, const TO: usize>(d: *mut u64, s: *const u64) {
+    let mut i = FROM;
+    while i < TO {
+        // SAFETY: i < TO (the caller's promise).
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Feeds the chunk to `stream` in walk slot `slot`, and says what it held in the slot's tally
+/// (which starts with the connection's `org` and source `via`). False when it could not be
+/// followed to its end (a fault; the chunk passes).
+///
+/// `stream` is always the slot's own in WALK_STREAM (the verdict copies the socket's in and
+/// out): the verifier then walks the parser once, not once for each map a socket's state can be
+/// in.
+#[inline(always)]
+pub(crate) fn walk_chunk(
+    ctx: &SkBuffContext,
+    c: &KernelConfig,
+    slot: *mut WalkSlot,
+    stream: *mut Stream,
+    len: u64,
+    org: u32,
+    via: u8,
+) -> bool {
+    walk_in(ctx, c, stream, len, slot, org, via)
 }
 
 #[inline(always)]
@@ -525,7 +586,8 @@ fn walk_in(
     stream: *mut Stream,
     len: u64,
     slot: *mut WalkSlot,
-    t: &mut Tally,
+    org: u32,
+    via: u8,
 ) -> bool {
     // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back. Volatile stores, field
     // by field: LLVM turns plain ones into a call to a byte-at-a-time memset.
@@ -537,7 +599,7 @@ fn walk_in(
         put(&raw mut (*slot).win_n, 0);
         put(&raw mut (*slot).failed, 0);
         put(&raw mut (*slot).v1_n, 0);
-        empty_tally(&raw mut (*slot).tally, t.org, t.via);
+        empty_tally(&raw mut (*slot).tally, org, via);
         &mut *slot
     };
     if len < WIN as u64 {
@@ -621,9 +683,5 @@ fn walk_in(
             )
         };
     }
-    if w.failed != 0 {
-        return false;
-    }
-    *t = w.tally;
-    true
+    w.failed == 0
 }

@@ -575,6 +575,28 @@ proptest! {
         prop_assert!(s.at_boundary());
     }
 
+    /// A chunk that `skip_body` takes (the kernel then walks nothing) is one the walk would
+    /// have passed with nothing counted, leaving the stream exactly as `skip_body` does.
+    #[test]
+    fn a_skipped_body_chunk_is_what_the_walk_does(
+        reqs in proptest::collection::vec(arb_req(), 1..6),
+        cuts in proptest::collection::vec(any::<usize>(), 0..40),
+    ) {
+        let prefixes = ["/media/", "/files/dl/"];
+        let cfg = config(&prefixes);
+        let bytes: Vec<u8> = reqs.iter().flat_map(render).collect();
+        let mut s = Stream::new();
+        for chunk in split_at_points(&bytes, &cuts) {
+            let mut fast = s;
+            let took = fast.skip_body(chunk.len() as u64);
+            let t = s.feed(&chunk, &cfg);
+            if took {
+                prop_assert_eq!(fast, s);
+                prop_assert_eq!((t.counted, t.media, t.broken), (0, 0, false));
+            }
+        }
+    }
+
     /// Byte at a time is just another split.
     #[test]
     fn byte_at_a_time_matches(reqs in proptest::collection::vec(arb_req(), 1..4)) {
@@ -984,6 +1006,104 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Keys of any length, with blanks around them and either line end, cut anywhere: the
+    /// kernel's runs of several words and its CR LF at the end of a run digest exactly the key
+    /// (its org), and a key longer than any stored is unknown.
+    #[test]
+    fn long_keys_over_any_split(
+        key in proptest::collection::vec(0x21u8..0x7f, 1..150),
+        lead in proptest::collection::vec(prop_oneof![Just(b' '), Just(b'\t')], 0..3),
+        trail in proptest::collection::vec(prop_oneof![Just(b' '), Just(b'\t')], 0..3),
+        crlf in any::<bool>(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+    ) {
+        use crate::{ID_ADDRESS, ID_API_KEY};
+        let text = String::from_utf8(key.clone()).unwrap();
+        let stored = key.len() <= crate::API_KEY_MAX;
+        let r = if stored {
+            keys_rules("X-API-Key", crate::KEY_PLAIN, &[(text.as_str(), 7)])
+        } else {
+            keys_rules("X-API-Key", crate::KEY_PLAIN, &[])
+        };
+        let mut head = b"GET /api/v1/items HTTP/1.1\r\nHost: a\r\nX-API-Key:".to_vec();
+        head.extend_from_slice(&lead);
+        head.extend_from_slice(&key);
+        head.extend_from_slice(&trail);
+        head.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+        head.extend_from_slice(b"Accept: */*\r\n\r\n");
+        let mut s = key_stream();
+        let mut got = (0, 0, 0, 0, 0);
+        for chunk in split_at_points(&head, &cuts) {
+            let t = s.feed(&chunk, &r);
+            prop_assert!(!t.broken && !t.opaque);
+            if t.counted > 0 {
+                got = attributed(&t);
+            }
+        }
+        let want = if stored {
+            (7, ID_API_KEY, 1, 0, 0)
+        } else {
+            (PEER_ORG, ID_ADDRESS, 1, 0, 1)
+        };
+        prop_assert_eq!(got, want);
+    }
+}
+
+/// What the kernel does between chunks when the stream is not [`Stream::identifying`]: it
+/// copies only the words before `hash`, so the rest may hold anything (another socket's).
+fn scramble_unused_identification(s: &mut Stream) {
+    if !s.identifying() {
+        let off = STREAM_CORE_WORDS * 8;
+        bytemuck::bytes_of_mut(s)[off..].fill(0xa5);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Keyed and forwarded requests, cut anywhere, count the same when the identification
+    /// state is overwritten between chunks wherever the stream says it holds nothing.
+    #[test]
+    fn identification_state_outside_identifying_is_never_read(
+        reqs in proptest::collection::vec(arb_req(), 1..6),
+        key in prop_oneof![Just("k-acme-1"), Just("k-globex"), Just("k-nobody-at-all-0123456789")],
+        fwd in prop_oneof![Just("198.51.100.7"), Just("203.0.113.4, 10.1.2.3"), Just("junk")],
+        cuts in proptest::collection::vec(any::<usize>(), 0..30),
+    ) {
+        use crate::{FWD_X_FORWARDED_FOR, ID_ADDRESS, ID_API_KEY, ID_FORWARDED};
+        let mut r = default_keys();
+        r.cfg.identify_by = [ID_API_KEY, ID_FORWARDED, ID_ADDRESS, crate::ID_END];
+        r.cfg.forwarded_kind = FWD_X_FORWARDED_FOR;
+        let name = b"x-forwarded-for";
+        r.cfg.fwd_header[..name.len()].copy_from_slice(name);
+        r.cfg.fwd_header_len = name.len() as u8;
+        fill_name_tables(&mut r.cfg);
+        let reqs: Vec<Req> = reqs
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut q)| {
+                if i % 2 == 0 {
+                    q.headers.insert(0, ("X-API-Key".into(), key.into()));
+                }
+                q.headers.push(("X-Forwarded-For".into(), fwd.into()));
+                q
+            })
+            .collect();
+        let bytes: Vec<u8> = reqs.iter().flat_map(render).collect();
+        let (mut plain, mut scrambled) = (proxy_stream(), proxy_stream());
+        for chunk in split_at_points(&bytes, &cuts) {
+            scramble_unused_identification(&mut scrambled);
+            let a = plain.feed(&chunk, &r);
+            let b = scrambled.feed(&chunk, &r);
+            prop_assert_eq!(attributed(&a), attributed(&b));
+            prop_assert_eq!((a.broken, a.opaque), (b.broken, b.opaque));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forwarded headers from a trusted proxy: each request by its client address.
 
@@ -1211,4 +1331,36 @@ fn the_line_table_is_the_line_rule() {
     }
     assert_eq!(line_class(b'X', b'x', b'x'), NAME_KEY | NAME_FWD);
     assert_eq!(line_class(b':', 0, 0), 0);
+}
+
+/// A large upload's chunks are skipped without a walk, all but those that hold its head or
+/// reach its end.
+#[test]
+fn upload_chunks_skip_the_walk() {
+    let cfg = media();
+    let body = vec![b'x'; 65536];
+    let mut bytes = format!(
+        "POST /api/v1/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes.extend_from_slice(b"GET /api/v1/items HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut s = Stream::new();
+    let (mut skipped, mut walked, mut counted) = (0, 0, 0);
+    for chunk in bytes.chunks(1000) {
+        if s.skip_body(chunk.len() as u64) {
+            skipped += 1;
+        } else {
+            walked += 1;
+            counted += s.feed(chunk, &cfg).counted;
+        }
+    }
+    assert_eq!(counted, 2);
+    assert_eq!((skipped, walked), (64, 2));
+    // After a refusal that closes the connection, nothing is skipped: those bytes are counted.
+    let mut s = Stream::new();
+    s.feed(&bytes[..2000], &cfg);
+    s.flags |= F_REFUSED;
+    assert!(!s.skip_body(1000));
 }
