@@ -71,9 +71,9 @@ macro_rules! map_layout {
             TODAY: PerCpuArray<u32, DayCache> = Fixed(1), Layout;
             /// Where the verdict walks a chunk (see `WalkSlot`).
             WALK: PerCpuArray<u32, WalkSlot> = Fixed(WALK_SLOTS), Layout;
-            /// The stream each walk slot follows: the socket's, copied in before the walk and
-            /// back after it, so that the walk reads one map whichever holds the socket's state
-            /// (the verifier then walks the parser once, not once per map).
+            /// The stream a walk slot follows when the socket's state is not in its slot: copied
+            /// in from SOCK_STATE and back, or new each chunk for a socket without a state. The
+            /// walk then reads two maps, not three (the verifier walks the parser once per map).
             WALK_STREAM: PerCpuArray<u32, Stream> = Fixed(WALK_SLOTS), Layout;
             /// Slot 0: `limiter_refuse`, tail-called to write a 429.
             REFUSE: ProgramArray<u32, u32> = Fixed(1), Layout;

@@ -20,13 +20,23 @@ fn sock_slot(cookie: u64) -> Option<*mut SockSlot> {
 /// The state of the socket with `cookie`: in its slot, or in SOCK_STATE when the slot is another's.
 #[inline(always)]
 pub(crate) fn sock_state(cookie: u64) -> Option<*mut SockState> {
-    if let Some(slot) = sock_slot(cookie)
-        // SAFETY: valid map value.
-        && load(unsafe { &raw mut (*slot).cookie }) == cookie
-    {
-        // SAFETY: as above.
-        return Some(unsafe { &raw mut (*slot).state });
+    match slot_state(cookie) {
+        Some(st) => Some(st),
+        None => SOCK_STATE.get_ptr_mut(&cookie),
     }
+}
+
+/// The state of the socket with `cookie` when it is in its slot.
+#[inline(always)]
+pub(crate) fn slot_state(cookie: u64) -> Option<*mut SockState> {
+    let slot = sock_slot(cookie)?;
+    // SAFETY: valid map value.
+    (load(unsafe { &raw mut (*slot).cookie }) == cookie).then(|| unsafe { &raw mut (*slot).state })
+}
+
+/// The state of the socket with `cookie` when its slot is another's (SOCK_STATE).
+#[inline(always)]
+pub(crate) fn hashed_state(cookie: u64) -> Option<*mut SockState> {
     SOCK_STATE.get_ptr_mut(&cookie)
 }
 

@@ -4,8 +4,11 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    bindings::{
+        __sk_buff,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::{bpf_get_socket_cookie, bpf_loop},
     macros::stream_verdict,
     programs::SkBuffContext,
 };
@@ -27,11 +30,11 @@ use crate::{
     atomic::{add, add_i64},
     days::{Counter, add_by, count, day_counters},
     ident, inflight,
-    maps::{ORG_CONNS, ORG_LIMITS, REFUSE, SCRATCH, VERDICT_NEXT},
+    maps::{ORG_CONNS, ORG_LIMITS, REFUSE, SCRATCH, VERDICT_NEXT, WALK, WALK_STREAM},
     quota::{daily_verdict, out_of_quota},
     shared::{config, fault, forward, today},
     sock_ops::connection_opened,
-    sock_table::sock_state,
+    sock_table::{hashed_state, slot_state},
     trace::{self, Traced, tracing},
     walk::{copy_stream, walk_chunk, with_walk_slot},
 };
@@ -69,12 +72,14 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
     }
 }
 
-/// The verdict on a chunk, with this CPU's walk slot.
+/// The verdict on a chunk, with this CPU's walk slot and its spare stream (`spare`).
 ///
-/// The socket's state is looked up twice, before the walk and after it, and its stream walked
-/// in the slot: no pointer into SOCK_SLOTS or SOCK_STATE lives across the walk, so the verifier
-/// walks the parser once instead of once for each map the state can be in (4× fewer
-/// instructions to verify, which is most of a start's time).
+/// A socket's state is in its slot in SOCK_SLOTS, in SOCK_STATE (its slot was another's), or
+/// nowhere (a full table). The verifier walks the parser once for each map the walked stream
+/// can be in, so only two are walked: a slot's stream where it is, the others in `spare`
+/// (copied in from SOCK_STATE and back, or new each chunk). The state itself is looked up again
+/// after the walk: a pointer to it kept across the walk would be another pass of the verifier
+/// for each map it may point into.
 #[inline(always)]
 fn verdict_in(
     ctx: &SkBuffContext,
@@ -82,12 +87,12 @@ fn verdict_in(
     cookie: u64,
     len: u64,
     slot: *mut WalkSlot,
-    stream: *mut Stream,
+    spare: *mut Stream,
 ) -> (Action, u32) {
-    if !prepare(ctx, c, cookie, len, slot, stream) {
+    let Some(stream) = prepare(ctx, c, cookie, len, slot, spare) else {
         // Body bytes, skipped where they are.
         return (Action::Pass, 0);
-    }
+    };
     // SAFETY: a map value, as above.
     let (state, flags, from_boundary) =
         unsafe { ((*stream).state, (*stream).flags, (*stream).at_boundary()) };
@@ -107,7 +112,7 @@ fn verdict_in(
     let walked = walk_chunk(ctx, c, slot, stream, len, org, via);
     // SAFETY: the slot's tally, which the walk has filled (and no longer borrows).
     let t = unsafe { &*(&raw const (*slot).tally) };
-    // The state again, and the walked stream back into it.
+    // The state again (and a copied stream back into it).
     // SAFETY: as above.
     let (found, kind) = unsafe {
         (
@@ -115,13 +120,23 @@ fn verdict_in(
             core::ptr::read_volatile(&raw const (*slot).sock_kind),
         )
     };
-    let st = if found != 0 { sock_state(cookie) } else { None };
+    let st = match found {
+        FOUND_IN_SLOT => slot_state(cookie),
+        FOUND_HASHED => {
+            let st = hashed_state(cookie);
+            if let Some(st) = st {
+                // SAFETY: valid map values; verdicts of one socket run one at a time.
+                unsafe { copy_stream(&raw mut (*st).stream, stream) };
+            }
+            st
+        }
+        _ => None,
+    };
     if let Some(st) = st {
-        // SAFETY: valid map values; verdicts of one socket run one at a time.
+        // SAFETY: valid map value; verdicts of one socket run one at a time.
         unsafe {
-            copy_stream(&raw mut (*st).stream, stream);
             // A trusted PROXY header named the connection's org.
-            if (*stream).id & ID_CONN_DIRTY != 0 {
+            if (*st).stream.id & ID_CONN_DIRTY != 0 {
                 move_conn(st, c);
             }
         }
@@ -155,11 +170,47 @@ fn verdict_in(
     (d.action, org)
 }
 
-/// Puts the socket's stream in the walk slot's (`stream`), and its org, kind and whether it has a state
+/// A socket without a state: the new stream in this CPU's spare (`fresh` already), identified
+/// as a new connection's, and its org in the walk slot.
+#[inline(never)]
+extern "C" fn no_state_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: the verdict's skb pointer, on its stack for the call.
+    let skb = unsafe { *(ctx as *const *mut __sk_buff) };
+    let (Some(c), Some(top)) = (config(), WALK.get_ptr_mut(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot 0; the verdict holds the slot below the depth.
+    let depth = unsafe { (*top).depth };
+    if depth == 0 {
+        return 1;
+    }
+    let (Some(slot), Some(spare)) = (
+        WALK.get_ptr_mut(depth as u32 - 1),
+        WALK_STREAM.get_ptr_mut(depth as u32 - 1),
+    ) else {
+        return 1;
+    };
+    let org = peer_addr!(skb)
+        .filter(|_| listed(c, ID_ADDRESS))
+        .map(org_of)
+        .unwrap_or(UNMAPPED_ORG);
+    let sctx = SkBuffContext::new(skb);
+    open(&sctx, c, spare, org);
+    // SAFETY: this CPU's walk slot and spare stream, the verdict's.
+    unsafe { core::ptr::write_volatile(&raw mut (*slot).sock_org, (*spare).conn_org(c).0) };
+    1
+}
+
+/// `WalkSlot::sock_found`: the socket's state is in its slot (its stream walked there).
+const FOUND_IN_SLOT: u64 = 1;
+/// The socket's state is in SOCK_STATE (its stream walked in the spare stream).
+const FOUND_HASHED: u64 = 2;
+
+/// The stream to walk, and the socket's org, kind and where its state is in the walk slot
 /// (`WalkSlot::sock_*`): a new connection's identification first, or a new look at its org after
 /// a reload. A socket without a state (a full table) is read as if each chunk began the
-/// connection (a fault, counted). False, with nothing put there, when the chunk lies inside a
-/// body ([`Stream::skip_body`], unless `limiter trace` shows every chunk): it needs no walk.
+/// connection (a fault, counted). None when the chunk lies inside a body
+/// ([`Stream::skip_body`], unless `limiter trace` shows every chunk): it needs no walk.
 #[inline(always)]
 fn prepare(
     ctx: &SkBuffContext,
@@ -167,44 +218,58 @@ fn prepare(
     cookie: u64,
     len: u64,
     slot: *mut WalkSlot,
-    stream: *mut Stream,
-) -> bool {
+    spare: *mut Stream,
+) -> Option<*mut Stream> {
     use core::ptr::write_volatile as put;
-    match sock_state(cookie) {
-        // SAFETY: valid map values; verdicts of one socket run one at a time.
-        Some(st) => unsafe {
-            let own = &raw mut (*st).stream;
-            if !tracing() && (*own).skip_body(len) {
-                return false;
-            }
-            if (*own).id & ID_OPEN == 0 {
-                open(ctx, c, own, (*st).org);
-            }
-            if (*st).addr_gen != c.addr_gen || (*st).org_epoch != c.org_epoch {
-                reattribute(ctx, st, c);
-            }
-            copy_stream(stream, own);
-            put(&raw mut (*slot).sock_org, (*st).org);
-            put(&raw mut (*slot).sock_kind, (*st).kind);
-            put(&raw mut (*slot).sock_found, 1);
-        },
-        None => {
-            fault(FAULT_NO_SOCK_STATE);
-            let org = peer_addr!(ctx.skb.skb)
-                .filter(|_| listed(c, ID_ADDRESS))
-                .map(org_of)
-                .unwrap_or(UNMAPPED_ORG);
-            fresh(stream);
-            open(ctx, c, stream, org);
-            // SAFETY: as above.
-            unsafe {
-                put(&raw mut (*slot).sock_org, (*stream).conn_org(c).0);
-                put(&raw mut (*slot).sock_kind, 0);
-                put(&raw mut (*slot).sock_found, 0);
-            }
+    let (st, found) = match slot_state(cookie) {
+        Some(st) => (Some(st), FOUND_IN_SLOT),
+        None => (hashed_state(cookie), FOUND_HASHED),
+    };
+    let Some(st) = st else {
+        fault(FAULT_NO_SOCK_STATE);
+        fresh(spare);
+        // SAFETY: this CPU's walk slot, ours for the verdict.
+        unsafe {
+            put(&raw mut (*slot).sock_org, UNMAPPED_ORG);
+            put(&raw mut (*slot).sock_kind, 0);
+            put(&raw mut (*slot).sock_found, 0);
         }
+        // The new stream's identification, in a callback of its own: the addresses it builds
+        // on the stack would take the verdict's frame past the verifier's limit for its
+        // deepest chain of calls (and this path is rare: a full socket table).
+        let mut skb = ctx.skb.skb;
+        // SAFETY: a static callback of this program; `skb` outlives the call.
+        unsafe {
+            bpf_loop(
+                1,
+                no_state_step as *const () as *mut c_void,
+                &mut skb as *mut *mut __sk_buff as *mut c_void,
+                0,
+            )
+        };
+        return Some(spare);
+    };
+    // SAFETY: valid map values; verdicts of one socket run one at a time.
+    unsafe {
+        let own = &raw mut (*st).stream;
+        if !tracing() && (*own).skip_body(len) {
+            return None;
+        }
+        if (*own).id & ID_OPEN == 0 {
+            open(ctx, c, own, (*st).org);
+        }
+        if (*st).addr_gen != c.addr_gen || (*st).org_epoch != c.org_epoch {
+            reattribute(ctx, st, c);
+        }
+        put(&raw mut (*slot).sock_org, (*st).org);
+        put(&raw mut (*slot).sock_kind, (*st).kind);
+        put(&raw mut (*slot).sock_found, found);
+        if found == FOUND_IN_SLOT {
+            return Some(own);
+        }
+        copy_stream(spare, own);
     }
-    true
+    Some(spare)
 }
 
 /// What the verdict does with a chunk.

@@ -504,8 +504,8 @@ const NAME_MAX: usize = limiter_common::HEADER_NAME_MAX + 1;
 /// Most `bpf_loop` iterations per chunk (each consumes at least a byte).
 const WALK_MAX: u64 = 1 << 23;
 
-/// Runs `f` with this CPU's free walk slot and its stream (a verdict that interrupts another on
-/// this CPU takes the next); None when none is free.
+/// Runs `f` with this CPU's free walk slot and its spare stream (a verdict that interrupts
+/// another on this CPU takes the next); None when none is free.
 #[inline(always)]
 pub(crate) fn with_walk_slot<R>(f: impl FnOnce(*mut WalkSlot, *mut Stream) -> R) -> Option<R> {
     let top = WALK.get_ptr_mut(0)?;
@@ -563,9 +563,8 @@ unsafe fn copy_words<const FROM: usize, const TO: usize>(d: *mut u64, s: *const 
 /// (which starts with the connection's `org` and source `via`). False when it could not be
 /// followed to its end (a fault; the chunk passes).
 ///
-/// `stream` is always the slot's own in WALK_STREAM (the verdict copies the socket's in and
-/// out): the verifier then walks the parser once, not once for each map a socket's state can be
-/// in.
+/// `stream` is in a socket's slot (SOCK_SLOTS) or the walk slot's spare (WALK_STREAM, where the
+/// verdict copies any other): the verifier walks the parser once for each of the two.
 #[inline(always)]
 pub(crate) fn walk_chunk(
     ctx: &SkBuffContext,
