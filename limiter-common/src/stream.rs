@@ -564,9 +564,9 @@ pub struct Tally {
     pub _pad: [u8; 3],
     /// Requests whose API key header named no org.
     pub unknown_keys: u32,
-    /// Where a scan of header lines has got to in the window. Kept here, in map memory in the
-    /// kernel, so that the verifier does not follow its value: each turn of the scan's loop
-    /// then starts from the same state, however many lines came before. (Also what leaves the
+    /// Where a scan of header lines, or a run of a name's or a key's words, has got to in the
+    /// window. Kept here, in map memory in the kernel, so that the verifier does not follow its
+    /// value: each turn of the loop then starts from the same state, however far it got. (Also what leaves the
     /// tally without padding: a copy must not carry undefined bytes, which the verifier
     /// rejects.)
     pub scan: u32,

@@ -22,7 +22,7 @@ fn sock_slot(cookie: u64) -> Option<*mut SockSlot> {
 pub(crate) fn sock_state(cookie: u64) -> Option<*mut SockState> {
     match slot_state(cookie) {
         Some(st) => Some(st),
-        None => SOCK_STATE.get_ptr_mut(&cookie),
+        None => hashed_state(cookie),
     }
 }
 
