@@ -16,7 +16,7 @@
 //! | a forwarded header | [`FwdStream`] | `push` per byte, `line_end` per line, `result` | [`forwarded_stream`] |
 //! | a PROXY v1 line | [`V1Text`] | `push` per byte, `finish` | [`proxy_v1_source`] |
 //!
-//! [`siphash24`], [`proxy_start`], [`proxy_v2_len`] and [`proxy_v2_source`] are cheap enough to
+//! [`siphash13`], [`proxy_start`], [`proxy_v2_len`] and [`proxy_v2_source`] are cheap enough to
 //! call whole. The host functions (the daemon's and the tests' entry points) drive the same state
 //! machines over a buffer. Everything is written for the verifier: no allocation, no panics,
 //! every index masked into its array, loops bounded by constants.
@@ -135,16 +135,22 @@ impl Sip {
     fn compress(&mut self, m: u64) {
         self.v3 ^= m;
         self.round();
-        self.round();
         self.v0 ^= m;
     }
 }
 
-/// SipHash-2-4 (64-bit output) of `data[..len]` (`len` above [`CAP`] counts as [`CAP`]): the
+/// Which keyed digest API_KEYS holds: SipHash-1-3 (one round per word, three to finish), the
+/// variant Rust's and CPython's hash tables use against crafted collisions. SipHash-2-4 cost a
+/// keyed request about 70 ns more in the kernel, where a rotation takes three instructions. A
+/// build that changes the digest bumps this: it names the map layout, so pinned digests of
+/// another format are never read as its own.
+pub const KEY_DIGEST_FORMAT: u32 = 13;
+
+/// SipHash-1-3 (64-bit output) of `data[..len]` (`len` above [`CAP`] counts as [`CAP`]): the
 /// keyed digest API_KEYS is indexed by, so that the kernel never holds a raw key and no client
-/// can craft a key that lands on another org's digest. Equal to `siphasher`'s `SipHasher24`.
+/// can craft a key that lands on another org's digest. Equal to `siphasher`'s `SipHasher13`.
 #[inline(always)]
-pub fn siphash24(k: [u64; 2], data: &[u8; CAP], len: usize) -> u64 {
+pub fn siphash13(k: [u64; 2], data: &[u8; CAP], len: usize) -> u64 {
     let len = if len > CAP { CAP } else { len };
     let mut s = Sip {
         v0: k[0] ^ 0x736f_6d65_7073_6575,
@@ -186,7 +192,6 @@ pub fn siphash24(k: [u64; 2], data: &[u8; CAP], len: usize) -> u64 {
     s.round();
     s.round();
     s.round();
-    s.round();
     s.v0 ^ s.v1 ^ s.v2 ^ s.v3
 }
 
@@ -214,7 +219,7 @@ impl KeySink for [u8; CAP] {
     }
 }
 
-/// [`siphash24`] taken a byte at a time: the kernel digests a key header's value as the
+/// [`siphash13`] taken a byte at a time: the kernel digests a key header's value as the
 /// stream reads it, so a key split across segments (or sent byte by byte) needs no buffer, only
 /// these 48 bytes in the connection's state.
 #[repr(C)]
@@ -278,7 +283,6 @@ impl KeyHash {
     fn compress(v: &mut [u64; 4], m: u64) {
         v[3] ^= m;
         Self::round(v);
-        Self::round(v);
         v[0] ^= m;
     }
 
@@ -313,13 +317,12 @@ impl KeyHash {
         }
     }
 
-    /// The digest of the bytes taken: [`siphash24`] of them. Spends the state.
+    /// The digest of the bytes taken: [`siphash13`] of them. Spends the state.
     #[inline(always)]
     pub fn finish(&mut self) -> u64 {
         let last = self.tail | ((self.n as u64) << 56);
         Self::compress(&mut self.v, last);
         self.v[2] ^= 0xff;
-        Self::round(&mut self.v);
         Self::round(&mut self.v);
         Self::round(&mut self.v);
         Self::round(&mut self.v);
@@ -903,36 +906,46 @@ impl AddrText {
     /// The address, once every byte is pushed (IPv4 as IPv4-mapped).
     #[inline(always)]
     pub fn finish(&self) -> Option<AddrKey> {
+        match self.finish_or_zero() {
+            (true, a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// [`Self::finish`] as whether there is an address and the address, zeroed when there is
+    /// none. The kernel's forwarded reader takes this form: an `Option`'s undefined payload
+    /// let LLVM load stack that the path had never written, which the verifier refuses.
+    #[inline(always)]
+    pub fn finish_or_zero(&self) -> (bool, AddrKey) {
+        const NONE: (bool, AddrKey) = (false, [0; 16]);
         let mut t = *self;
         let f = t.flags;
         if f & (A_BAD | A_LEAD) != 0 {
-            return None;
+            return NONE;
         }
         let ng;
         if f & A_V4 != 0 {
             if t.octets != 3 || t.digits == 0 {
-                return None;
+                return NONE;
             }
             t.put_octet();
             if f & A_V6 == 0 {
                 let (a, b) = (t.groups[0], t.groups[1]);
-                return Some(v4_mapped([
-                    (a >> 8) as u8,
-                    a as u8,
-                    (b >> 8) as u8,
-                    b as u8,
-                ]));
+                return (
+                    true,
+                    v4_mapped([(a >> 8) as u8, a as u8, (b >> 8) as u8, b as u8]),
+                );
             }
             ng = t.ng as usize + 2;
         } else {
             if f & A_V6 == 0 || f & A_COLON != 0 {
                 // No `:` at all, or a single one at the end.
-                return None;
+                return NONE;
             }
             let mut n = t.ng as usize;
             if t.digits > 0 {
                 if n >= 8 {
-                    return None;
+                    return NONE;
                 }
                 t.groups[n & 7] = t.val;
                 n += 1;
@@ -942,12 +955,12 @@ impl AddrText {
         // Groups the `::` stands for (without one, all eight must be there).
         let (gap, zeros) = if t.gap == NO_GAP {
             if ng != 8 {
-                return None;
+                return NONE;
             }
             (8, 0)
         } else {
             if ng > 7 {
-                return None;
+                return NONE;
             }
             (t.gap as usize, 8 - ng)
         };
@@ -965,7 +978,7 @@ impl AddrText {
             out[(2 * j + 1) & 15] = v as u8;
             j += 1;
         }
-        Some(out)
+        (true, out)
     }
 }
 
@@ -1291,7 +1304,8 @@ impl FwdText {
     #[inline(always)]
     fn entry_addr(&self) -> Option<AddrKey> {
         if self.kind == FWD_FORWARDED {
-            return node_addr(self.node, self.plen, &self.addr);
+            let (found, a) = node_addr(self.node, self.plen, &self.addr);
+            return found.then_some(a);
         }
         self.addr.finish()
     }
@@ -1482,39 +1496,34 @@ impl FwdStream {
     /// The end of a `Forwarded` element: its entry is its one `for=` node.
     #[inline(always)]
     fn element_end(&mut self, trusted: &impl Fn(&AddrKey) -> bool) {
-        let a = if self.fors == 1 {
-            node_addr(self.node, self.plen, &self.addr)
-        } else {
-            None
-        };
+        let (found, a) = node_addr(self.node, self.plen, &self.addr);
+        let found = found && self.fors == 1;
         self.fors = 0;
         self.node = 0;
         self.plen = 0;
         self.addr.reset();
-        self.entry(a, trusted);
+        self.entry(found, a, trusted);
     }
 
     /// The end of an `X-Forwarded-For` entry (or the `X-Real-IP` value).
     #[inline(always)]
     fn list_entry_end(&mut self, trusted: &impl Fn(&AddrKey) -> bool) {
-        let a = if self.ent & (E_STARTED | E_BAD) == E_STARTED {
-            self.addr.finish()
-        } else {
-            None
-        };
+        let (found, a) = self.addr.finish_or_zero();
+        let found = found && self.ent & (E_STARTED | E_BAD) == E_STARTED;
         self.ent = 0;
         self.addr.reset();
-        self.entry(a, trusted);
+        self.entry(found, a, trusted);
     }
 
-    /// An entry read, left to right.
+    /// An entry read, left to right: `a` when `found` (else zeroed; see
+    /// [`AddrText::finish_or_zero`]).
     #[inline(always)]
-    fn entry(&mut self, a: Option<AddrKey>, trusted: &impl Fn(&AddrKey) -> bool) {
+    fn entry(&mut self, found: bool, a: AddrKey, trusted: &impl Fn(&AddrKey) -> bool) {
         self.entries = self.entries.saturating_add(1);
-        let Some(a) = a else {
+        if !found {
             self.flags |= FW_BAD_AFTER;
             return;
-        };
+        }
         if self.kind == FWD_X_REAL_IP || !trusted(&a) {
             self.cand = a;
             self.flags = (self.flags | FW_CAND) & !FW_BAD_AFTER;
@@ -1621,16 +1630,16 @@ fn node_byte(node: &mut u8, plen: &mut u8, addr: &mut AddrText, b: u8) {
     }
 }
 
-/// The address of a `Forwarded` node read by [`node_byte`], if it is a whole one.
+/// The address of a `Forwarded` node read by [`node_byte`], if it is a whole one (as
+/// [`AddrText::finish_or_zero`] gives it).
 #[inline(always)]
-fn node_addr(node: u8, plen: u8, addr: &AddrText) -> Option<AddrKey> {
+fn node_addr(node: u8, plen: u8, addr: &AddrText) -> (bool, AddrKey) {
     let unclosed_quote = node & N_QUOTED != 0 && node & N_END_QUOTE == 0;
     let bad_bracket = node & N_BRACKET != 0 && (node & N_CLOSED == 0 || !addr.is_v6());
     let empty_port = node & N_PORT != 0 && plen & 0x7f == 0;
-    if node & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port {
-        return None;
-    }
-    addr.finish()
+    let (found, a) = addr.finish_or_zero();
+    let whole = !(node & N_BAD != 0 || unclosed_quote || bad_bracket || empty_port);
+    (found && whole, a)
 }
 
 /// [`FwdStream`] over a whole value, as one header line (host side and tests).

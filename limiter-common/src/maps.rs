@@ -107,7 +107,7 @@ pub struct KernelConfig {
     pub org_epoch: u32,
     pub media_prefix_len: [u8; MAX_MEDIA_PREFIXES],
     pub media_prefixes: [[u8; MEDIA_PREFIX_MAX]; MAX_MEDIA_PREFIXES],
-    /// SipHash-2-4 key of API_KEYS' digests: a secret, so that no client can craft a key that
+    /// SipHash-1-3 key of API_KEYS' digests: a secret, so that no client can craft a key that
     /// lands on another org's digest.
     pub key_secret: [u64; 2],
     /// `ID_*` sources, tried in order; `ID_END` ends the list.

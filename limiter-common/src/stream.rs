@@ -1758,16 +1758,37 @@ impl Stream {
         cfg: &impl StreamRules,
         t: &mut Tally,
     ) -> u64 {
-        let b = win[at & (WIN - 1)];
         if self.state == S_FWD {
-            if b == b'\n' {
-                self.fwd.line_end(&|a: &AddrKey| cfg.trusted(a));
-                self.state = S_HDR;
-            } else {
-                self.fwd.push(b, &|a: &AddrKey| cfg.trusted(a));
-            }
+            self.fwd_byte(win[at & (WIN - 1)], cfg);
             return 1;
         }
+        self.key_run(win, at, n, cfg, t)
+    }
+
+    /// A byte of a forwarded header's value ([`S_FWD`]): [`Self::value_run`] of one.
+    #[inline(always)]
+    pub fn fwd_byte(&mut self, b: u8, cfg: &impl StreamRules) {
+        if b == b'\n' {
+            self.fwd.line_end(&|a: &AddrKey| cfg.trusted(a));
+            self.state = S_HDR;
+        } else {
+            self.fwd.push(b, &|a: &AddrKey| cfg.trusted(a));
+        }
+    }
+
+    /// Bytes of an API key header's value ([`S_KEY`]) at `win[at..n]`: [`Self::value_run`] of
+    /// them. The kernel runs it in a loop apart from the forwarded header's, whose address
+    /// temporaries would otherwise take the key's stack frame past the verifier's limit.
+    #[inline(always)]
+    pub fn key_run(
+        &mut self,
+        win: &Window,
+        at: usize,
+        n: usize,
+        cfg: &impl StreamRules,
+        t: &mut Tally,
+    ) -> u64 {
+        let b = win[at & (WIN - 1)];
         if self.sub == 0 {
             self.key_start(cfg);
         }

@@ -12,8 +12,8 @@ use limiter_common::{
     ident::{self, CAP, PROXY_V1_MAX, ProxySource, ProxyStart, V1Text},
     stream::{
         ID_CONN_DIRTY, ID_OPEN, ID_PER_REQUEST, ID_PROXY_OK, ID_TRUSTED, R_ENDED, S_BODY, S_CLOSED,
-        S_NAME, STREAM_CORE_WORDS, Stream, StreamRules, Tally, WALK_SLOTS, WIN, WalkSlot,
-        config_fwd_name, config_key_name, media_match_index,
+        S_FWD, S_KEY, S_NAME, STREAM_CORE_WORDS, Stream, StreamRules, Tally, WALK_SLOTS, WIN,
+        WalkSlot, config_fwd_name, config_key_name, media_match_index,
     },
 };
 
@@ -58,23 +58,38 @@ extern "C" fn attribute_step(_i: u64, ctx: *mut c_void) -> i64 {
     1
 }
 
-/// Bytes of an identifying header's value ([`Stream::value_run`]), from the window where the
-/// walk stands, until its LF or the window's end.
+/// Bytes of an API key header's value ([`Stream::key_run`]), from the window where the walk
+/// stands, until its LF or the window's end.
 #[inline(never)]
-extern "C" fn value_step(_i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as in `walk_step`.
     let w = unsafe { &*(ctx as *const Walk) };
     let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    let Some(at) = inner_at(slot).filter(|_| stream.in_value()) else {
+    let Some(at) = inner_at(slot).filter(|_| stream.state == S_KEY) else {
         return 1;
     };
-    slot.used += stream.value_run(
+    slot.used += stream.key_run(
         &slot.win,
         at,
         slot.win_n as usize,
         &key_rules(cfg),
         &mut slot.tally,
     );
+    0
+}
+
+/// Bytes of a forwarded header's value ([`Stream::fwd_byte`]), one a turn, until its LF or the
+/// window's end: a loop of its own, whose address temporaries stay off the key's frame.
+#[inline(never)]
+extern "C" fn fwd_step(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    let Some(at) = inner_at(slot).filter(|_| stream.state == S_FWD) else {
+        return 1;
+    };
+    stream.fwd_byte(slot.win[at & (WIN - 1)], &key_rules(cfg));
+    slot.used += 1;
     0
 }
 
@@ -99,7 +114,7 @@ extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Where an inner loop (`value_step`, `name_step`) stands in the window: None past the chunk or
+/// Where an inner loop (`key_step`, `fwd_step`, `name_step`) stands in the window: None past the chunk or
 /// the window.
 #[inline(always)]
 fn inner_at(slot: &WalkSlot) -> Option<usize> {
@@ -198,9 +213,13 @@ fn try_walk_step(
         // A header name, in a loop of its own.
         return inner_loop(w, NAME_MAX, name_step as *const (), ctx);
     }
-    if stream.in_value() {
-        // An identifying header's value, in a loop of its own.
-        return inner_loop(w, WIN, value_step as *const (), ctx);
+    if stream.state == S_KEY {
+        // An API key, in a loop of its own.
+        return inner_loop(w, WIN, key_step as *const (), ctx);
+    }
+    if stream.state == S_FWD {
+        // A forwarded header's value, in another.
+        return inner_loop(w, WIN, fwd_step as *const (), ctx);
     }
     let count = cfg.media_prefix_count;
     let all = if count >= 8 {

@@ -17,6 +17,7 @@ use std::{
 use aya::maps::MapInfo;
 use limiter_common::{
     DAY_FORMAT, MAX_CIDRS, MAX_ORGS, MAX_SOCKETS, MIN_API_KEYS, SOCK_FORMAT,
+    ident::KEY_DIGEST_FORMAT,
     layout::{MAPS, MapDef, Pin, Sizes},
 };
 use thiserror::Error;
@@ -185,9 +186,13 @@ fn shape_hash(maps: &[MapShape], extra: &[u32]) -> u32 {
     h as u32
 }
 
-/// A short name for the map layout: a hash of the layout's maps' names and sizes.
+/// A short name for the map layout: a hash of the layout's maps' names and sizes, and of what
+/// their values mean (the day counters' fields, the API keys' digest).
 pub fn layout_version(cap: Capacity) -> String {
-    format!("v1-{:08x}", shape_hash(&layout_maps(cap), &[DAY_FORMAT]))
+    format!(
+        "v1-{:08x}",
+        shape_hash(&layout_maps(cap), &[DAY_FORMAT, KEY_DIGEST_FORMAT])
+    )
 }
 
 /// The name of the shared socket tables' directory. Sockets sit in the slot their cookie picks

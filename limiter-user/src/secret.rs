@@ -1,4 +1,4 @@
-//! The API keys' secret: the SipHash-2-4 key under which API_KEYS holds digests of the keys, so
+//! The API keys' secret: the SipHash-1-3 key under which API_KEYS holds digests of the keys, so
 //! that no client can craft a key that lands on another org's digest.
 //!
 //! It is made once (16 random bytes) and kept in the state directory, readable by root alone, so
@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use siphasher::sip::SipHasher24;
+use siphasher::sip::SipHasher13;
 
 /// The secret's file in the state directory.
 pub const SECRET_FILE: &str = "api-key-secret";
@@ -72,7 +72,7 @@ impl KeySecret {
 
     /// The digest API_KEYS keys `key` by (the kernel computes the same over the request's key).
     pub fn digest(&self, key: &[u8]) -> u64 {
-        SipHasher24::new_with_keys(self.halves[0], self.halves[1]).hash(key)
+        SipHasher13::new_with_keys(self.halves[0], self.halves[1]).hash(key)
     }
 
     fn to_bytes(self) -> [u8; 16] {
@@ -185,16 +185,39 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
-    fn the_digest_is_siphash_2_4_keyed_by_the_little_endian_halves() {
-        // The reference vector of the SipHash paper: key 00..0f, message 00..0e.
+    fn the_digest_is_siphash_1_3_keyed_by_the_little_endian_halves() {
+        // Another implementation's published SipHash-1-3 of "siphash" under the zero key.
+        assert_eq!(
+            KeySecret::from_bytes([0; 16]).digest(b"siphash"),
+            0x8264_ceec_cb16_bcbe
+        );
         let secret = KeySecret::from_bytes(std::array::from_fn(|i| i as u8));
         assert_eq!(
             secret.halves(),
             [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908]
         );
-        let message: Vec<u8> = (0..15).collect();
-        assert_eq!(secret.digest(&message), 0xa129_ca61_49be_45e5);
         assert_ne!(secret.digest(b"key-a"), secret.digest(b"key-b"));
+    }
+
+    /// The daemon's digest of a key is the one the kernel computes over a request's key
+    /// (limiter-common's, which the eBPF side runs), at every length a key may have.
+    #[test]
+    fn the_digest_is_the_kernels() {
+        use limiter_common::ident::{CAP, KeyHash, siphash13};
+        let secret = KeySecret::from_bytes(std::array::from_fn(|i| (i * 37 + 5) as u8));
+        let mut data = [0u8; CAP];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = b'!' + (i % 90) as u8;
+        }
+        for len in 0..=CAP {
+            let mut streamed = KeyHash::new(secret.halves());
+            for b in &data[..len] {
+                streamed.take(*b);
+            }
+            let want = secret.digest(&data[..len]);
+            assert_eq!(siphash13(secret.halves(), &data, len), want, "length {len}");
+            assert_eq!(streamed.finish(), want, "length {len}");
+        }
     }
 
     #[test]

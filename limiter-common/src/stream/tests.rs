@@ -816,7 +816,7 @@ fn keys_rules(header: &str, kind: u8, keys: &[(&str, u32)]) -> Rules {
         .map(|(k, org)| {
             let mut buf = [0u8; crate::ident::CAP];
             buf[..k.len()].copy_from_slice(k.as_bytes());
-            (crate::ident::siphash24(cfg.key_secret, &buf, k.len()), *org)
+            (crate::ident::siphash13(cfg.key_secret, &buf, k.len()), *org)
         })
         .collect();
     Rules { cfg, keys }
