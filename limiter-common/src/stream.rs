@@ -566,9 +566,9 @@ pub struct Tally {
     pub unknown_keys: u32,
     /// Where a scan of header lines, or a run of a name's or a key's words, has got to in the
     /// window. Kept here, in map memory in the kernel, so that the verifier does not follow its
-    /// value: each turn of the loop then starts from the same state, however far it got. (Also what leaves the
-    /// tally without padding: a copy must not carry undefined bytes, which the verifier
-    /// rejects.)
+    /// value: each turn of the loop then starts from the same state, however far it got. (Also
+    /// what leaves the tally without padding: a copy must not carry undefined bytes, which the
+    /// verifier rejects.)
     pub scan: u32,
 }
 
@@ -604,17 +604,17 @@ pub struct WalkSlot {
     /// slot the next one takes. Used in slot 0 only.
     pub depth: u64,
     pub tally: Tally,
-    /// The socket's org and `SOCK_F_*` kind, and 1 when it has a state, noted before the walk
-    /// (in map memory: values the verdict keeps in registers across the walk make the verifier
-    /// walk it again for each way they were reached).
+    /// The socket's org and `SOCK_F_*` kind, and where its state is (0: nowhere; the verdict's
+    /// `FOUND_*`), noted before the walk (in map memory: values the verdict keeps in registers
+    /// across the walk make the verifier walk it again for each way they were reached).
     pub sock_org: u32,
     pub sock_kind: u32,
     pub sock_found: u64,
     pub win: Window,
     /// A connection's first bytes, read for a PROXY header.
     pub first: [u8; crate::ident::CAP],
-    /// Bytes of the window an inner loop (an identifying header's value, see
-    /// [`Stream::value_run`], or a header name) has taken.
+    /// Bytes of the window an inner loop (an API key's value, [`Stream::key_run`]; a forwarded
+    /// header's, [`Stream::fwd_byte`]; a header name, [`Stream::name_run`]) has taken.
     pub used: u64,
     /// A PROXY v1 line starts the connection: bytes of `first` to read it from (0: none).
     pub v1_n: u64,
@@ -1741,31 +1741,13 @@ impl Stream {
     }
 
     /// Whether the stream is in a header value read apart from [`Self::step`] (by
-    /// [`Self::value_run`]).
+    /// [`Self::key_run`] or [`Self::fwd_byte`]).
     #[inline(always)]
     pub const fn in_value(&self) -> bool {
         matches!(self.state, S_KEY | S_FWD)
     }
 
-    /// Bytes of an identifying header's value at `win[at..n]`: up to eight of an API key at
-    /// once ([`KeyText::take_run`]), else one; a forwarded header's one. How many were taken.
-    #[inline(always)]
-    pub fn value_run(
-        &mut self,
-        win: &Window,
-        at: usize,
-        n: usize,
-        cfg: &impl StreamRules,
-        t: &mut Tally,
-    ) -> u64 {
-        if self.state == S_FWD {
-            self.fwd_byte(win[at & (WIN - 1)], cfg);
-            return 1;
-        }
-        self.key_run(win, at, n, cfg, t)
-    }
-
-    /// A byte of a forwarded header's value ([`S_FWD`]): [`Self::value_run`] of one.
+    /// A byte of a forwarded header's value ([`S_FWD`]).
     #[inline(always)]
     pub fn fwd_byte(&mut self, b: u8, cfg: &impl StreamRules) {
         if b == b'\n' {
@@ -1776,9 +1758,11 @@ impl Stream {
         }
     }
 
-    /// Bytes of an API key header's value ([`S_KEY`]) at `win[at..n]`: [`Self::value_run`] of
-    /// them. The kernel runs it in a loop apart from the forwarded header's, whose address
-    /// temporaries would otherwise take the key's stack frame past the verifier's limit.
+    /// Bytes of an API key header's value ([`S_KEY`]) at `win[at..n]`: up to [`KEY_RUN_WORDS`]
+    /// words at once ([`KeyText::take_run`]) and the CR LF after them, else one byte. How many
+    /// were taken. The kernel runs it in a loop apart from the forwarded header's, whose
+    /// address temporaries would otherwise take the key's stack frame past the verifier's
+    /// limit.
     #[inline(always)]
     pub fn key_run(
         &mut self,
@@ -1918,8 +1902,11 @@ impl Stream {
                 win[..win_n].copy_from_slice(&bytes[pos..pos + win_n]);
             }
             let at = pos.wrapping_sub(win_off);
-            let used = if self.in_value() {
-                self.value_run(&win, at, win_n, cfg, &mut t)
+            let used = if self.state == S_KEY {
+                self.key_run(&win, at, win_n, cfg, &mut t)
+            } else if self.state == S_FWD {
+                self.fwd_byte(win[at & (WIN - 1)], cfg);
+                1
             } else if self.state == S_NAME {
                 self.name_run(&win, at, win_n, cfg, &mut t)
             } else {

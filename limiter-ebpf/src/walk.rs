@@ -62,10 +62,7 @@ extern "C" fn attribute_step(_i: u64, ctx: *mut c_void) -> i64 {
 /// stands, until its LF or the window's end.
 #[inline(never)]
 extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: as in `walk_step`.
-    let w = unsafe { &*(ctx as *const Walk) };
-    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    let Some(at) = inner_at(slot).filter(|_| stream.state == S_KEY) else {
+    let Some((slot, stream, cfg, at)) = inner(ctx, S_KEY) else {
         return 1;
     };
     slot.used += stream.key_run(
@@ -82,10 +79,7 @@ extern "C" fn key_step(_i: u64, ctx: *mut c_void) -> i64 {
 /// window's end: a loop of its own, whose address temporaries stay off the key's frame.
 #[inline(never)]
 extern "C" fn fwd_step(_i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: as in `walk_step`.
-    let w = unsafe { &*(ctx as *const Walk) };
-    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    let Some(at) = inner_at(slot).filter(|_| stream.state == S_FWD) else {
+    let Some((slot, stream, cfg, at)) = inner(ctx, S_FWD) else {
         return 1;
     };
     stream.fwd_byte(slot.win[at & (WIN - 1)], &key_rules(cfg));
@@ -98,10 +92,7 @@ extern "C" fn fwd_step(_i: u64, ctx: *mut c_void) -> i64 {
 /// turn of the walk.
 #[inline(never)]
 extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: as in `walk_step`.
-    let w = unsafe { &*(ctx as *const Walk) };
-    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
-    let Some(at) = inner_at(slot).filter(|_| stream.state == S_NAME) else {
+    let Some((slot, stream, cfg, at)) = inner(ctx, S_NAME) else {
         return 1;
     };
     slot.used += stream.name_run(
@@ -114,8 +105,25 @@ extern "C" fn name_step(_i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Where an inner loop (`key_step`, `fwd_step`, `name_step`) stands in the window: None past the chunk or
-/// the window.
+/// An inner loop's turn (`key_step`, `fwd_step`, `name_step`): the walk slot, stream and config
+/// of the loop's context, and where the loop stands in the window; None once the stream has
+/// left `state`, or past the chunk or the window (the loop ends).
+#[inline(always)]
+fn inner<'a>(
+    ctx: *mut c_void,
+    state: u8,
+) -> Option<(&'a mut WalkSlot, &'a mut Stream, &'a KernelConfig, usize)> {
+    // SAFETY: as in `walk_step`.
+    let w = unsafe { &*(ctx as *const Walk) };
+    let (slot, stream, cfg) = unsafe { (&mut *w.slot, &mut *w.stream, &*w.cfg) };
+    if stream.state != state {
+        return None;
+    }
+    let at = inner_at(slot)?;
+    Some((slot, stream, cfg, at))
+}
+
+/// Where an inner loop stands in the window: None past the chunk or the window.
 #[inline(always)]
 fn inner_at(slot: &WalkSlot) -> Option<usize> {
     let pos = slot.pos + slot.used;
@@ -255,7 +263,7 @@ fn try_walk_step(
 /// # Safety
 /// `p` is valid for writes.
 #[inline(always)]
-pub(crate) unsafe fn empty_tally(p: *mut Tally, org: u32, via: u8) {
+unsafe fn empty_tally(p: *mut Tally, org: u32, via: u8) {
     use core::ptr::write_volatile as put;
     // SAFETY: `p` is valid for writes (the caller's promise).
     unsafe {
@@ -594,20 +602,7 @@ pub(crate) fn walk_chunk(
     org: u32,
     via: u8,
 ) -> bool {
-    walk_in(ctx, c, stream, len, slot, org, via)
-}
-
-#[inline(always)]
-fn walk_in(
-    ctx: &SkBuffContext,
-    c: &KernelConfig,
-    stream: *mut Stream,
-    len: u64,
-    slot: *mut WalkSlot,
-    org: u32,
-    via: u8,
-) -> bool {
-    // SAFETY: this CPU's walk slot, ours until `walk_chunk` gives it back. Volatile stores, field
+    // SAFETY: this CPU's walk slot, ours until `with_walk_slot` gives it back. Volatile stores, field
     // by field: LLVM turns plain ones into a call to a byte-at-a-time memset.
     let w = unsafe {
         use core::ptr::write_volatile as put;
