@@ -305,7 +305,7 @@ pub fn config_key_name_len(cfg: &KernelConfig) -> usize {
 }
 
 /// Bytes of a chunk the kernel loads at a time.
-pub const WIN: usize = 256;
+pub const WIN: usize = 512;
 /// The window buffer: [`WIN`] bytes plus room for an 8-byte load at any masked index.
 pub const WIN_BUF: usize = WIN + 8;
 const WIN_WORDS: usize = WIN_BUF / 8;
@@ -692,6 +692,37 @@ fn prefix_marks(w: u64, target: u64, len: usize, pos: usize) -> u64 {
     (miss & miss.wrapping_neg()).wrapping_sub(1) & HI
 }
 
+/// Whether a header line whose first byte has the classes `names` ([`StreamRules::line_first`],
+/// not 0) and whose first eight bytes are `w` may be one of the names of interest: false only
+/// when every name its first byte may begin differs from it within the word (the line is then
+/// skipped as `name_run` would skip it, without a loop of its own). Lines that start with CR,
+/// LF or a blank always go on to `header_start`. Without a branch per name, which the
+/// verifier would walk in every combination. Not inlined: in the kernel its temporaries would
+/// take the walk's frame past the verifier's limit on the chain of calls.
+#[inline(never)]
+fn may_be_named(names: u8, w: u64, cfg: &impl StreamRules) -> bool {
+    if names & LINE_OTHER != 0 {
+        return true;
+    }
+    let dw = dash_word(lower_word(w));
+    // 1 when `dw` differs from a name within the name's first eight bytes (`target`, zero
+    // past its end), or there is no such name (0). A name whose first byte is not the line's
+    // differs at its first byte, so the classes need no other look. `dw` is `_`-folded for all
+    // four: that lets through at most a `Content_Length`, which `name_run` then skips.
+    let differs = |target: u64| -> u64 {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        // Name bytes are tokens (below 0x80, not 0): each marks its byte of the mask.
+        let named = ((target + LOW7) & !LOW7) >> 7;
+        let x = (dw ^ target) & named.wrapping_mul(0xff);
+        ((x | x.wrapping_neg()) >> 63) | (((target | target.wrapping_neg()) >> 63) ^ 1)
+    };
+    differs(header_word(0, 0))
+        & differs(header_word(1, 0))
+        & differs(cfg.key_name_word(0))
+        & differs(cfg.fwd_name_word(0))
+        == 0
+}
+
 /// All ones when name `i` is among `names`, else 0.
 #[inline(always)]
 fn alive(names: u64, i: u32) -> u64 {
@@ -1071,9 +1102,10 @@ impl Stream {
                 return next.saturating_sub(at) as u64;
             }
             let b = win[next & (WIN - 1)];
-            if cfg.line_first(b) == 0 {
+            let names = cfg.line_first(b);
+            if names == 0 || (next + 8 <= n && !may_be_named(names, word(win, next), cfg)) {
                 // Most header lines: a name of no interest, skipped with no more look at it
-                // (as `header_start` does).
+                // (as `header_start` and `name_run` do).
                 self.flags &= !(F_FRAMING_LINE | F_CR);
                 self.state = S_SKIP;
                 t.set_scan(next + 1);
@@ -1810,6 +1842,12 @@ impl Stream {
             b'\n'
         };
         self.key_byte(b, cfg);
+        if b == b'\n' && used > 0 {
+            // The LF is left to the header-line scan (`S_SKIP` there), which then looks at the
+            // next line as after any other: one of no interest is skipped without a turn.
+            self.state = S_SKIP;
+            return used as u64;
+        }
         used as u64 + 1
     }
 

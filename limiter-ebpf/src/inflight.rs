@@ -158,12 +158,14 @@ pub(crate) fn started(
 #[inline(always)]
 pub(crate) fn over(org: u32, limits: Option<&OrgLimits>) -> bool {
     let Some(l) = limits else { return false };
+    // The count is read only for an org in reject mode: it is a line the other CPUs write at
+    // every request, and a read of it costs a miss.
+    if l.flags & ORG_F_CONC_REJECT == 0 || l.concurrent_connections == 0 {
+        return false;
+    }
     let Some(conns) = ORG_CONNS.get_ptr_mut(org) else {
         return false;
     };
     // SAFETY: valid map value.
-    let now = unsafe { core::ptr::read_volatile(conns) };
-    l.flags & ORG_F_CONC_REJECT != 0
-        && l.concurrent_connections > 0
-        && now >= l.concurrent_connections as i64
+    unsafe { core::ptr::read_volatile(conns) >= l.concurrent_connections as i64 }
 }

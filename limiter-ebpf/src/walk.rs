@@ -33,6 +33,9 @@ struct Walk {
     stream: *mut Stream,
 }
 
+/// The first window of a chunk longer than [`WIN`].
+const FIRST_WIN: usize = 256;
+
 /// One `bpf_loop` iteration: one [`Stream::step`].
 #[inline(never)]
 extern "C" fn walk_step(_i: u64, ctx: *mut c_void) -> i64 {
@@ -189,8 +192,10 @@ fn try_walk_step(
     if stream.needs_bytes() && !(w.pos >= w.win_off && w.pos < w.win_off + w.win_n) {
         // Always a whole window, so the load's length is a constant: a length that followed
         // `pos` would make the verifier track `pos`. (Chunks shorter than a window are loaded
-        // whole before the loop.)
-        let win = WIN as u64;
+        // whole before the loop.) A long chunk's first window is a short one: its head is
+        // most often all the walk reads of it (a body is skipped unread).
+        let first = w.win_n == 0;
+        let win = if first { FIRST_WIN } else { WIN } as u64;
         if w.len < win {
             w.failed = 1;
             return 1;
@@ -200,16 +205,16 @@ fn try_walk_step(
         } else {
             w.len - win
         };
-        // SAFETY: `w.win` holds WIN_BUF >= WIN bytes, and off + WIN <= len.
-        if unsafe {
-            bpf_skb_load_bytes(
-                skb as *const c_void,
-                off as u32,
-                w.win.as_mut_ptr() as *mut c_void,
-                WIN as u32,
-            )
-        } != 0
-        {
+        let to = w.win.as_mut_ptr() as *mut c_void;
+        // SAFETY: `w.win` holds WIN_BUF >= WIN > FIRST_WIN bytes, and off + win <= len.
+        let loaded = unsafe {
+            if first {
+                bpf_skb_load_bytes(skb as *const c_void, off as u32, to, FIRST_WIN as u32)
+            } else {
+                bpf_skb_load_bytes(skb as *const c_void, off as u32, to, WIN as u32)
+            }
+        };
+        if loaded != 0 {
             w.failed = 1;
             return 1;
         }

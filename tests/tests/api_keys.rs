@@ -193,13 +193,44 @@ fn api_keys_from_direct_clients_however_framed() -> Result<()> {
     })?;
     let got: Vec<&str> = replies.iter().map(|r| status(r)).collect();
     assert_eq!(got, ["200", "200"]);
+
+    // Long heads: the key after lines the kernel's scan skips on their first eight bytes
+    // (`X-Request-Id`, `Traceparent`) or reads and rejects (`X-Api-Keyring`, globex's key),
+    // its value across each of the kernel's window sizes; right after the key line a
+    // Content-Length whose body looks like a request: the body is no request.
+    let long = |path: &str, to: usize| {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: api\r\nX-Request-Id: 5f0c6e1a\r\n\
+             Traceparent: 00-4bf92f3577b34da6-01\r\nX-Api-Keyring: k-globex\r\nX-Pad: "
+        );
+        // The key's value starts three bytes before `to`.
+        let pad = "p".repeat(to - 3 - head.len() - "\r\nX-API-Key: ".len());
+        let body = "GET /hidden HTTP/1.1\r\n\r\n";
+        let req = format!(
+            "{head}{pad}\r\nX-API-Key: k-acme-2\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(req.find("k-acme-2"), Some(to - 3));
+        req.into_bytes()
+    };
+    let replies = w.client(|| async move {
+        let mut out = Vec::new();
+        for to in [256, 512] {
+            out.push(exchange_raw(stranger, api, &long(&format!("/long/{to}"), to)).await?);
+        }
+        Ok(out)
+    })?;
+    let got: Vec<&str> = replies.iter().map(|r| status(r)).collect();
+    assert_eq!(got, ["200", "200"]);
     let acme = w.org("acme")?;
     assert_eq!(
         (
             identified_by(&acme, "address"),
-            identified_by(&acme, "api_key")
+            identified_by(&acme, "api_key"),
+            n(&acme, "requests"),
         ),
-        (1, 1),
+        (1, 3, 4),
         "{acme}"
     );
     assert_eq!(n(&w.org("unmapped")?, "unknown_keys"), 1);

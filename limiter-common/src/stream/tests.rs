@@ -925,6 +925,178 @@ fn a_head_split_anywhere_counts_once_for_its_key() {
     assert_eq!(total, 2);
 }
 
+/// Rules that read `X-API-Key` and, from trusted proxies, `X-Forwarded-For`.
+fn key_and_fwd_rules() -> Rules {
+    use crate::{FWD_X_FORWARDED_FOR, ID_ADDRESS, ID_API_KEY, ID_FORWARDED};
+    let mut r = default_keys();
+    r.cfg.identify_by = [ID_API_KEY, ID_FORWARDED, ID_ADDRESS, crate::ID_END];
+    r.cfg.forwarded_kind = FWD_X_FORWARDED_FOR;
+    let name = b"x-forwarded-for";
+    r.cfg.fwd_header[..name.len()].copy_from_slice(name);
+    r.cfg.fwd_header_len = name.len() as u8;
+    fill_name_tables(&mut r.cfg);
+    r
+}
+
+/// [`may_be_named`] of the header line `line` (padded to a word).
+fn first_word_may_name(line: &str, r: &impl StreamRules) -> bool {
+    let mut w = [b'x'; 8];
+    let n = line.len().min(8);
+    w[..n].copy_from_slice(&line.as_bytes()[..n]);
+    may_be_named(r.line_first(line.as_bytes()[0]), u64::from_le_bytes(w), r)
+}
+
+#[test]
+fn the_first_word_rules_out_only_other_names() {
+    let r = key_and_fwd_rules();
+    for line in [
+        "Content-Length: 5",
+        "content-length:5",
+        "CONTENT-LENGTH: 5",
+        "Transfer-Encoding: chunked",
+        "X-API-Key: k",
+        "x_api_key: k",
+        "X-Api-KEY: k",
+        "X-Forwarded-For: 10.0.0.1",
+        "x-forwarded_for: 10.0.0.1",
+        // The first eight bytes of a name of interest: the name's own loop decides.
+        "X-Api-Keyring: k",
+        "Transfer-Length: 5",
+        "Content-Type: a/b",
+        // Lines that are no header name go on as before.
+        "\r\n",
+        " folded",
+        "\tfolded",
+    ] {
+        assert!(first_word_may_name(line, &r), "{line:?}");
+    }
+    for line in [
+        "X-Request-Id: 5f0c",
+        "Traceparent: 00-4bf9",
+        "Content: a/b",
+        "Cookie: a=b",
+        "Cache-Control: no",
+        "Connection: close",
+        "X-Api-Other: k",
+        "Transfe: x",
+        "x-forwa: 1",
+    ] {
+        assert!(!first_word_may_name(line, &r), "{line:?}");
+    }
+    // A name shorter than a word: only its own bytes are compared.
+    let short = keys_rules("ApiKey", crate::KEY_PLAIN, &[("k-acme-1", 5)]);
+    for line in ["ApiKey: k", "apikey:k", "api_key: k", "ApiKeys: k"] {
+        let expected = !line.starts_with("api_");
+        assert_eq!(first_word_may_name(line, &short), expected, "{line:?}");
+    }
+    // With no key or forwarded header configured, only the framing headers stay.
+    let plain = media();
+    assert!(!first_word_may_name("X-API-Key: k", &plain));
+    assert!(first_word_may_name("Content-Length: 5", &plain));
+}
+
+/// Lines around a key header are read as any other: lines the scan skips before it, a name
+/// that starts like the key's, and framing headers right after the key line.
+#[test]
+fn lines_around_a_key_are_read_as_any_other() {
+    use crate::ID_API_KEY;
+    let r = key_and_fwd_rules();
+    let hidden = "GET /hidden HTTP/1.1\r\n\r\n";
+    let bytes = [
+        "GET /a HTTP/1.1\r\nX-Request-Id: 1\r\nTraceparent: 00-1\r\n\
+         X-Api-Keyring: k-globex\r\nX-API-Key: k-acme-1\r\nX-Request-Id: 2\r\n\r\n"
+            .into(),
+        format!(
+            "POST /b HTTP/1.1\r\nX-API-Key: k-acme-2\r\nContent-Length: {}\r\n\r\n{hidden}",
+            hidden.len()
+        ),
+        format!(
+            "POST /c HTTP/1.1\r\nX-API-Key: k-acme-1\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{hidden}\r\n0\r\n\r\n",
+            hidden.len()
+        ),
+    ]
+    .concat()
+    .into_bytes();
+    for cut in 0..=bytes.len() {
+        let mut s = key_stream();
+        let mut total = 0;
+        for c in [&bytes[..cut], &bytes[cut..]] {
+            let t = s.feed(c, &r);
+            assert!(!t.broken, "cut {cut}");
+            if t.counted > 0 {
+                assert_eq!(
+                    (t.org, t.via, t.unknown_keys),
+                    (5, ID_API_KEY, 0),
+                    "cut {cut}"
+                );
+            }
+            total += t.counted;
+        }
+        assert_eq!(total, 3, "cut {cut}");
+        assert!(s.at_boundary(), "cut {cut}");
+    }
+}
+
+/// Header names near the names of interest: their case changed, `-` and `_` swapped, cut,
+/// lengthened or with one byte changed; and any token.
+fn arb_name() -> impl Strategy<Value = String> {
+    let near = (
+        prop::sample::select(vec![
+            "content-length",
+            "transfer-encoding",
+            "x-api-key",
+            "x-forwarded-for",
+        ]),
+        any::<u64>(),
+        any::<u64>(),
+        1usize..20,
+        "[a-zA-Z0-9_-]{0,4}",
+        (any::<usize>(), "[a-zA-Z0-9_-]"),
+    )
+        .prop_map(|(base, upper, swap, keep, more, (at, with))| {
+            let mut b: Vec<u8> = base.bytes().collect();
+            for (i, c) in b.iter_mut().enumerate() {
+                if upper >> (i % 64) & 1 == 1 {
+                    c.make_ascii_uppercase();
+                }
+                if swap >> (i % 64) & 1 == 1 && *c == b'-' {
+                    *c = b'_';
+                }
+            }
+            b.truncate(keep);
+            b.extend(more.bytes());
+            let i = at % b.len();
+            b[i] = with.as_bytes()[0];
+            String::from_utf8(b).unwrap_or_default()
+        });
+    prop_oneof![near, "[a-zA-Z0-9!#$%&'*+.^_`|~-]{1,20}"]
+}
+
+proptest! {
+    /// A line the first-word look rules out is one the name's own reading skips.
+    #[test]
+    fn a_line_the_first_word_rules_out_is_one_its_name_skips(name in arb_name()) {
+        let r = key_and_fwd_rules();
+        let line = format!("{name}: 1\r\n");
+        let b = line.as_bytes();
+        prop_assume!(r.line_first(b[0]) != 0);
+        if !first_word_may_name(&line, &r) {
+            let mut s = proxy_stream();
+            s.names = r.line_first(b[0]);
+            s.sub = 1;
+            s.state = S_NAME;
+            for &c in &b[1..] {
+                if s.state != S_NAME {
+                    break;
+                }
+                s.name_byte(c, &r);
+            }
+            prop_assert_eq!(s.state, S_SKIP, "{}", line);
+        }
+    }
+}
+
 #[test]
 fn authorization_bearer_and_basic() {
     use crate::ID_API_KEY;
