@@ -195,10 +195,13 @@ fn api_keys_from_direct_clients_however_framed() -> Result<()> {
     assert_eq!(got, ["200", "200"]);
 
     // Long heads: the key after lines the kernel's scan skips on their first eight bytes
-    // (`X-Request-Id`, `Traceparent`) or reads and rejects (`X-Api-Keyring`, globex's key),
-    // its value across each of the kernel's window sizes; right after the key line a
-    // Content-Length whose body looks like a request: the body is no request.
-    let long = |path: &str, to: usize| {
+    // (`X-Request-Id`, `Traceparent`) or reads and rejects (`X-Api-Keyring`, globex's key);
+    // right after the key line a Content-Length whose body looks like a request (the body is
+    // no request). The kernel loads a chunk under 512 bytes whole, a longer one 256 bytes
+    // first and then 512 at a time from where the walk stands: the key's value lies across
+    // 256 and across 768 in chunks of over 512 bytes (a line after it makes them long), and
+    // inside a 400-byte chunk.
+    let long = |path: &str, to: usize, tail: usize| {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: api\r\nX-Request-Id: 5f0c6e1a\r\n\
              Traceparent: 00-4bf92f3577b34da6-01\r\nX-Api-Keyring: k-globex\r\nX-Pad: "
@@ -208,21 +211,24 @@ fn api_keys_from_direct_clients_however_framed() -> Result<()> {
         let body = "GET /hidden HTTP/1.1\r\n\r\n";
         let req = format!(
             "{head}{pad}\r\nX-API-Key: k-acme-2\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
+             X-After: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len(),
+            "a".repeat(tail)
         );
         assert_eq!(req.find("k-acme-2"), Some(to - 3));
         req.into_bytes()
     };
     let replies = w.client(|| async move {
         let mut out = Vec::new();
-        for to in [256, 512] {
-            out.push(exchange_raw(stranger, api, &long(&format!("/long/{to}"), to)).await?);
+        for (to, tail) in [(256, 300), (768, 100), (300, 1)] {
+            let req = long(&format!("/long/{to}"), to, tail);
+            assert!((req.len() > 512) == (tail > 1), "{}", req.len());
+            out.push(exchange_raw(stranger, api, &req).await?);
         }
         Ok(out)
     })?;
     let got: Vec<&str> = replies.iter().map(|r| status(r)).collect();
-    assert_eq!(got, ["200", "200"]);
+    assert_eq!(got, ["200", "200", "200"]);
     let acme = w.org("acme")?;
     assert_eq!(
         (
@@ -230,7 +236,7 @@ fn api_keys_from_direct_clients_however_framed() -> Result<()> {
             identified_by(&acme, "api_key"),
             n(&acme, "requests"),
         ),
-        (1, 3, 4),
+        (1, 4, 5),
         "{acme}"
     );
     assert_eq!(n(&w.org("unmapped")?, "unknown_keys"), 1);
