@@ -1791,8 +1791,9 @@ impl Stream {
     }
 
     /// Bytes of an API key header's value ([`S_KEY`]) at `win[at..n]`: up to [`KEY_RUN_WORDS`]
-    /// words at once ([`KeyText::take_run`]) and the CR LF after them, else one byte. How many
-    /// were taken. The kernel runs it in a loop apart from the forwarded header's, whose
+    /// words at once ([`KeyText::take_run`]) and the CR after them (the LF that ends the value
+    /// is looked up and left to the header-line scan), else one byte. How many were taken.
+    /// The kernel runs it in a loop apart from the forwarded header's, whose
     /// address temporaries would otherwise take the key's stack frame past the verifier's
     /// limit.
     #[inline(always)]
