@@ -692,18 +692,13 @@ fn prefix_marks(w: u64, target: u64, len: usize, pos: usize) -> u64 {
     (miss & miss.wrapping_neg()).wrapping_sub(1) & HI
 }
 
-/// Whether a header line whose first byte has the classes `names` ([`StreamRules::line_first`],
-/// not 0) and whose first eight bytes are `w` may be one of the names of interest: false only
-/// when every name its first byte may begin differs from it within the word (the line is then
-/// skipped as `name_run` would skip it, without a loop of its own). Lines that start with CR,
-/// LF or a blank always go on to `header_start`. Without a branch per name, which the
-/// verifier would walk in every combination. Not inlined: in the kernel its temporaries would
-/// take the walk's frame past the verifier's limit on the chain of calls.
+/// Whether a header line whose first eight bytes are `w` may be one of the names of interest
+/// (the line's first byte a name's: [`StreamRules::line_first`] neither 0 nor [`LINE_OTHER`]):
+/// false only when every name differs from it within the word (the line is then skipped as
+/// `name_run` would skip it, without a loop of its own). Not inlined: in the kernel its
+/// temporaries would take the walk's frame past the verifier's limit on the chain of calls.
 #[inline(never)]
-fn may_be_named(names: u8, w: u64, cfg: &impl StreamRules) -> bool {
-    if names & LINE_OTHER != 0 {
-        return true;
-    }
+fn may_be_named(w: u64, cfg: &impl StreamRules) -> bool {
     let dw = dash_word(lower_word(w));
     // 1 when `dw` differs from a name within the name's first eight bytes (`target`, zero
     // past its end), or there is no such name (0). A name whose first byte is not the line's
@@ -1103,7 +1098,11 @@ impl Stream {
             }
             let b = win[next & (WIN - 1)];
             let names = cfg.line_first(b);
-            if names == 0 || (next + 8 <= n && !may_be_named(names, word(win, next), cfg)) {
+            // A line that starts with CR, LF or a blank goes on to `header_start` without the
+            // first-word look (the end of every head, where a call would be wasted).
+            if names == 0
+                || (names & LINE_OTHER == 0 && next + 8 <= n && !may_be_named(word(win, next), cfg))
+            {
                 // Most header lines: a name of no interest, skipped with no more look at it
                 // (as `header_start` and `name_run` do).
                 self.flags &= !(F_FRAMING_LINE | F_CR);
