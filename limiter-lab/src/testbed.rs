@@ -39,9 +39,9 @@ pub use peers::{
     nginx_tls_conf, parse_curl_output, write_private,
 };
 pub use server::{
-    API_KEY_HEADER, AccessEntry, AccessLog, FORWARDED_HEADER, LoggedRequest, Origin, SLOW_PREFIX,
-    ServeArgs, ServerHandle, bind_listener, parse_access_log, parse_proxy_header, proxy_v1_header,
-    proxy_v2_header, read_access_log, serve, serve_in_thread, serve_main,
+    API_KEY_HEADER, AccessEntry, AccessLog, FORWARDED_HEADER, HELD_PREFIX, LoggedRequest, Origin,
+    SLOW_PREFIX, ServeArgs, ServerHandle, bind_listener, parse_access_log, parse_proxy_header,
+    proxy_v1_header, proxy_v2_header, read_access_log, serve, serve_in_thread, serve_main,
 };
 
 /// The hidden `limiter-lab testbed …` commands (helpers for the demo and the integration tests).

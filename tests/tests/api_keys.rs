@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use integration_tests::{World, cidr, identified_by, n, org_toml, org_without_cidrs, statuses};
-use limiter_lab::testbed::{AccessEntry, SLOW_PREFIX, exchange_raw, open_idle};
+use limiter_lab::testbed::{AccessEntry, HELD_PREFIX, SLOW_PREFIX, exchange_raw, open_idle};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const KEYS: [(&str, &str); 3] = [
@@ -534,4 +534,121 @@ fn api_keys_another_orgs_request_settles_the_first() -> Result<()> {
         "acme: {acme}, globex: {globex}"
     );
     Ok(())
+}
+
+/// Requests in flight across midnight: an org's requests that started before a day change stay
+/// in its concurrency until they are answered (its limit in reject mode still holds, and the
+/// report still shows them), then leave it, however far the clock went. After a step of three
+/// days (the new day takes the day slot of the day the requests started), their answers take
+/// nothing from the new day's requests in flight: the limit holds exactly as before.
+#[test]
+fn api_keys_requests_in_flight_across_midnight() -> Result<()> {
+    let mut w = World::new("apikeys_midnight", 1, 0)?;
+    let c: IpAddr = w.tb.clients_v4()[0].into();
+    let keys = w.write_api_keys(&KEYS)?;
+    w.write_config_with(
+        &identify_api(&keys),
+        "",
+        &[
+            org_without_cidrs("acme", ""),
+            org_without_cidrs(
+                "globex",
+                "concurrent_connections = 2\nconcurrency_mode = \"reject\"",
+            ),
+        ]
+        .concat(),
+    )?;
+    w.start_daemon()?;
+    for days in [1, 3] {
+        let step = (days * 86_400).to_string();
+        let (after_step, third, answers) = held_pair(&w, c, || {
+            let out = w.cli(&["debug", "advance-clock", &step])?;
+            ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let after_step = n(&w.org("globex")?, "connections");
+            let api = w.api4();
+            let third = w.client(|| async move {
+                exchange_raw(c, api, &request("/api/third", "X-API-Key: k-globex\r\n")).await
+            })?;
+            Ok((after_step, third))
+        })
+        .map(|((a, t), r)| (a, t, r))?;
+        assert_eq!(
+            answers.matches("HTTP/1.1 200").count(),
+            2,
+            "step {days}: {answers}"
+        );
+        if days == 1 {
+            // Yesterday's requests still count, and still hold the limit.
+            assert_eq!(after_step, 2, "step {days}");
+            assert_eq!(
+                status(&third),
+                "429",
+                "step {days}: {}",
+                String::from_utf8_lossy(&third)
+            );
+        }
+        let o = w.wait_org("globex", |o| n(o, "connections") == 0)?;
+        // The day's peak counts the requests that started in it.
+        assert!(n(&o, "peak_connections") <= 1, "step {days}: {o}");
+    }
+    // Two requests in flight on the new day reach the limit: the answers of the requests from
+    // three days before took nothing from this day's count.
+    let ((at_limit, third), answers) = held_pair(&w, c, || {
+        let api = w.api4();
+        let third = w.client(|| async move {
+            exchange_raw(c, api, &request("/api/third", "X-API-Key: k-globex\r\n")).await
+        })?;
+        Ok((n(&w.org("globex")?, "connections"), third))
+    })?;
+    assert_eq!(at_limit, 2);
+    assert_eq!(status(&third), "429", "{}", String::from_utf8_lossy(&third));
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    w.wait_org("globex", |o| n(o, "connections") == 0)?;
+    Ok(())
+}
+
+/// Two held requests of globex on two connections from `src`: once both are in flight, runs
+/// `meanwhile`; returns what it gave and both answers.
+fn held_pair<T: Send>(
+    w: &World,
+    src: IpAddr,
+    meanwhile: impl FnOnce() -> Result<T>,
+) -> Result<(T, String)> {
+    let api = w.api4();
+    let path = format!("{HELD_PREFIX}pair");
+    let req = request(&path, "X-API-Key: k-globex\r\n");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| -> Result<_> {
+        let client = scope.spawn(move || {
+            w.client(|| async move {
+                let mut conns = Vec::new();
+                for _ in 0..2 {
+                    let mut s = open_idle(src, api).await?;
+                    s.set_nodelay(true)?;
+                    s.write_all(&req).await?;
+                    conns.push(s);
+                }
+                tx.send(())?;
+                let mut out = String::new();
+                for mut s in conns {
+                    let mut reply = Vec::new();
+                    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut reply))
+                        .await??;
+                    out.push_str(&String::from_utf8_lossy(&reply));
+                }
+                Ok(out)
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(10))?;
+        w.wait_org("globex", |o| n(o, "connections") == 2)?;
+        let got = meanwhile();
+        let answers = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client panicked"))??;
+        Ok((got?, answers))
+    })
 }

@@ -45,6 +45,10 @@ pub const API_KEY_HEADER: &str = "X-API-Key";
 /// Requests under this path are answered after [`SLOW_FOR`].
 pub const SLOW_PREFIX: &str = "/slow/";
 pub const SLOW_FOR: Duration = Duration::from_millis(1500);
+/// Requests under this path are answered after [`HELD_FOR`]: in flight for as long as a test
+/// needs a few steps (a report, a clock step, another request) to happen meanwhile.
+pub const HELD_PREFIX: &str = "/held/";
+pub const HELD_FOR: Duration = Duration::from_secs(6);
 /// The header whose value the log records as the request's forwarded-for chain.
 pub const FORWARDED_HEADER: &str = "X-Forwarded-For";
 
@@ -496,6 +500,8 @@ async fn handle_conn(
         if head.target.starts_with(SLOW_PREFIX) {
             // A request that keeps the app busy (concurrency tests: requests in flight).
             tokio::time::sleep(SLOW_FOR).await;
+        } else if head.target.starts_with(HELD_PREFIX) {
+            tokio::time::sleep(HELD_FOR).await;
         }
         let keep = head.keep_alive();
         let mut body = format!("ok {} {}\n", head.method, head.target).into_bytes();
