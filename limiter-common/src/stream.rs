@@ -718,6 +718,43 @@ fn may_be_named(w: u64, cfg: &impl StreamRules) -> bool {
         == 0
 }
 
+/// Whether the header line at `win[at..n]` starts with the key header's name (of 1 to 15
+/// bytes) and its `:`, whole in the window, as the name loop reads them (case and `_`/`-`
+/// aside). The name loop then reads the line as the key's whatever framing name it also is;
+/// only the forwarded header's name comes first there, so a key header named like it is left
+/// to the loop. Not inlined, as [`may_be_named`] (and the words are read here, not in the
+/// walk's frame).
+#[inline(never)]
+fn key_name_here(win: &Window, at: usize, n: usize, cfg: &impl StreamRules) -> bool {
+    if at + 16 > n {
+        return false;
+    }
+    let (w0, w1) = (word(win, at), word(win, at + 8));
+    let l = cfg.key_name_len();
+    if l == 0 || l > 15 {
+        return false;
+    }
+    // The name's bytes in each word, and where its `:` is.
+    let (m0, m1) = if l >= 8 {
+        (u64::MAX, (1u64 << (8 * (l - 8))) - 1)
+    } else {
+        ((1u64 << (8 * l)) - 1, 0)
+    };
+    let colon = if l >= 8 {
+        w1 >> (8 * (l - 8))
+    } else {
+        w0 >> (8 * l)
+    } & 0xff;
+    let (k0, k1) = (cfg.key_name_word(0), cfg.key_name_word(8));
+    let same_as_fwd = cfg.fwd_name_len() == l
+        && (cfg.fwd_name_word(0) ^ k0) & m0 == 0
+        && (cfg.fwd_name_word(8) ^ k1) & m1 == 0;
+    colon == b':' as u64
+        && !same_as_fwd
+        && (dash_word(lower_word(w0)) ^ k0) & m0 == 0
+        && (dash_word(lower_word(w1)) ^ k1) & m1 == 0
+}
+
 /// All ones when name `i` is among `names`, else 0.
 #[inline(always)]
 fn alive(names: u64, i: u32) -> u64 {
@@ -1110,6 +1147,16 @@ impl Stream {
                 t.set_scan(next + 1);
                 continue;
             }
+            // The key header's name and its `:`, whole in the window, where `name_byte` would
+            // read the key: straight to its value, without a name loop.
+            if names & NAME_KEY != 0
+                && self.id & ID_PER_REQUEST != 0
+                && self.req & R_KEY == 0
+                && key_name_here(win, next, n, cfg)
+            {
+                self.key_named();
+                return (next - at + cfg.key_name_len() + 1) as u64;
+            }
             self.state = S_HDR;
             let after = (next + 1 < n).then(|| win[(next + 1) & (WIN - 1)]);
             let (used, skip) = self.header_line(b, after, cfg, t);
@@ -1495,12 +1542,7 @@ impl Stream {
                 }
                 self.flags |= F_FRAMING_LINE;
             } else if key {
-                // `sub` 0: the key's state is reset at its first byte (in `key_byte`, which the
-                // kernel verifies apart).
-                self.state = S_KEY;
-                self.req |= R_KEY;
-                // A folded line after it would change the key the server reads.
-                self.flags |= F_FRAMING_LINE;
+                self.key_named();
             } else if cl {
                 self.state = S_CL;
                 self.flags |= F_FRAMING_LINE;
@@ -1542,6 +1584,21 @@ impl Stream {
             self.state = S_SKIP;
         }
         self.sub = self.sub.saturating_add(1);
+    }
+
+    /// The key header's name and its `:` are read (by [`Self::name_byte`], or whole by the
+    /// header-line scan): its value comes next.
+    #[inline(always)]
+    fn key_named(&mut self) {
+        // As after any name and its `:` (`names` is read only in a name).
+        self.sub = 0;
+        self.remaining = 0;
+        // `sub` 0: the key's state is reset at its first byte (in `key_byte`, which the kernel
+        // verifies apart).
+        self.state = S_KEY;
+        self.req |= R_KEY;
+        // A folded line after it would change the key the server reads.
+        self.flags = (self.flags & !F_CR) | F_FRAMING_LINE;
     }
 
     /// A header name that may matter from `win[at..n]`: eight bytes at once where the window

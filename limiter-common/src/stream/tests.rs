@@ -1536,3 +1536,115 @@ fn upload_chunks_skip_the_walk() {
     s.flags |= F_REFUSED;
     assert!(!s.skip_body(1000));
 }
+
+/// Rules that read the key from `key_header` and, from trusted proxies, the forwarded header
+/// `fwd_header`: either may be named like the other, or like a framing header.
+fn key_and_fwd_named(key_header: &str, fwd_header: &str) -> Rules {
+    use crate::{FWD_FORWARDED, FWD_X_FORWARDED_FOR, FWD_X_REAL_IP, ID_ADDRESS, ID_API_KEY};
+    let mut r = keys_rules(
+        key_header,
+        crate::KEY_PLAIN,
+        &[("k-acme-1", 5), ("k-globex", 6)],
+    );
+    r.cfg.identify_by = [ID_API_KEY, crate::ID_FORWARDED, ID_ADDRESS, crate::ID_END];
+    let name = fwd_header.to_ascii_lowercase();
+    r.cfg.forwarded_kind = match name.as_str() {
+        "forwarded" => FWD_FORWARDED,
+        "x-real-ip" => FWD_X_REAL_IP,
+        _ => FWD_X_FORWARDED_FOR,
+    };
+    r.cfg.fwd_header = [0; crate::HEADER_NAME_MAX];
+    r.cfg.fwd_header[..name.len()].copy_from_slice(name.as_bytes());
+    r.cfg.fwd_header_len = name.len() as u8;
+    fill_name_tables(&mut r.cfg);
+    r
+}
+
+/// A header name spelled as a server may still read it as `name`: each byte's case flipped
+/// or `-` made `_` by the bits of `spell`.
+fn respelled(name: &str, spell: u64) -> String {
+    name.bytes()
+        .enumerate()
+        .map(|(i, c)| {
+            let c = if spell >> (i % 32) & 1 == 1 {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            if c == b'-' && spell >> (32 + i % 32) & 1 == 1 {
+                '_'
+            } else {
+                c as char
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(600))]
+
+    /// The header-line scan's shortcut to a key's value (the key header's name and `:` whole
+    /// in the window) reads every head as the name loop does byte by byte: key headers of any
+    /// length, named like the forwarded header or a framing header, lines near the key's name,
+    /// a second key line; on a direct client's connection, a proxy's, and one whose requests
+    /// are not attributed one by one.
+    #[test]
+    fn the_key_names_shortcut_reads_heads_as_the_name_loop(
+        key_header in prop::sample::select(vec![
+            "X-API-Key", "Authorization", "k", "ApiKey", "X-Tenant-Token1", "X-Forwarded-For",
+            "Forwarded", "X-Real-IP", "Content-Length", "Content", "X-Api-Key-Longer",
+        ]),
+        fwd_header in prop::sample::select(vec!["X-Forwarded-For", "Forwarded", "X-Real-IP"]),
+        lines in proptest::collection::vec(
+            (0u8..4, any::<u64>(), arb_name(), prop::sample::select(vec![
+                "k-acme-1", "k-globex", "k-nobody", "198.51.100.7", "for=203.0.113.9", "5",
+            ])),
+            1..5,
+        ),
+        conn in 0u8..3,
+    ) {
+        let r = key_and_fwd_named(key_header, fwd_header);
+        let mut head = b"GET /api/v1/items HTTP/1.1\r\nHost: a\r\n".to_vec();
+        for (which, spell, other, value) in &lines {
+            let name = match which {
+                0 | 1 => respelled(key_header, *spell),
+                2 => respelled(fwd_header, *spell),
+                _ => other.clone(),
+            };
+            head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        // A direct client's connection, a trusted proxy's, and one whose requests are not
+        // attributed one by one.
+        let stream = || match conn {
+            0 => key_stream(),
+            1 => proxy_stream(),
+            _ => {
+                let mut s = Stream::new();
+                s.peer_org = PEER_ORG;
+                s
+            }
+        };
+        let mut whole = stream();
+        let t = whole.feed(&head, &r);
+        let mut bytes = stream();
+        let (mut got, mut unknown, mut broken) = ((0, 0, 0, 0, 0), 0, false);
+        for b in &head {
+            let t = bytes.feed(std::slice::from_ref(b), &r);
+            broken |= t.broken;
+            unknown += t.unknown_keys;
+            if t.counted + t.media > 0 {
+                got = attributed(&t);
+            }
+        }
+        got.4 = unknown;
+        prop_assert_eq!(
+            (attributed(&t), t.broken),
+            (got, broken),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        prop_assert_eq!(whole.state, bytes.state);
+        prop_assert_eq!(whole.req, bytes.req);
+    }
+}
