@@ -1585,7 +1585,8 @@ proptest! {
 
     /// The header-line scan's shortcut to a key's value (the key header's name and `:` whole
     /// in the window) reads every head as the name loop does byte by byte: key headers of any
-    /// length, named like the forwarded header or a framing header, lines near the key's name,
+    /// length, named like the forwarded header or a framing header, lines near the key's name
+    /// (longer, cut short, a byte changed, a blank before the `:`, another name's first word),
     /// a second key line; on a direct client's connection, a proxy's, and one whose requests
     /// are not attributed one by one.
     #[test]
@@ -1596,7 +1597,7 @@ proptest! {
         ]),
         fwd_header in prop::sample::select(vec!["X-Forwarded-For", "Forwarded", "X-Real-IP"]),
         lines in proptest::collection::vec(
-            (0u8..4, any::<u64>(), arb_name(), prop::sample::select(vec![
+            (0u8..8, any::<u64>(), arb_name(), "[a-zA-Z0-9_ -]{1,3}", prop::sample::select(vec![
                 "k-acme-1", "k-globex", "k-nobody", "198.51.100.7", "for=203.0.113.9", "5",
             ])),
             1..5,
@@ -1605,10 +1606,30 @@ proptest! {
     ) {
         let r = key_and_fwd_named(key_header, fwd_header);
         let mut head = b"GET /api/v1/items HTTP/1.1\r\nHost: a\r\n".to_vec();
-        for (which, spell, other, value) in &lines {
+        for (which, spell, other, more, value) in &lines {
             let name = match which {
                 0 | 1 => respelled(key_header, *spell),
                 2 => respelled(fwd_header, *spell),
+                // The key's name and more before the `:` (a blank too, which no name has).
+                3 => respelled(key_header, *spell) + more,
+                // Its name cut short.
+                4 => respelled(&key_header[..key_header.len() - 1], *spell),
+                // One of its bytes changed.
+                5 => {
+                    let mut b = respelled(key_header, *spell).into_bytes();
+                    let i = (*spell as usize >> 8) % b.len();
+                    b[i] = more.as_bytes()[0];
+                    String::from_utf8(b).unwrap_or_default()
+                }
+                // The forwarded header's first word, then the rest of the key's name.
+                6 => respelled(
+                    &format!(
+                        "{}{}",
+                        &fwd_header[..fwd_header.len().min(8)],
+                        key_header.get(8..).unwrap_or_default()
+                    ),
+                    *spell,
+                ),
                 _ => other.clone(),
             };
             head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
